@@ -1,0 +1,235 @@
+//! Registration and account management.
+//!
+//! - `POST /_matrix/client/v3/register`
+//! - `GET /_matrix/client/v3/register/available`
+//! - `GET /_matrix/client/v1/register/m.login.registration_token/validity`
+//! - `GET /_matrix/client/v3/account/whoami`
+//! - `POST /_matrix/client/v3/account/password`
+//! - `POST /_matrix/client/v3/account/deactivate`
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::session::login_answer;
+use crate::api::error::{ApiResult, MatrixError};
+use crate::api::extract::{Auth, ClientIp, JsonBody, Query};
+use crate::api::AppState;
+use crate::config::RegistrationMode;
+use crate::services::accounts::NewDevice;
+use crate::services::error::Error;
+use crate::services::rate_limit::Kind;
+use crate::services::uia::{Flows, STAGE_PASSWORD};
+
+/// Longest password accepted, in bytes (Synapse's limit).
+const MAX_PASSWORD_BYTES: usize = 512;
+
+#[derive(Deserialize)]
+pub struct RegisterQuery {
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct RegisterBody {
+    username: Option<String>,
+    password: Option<String>,
+    device_id: Option<String>,
+    initial_device_display_name: Option<String>,
+    #[serde(default)]
+    inhibit_login: bool,
+    #[serde(default)]
+    refresh_token: bool,
+    auth: Option<Value>,
+}
+
+/// `POST /_matrix/client/v3/register`
+pub async fn register(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    Query(query): Query<RegisterQuery>,
+    JsonBody(body): JsonBody<RegisterBody>,
+) -> ApiResult<Json<Value>> {
+    match query.kind.as_deref() {
+        None | Some("user") => {}
+        Some("guest") => return Err(Error::GuestAccessForbidden.into()),
+        Some(other) => {
+            return Err(MatrixError::invalid_param(format!(
+                "unknown kind {other:?}"
+            )))
+        }
+    }
+    let Some(flows) = state.registration_flows() else {
+        return Err(MatrixError::forbidden("Registration has been disabled"));
+    };
+    state.rate_limiter.peek(Kind::Registration, &ip)?;
+    let username = body.username.as_deref().map(str::to_lowercase);
+    if let Some(username) = &username {
+        state.accounts.check_available(username)?;
+    }
+    if let Some(password) = &body.password {
+        check_password_length(password)?;
+    }
+    state
+        .authorize_interactively("register", &flows, body.auth.as_ref(), None)
+        .await?;
+    let password = body
+        .password
+        .ok_or_else(|| MatrixError::missing_param("Missing params: password"))?;
+    let localpart = match username {
+        Some(username) => username,
+        None => crate::ids::new_localpart(&mut rand::thread_rng()),
+    };
+    state.rate_limiter.check(Kind::Registration, &ip)?;
+    let device = (!body.inhibit_login).then_some(NewDevice {
+        device_id: body.device_id,
+        display_name: body.initial_device_display_name,
+        wants_refresh_token: body.refresh_token,
+        ip: Some(ip),
+    });
+    let (user_id, login) = state
+        .accounts
+        .register(&localpart, Some(&password), false, device)
+        .await?;
+    tracing::info!(%user_id, "registered");
+    Ok(Json(match login {
+        Some(login) => login_answer(&login),
+        None => json!({ "user_id": user_id.to_string() }),
+    }))
+}
+
+fn check_password_length(password: &str) -> ApiResult<()> {
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(MatrixError::invalid_param(format!(
+            "Password is longer than {MAX_PASSWORD_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+pub struct AvailableQuery {
+    username: Option<String>,
+}
+
+/// `GET /_matrix/client/v3/register/available`
+pub async fn available(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    Query(query): Query<AvailableQuery>,
+) -> ApiResult<Json<Value>> {
+    if state.config.registration == RegistrationMode::Disabled {
+        return Err(MatrixError::forbidden("Registration has been disabled"));
+    }
+    state.rate_limiter.peek(Kind::Registration, &ip)?;
+    let username = query
+        .username
+        .ok_or_else(|| MatrixError::missing_param("Missing params: username"))?;
+    state.accounts.check_available(&username)?;
+    Ok(Json(json!({ "available": true })))
+}
+
+#[derive(Deserialize)]
+pub struct TokenValidityQuery {
+    token: Option<String>,
+}
+
+/// `GET /_matrix/client/v1/register/m.login.registration_token/validity`
+pub async fn registration_token_validity(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    Query(query): Query<TokenValidityQuery>,
+) -> ApiResult<Json<Value>> {
+    if state.config.registration != RegistrationMode::Token {
+        return Err(MatrixError::forbidden(
+            "Registration by token is not enabled",
+        ));
+    }
+    state
+        .rate_limiter
+        .check(Kind::RegistrationTokenValidity, &ip)?;
+    let token = query
+        .token
+        .ok_or_else(|| MatrixError::missing_param("Missing params: token"))?;
+    Ok(Json(
+        json!({ "valid": state.registration_token_valid(&token) }),
+    ))
+}
+
+/// `GET /_matrix/client/v3/account/whoami`
+pub async fn whoami(Auth(authed): Auth) -> Json<Value> {
+    Json(json!({
+        "user_id": authed.user_id.to_string(),
+        "device_id": authed.device_id,
+        "is_guest": false,
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct PasswordBody {
+    new_password: Option<String>,
+    #[serde(default = "yes")]
+    logout_devices: bool,
+    auth: Option<Value>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /_matrix/client/v3/account/password`
+pub async fn change_password(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    JsonBody(body): JsonBody<PasswordBody>,
+) -> ApiResult<Json<Value>> {
+    if let Some(password) = &body.new_password {
+        check_password_length(password)?;
+    }
+    let flows = Flows(vec![vec![STAGE_PASSWORD]]);
+    let purpose = format!("password {}", authed.user_id);
+    state
+        .authorize_interactively(&purpose, &flows, body.auth.as_ref(), Some(&authed))
+        .await?;
+    let password = body
+        .new_password
+        .ok_or_else(|| MatrixError::missing_param("Missing params: new_password"))?;
+    state
+        .accounts
+        .set_password(
+            authed.localpart(),
+            &password,
+            body.logout_devices,
+            Some(&authed.device_id),
+        )
+        .await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+pub struct DeactivateBody {
+    auth: Option<Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    erase: bool,
+}
+
+/// `POST /_matrix/client/v3/account/deactivate`
+///
+/// Deactivation always removes the profile, so `erase` asks for nothing
+/// more; there are no identity server bindings to undo.
+pub async fn deactivate(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    JsonBody(body): JsonBody<DeactivateBody>,
+) -> ApiResult<Json<Value>> {
+    let flows = Flows(vec![vec![STAGE_PASSWORD]]);
+    let purpose = format!("deactivate {}", authed.user_id);
+    state
+        .authorize_interactively(&purpose, &flows, body.auth.as_ref(), Some(&authed))
+        .await?;
+    state.accounts.deactivate(authed.localpart()).await?;
+    tracing::info!(user_id = %authed.user_id, "deactivated");
+    Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
+}

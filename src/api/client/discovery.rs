@@ -1,0 +1,57 @@
+//! What a client asks before anything else.
+//!
+//! - `GET /_matrix/client/versions`
+//! - `GET /_matrix/client/v3/capabilities`
+//! - `GET /.well-known/matrix/client`
+
+use axum::extract::State;
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::api::error::{ApiResult, MatrixError};
+use crate::api::extract::Auth;
+use crate::api::AppState;
+use crate::config::Config;
+
+/// The spec versions whose account, login, device and profile APIs Myelin
+/// implements. README.md says which other parts of the API work today.
+const SPEC_VERSIONS: &[&str] = &[
+    "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11",
+    "v1.12", "v1.13", "v1.14", "v1.15", "v1.16",
+];
+
+/// `GET /_matrix/client/versions`
+pub async fn versions() -> Json<Value> {
+    Json(json!({ "versions": SPEC_VERSIONS, "unstable_features": {} }))
+}
+
+/// `GET /_matrix/client/v3/capabilities`
+pub async fn capabilities(Auth(_): Auth) -> Json<Value> {
+    Json(json!({
+        "capabilities": {
+            "m.change_password": { "enabled": true },
+            "m.set_displayname": { "enabled": true },
+            "m.set_avatar_url": { "enabled": true },
+            "m.profile_fields": { "enabled": true },
+            "m.3pid_changes": { "enabled": false },
+            "m.get_login_token": { "enabled": false },
+        }
+    }))
+}
+
+/// `GET /.well-known/matrix/client`
+pub async fn well_known(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    well_known_body(&state.config)
+        .map(Json)
+        .ok_or_else(|| MatrixError::not_found("No .well-known configured"))
+}
+
+/// The client discovery document, when `well_known.client_base_url` is set.
+pub fn well_known_body(config: &Config) -> Option<Value> {
+    let base_url = config.well_known.client_base_url.as_ref()?;
+    let mut body = json!({ "m.homeserver": { "base_url": base_url } });
+    if let Some(identity) = &config.well_known.identity_server_base_url {
+        body["m.identity_server"] = json!({ "base_url": identity });
+    }
+    Some(body)
+}

@@ -1,0 +1,7 @@
+//! The client-server API handlers, one module per area of the spec.
+
+pub mod account;
+pub mod devices;
+pub mod discovery;
+pub mod profile;
+pub mod session;

@@ -1,0 +1,154 @@
+//! Logging in and out.
+//!
+//! - `GET /_matrix/client/v3/login`
+//! - `POST /_matrix/client/v3/login`
+//! - `POST /_matrix/client/v3/refresh`
+//! - `POST /_matrix/client/v3/logout`
+//! - `POST /_matrix/client/v3/logout/all`
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::api::error::{ApiResult, MatrixError};
+use crate::api::extract::{Auth, ClientIp, JsonBody};
+use crate::api::AppState;
+use crate::services::accounts::{Login, NewDevice};
+use crate::services::rate_limit::Kind;
+
+/// `GET /_matrix/client/v3/login`
+pub async fn login_flows() -> Json<Value> {
+    Json(json!({ "flows": [{ "type": "m.login.password" }] }))
+}
+
+#[derive(Deserialize)]
+pub struct LoginBody {
+    #[serde(rename = "type")]
+    login_type: String,
+    identifier: Option<Identifier>,
+    /// The identifier's predecessor, still sent by old clients.
+    user: Option<String>,
+    password: Option<String>,
+    device_id: Option<String>,
+    initial_device_display_name: Option<String>,
+    #[serde(default)]
+    refresh_token: bool,
+}
+
+#[derive(Deserialize)]
+pub struct Identifier {
+    #[serde(rename = "type")]
+    kind: String,
+    user: Option<String>,
+}
+
+/// `POST /_matrix/client/v3/login`
+pub async fn login(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    JsonBody(body): JsonBody<LoginBody>,
+) -> ApiResult<Json<Value>> {
+    state.rate_limiter.check(Kind::Login, &ip)?;
+    if body.login_type != "m.login.password" {
+        return Err(crate::services::error::Error::Unknown(format!(
+            "Unknown login type {}",
+            body.login_type
+        ))
+        .into());
+    }
+    let user = match body.identifier {
+        Some(identifier) if identifier.kind == "m.id.user" => identifier
+            .user
+            .ok_or_else(|| MatrixError::missing_param("identifier.user is required"))?,
+        Some(identifier) if identifier.kind.starts_with("m.id.") => {
+            // This server has no third-party identifiers to log in with.
+            return Err(MatrixError::forbidden("Invalid username or password"));
+        }
+        Some(identifier) => {
+            return Err(crate::services::error::Error::Unknown(format!(
+                "Unknown login identifier type {}",
+                identifier.kind
+            ))
+            .into())
+        }
+        None => body
+            .user
+            .ok_or_else(|| MatrixError::invalid_param("Invalid login submission"))?,
+    };
+    let password = body
+        .password
+        .ok_or_else(|| MatrixError::missing_param("Missing parameter: password"))?;
+    let device = NewDevice {
+        device_id: body.device_id,
+        display_name: body.initial_device_display_name,
+        wants_refresh_token: body.refresh_token,
+        ip: Some(ip),
+    };
+    let login = state
+        .accounts
+        .login_with_password(&user, &password, device)
+        .await?;
+    tracing::info!(user_id = %login.user_id, device_id = %login.device_id, "logged in");
+    let mut answer = login_answer(&login);
+    answer["home_server"] = json!(state.config.server_name);
+    if let Some(well_known) = super::discovery::well_known_body(&state.config) {
+        answer["well_known"] = well_known;
+    }
+    Ok(Json(answer))
+}
+
+/// The credentials part of a login or registration answer.
+pub fn login_answer(login: &Login) -> Value {
+    let mut answer = json!({
+        "user_id": login.user_id.to_string(),
+        "access_token": login.access_token,
+        "device_id": login.device_id,
+    });
+    if let Some(refresh_token) = &login.refresh_token {
+        answer["refresh_token"] = json!(refresh_token);
+    }
+    if let Some(expires_in_ms) = login.expires_in_ms {
+        answer["expires_in_ms"] = json!(expires_in_ms);
+    }
+    answer
+}
+
+#[derive(Deserialize)]
+pub struct RefreshBody {
+    refresh_token: String,
+}
+
+/// `POST /_matrix/client/v3/refresh`
+pub async fn refresh(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<RefreshBody>,
+) -> ApiResult<Json<Value>> {
+    let login = state.accounts.refresh(&body.refresh_token).await?;
+    Ok(Json(json!({
+        "access_token": login.access_token,
+        "refresh_token": login.refresh_token,
+        "expires_in_ms": login.expires_in_ms,
+    })))
+}
+
+/// `POST /_matrix/client/v3/logout`: deletes the device and its token.
+pub async fn logout(State(state): State<AppState>, Auth(authed): Auth) -> ApiResult<Json<Value>> {
+    state
+        .accounts
+        .delete_devices(authed.localpart(), std::slice::from_ref(&authed.device_id))
+        .await?;
+    Ok(Json(json!({})))
+}
+
+/// `POST /_matrix/client/v3/logout/all`: deletes every device of the user.
+pub async fn logout_all(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+) -> ApiResult<Json<Value>> {
+    state
+        .accounts
+        .delete_all_devices(authed.localpart(), None)
+        .await?;
+    Ok(Json(json!({})))
+}

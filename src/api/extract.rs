@@ -1,0 +1,151 @@
+//! Request extractors that parse once and fail with Matrix errors.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, Method};
+use serde::de::DeserializeOwned;
+
+use super::error::MatrixError;
+use super::AppState;
+use crate::services::accounts::Authed;
+
+/// A JSON request body of type `T`.
+///
+/// A body over `max_request_body_bytes` is 413 `M_TOO_LARGE`, a body that is
+/// not JSON is 400 `M_NOT_JSON`, and JSON of the wrong shape is 400
+/// `M_BAD_JSON`. An empty body on a `DELETE` reads as `{}`, since clients
+/// send none when the spec makes the body optional.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = MatrixError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = state.config.max_request_body_bytes;
+        let is_delete = request.method() == Method::DELETE;
+        let bytes = read_body(request.into_body(), limit).await?;
+        let value: serde_json::Value = if bytes.is_empty() && is_delete {
+            serde_json::json!({})
+        } else {
+            serde_json::from_slice(&bytes)
+                .map_err(|e| MatrixError::not_json(format!("Content not JSON: {e}")))?
+        };
+        if !value.is_object() {
+            return Err(MatrixError::bad_json("Content must be a JSON object"));
+        }
+        let parsed = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." {
+                MatrixError::bad_json(e.inner().to_string())
+            } else {
+                MatrixError::bad_json(format!("{path}: {}", e.inner()))
+            }
+        })?;
+        Ok(JsonBody(parsed))
+    }
+}
+
+/// Reads a whole body, refusing one larger than `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, MatrixError> {
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        if is_length_limit(&error) {
+            MatrixError::too_large(limit)
+        } else {
+            MatrixError::bad_json(format!("Could not read the request body: {error}"))
+        }
+    })
+}
+
+/// Whether a body error, or any error it wraps, is the length limit's.
+fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        current = error.source();
+    }
+    false
+}
+
+/// The user and device of a request's access token, given in the
+/// `Authorization: Bearer` header or the deprecated `access_token` query
+/// parameter.
+pub struct Auth(pub Authed);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = MatrixError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = access_token(parts).ok_or_else(MatrixError::missing_token)?;
+        let authed = state.accounts.authenticate(&token)?;
+        let span = tracing::Span::current();
+        span.record("user_id", tracing::field::display(&authed.user_id));
+        span.record("device_id", authed.device_id.as_str());
+        Ok(Auth(authed))
+    }
+}
+
+fn access_token(parts: &Parts) -> Option<String> {
+    if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned());
+    }
+    let query = parts.uri.query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "access_token")
+        .map(|(_, value)| value.into_owned())
+}
+
+/// The client's address, for rate limits and device "last seen" records.
+pub struct ClientIp(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip().to_string())
+            .unwrap_or_else(|| "unknown".to_owned());
+        Ok(ClientIp(ip))
+    }
+}
+
+/// Query parameters of type `T`; a bad one is 400 `M_INVALID_PARAM`.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = MatrixError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| Query(value))
+            .map_err(|e| MatrixError::invalid_param(e.body_text()))
+    }
+}
+
+/// Path parameters of type `T`; a bad one is 400 `M_INVALID_PARAM`.
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = MatrixError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Path(value))
+            .map_err(|e| MatrixError::invalid_param(e.body_text()))
+    }
+}

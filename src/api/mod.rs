@@ -1,0 +1,127 @@
+//! The HTTP surface: routing, extraction and Matrix error answers.
+//!
+//! Handlers parse and authorise, then call a service; they hold no rules of
+//! their own and never touch storage.
+
+pub mod client;
+pub mod error;
+pub mod extract;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{header, HeaderName, Method, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::cors::{Any, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::services::Services;
+use client::{account, devices, discovery, profile, session};
+use error::MatrixError;
+
+/// What every handler receives: the service graph.
+pub type AppState = Arc<Services>;
+
+/// The client API prefixes; `r0` is the same API under its older name,
+/// still used by some clients.
+const CLIENT_PREFIXES: [&str; 2] = ["/_matrix/client/v3", "/_matrix/client/r0"];
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let mut router = Router::new()
+        .route("/_matrix/client/versions", get(discovery::versions))
+        .route("/.well-known/matrix/client", get(discovery::well_known))
+        .route("/health", get(health))
+        .route(
+            "/_matrix/client/v1/register/m.login.registration_token/validity",
+            get(account::registration_token_validity),
+        );
+    for prefix in CLIENT_PREFIXES {
+        router = router.merge(client_routes(prefix));
+    }
+    router
+        .fallback(|| async { MatrixError::unrecognized(StatusCode::NOT_FOUND) })
+        .method_not_allowed_fallback(|| async {
+            MatrixError::unrecognized(StatusCode::METHOD_NOT_ALLOWED)
+        })
+        .layer(cors())
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+                // The path only: a query string may carry an access token.
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                    user_id = tracing::field::Empty,
+                    device_id = tracing::field::Empty,
+                )
+            }),
+        )
+        .with_state(state)
+}
+
+fn client_routes(prefix: &str) -> Router<AppState> {
+    let path = |suffix: &str| format!("{prefix}{suffix}");
+    Router::new()
+        .route(&path("/register"), post(account::register))
+        .route(&path("/register/available"), get(account::available))
+        .route(
+            &path("/login"),
+            get(session::login_flows).post(session::login),
+        )
+        .route(&path("/refresh"), post(session::refresh))
+        .route(&path("/logout"), post(session::logout))
+        .route(&path("/logout/all"), post(session::logout_all))
+        .route(&path("/account/whoami"), get(account::whoami))
+        .route(&path("/account/password"), post(account::change_password))
+        .route(&path("/account/deactivate"), post(account::deactivate))
+        .route(&path("/devices"), get(devices::list))
+        .route(
+            &path("/devices/{device_id}"),
+            get(devices::get)
+                .put(devices::update)
+                .delete(devices::delete),
+        )
+        .route(&path("/delete_devices"), post(devices::delete_many))
+        .route(&path("/profile/{user_id}"), get(profile::get_profile))
+        .route(
+            &path("/profile/{user_id}/{key}"),
+            get(profile::get_field)
+                .put(profile::set_field)
+                .delete(profile::delete_field),
+        )
+        .route(&path("/capabilities"), get(discovery::capabilities))
+}
+
+/// Browsers may call the client API from any origin, as the spec requires.
+fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            HeaderName::from_static("x-requested-with"),
+        ])
+        .max_age(Duration::from_secs(86_400))
+}
+
+/// `GET /health`: 200 while the server can read its database.
+async fn health(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
+    match state.accounts.user("") {
+        Ok(_) => (StatusCode::OK, "OK"),
+        Err(error) => {
+            tracing::error!(%error, "health check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The command line: `myelin serve` (the default) and `myelin user ...`.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat, CONFIG_FILE_ENV};
+use crate::services::accounts::Accounts;
+use crate::services::clock::SystemClock;
+use crate::storage::Storage;
+
+#[derive(Parser, Debug)]
+#[command(name = "myelin", version, about = "Myelin, a Matrix homeserver")]
+pub struct Cli {
+    /// Configuration file (TOML). Without one, defaults and MYELIN_* variables apply.
+    #[arg(long, short, global = true, env = CONFIG_FILE_ENV, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the homeserver (the default).
+    Serve,
+    /// Manage local accounts; the server must not be running.
+    User {
+        #[command(subcommand)]
+        action: UserCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Create an account.
+    Add {
+        /// The localpart of the new user ID (the `alice` of `@alice:example.org`).
+        name: String,
+        /// The password; asked for when omitted.
+        #[arg(long)]
+        password: Option<String>,
+        /// Make the account a server administrator.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Set a new password and log out every device of the account.
+    ResetPassword {
+        name: String,
+        /// The new password; asked for when omitted.
+        #[arg(long)]
+        password: Option<String>,
+    },
+}
+
+/// Parses the command line, runs the command, and gives the exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_environment(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("myelin: configuration error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("myelin: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => runtime
+            .block_on(crate::server::run(config))
+            .map_err(|e| e.to_string()),
+        Command::User { action } => runtime.block_on(user_command(config, action)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("myelin: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn user_command(config: Config, action: UserCommand) -> Result<(), String> {
+    let storage = Storage::open(&config.data_dir.join("db"), config.storage.sync_writes)
+        .map_err(|e| e.to_string())?;
+    let accounts = Accounts::new(
+        storage,
+        config.server_name.clone(),
+        &config.password_hashing,
+        config.refreshable_access_token_lifetime_ms,
+        Arc::new(SystemClock),
+    );
+    match action {
+        UserCommand::Add {
+            name,
+            password,
+            admin,
+        } => {
+            accounts.check_available(&name).map_err(|e| e.to_string())?;
+            let password = password_or_prompt(password)?;
+            let (user_id, _) = accounts
+                .register(&name, Some(&password), admin, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("created {user_id}{}", if admin { " (admin)" } else { "" });
+        }
+        UserCommand::ResetPassword { name, password } => {
+            let localpart = accounts
+                .resolve_local_user(&name)
+                .ok_or_else(|| format!("{name} is not a user of this server"))?;
+            if accounts
+                .user(&localpart)
+                .map_err(|e| e.to_string())?
+                .is_none()
+            {
+                return Err(format!("no user {name} on this server"));
+            }
+            let password = password_or_prompt(password)?;
+            accounts
+                .set_password(&localpart, &password, true, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!(
+                "password of {} reset; every device logged out",
+                accounts.user_id(&localpart)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The given password, or one typed at a prompt (twice), or the first line
+/// of standard input when it is not a terminal.
+fn password_or_prompt(given: Option<String>) -> Result<String, String> {
+    let password = match given {
+        Some(password) => password,
+        None if std::io::stdin().is_terminal() => {
+            let first = rpassword::prompt_password("Password: ").map_err(|e| e.to_string())?;
+            let second = rpassword::prompt_password("Again: ").map_err(|e| e.to_string())?;
+            if first != second {
+                return Err("the passwords differ".to_owned());
+            }
+            first
+        }
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    if password.is_empty() {
+        return Err("the password may not be empty".to_owned());
+    }
+    Ok(password)
+}

@@ -1,0 +1,568 @@
+//! Configuration: an optional TOML file, overridden by `MYELIN_*` variables.
+//!
+//! The whole configuration is parsed and validated once, before anything is
+//! written; a problem is reported as one line naming the key. Every key has
+//! a safe default, so Myelin runs with no configuration at all.
+//! `config/myelin.toml` documents every key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+/// The prefix of every environment variable that sets a configuration key.
+pub const ENV_PREFIX: &str = "MYELIN_";
+/// The variable that names the configuration file (like `--config`).
+pub const CONFIG_FILE_ENV: &str = "MYELIN_CONFIG";
+
+/// A configuration problem, worded for the person running the server.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+/// The validated configuration of one server.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The server name: the part after the colon in user IDs.
+    pub server_name: String,
+    /// Address and port the HTTP listener binds.
+    pub listen: SocketAddr,
+    /// Directory holding the database and the server's files.
+    pub data_dir: PathBuf,
+    /// Who may create an account over the client API.
+    pub registration: RegistrationMode,
+    /// Tokens accepted when `registration = "token"`.
+    pub registration_tokens: Vec<String>,
+    /// Request rate limits per kind; `false` switches all of them off.
+    pub rate_limits: RateLimits,
+    /// Largest request body accepted, in bytes.
+    pub max_request_body_bytes: usize,
+    /// Lifetime of access tokens issued together with a refresh token.
+    pub refreshable_access_token_lifetime_ms: u64,
+    /// How long an unfinished user-interactive authentication session lives.
+    pub uia_session_timeout_ms: u64,
+    pub storage: StorageConfig,
+    pub password_hashing: PasswordHashing,
+    pub log: LogConfig,
+    pub well_known: WellKnown,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server_name: "localhost".to_owned(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
+            data_dir: PathBuf::from("./myelin-data"),
+            registration: RegistrationMode::Disabled,
+            registration_tokens: Vec::new(),
+            rate_limits: RateLimits::default(),
+            max_request_body_bytes: 20 * 1024 * 1024,
+            refreshable_access_token_lifetime_ms: 5 * 60 * 1000,
+            uia_session_timeout_ms: 10 * 60 * 1000,
+            storage: StorageConfig::default(),
+            password_hashing: PasswordHashing::default(),
+            log: LogConfig::default(),
+            well_known: WellKnown::default(),
+        }
+    }
+}
+
+/// Who may register over `POST /_matrix/client/v3/register`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationMode {
+    /// Only the `myelin user add` command creates accounts.
+    Disabled,
+    /// Registration needs one of `registration_tokens`.
+    Token,
+    /// Anyone may register (the `m.login.dummy` stage).
+    Open,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Sync the write-ahead log before answering a write. Turning this off
+    /// is unsafe: a crash may lose writes that were acknowledged.
+    pub sync_writes: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { sync_writes: true }
+    }
+}
+
+/// Argon2id cost parameters for new password hashes.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PasswordHashing {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+impl Default for PasswordHashing {
+    fn default() -> Self {
+        // The OWASP recommendation for Argon2id.
+        PasswordHashing {
+            memory_kib: 19 * 1024,
+            iterations: 2,
+            parallelism: 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log collectors.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `myelin=debug,info`;
+    /// `RUST_LOG` takes precedence when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What `GET /.well-known/matrix/client` answers.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WellKnown {
+    /// Public base URL of the client API; unset: the endpoint answers 404.
+    pub client_base_url: Option<String>,
+    /// Identity server to advertise, if any.
+    pub identity_server_base_url: Option<String>,
+}
+
+/// Rate limits per kind of request, or none at all.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RateLimits {
+    pub enabled: bool,
+    /// Login attempts per client address.
+    pub login: RateLimit,
+    /// Accounts created per client address.
+    pub registration: RateLimit,
+    /// Registration token checks per client address.
+    pub registration_token_validity: RateLimit,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            enabled: true,
+            login: RateLimit::default(),
+            registration: RateLimit::default(),
+            registration_token_validity: RateLimit {
+                per_second: 0.1,
+                burst: 5,
+            },
+        }
+    }
+}
+
+/// A token bucket: `burst` requests at once, refilled at `per_second`.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        // Synapse's defaults for logins and registrations per address.
+        RateLimit {
+            per_second: 0.17,
+            burst: 3,
+        }
+    }
+}
+
+/// `rate_limits` is either a boolean or a table of kinds.
+impl<'de> Deserialize<'de> for RateLimits {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Kinds {
+            #[serde(default)]
+            login: RateLimit,
+            #[serde(default)]
+            registration: RateLimit,
+            #[serde(default = "token_validity_default")]
+            registration_token_validity: RateLimit,
+        }
+
+        fn token_validity_default() -> RateLimit {
+            RateLimits::default().registration_token_validity
+        }
+
+        struct RateLimitsVisitor;
+        impl<'de> Visitor<'de> for RateLimitsVisitor {
+            type Value = RateLimits;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a boolean or a table of rate limits")
+            }
+
+            fn visit_bool<E: de::Error>(self, enabled: bool) -> Result<RateLimits, E> {
+                Ok(RateLimits {
+                    enabled,
+                    ..RateLimits::default()
+                })
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RateLimits, A::Error> {
+                let kinds = Kinds::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RateLimits {
+                    enabled: true,
+                    login: kinds.login,
+                    registration: kinds.registration,
+                    registration_token_validity: kinds.registration_token_validity,
+                })
+            }
+        }
+        deserializer.deserialize_any(RateLimitsVisitor)
+    }
+}
+
+impl Config {
+    /// Reads the file (if any), applies `MYELIN_*` overrides from `env`,
+    /// and validates the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut root = match file {
+            Some(path) => read_file(path)?,
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            apply_env_override(&mut root, &name, &value)?;
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(root)).map_err(|e| {
+                // toml's messages add the key on a second line; the path says it.
+                let inner = e.inner().to_string();
+                let problem = inner.lines().next().unwrap_or_default().to_owned();
+                ConfigError(format!("{}: {problem}", e.path()))
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The configuration from the process environment and an optional file.
+    pub fn from_environment(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load(file, std::env::vars())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, problem: String| Err(ConfigError(format!("{key}: {problem}")));
+        if let Err(problem) = validate_server_name(&self.server_name) {
+            return fail("server_name", problem);
+        }
+        if self.registration == RegistrationMode::Token && self.registration_tokens.is_empty() {
+            return fail(
+                "registration_tokens",
+                "must list at least one token when registration = \"token\"".to_owned(),
+            );
+        }
+        for token in &self.registration_tokens {
+            let valid_char = |c: char| c.is_ascii_alphanumeric() || "._~-".contains(c);
+            if token.is_empty() || token.len() > 64 || !token.chars().all(valid_char) {
+                return fail(
+                    "registration_tokens",
+                    format!("{token:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ ~ -"),
+                );
+            }
+        }
+        for (key, limit) in [
+            ("rate_limits.login", self.rate_limits.login),
+            ("rate_limits.registration", self.rate_limits.registration),
+            (
+                "rate_limits.registration_token_validity",
+                self.rate_limits.registration_token_validity,
+            ),
+        ] {
+            if !(limit.per_second.is_finite() && limit.per_second > 0.0) || limit.burst == 0 {
+                return fail(key, "per_second and burst must be positive".to_owned());
+            }
+        }
+        if self.max_request_body_bytes < 1024 {
+            return fail("max_request_body_bytes", "must be at least 1024".to_owned());
+        }
+        if self.refreshable_access_token_lifetime_ms < 1000 {
+            return fail(
+                "refreshable_access_token_lifetime_ms",
+                "must be at least 1000".to_owned(),
+            );
+        }
+        let hashing = &self.password_hashing;
+        if let Err(e) = argon2::Params::new(
+            hashing.memory_kib,
+            hashing.iterations,
+            hashing.parallelism,
+            None,
+        ) {
+            return fail("password_hashing", e.to_string());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return fail("log.level", e.to_string());
+        }
+        for (key, url) in [
+            (
+                "well_known.client_base_url",
+                &self.well_known.client_base_url,
+            ),
+            (
+                "well_known.identity_server_base_url",
+                &self.well_known.identity_server_base_url,
+            ),
+        ] {
+            if let Some(url) = url {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return fail(key, "must start with https:// or http://".to_owned());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+    text.parse::<toml::Table>().map_err(|e| {
+        let message = e.message().to_owned();
+        let line = e
+            .span()
+            .map(|span| text[..span.start].lines().count().max(1))
+            .unwrap_or(0);
+        ConfigError(format!("{} line {line}: {message}", path.display()))
+    })
+}
+
+/// Sets the key that `MYELIN_A__B` names (`a.b`) to the variable's value.
+///
+/// The value is read as a TOML literal when it is one (`false`, `8`,
+/// `["x"]`), and as a plain string otherwise (`localhost`, `0.0.0.0:8008`).
+fn apply_env_override(root: &mut toml::Table, name: &str, value: &str) -> Result<(), ConfigError> {
+    let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+        return Ok(());
+    };
+    if name == CONFIG_FILE_ENV {
+        return Ok(());
+    }
+    let path: Vec<String> = key.split("__").map(|part| part.to_lowercase()).collect();
+    if path.iter().any(|part| part.is_empty()) {
+        return Err(ConfigError(format!("{name}: not a configuration key")));
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut table| table.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+
+    let (last, parents) = path.split_last().expect("split yields one part at least");
+    let mut table = root;
+    for part in parents {
+        let entry = table
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(inner) => inner,
+            _ => {
+                return Err(ConfigError(format!(
+                    "{name}: {part} is not a table of keys"
+                )))
+            }
+        };
+    }
+    table.insert(last.clone(), parsed);
+    Ok(())
+}
+
+/// Checks the server name grammar: a host name or IP literal, then an
+/// optional port.
+pub fn validate_server_name(name: &str) -> Result<(), String> {
+    let (host, port) = split_host_port(name);
+    if let Some(port) = port {
+        if port.parse::<u16>().is_err() {
+            return Err(format!("{name:?} has an invalid port"));
+        }
+    }
+    let valid_dns = !host.is_empty()
+        && host.len() <= 255
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    let valid_ipv6 = host.starts_with('[')
+        && host.ends_with(']')
+        && host[1..host.len() - 1]
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok();
+    if valid_dns || valid_ipv6 {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a valid server name"))
+    }
+}
+
+fn split_host_port(name: &str) -> (&str, Option<&str>) {
+    if name.starts_with('[') {
+        match name.rfind("]:") {
+            Some(i) => (&name[..=i], Some(&name[i + 2..])),
+            None => (name, None),
+        }
+    } else {
+        match name.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (name, None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("myelin.toml");
+        std::fs::write(&path, toml).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load(Some(&path), env).map_err(|e| e.to_string())
+    }
+
+    fn check_error(toml: &str, env: &[(&str, &str)], expected: &str) {
+        let error = load(toml, env).expect_err("configuration must be refused");
+        assert!(error.contains(expected), "{error:?} lacks {expected:?}");
+        assert!(!error.contains('\n'), "{error:?} spans several lines");
+    }
+
+    #[test]
+    fn no_configuration_means_safe_defaults() {
+        let config = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(config.server_name, "localhost");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8008");
+        assert_eq!(config.data_dir, PathBuf::from("./myelin-data"));
+        assert_eq!(config.registration, RegistrationMode::Disabled);
+        assert!(config.rate_limits.enabled);
+        assert!(config.storage.sync_writes);
+    }
+
+    #[test]
+    fn the_example_configuration_is_the_defaults() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/myelin.toml");
+        let config = Config::load(Some(&example), Vec::new()).unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let config = load(
+            "server_name = \"example.org\"\nregistration = \"open\"\n",
+            &[
+                ("MYELIN_SERVER_NAME", "chat.example.com"),
+                ("MYELIN_LISTEN", "127.0.0.1:9000"),
+                ("MYELIN_DATA_DIR", "/var/lib/x"),
+                ("MYELIN_RATE_LIMITS", "false"),
+                ("MYELIN_STORAGE__SYNC_WRITES", "false"),
+                ("MYELIN_CONFIG", "ignored.toml"),
+                ("PATH", "/bin"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.server_name, "chat.example.com");
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.data_dir, PathBuf::from("/var/lib/x"));
+        assert_eq!(config.registration, RegistrationMode::Open);
+        assert!(!config.rate_limits.enabled);
+        assert!(!config.storage.sync_writes);
+    }
+
+    #[test]
+    fn rate_limits_take_a_table_or_a_boolean() {
+        let config = load("[rate_limits.login]\nper_second = 2.0\nburst = 5\n", &[]).unwrap();
+        assert!(config.rate_limits.enabled);
+        assert_eq!(config.rate_limits.login.burst, 5);
+        assert_eq!(config.rate_limits.registration, RateLimit::default());
+        let config = load("", &[("MYELIN_RATE_LIMITS__REGISTRATION__BURST", "9")]).unwrap();
+        assert_eq!(config.rate_limits.registration.burst, 9);
+        assert!(
+            !load("rate_limits = false", &[])
+                .unwrap()
+                .rate_limits
+                .enabled
+        );
+    }
+
+    #[test]
+    fn bad_configurations_name_the_key() {
+        check_error("listen = \"nowhere\"", &[], "listen");
+        check_error("registration = \"maybe\"", &[], "registration");
+        check_error("colour = \"blue\"", &[], "colour");
+        check_error("[storage]\nfsync = true", &[], "storage");
+        check_error("", &[("MYELIN_LISTEN", "nowhere")], "listen");
+        check_error(
+            "",
+            &[("MYELIN_REGISTRATION", "token")],
+            "registration_tokens",
+        );
+        check_error("server_name = \"bad name\"", &[], "server_name");
+        check_error("server_name = \"host:99999\"", &[], "server_name");
+        check_error("rate_limits = \"slow\"", &[], "rate_limits");
+        check_error("[rate_limits.login]\nburst = 0", &[], "rate_limits.login");
+        check_error(
+            "registration_tokens = [\"has space\"]",
+            &[],
+            "registration_tokens",
+        );
+        check_error("max_request_body_bytes = 10", &[], "max_request_body_bytes");
+        check_error(
+            "[password_hashing]\nmemory_kib = 1",
+            &[],
+            "password_hashing",
+        );
+        check_error("[log]\nformat = \"xml\"", &[], "log.format");
+        check_error(
+            "[well_known]\nclient_base_url = \"x\"",
+            &[],
+            "client_base_url",
+        );
+        check_error("server_name = ", &[], "line 1");
+    }
+
+    #[test]
+    fn server_names_follow_the_grammar() {
+        for good in [
+            "localhost",
+            "example.org:8448",
+            "1.2.3.4",
+            "[::1]:80",
+            "[::1]",
+        ] {
+            assert_eq!(validate_server_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "a b", "host:", "host:x", "[::1", "a/b", "[zz]:1"] {
+            assert!(validate_server_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Myelin, a Matrix homeserver.
+//!
+//! Layers call downward only: [`api`] (HTTP handlers) → [`services`] (the
+//! rules) → [`storage`] (bytes). See ARCHITECTURE.md.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod ids;
+pub mod server;
+pub mod services;
+pub mod storage;

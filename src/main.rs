@@ -1,0 +1,5 @@
+//! The `myelin` binary; everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    myelin::cli::main()
+}

@@ -1,0 +1,591 @@
+//! Accounts, devices and access tokens: the one write path for all three.
+//!
+//! Passwords are hashed with Argon2id on blocking threads. Each device has
+//! exactly one access token (and at most one refresh token); tokens are
+//! stored as SHA-256 digests, so a database leak reveals no usable token.
+//! Deleting a device deletes its tokens in the same batch, so the token
+//! stops working the moment the deletion is committed.
+
+use std::sync::Arc;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use sha2::{Digest, Sha256};
+
+use super::clock::Clock;
+use super::error::{Error, Result};
+use super::locks::StripedLocks;
+use crate::config::PasswordHashing;
+use crate::ids::{self, UserId};
+use crate::storage::tables::{
+    self, AccessTokenRecord, DeviceKey, DeviceRecord, RefreshTokenRecord, TokenHash, UserRecord,
+};
+use crate::storage::{Batch, Storage};
+
+/// Most devices one account may list at once; far above any real account.
+const MAX_DEVICES_LISTED: usize = 10_000;
+
+/// An authenticated request's user and device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authed {
+    pub user_id: UserId,
+    pub device_id: String,
+}
+
+impl Authed {
+    pub fn localpart(&self) -> &str {
+        &self.user_id.localpart
+    }
+}
+
+/// What the client asked for when it logs in or registers.
+#[derive(Clone, Debug, Default)]
+pub struct NewDevice {
+    pub device_id: Option<String>,
+    pub display_name: Option<String>,
+    pub wants_refresh_token: bool,
+    pub ip: Option<String>,
+}
+
+/// A device's fresh credentials.
+#[derive(Clone, Debug)]
+pub struct Login {
+    pub user_id: UserId,
+    pub device_id: String,
+    pub access_token: String,
+    pub refresh_token: Option<String>,
+    pub expires_in_ms: Option<u64>,
+}
+
+/// A device as the device-management API shows it.
+#[derive(Clone, Debug)]
+pub struct Device {
+    pub device_id: String,
+    pub record: DeviceRecord,
+}
+
+pub struct Accounts {
+    storage: Storage,
+    server_name: String,
+    hashing: Params,
+    refreshable_lifetime_ms: u64,
+    clock: Arc<dyn Clock>,
+    locks: StripedLocks,
+}
+
+impl Accounts {
+    pub fn new(
+        storage: Storage,
+        server_name: String,
+        hashing: &PasswordHashing,
+        refreshable_lifetime_ms: u64,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let hashing = Params::new(
+            hashing.memory_kib,
+            hashing.iterations,
+            hashing.parallelism,
+            None,
+        )
+        .expect("password hashing parameters are validated with the config");
+        Accounts {
+            storage,
+            server_name,
+            hashing,
+            refreshable_lifetime_ms,
+            clock,
+            locks: StripedLocks::new(64),
+        }
+    }
+
+    pub fn user_id(&self, localpart: &str) -> UserId {
+        UserId::new(localpart, &self.server_name)
+    }
+
+    /// The local account named by `user`, which may be a bare localpart or
+    /// a full user ID; localparts are matched case-insensitively.
+    pub fn resolve_local_user(&self, user: &str) -> Option<String> {
+        let localpart = if user.starts_with('@') {
+            let id = UserId::parse(user)?;
+            if id.server_name != self.server_name {
+                return None;
+            }
+            id.localpart
+        } else {
+            user.to_owned()
+        };
+        Some(localpart.to_lowercase())
+    }
+
+    pub fn user(&self, localpart: &str) -> Result<Option<UserRecord>> {
+        Ok(self.storage.get(tables::USERS, &localpart.to_owned())?)
+    }
+
+    /// Checks that `localpart` is a valid, unused name for a new account.
+    pub fn check_available(&self, localpart: &str) -> Result<()> {
+        ids::check_new_localpart(localpart, &self.server_name).map_err(Error::InvalidUsername)?;
+        if self.user(localpart)?.is_some() {
+            return Err(Error::UserInUse);
+        }
+        Ok(())
+    }
+
+    /// Creates an account, and a first device unless `device` is `None`.
+    pub async fn register(
+        &self,
+        localpart: &str,
+        password: Option<&str>,
+        admin: bool,
+        device: Option<NewDevice>,
+    ) -> Result<(UserId, Option<Login>)> {
+        self.check_available(localpart)?;
+        if let Some(device_id) = device.as_ref().and_then(|d| d.device_id.as_deref()) {
+            ids::check_device_id(device_id).map_err(Error::InvalidParam)?;
+        }
+        let password_hash = match password {
+            Some(password) => Some(self.hash_password(password).await?),
+            None => None,
+        };
+        let _guard = self.locks.lock(localpart).await;
+        // Checked again under the lock: another registration may have won.
+        if self.user(localpart)?.is_some() {
+            return Err(Error::UserInUse);
+        }
+        let now = self.clock.now_ms();
+        let mut batch = Batch::new();
+        let record = UserRecord {
+            password_hash,
+            admin,
+            deactivated: false,
+            created_ts: now,
+        };
+        batch.put(tables::USERS, &localpart.to_owned(), &record);
+        let mut profile = serde_json::Map::new();
+        profile.insert("displayname".to_owned(), localpart.into());
+        batch.put(tables::PROFILES, &localpart.to_owned(), &profile);
+        let login = match device {
+            Some(device) => Some(self.issue_device(&mut batch, localpart, device)?),
+            None => None,
+        };
+        self.storage.commit(batch).await?;
+        Ok((self.user_id(localpart), login))
+    }
+
+    /// Logs in with a password and returns the new (or renewed) device.
+    pub async fn login_with_password(
+        &self,
+        user: &str,
+        password: &str,
+        device: NewDevice,
+    ) -> Result<Login> {
+        let invalid = || Error::Forbidden("Invalid username or password".to_owned());
+        let localpart = self.resolve_local_user(user).ok_or_else(invalid)?;
+        let record = self.user(&localpart)?.ok_or_else(invalid)?;
+        if record.deactivated {
+            return Err(Error::UserDeactivated);
+        }
+        if !self.verify_password(&localpart, password).await? {
+            return Err(invalid());
+        }
+        if let Some(device_id) = &device.device_id {
+            ids::check_device_id(device_id).map_err(Error::InvalidParam)?;
+        }
+        let _guard = self.locks.lock(&localpart).await;
+        let mut batch = Batch::new();
+        let login = self.issue_device(&mut batch, &localpart, device)?;
+        self.storage.commit(batch).await?;
+        Ok(login)
+    }
+
+    /// Whether `password` is the account's password. A deactivated account
+    /// or one without a password never matches.
+    pub async fn verify_password(&self, localpart: &str, password: &str) -> Result<bool> {
+        let Some(hash) = self.user(localpart)?.and_then(|u| u.password_hash) else {
+            return Ok(false);
+        };
+        let password = password.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let Ok(parsed) = PasswordHash::new(&hash) else {
+                return false;
+            };
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))
+    }
+
+    /// The user and device an access token belongs to.
+    pub fn authenticate(&self, token: &str) -> Result<Authed> {
+        let record = self
+            .storage
+            .get(tables::ACCESS_TOKENS, &hash_token(token))?
+            .ok_or(Error::UnknownToken { soft_logout: false })?;
+        if let Some(expires_at_ms) = record.expires_at_ms {
+            if self.clock.now_ms() >= expires_at_ms {
+                return Err(Error::UnknownToken { soft_logout: true });
+            }
+        }
+        Ok(Authed {
+            user_id: self.user_id(&record.localpart),
+            device_id: record.device_id,
+        })
+    }
+
+    /// Exchanges a refresh token for a new access and refresh token. The
+    /// old pair stops working.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Login> {
+        let unknown = || Error::UnknownToken { soft_logout: false };
+        let hash = hash_token(refresh_token);
+        let record = self
+            .storage
+            .get(tables::REFRESH_TOKENS, &hash)?
+            .ok_or_else(unknown)?;
+        let _guard = self.locks.lock(&record.localpart).await;
+        let key = DeviceKey::new(&record.localpart, &record.device_id);
+        let device = self
+            .storage
+            .get(tables::DEVICES, &key)?
+            .ok_or_else(unknown)?;
+        if device.refresh_token != Some(hash) {
+            return Err(unknown());
+        }
+        let mut batch = Batch::new();
+        let login = self.issue_device(
+            &mut batch,
+            &record.localpart,
+            NewDevice {
+                device_id: Some(record.device_id),
+                wants_refresh_token: true,
+                ..NewDevice::default()
+            },
+        )?;
+        self.storage.commit(batch).await?;
+        Ok(login)
+    }
+
+    /// Every device of an account, ordered by device ID.
+    pub fn devices(&self, localpart: &str) -> Result<Vec<Device>> {
+        let prefix = DeviceKey::user_prefix(localpart);
+        let entries = self
+            .storage
+            .scan_prefix(tables::DEVICES, &prefix, MAX_DEVICES_LISTED)?;
+        Ok(entries
+            .into_iter()
+            .map(|(key, record)| Device {
+                device_id: key.device_id,
+                record,
+            })
+            .collect())
+    }
+
+    pub fn device(&self, localpart: &str, device_id: &str) -> Result<Option<DeviceRecord>> {
+        Ok(self
+            .storage
+            .get(tables::DEVICES, &DeviceKey::new(localpart, device_id))?)
+    }
+
+    /// Sets a device's display name; `NotFound` if there is no such device.
+    pub async fn rename_device(
+        &self,
+        localpart: &str,
+        device_id: &str,
+        display_name: Option<String>,
+    ) -> Result<()> {
+        let _guard = self.locks.lock(localpart).await;
+        let key = DeviceKey::new(localpart, device_id);
+        let mut record = self
+            .storage
+            .get(tables::DEVICES, &key)?
+            .ok_or_else(|| Error::NotFound("Unknown device".to_owned()))?;
+        record.display_name = display_name;
+        let mut batch = Batch::new();
+        batch.put(tables::DEVICES, &key, &record);
+        self.storage.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Deletes devices and their tokens in one batch. Unknown IDs are
+    /// skipped, as the spec allows.
+    pub async fn delete_devices(&self, localpart: &str, device_ids: &[String]) -> Result<()> {
+        let _guard = self.locks.lock(localpart).await;
+        let mut batch = Batch::new();
+        for device_id in device_ids {
+            self.delete_device_into(&mut batch, localpart, device_id)?;
+        }
+        self.storage.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Deletes every device of the account except `keep`.
+    pub async fn delete_all_devices(&self, localpart: &str, keep: Option<&str>) -> Result<()> {
+        let ids: Vec<String> = self
+            .devices(localpart)?
+            .into_iter()
+            .map(|d| d.device_id)
+            .filter(|id| Some(id.as_str()) != keep)
+            .collect();
+        self.delete_devices(localpart, &ids).await
+    }
+
+    /// Sets a new password; with `logout_devices`, every device other than
+    /// `keep` is logged out in the same batch.
+    pub async fn set_password(
+        &self,
+        localpart: &str,
+        password: &str,
+        logout_devices: bool,
+        keep: Option<&str>,
+    ) -> Result<()> {
+        let hash = self.hash_password(password).await?;
+        let _guard = self.locks.lock(localpart).await;
+        let mut record = self
+            .user(localpart)?
+            .ok_or_else(|| Error::NotFound(format!("no local user {localpart}")))?;
+        if record.deactivated {
+            return Err(Error::UserDeactivated);
+        }
+        record.password_hash = Some(hash);
+        let mut batch = Batch::new();
+        batch.put(tables::USERS, &localpart.to_owned(), &record);
+        if logout_devices {
+            for device in self.devices(localpart)? {
+                if Some(device.device_id.as_str()) != keep {
+                    self.delete_device_into(&mut batch, localpart, &device.device_id)?;
+                }
+            }
+        }
+        self.storage.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Deactivates an account for good: no password, no devices, no
+    /// profile. The user ID stays taken.
+    pub async fn deactivate(&self, localpart: &str) -> Result<()> {
+        let _guard = self.locks.lock(localpart).await;
+        let mut record = self
+            .user(localpart)?
+            .ok_or_else(|| Error::NotFound(format!("no local user {localpart}")))?;
+        record.deactivated = true;
+        record.password_hash = None;
+        let mut batch = Batch::new();
+        batch.put(tables::USERS, &localpart.to_owned(), &record);
+        batch.delete(tables::PROFILES, &localpart.to_owned());
+        for device in self.devices(localpart)? {
+            self.delete_device_into(&mut batch, localpart, &device.device_id)?;
+        }
+        self.storage.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Adds to `batch` the deletion of a device and its tokens.
+    fn delete_device_into(
+        &self,
+        batch: &mut Batch,
+        localpart: &str,
+        device_id: &str,
+    ) -> Result<()> {
+        let key = DeviceKey::new(localpart, device_id);
+        if let Some(device) = self.storage.get(tables::DEVICES, &key)? {
+            batch.delete(tables::ACCESS_TOKENS, &device.access_token);
+            if let Some(refresh) = device.refresh_token {
+                batch.delete(tables::REFRESH_TOKENS, &refresh);
+            }
+            batch.delete(tables::DEVICES, &key);
+        }
+        Ok(())
+    }
+
+    /// Adds to `batch` a device with fresh tokens. An existing device keeps
+    /// its display name and loses its previous tokens. The caller holds the
+    /// account's lock.
+    fn issue_device(&self, batch: &mut Batch, localpart: &str, new: NewDevice) -> Result<Login> {
+        let mut rng = rand::thread_rng();
+        let device_id = new
+            .device_id
+            .unwrap_or_else(|| ids::new_device_id(&mut rng));
+        let key = DeviceKey::new(localpart, &device_id);
+        let now = self.clock.now_ms();
+        let previous = self.storage.get(tables::DEVICES, &key)?;
+        if let Some(previous) = &previous {
+            batch.delete(tables::ACCESS_TOKENS, &previous.access_token);
+            if let Some(refresh) = &previous.refresh_token {
+                batch.delete(tables::REFRESH_TOKENS, refresh);
+            }
+        }
+        let access_token = ids::new_secret("mya_", &mut rng);
+        let (refresh_token, expires_in_ms) = if new.wants_refresh_token {
+            let token = ids::new_secret("myr_", &mut rng);
+            (Some(token), Some(self.refreshable_lifetime_ms))
+        } else {
+            (None, None)
+        };
+        let record = DeviceRecord {
+            display_name: match &previous {
+                Some(previous) => previous.display_name.clone(),
+                None => new.display_name,
+            },
+            created_ts: previous.as_ref().map_or(now, |p| p.created_ts),
+            last_seen_ts: Some(now),
+            last_seen_ip: new.ip,
+            access_token: hash_token(&access_token),
+            refresh_token: refresh_token.as_deref().map(hash_token),
+        };
+        let grant = AccessTokenRecord {
+            localpart: localpart.to_owned(),
+            device_id: device_id.clone(),
+            expires_at_ms: expires_in_ms.map(|lifetime| now + lifetime),
+        };
+        batch.put(tables::ACCESS_TOKENS, &record.access_token, &grant);
+        if let Some(hash) = &record.refresh_token {
+            let renews = RefreshTokenRecord {
+                localpart: localpart.to_owned(),
+                device_id: device_id.clone(),
+            };
+            batch.put(tables::REFRESH_TOKENS, hash, &renews);
+        }
+        batch.put(tables::DEVICES, &key, &record);
+        Ok(Login {
+            user_id: self.user_id(localpart),
+            device_id,
+            access_token,
+            refresh_token,
+            expires_in_ms,
+        })
+    }
+
+    async fn hash_password(&self, password: &str) -> Result<String> {
+        let params = self.hashing.clone();
+        let password = password.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let salt = SaltString::generate(&mut rand::thread_rng());
+            Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+                .hash_password(password.as_bytes(), &salt)
+                .map(|hash| hash.to_string())
+                .map_err(|e| Error::Internal(format!("password hashing failed: {e}")))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+    }
+}
+
+/// The stored form of a secret token.
+pub fn hash_token(token: &str) -> TokenHash {
+    TokenHash(Sha256::digest(token.as_bytes()).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::clock::ManualClock;
+
+    fn accounts(clock: Arc<ManualClock>) -> Accounts {
+        let cheap = PasswordHashing {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        Accounts::new(
+            Storage::in_memory(),
+            "example.org".into(),
+            &cheap,
+            1000,
+            clock,
+        )
+    }
+
+    #[tokio::test]
+    async fn refreshable_tokens_expire_and_rotate() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let accounts = accounts(clock.clone());
+        let device = NewDevice {
+            wants_refresh_token: true,
+            ..NewDevice::default()
+        };
+        let (_, login) = accounts
+            .register("alice", Some("pw"), false, Some(device))
+            .await
+            .unwrap();
+        let login = login.unwrap();
+        assert_eq!(login.expires_in_ms, Some(1000));
+        assert!(accounts.authenticate(&login.access_token).is_ok());
+        clock.advance_ms(1000);
+        assert!(matches!(
+            accounts.authenticate(&login.access_token),
+            Err(Error::UnknownToken { soft_logout: true })
+        ));
+        let refresh = login.refresh_token.unwrap();
+        let renewed = accounts.refresh(&refresh).await.unwrap();
+        assert_eq!(renewed.device_id, login.device_id);
+        assert!(accounts.authenticate(&renewed.access_token).is_ok());
+        // The old refresh token was used up.
+        assert!(matches!(
+            accounts.refresh(&refresh).await,
+            Err(Error::UnknownToken { soft_logout: false })
+        ));
+    }
+
+    #[tokio::test]
+    async fn plain_tokens_never_expire_and_die_with_their_device() {
+        let clock = Arc::new(ManualClock::new(0));
+        let accounts = accounts(clock.clone());
+        let (user, login) = accounts
+            .register("bob", Some("pw"), false, Some(NewDevice::default()))
+            .await
+            .unwrap();
+        let login = login.unwrap();
+        assert_eq!(login.refresh_token, None);
+        clock.advance_ms(u32::MAX as u64);
+        let authed = accounts.authenticate(&login.access_token).unwrap();
+        assert_eq!(authed.user_id, user);
+        accounts
+            .delete_devices("bob", std::slice::from_ref(&login.device_id))
+            .await
+            .unwrap();
+        assert!(matches!(
+            accounts.authenticate(&login.access_token),
+            Err(Error::UnknownToken { soft_logout: false })
+        ));
+    }
+
+    #[tokio::test]
+    async fn logging_in_again_with_a_device_id_replaces_its_token() {
+        let accounts = accounts(Arc::new(ManualClock::new(0)));
+        accounts
+            .register("carol", Some("pw"), false, None)
+            .await
+            .unwrap();
+        let device = |id: &str| NewDevice {
+            device_id: Some(id.to_owned()),
+            display_name: Some(format!("{id} name")),
+            ..NewDevice::default()
+        };
+        let first = accounts
+            .login_with_password("@carol:example.org", "pw", device("D"))
+            .await
+            .unwrap();
+        let second = accounts
+            .login_with_password("CAROL", "pw", device("E"))
+            .await
+            .unwrap();
+        let again = accounts
+            .login_with_password("carol", "pw", device("D"))
+            .await
+            .unwrap();
+        assert!(accounts.authenticate(&first.access_token).is_err());
+        assert!(accounts.authenticate(&second.access_token).is_ok());
+        assert!(accounts.authenticate(&again.access_token).is_ok());
+        let devices = accounts.devices("carol").unwrap();
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[0].record.display_name.as_deref(), Some("D name"));
+        let wrong = accounts
+            .login_with_password("carol", "nope", NewDevice::default())
+            .await;
+        assert!(matches!(wrong, Err(Error::Forbidden(_))));
+        let remote = accounts
+            .login_with_password("@carol:elsewhere.org", "pw", NewDevice::default())
+            .await;
+        assert!(matches!(remote, Err(Error::Forbidden(_))));
+    }
+}

@@ -1,0 +1,52 @@
+//! The errors services report; the API layer maps each to a Matrix errcode.
+
+use crate::storage::StorageError;
+
+/// Why a service refused or failed a request.
+///
+/// Each variant names a situation, not a status code: `api::error` is the
+/// one place that turns them into HTTP statuses and `errcode`s.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidParam(String),
+    #[error("{0}")]
+    MissingParam(String),
+    #[error("{0}")]
+    BadJson(String),
+    #[error("{0}")]
+    InvalidUsername(String),
+    #[error("the desired user ID is already taken")]
+    UserInUse,
+    #[error("this account has been deactivated")]
+    UserDeactivated,
+    #[error("guest access is not enabled on this server")]
+    GuestAccessForbidden,
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    KeyTooLarge(String),
+    #[error("{0}")]
+    ProfileTooLarge(String),
+    #[error("unrecognised access token")]
+    UnknownToken { soft_logout: bool },
+    #[error("too many requests")]
+    LimitExceeded { retry_after_ms: u64 },
+    #[error("{0}")]
+    Unknown(String),
+    #[error("{0}")]
+    Unrecognized(String),
+    /// User-interactive authentication must continue: the body to answer.
+    #[error("additional authentication is required")]
+    AuthRequired(Box<serde_json::Value>),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

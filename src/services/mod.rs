@@ -1,0 +1,132 @@
+//! Services hold the rules: what may be done, by whom, and what it writes.
+//!
+//! Handlers call services; services call storage. The service graph is
+//! built once, in [`Services::new`], and has no cycles.
+
+pub mod accounts;
+pub mod clock;
+pub mod error;
+mod locks;
+pub mod profiles;
+pub mod rate_limit;
+pub mod uia;
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::config::{Config, RegistrationMode};
+use crate::storage::Storage;
+use accounts::{Accounts, Authed};
+use clock::Clock;
+use error::{Error, Result};
+use profiles::Profiles;
+use rate_limit::RateLimiter;
+use uia::{Flows, Uia, STAGE_DUMMY, STAGE_PASSWORD, STAGE_REGISTRATION_TOKEN};
+
+/// Every service of one server, sharing one configuration and one store.
+pub struct Services {
+    pub config: Arc<Config>,
+    pub accounts: Accounts,
+    pub profiles: Profiles,
+    pub uia: Uia,
+    pub rate_limiter: RateLimiter,
+}
+
+impl Services {
+    pub fn new(config: Arc<Config>, storage: Storage, clock: Arc<dyn Clock>) -> Self {
+        Services {
+            accounts: Accounts::new(
+                storage.clone(),
+                config.server_name.clone(),
+                &config.password_hashing,
+                config.refreshable_access_token_lifetime_ms,
+                clock.clone(),
+            ),
+            profiles: Profiles::new(storage),
+            uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),
+            rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock),
+            config,
+        }
+    }
+
+    /// The flows a registration must complete in the configured mode, or
+    /// `None` when registration is disabled.
+    pub fn registration_flows(&self) -> Option<Flows> {
+        match self.config.registration {
+            RegistrationMode::Disabled => None,
+            RegistrationMode::Open => Some(Flows(vec![vec![STAGE_DUMMY]])),
+            RegistrationMode::Token => Some(Flows(vec![vec![STAGE_REGISTRATION_TOKEN]])),
+        }
+    }
+
+    /// Whether `token` is one of the configured registration tokens.
+    pub fn registration_token_valid(&self, token: &str) -> bool {
+        self.config.registration_tokens.iter().any(|t| t == token)
+    }
+
+    /// Runs one round of user-interactive authentication for `purpose`.
+    ///
+    /// `user` is the account the operation acts on, when there is one: a
+    /// password stage must then name that account and give its password.
+    pub async fn authorize_interactively(
+        &self,
+        purpose: &str,
+        flows: &Flows,
+        auth: Option<&Value>,
+        user: Option<&Authed>,
+    ) -> Result<()> {
+        let attempt = self.uia.begin(purpose, flows, auth)?;
+        let outcome = match attempt.stage.as_str() {
+            STAGE_DUMMY => Ok(()),
+            STAGE_REGISTRATION_TOKEN => {
+                let token = attempt.auth.get("token").and_then(Value::as_str);
+                match token {
+                    Some(token) if self.registration_token_valid(token) => Ok(()),
+                    _ => Err("Invalid registration token".to_owned()),
+                }
+            }
+            STAGE_PASSWORD => self.check_password_stage(&attempt.auth, user).await?,
+            other => {
+                return Err(Error::Unrecognized(format!(
+                    "Unrecognised authentication stage {other:?}"
+                )))
+            }
+        };
+        self.uia.finish(attempt, flows, outcome)
+    }
+
+    /// `Ok(Err(reason))` for wrong credentials, which the client may retry.
+    async fn check_password_stage(
+        &self,
+        auth: &Value,
+        user: Option<&Authed>,
+    ) -> Result<Result<(), String>> {
+        let Some(user) = user else {
+            return Ok(Err("No account to authenticate as".to_owned()));
+        };
+        let named = auth
+            .pointer("/identifier/user")
+            .or_else(|| auth.get("user"))
+            .and_then(Value::as_str);
+        if let Some(named) = named {
+            if self.accounts.resolve_local_user(named).as_deref() != Some(user.localpart()) {
+                return Err(Error::Forbidden(
+                    "Requested authentication as a different user".to_owned(),
+                ));
+            }
+        }
+        let Some(password) = auth.get("password").and_then(Value::as_str) else {
+            return Ok(Err("Missing password".to_owned()));
+        };
+        if self
+            .accounts
+            .verify_password(user.localpart(), password)
+            .await?
+        {
+            Ok(Ok(()))
+        } else {
+            Ok(Err("Invalid password".to_owned()))
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The byte-level interface every storage backend implements.
+//!
+//! A backend knows column families, byte keys and byte values, nothing about
+//! Matrix. Everything above it goes through the typed layer in
+//! [`crate::storage`], which owns key encoding and value serialization.
+
+use std::ops::Bound;
+
+use super::StorageError;
+
+/// The column families ("tables") of the database.
+///
+/// Every table Myelin stores is listed here once; `docs/storage.md` documents
+/// the key and value layout of each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Cf {
+    /// Database-wide facts such as the schema version.
+    Meta,
+    /// Local accounts by localpart.
+    Users,
+    /// Profile fields by localpart.
+    Profiles,
+    /// Devices by localpart and device ID.
+    Devices,
+    /// Access tokens by the SHA-256 of the token.
+    AccessTokens,
+    /// Refresh tokens by the SHA-256 of the token.
+    RefreshTokens,
+}
+
+impl Cf {
+    /// Every column family, in a fixed order.
+    pub const ALL: [Cf; 6] = [
+        Cf::Meta,
+        Cf::Users,
+        Cf::Profiles,
+        Cf::Devices,
+        Cf::AccessTokens,
+        Cf::RefreshTokens,
+    ];
+
+    /// The column family's name on disk. Never change one: it is the format.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Meta => "meta",
+            Cf::Users => "users",
+            Cf::Profiles => "profiles",
+            Cf::Devices => "devices",
+            Cf::AccessTokens => "access_tokens",
+            Cf::RefreshTokens => "refresh_tokens",
+        }
+    }
+
+    /// Position in [`Cf::ALL`], for backends that keep one slot per table.
+    pub fn index(self) -> usize {
+        Cf::ALL
+            .iter()
+            .position(|cf| *cf == self)
+            .expect("every Cf is listed in Cf::ALL")
+    }
+}
+
+/// One change inside a [`RawBatch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BatchOp {
+    Put {
+        cf: Cf,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        cf: Cf,
+        key: Vec<u8>,
+    },
+}
+
+/// Changes that a backend applies all together or not at all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RawBatch {
+    pub ops: Vec<BatchOp>,
+}
+
+impl RawBatch {
+    pub fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(BatchOp::Put { cf, key, value });
+    }
+
+    pub fn delete(&mut self, cf: Cf, key: Vec<u8>) {
+        self.ops.push(BatchOp::Delete { cf, key });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Which way a scan walks the keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Backward,
+}
+
+/// A range of keys: `lower` inclusive, `upper` exclusive (`None`: no end).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRange {
+    pub lower: Vec<u8>,
+    pub upper: Option<Vec<u8>>,
+}
+
+impl KeyRange {
+    /// Every key that starts with `prefix`.
+    pub fn prefix(prefix: &[u8]) -> Self {
+        KeyRange {
+            lower: prefix.to_vec(),
+            upper: prefix_successor(prefix),
+        }
+    }
+
+    /// The range as standard bounds, for ordered maps.
+    pub fn bounds(&self) -> (Bound<&[u8]>, Bound<&[u8]>) {
+        let upper = match &self.upper {
+            Some(upper) => Bound::Excluded(upper.as_slice()),
+            None => Bound::Unbounded,
+        };
+        (Bound::Included(self.lower.as_slice()), upper)
+    }
+}
+
+/// The smallest key greater than every key that starts with `prefix`, or
+/// `None` when no such key exists (the prefix is empty or all `0xff`).
+pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut upper = prefix.to_vec();
+    while let Some(last) = upper.pop() {
+        if last < u8::MAX {
+            upper.push(last + 1);
+            return Some(upper);
+        }
+    }
+    None
+}
+
+/// Key-value pairs as a scan returns them.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A key-value store with column families, atomic batches and ordered scans.
+pub trait Backend: Send + Sync + 'static {
+    /// The value stored under `key`, if any.
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Applies every operation of `batch` atomically. When the backend is
+    /// configured to be durable, the batch is on stable storage on return.
+    fn write(&self, batch: RawBatch) -> Result<(), StorageError>;
+
+    /// Up to `limit` entries inside `range`, in key order or reversed.
+    fn scan(
+        &self,
+        cf: Cf,
+        range: &KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Entries, StorageError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_successor_carries_over_0xff() {
+        assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_successor(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_successor(&[0xff, 0xff]), None);
+        assert_eq!(prefix_successor(b""), None);
+    }
+
+    #[test]
+    fn every_cf_has_a_unique_name_and_index() {
+        let mut names: Vec<_> = Cf::ALL.iter().map(|cf| cf.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Cf::ALL.len());
+        for (i, cf) in Cf::ALL.iter().enumerate() {
+            assert_eq!(cf.index(), i);
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! One suite of behaviours every backend must show, run against each.
+
+use std::sync::Arc;
+
+use super::backend::{Backend, Cf, Direction, KeyRange, RawBatch};
+use super::tables::{self, DeviceKey, DeviceRecord, TokenHash};
+use super::{Batch, MemoryBackend, RocksBackend, Storage, StorageError, SCHEMA_VERSION};
+
+/// Runs every check against backends made by `make`, each check on a new one.
+fn conformance(make: &dyn Fn() -> Arc<dyn Backend>) {
+    get_put_delete(make().as_ref());
+    batches_apply_whole(make().as_ref());
+    scans_respect_range_direction_and_limit(make().as_ref());
+    tables_are_separate(make().as_ref());
+    schema_version_is_recorded_and_checked(make);
+    typed_tables_round_trip(make);
+}
+
+fn put(backend: &dyn Backend, cf: Cf, key: &[u8], value: &[u8]) {
+    let mut batch = RawBatch::default();
+    batch.put(cf, key.to_vec(), value.to_vec());
+    backend.write(batch).unwrap();
+}
+
+fn get_put_delete(backend: &dyn Backend) {
+    assert_eq!(backend.get(Cf::Users, b"a").unwrap(), None);
+    put(backend, Cf::Users, b"a", b"1");
+    assert_eq!(backend.get(Cf::Users, b"a").unwrap(), Some(b"1".to_vec()));
+    put(backend, Cf::Users, b"a", b"2");
+    assert_eq!(backend.get(Cf::Users, b"a").unwrap(), Some(b"2".to_vec()));
+    let mut batch = RawBatch::default();
+    batch.delete(Cf::Users, b"a".to_vec());
+    backend.write(batch).unwrap();
+    assert_eq!(backend.get(Cf::Users, b"a").unwrap(), None);
+}
+
+fn batches_apply_whole(backend: &dyn Backend) {
+    let mut batch = RawBatch::default();
+    batch.put(Cf::Users, b"u".to_vec(), b"user".to_vec());
+    batch.put(Cf::Devices, b"u\0D".to_vec(), b"device".to_vec());
+    batch.put(Cf::AccessTokens, b"t".to_vec(), b"token".to_vec());
+    batch.delete(Cf::Profiles, b"missing".to_vec());
+    // Later operations on the same key win, as in one sequential pass.
+    batch.put(Cf::Meta, b"k".to_vec(), b"first".to_vec());
+    batch.put(Cf::Meta, b"k".to_vec(), b"second".to_vec());
+    batch.delete(Cf::AccessTokens, b"t".to_vec());
+    backend.write(batch).unwrap();
+    assert_eq!(
+        backend.get(Cf::Users, b"u").unwrap(),
+        Some(b"user".to_vec())
+    );
+    assert_eq!(
+        backend.get(Cf::Devices, b"u\0D").unwrap(),
+        Some(b"device".to_vec())
+    );
+    assert_eq!(backend.get(Cf::AccessTokens, b"t").unwrap(), None);
+    assert_eq!(
+        backend.get(Cf::Meta, b"k").unwrap(),
+        Some(b"second".to_vec())
+    );
+}
+
+fn scans_respect_range_direction_and_limit(backend: &dyn Backend) {
+    for key in ["a", "b\0x", "b\0y", "b\0z", "ba", "c"] {
+        put(backend, Cf::Devices, key.as_bytes(), key.as_bytes());
+    }
+    let keys = |entries: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<String> {
+        entries
+            .into_iter()
+            .map(|(k, _)| String::from_utf8(k).unwrap())
+            .collect()
+    };
+    let prefix = KeyRange::prefix(b"b\0");
+    let forward = backend.scan(Cf::Devices, &prefix, Direction::Forward, 10);
+    assert_eq!(keys(forward.unwrap()), ["b\0x", "b\0y", "b\0z"]);
+    let backward = backend.scan(Cf::Devices, &prefix, Direction::Backward, 10);
+    assert_eq!(keys(backward.unwrap()), ["b\0z", "b\0y", "b\0x"]);
+    let limited = backend.scan(Cf::Devices, &prefix, Direction::Backward, 2);
+    assert_eq!(keys(limited.unwrap()), ["b\0z", "b\0y"]);
+    let open_ended = KeyRange {
+        lower: b"ba".to_vec(),
+        upper: None,
+    };
+    let tail = backend.scan(Cf::Devices, &open_ended, Direction::Forward, 10);
+    assert_eq!(keys(tail.unwrap()), ["ba", "c"]);
+    let tail_back = backend.scan(Cf::Devices, &open_ended, Direction::Backward, 10);
+    assert_eq!(keys(tail_back.unwrap()), ["c", "ba"]);
+    let everything = KeyRange::prefix(b"");
+    let all = backend.scan(Cf::Devices, &everything, Direction::Forward, 100);
+    assert_eq!(all.unwrap().len(), 6);
+    let none = backend.scan(
+        Cf::Devices,
+        &KeyRange::prefix(b"zz"),
+        Direction::Forward,
+        10,
+    );
+    assert!(none.unwrap().is_empty());
+}
+
+fn tables_are_separate(backend: &dyn Backend) {
+    put(backend, Cf::Users, b"same", b"users");
+    put(backend, Cf::Profiles, b"same", b"profiles");
+    assert_eq!(
+        backend.get(Cf::Users, b"same").unwrap(),
+        Some(b"users".to_vec())
+    );
+    assert_eq!(
+        backend.get(Cf::Profiles, b"same").unwrap(),
+        Some(b"profiles".to_vec())
+    );
+    let users = backend.scan(Cf::Users, &KeyRange::prefix(b""), Direction::Forward, 10);
+    assert_eq!(users.unwrap().len(), 1);
+}
+
+fn schema_version_is_recorded_and_checked(make: &dyn Fn() -> Arc<dyn Backend>) {
+    let backend = make();
+    let storage = Storage::with_backend(backend.clone()).unwrap();
+    assert_eq!(storage.schema_version().unwrap(), Some(SCHEMA_VERSION));
+
+    // A database from a newer build is refused, and left as it was.
+    let newer = SCHEMA_VERSION + 1;
+    put(
+        backend.as_ref(),
+        Cf::Meta,
+        b"schema_version",
+        newer.to_string().as_bytes(),
+    );
+    match Storage::with_backend(backend.clone()) {
+        Err(StorageError::TooNew { found, supported }) => {
+            assert_eq!((found, supported), (newer, SCHEMA_VERSION));
+        }
+        other => panic!("expected TooNew, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(
+        backend.get(Cf::Meta, b"schema_version").unwrap(),
+        Some(newer.to_string().into_bytes())
+    );
+}
+
+fn typed_tables_round_trip(make: &dyn Fn() -> Arc<dyn Backend>) {
+    let storage = Storage::with_backend(make()).unwrap();
+    let device = DeviceRecord {
+        display_name: Some("phone".to_owned()),
+        created_ts: 7,
+        last_seen_ts: None,
+        last_seen_ip: None,
+        access_token: TokenHash([1; 32]),
+        refresh_token: None,
+    };
+    let mut batch = Batch::new();
+    batch.put(tables::DEVICES, &DeviceKey::new("bob", "B1"), &device);
+    batch.put(tables::DEVICES, &DeviceKey::new("bob", "B2"), &device);
+    batch.put(tables::DEVICES, &DeviceKey::new("bobby", "C1"), &device);
+    storage.write_blocking(batch).unwrap();
+    let bobs = storage
+        .scan_prefix(tables::DEVICES, &DeviceKey::user_prefix("bob"), 10)
+        .unwrap();
+    let ids: Vec<_> = bobs.iter().map(|(k, _)| k.device_id.as_str()).collect();
+    assert_eq!(ids, ["B1", "B2"]);
+    assert_eq!(bobs[0].1, device);
+
+    // A value that does not decode is reported as corruption, not a panic.
+    put(storage.backend.as_ref(), Cf::Devices, b"bob\0BAD", b"{");
+    let error = storage
+        .get(tables::DEVICES, &DeviceKey::new("bob", "BAD"))
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        StorageError::Corrupt {
+            table: "devices",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn memory_backend_conforms() {
+    conformance(&|| Arc::new(MemoryBackend::new()));
+}
+
+#[test]
+fn rocksdb_backend_conforms() {
+    let root = tempfile::tempdir().unwrap();
+    let counter = std::cell::Cell::new(0);
+    conformance(&|| {
+        counter.set(counter.get() + 1);
+        let path = root.path().join(counter.get().to_string());
+        Arc::new(RocksBackend::open(&path, true).unwrap())
+    });
+}
+
+#[test]
+fn rocksdb_keeps_data_across_reopen_and_locks_against_a_second_opener() {
+    let root = tempfile::tempdir().unwrap();
+    {
+        let storage = Storage::open(root.path(), true).unwrap();
+        let mut batch = Batch::new();
+        batch.put(tables::META, &"answer".to_owned(), &42);
+        storage.write_blocking(batch).unwrap();
+        let second = Storage::open(root.path(), true);
+        assert!(matches!(second, Err(StorageError::InUse(_))));
+    }
+    let storage = Storage::open(root.path(), true).unwrap();
+    assert_eq!(
+        storage.get(tables::META, &"answer".to_owned()).unwrap(),
+        Some(42)
+    );
+    assert_eq!(storage.schema_version().unwrap(), Some(SCHEMA_VERSION));
+}
+
+#[test]
+fn rocksdb_refuses_a_database_from_a_newer_build_with_unknown_tables() {
+    let root = tempfile::tempdir().unwrap();
+    {
+        // Simulate a newer build: an extra column family and a higher version.
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let db = rocksdb::DB::open_cf(&options, root.path(), ["meta", "from_the_future"]).unwrap();
+        let meta = db.cf_handle("meta").unwrap();
+        db.put_cf(meta, b"schema_version", b"99").unwrap();
+    }
+    let error = Storage::open(root.path(), true).err().expect("must refuse");
+    assert!(matches!(error, StorageError::TooNew { found: 99, .. }));
+    assert!(error.to_string().contains("newer Myelin"), "{error}");
+}

@@ -1,0 +1,344 @@
+//! The `myelin` binary as an operator runs it: command line, configuration
+//! errors, signals, and a crash (SIGKILL) in the middle of writes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::PASSWORD;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_myelin");
+
+/// The binary with a clean environment and a cheap, test-only setup.
+fn myelin(data_dir: &Path) -> Command {
+    let mut command = Command::new(BINARY);
+    command
+        .env_clear()
+        .env("MYELIN_DATA_DIR", data_dir)
+        .env("MYELIN_LISTEN", "127.0.0.1:0")
+        .env("MYELIN_REGISTRATION", "open")
+        .env("MYELIN_RATE_LIMITS", "false")
+        .env("MYELIN_PASSWORD_HASHING__MEMORY_KIB", "64")
+        .env("MYELIN_PASSWORD_HASHING__ITERATIONS", "1")
+        .stdin(Stdio::null());
+    command
+}
+
+fn run(command: &mut Command) -> Output {
+    command.output().expect("the binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A server process whose log is read until it says where it listens.
+struct ServerProcess {
+    child: Child,
+    addr: SocketAddr,
+    log: mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    fn start(mut command: Command) -> Self {
+        let mut child = command
+            .arg("serve")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("server starts");
+        let stderr = child.stderr.take().unwrap();
+        let (lines_tx, lines_rx) = mpsc::channel();
+        // Keep draining the log so that the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines_tx.send(line);
+            }
+        });
+        let addr = loop {
+            let line = lines_rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("the server logs its address");
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap();
+                break addr.parse().expect("a socket address");
+            }
+        };
+        ServerProcess {
+            child,
+            addr,
+            log: lines_rx,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn help_lists_the_commands() {
+    let output = run(Command::new(BINARY).arg("--help"));
+    assert!(output.status.success());
+    let help = text(&output.stdout);
+    for word in ["serve", "user", "--config"] {
+        assert!(help.contains(word), "{help}");
+    }
+    let output = run(Command::new(BINARY).args(["user", "--help"]));
+    let help = text(&output.stdout);
+    assert!(
+        help.contains("add") && help.contains("reset-password"),
+        "{help}"
+    );
+}
+
+#[test]
+fn a_bad_configuration_stops_before_anything_is_written() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    let output = run(myelin(&data).env("MYELIN_LISTEN", "nowhere").arg("serve"));
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = text(&output.stderr);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("listen"), "{stderr}");
+    assert!(!data.exists(), "nothing may be written");
+
+    let file = root.path().join("myelin.toml");
+    std::fs::write(
+        &file,
+        "server_name = \"example.org\"\nfavourite_colour = \"blue\"\n",
+    )
+    .unwrap();
+    let output = run(myelin(&data).arg("--config").arg(&file).arg("serve"));
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("favourite_colour"), "{stderr}");
+    assert!(!data.exists(), "nothing may be written");
+
+    let missing = root.path().join("missing.toml");
+    let output = run(myelin(&data).arg("--config").arg(&missing));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("missing.toml"));
+}
+
+#[test]
+fn operators_manage_users_from_the_command_line() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path();
+    let output = run(myelin(data).args(["user", "add", "alice", "--password", "first"]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("created @alice:localhost"));
+
+    let output = run(myelin(data).args(["user", "add", "alice", "--password", "x"]));
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("taken"),
+        "{}",
+        text(&output.stderr)
+    );
+    let output = run(myelin(data).args(["user", "add", "Bad Name", "--password", "x"]));
+    assert!(!output.status.success());
+
+    // A password from standard input, as scripts give it.
+    let mut add = myelin(data)
+        .args(["user", "add", "bob", "--admin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(b"from stdin\n")
+        .unwrap();
+    let output = add.wait_with_output().unwrap();
+    assert!(output.status.success());
+    assert!(text(&output.stdout).contains("@bob:localhost (admin)"));
+
+    let output =
+        run(myelin(data).args(["user", "reset-password", "alice", "--password", "second"]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let output = run(myelin(data).args(["user", "reset-password", "nobody", "--password", "x"]));
+    assert!(!output.status.success());
+
+    let server = ServerProcess::start(myelin(data));
+    // The database belongs to the running server now.
+    let output = run(myelin(data).args(["user", "add", "carol", "--password", "x"]));
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("in use"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        for (user, password, expected) in [
+            ("alice", "first", StatusCode::FORBIDDEN),
+            ("alice", "second", StatusCode::OK),
+            ("bob", "from stdin", StatusCode::OK),
+        ] {
+            let body = json!({ "type": "m.login.password", "user": user, "password": password });
+            let response = http
+                .post(server.url("/_matrix/client/v3/login"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), expected, "{user} with {password}");
+        }
+    });
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let root = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(myelin(root.path()));
+    let pid = server.child.id() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let log: Vec<String> = server.log.try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("SIGTERM")), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("stopped")), "{log:?}");
+}
+
+/// What one writer saw acknowledged before the crash.
+#[derive(Default)]
+struct Acknowledged {
+    /// (user ID, access token) of every answered registration.
+    registrations: Vec<(String, String)>,
+    /// The writer's own user, and the last display name number answered.
+    profile: Option<(String, String, u64)>,
+}
+
+async fn writer(base: String, id: usize) -> Acknowledged {
+    let http = reqwest::Client::new();
+    let mut seen = Acknowledged::default();
+    for i in 0u64.. {
+        let username = format!("w{id}n{i}");
+        let body = json!({
+            "username": username,
+            "password": PASSWORD,
+            "auth": { "type": "m.login.dummy" },
+        });
+        let Ok(response) = http
+            .post(format!("{base}/_matrix/client/v3/register"))
+            .json(&body)
+            .send()
+            .await
+        else {
+            break;
+        };
+        if response.status() != StatusCode::OK {
+            break;
+        }
+        let Ok(answer) = response.json::<Value>().await else {
+            break;
+        };
+        let user_id = answer["user_id"].as_str().unwrap().to_owned();
+        let token = answer["access_token"].as_str().unwrap().to_owned();
+        seen.registrations.push((user_id.clone(), token.clone()));
+        let (owner, owner_token) = match &seen.profile {
+            Some((owner, owner_token, _)) => (owner.clone(), owner_token.clone()),
+            None => (user_id, token),
+        };
+        let Ok(response) = http
+            .put(format!(
+                "{base}/_matrix/client/v3/profile/{owner}/displayname"
+            ))
+            .bearer_auth(&owner_token)
+            .json(&json!({ "displayname": format!("v{i}") }))
+            .send()
+            .await
+        else {
+            break;
+        };
+        if response.status() != StatusCode::OK {
+            break;
+        }
+        seen.profile = Some((owner, owner_token, i));
+    }
+    seen
+}
+
+#[test]
+fn a_crash_loses_no_acknowledged_write() {
+    let root = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut server = ServerProcess::start(myelin(root.path()));
+    let base = format!("http://{}", server.addr);
+    let writers: Vec<_> = (0..8)
+        .map(|id| runtime.spawn(writer(base.clone(), id)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    server.child.kill().unwrap(); // SIGKILL: no chance to flush anything.
+    server.child.wait().unwrap();
+    let seen: Vec<Acknowledged> = runtime.block_on(async {
+        let mut seen = Vec::new();
+        for writer in writers {
+            seen.push(writer.await.unwrap());
+        }
+        seen
+    });
+    drop(server);
+    let registrations: usize = seen.iter().map(|s| s.registrations.len()).sum();
+    assert!(
+        registrations >= 16,
+        "too few writes to prove anything: {registrations}"
+    );
+    eprintln!("{registrations} registrations acknowledged before SIGKILL");
+
+    let server = ServerProcess::start(myelin(root.path()));
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        for writer in &seen {
+            for (user_id, token) in &writer.registrations {
+                let response = http
+                    .get(server.url("/_matrix/client/v3/account/whoami"))
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), StatusCode::OK, "{user_id} was lost");
+                let me: Value = response.json().await.unwrap();
+                assert_eq!(me["user_id"], user_id.as_str());
+            }
+            if let Some((owner, _, acknowledged)) = &writer.profile {
+                let path = format!("/_matrix/client/v3/profile/{owner}/displayname");
+                let answer: Value = http
+                    .get(server.url(&path))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let stored: u64 = answer["displayname"].as_str().unwrap()[1..]
+                    .parse()
+                    .unwrap();
+                // A later write may have landed without its answer; an
+                // earlier value would mean an acknowledged write was lost.
+                assert!(
+                    stored >= *acknowledged,
+                    "{owner}: {stored} < {acknowledged}"
+                );
+            }
+        }
+    });
+}
