@@ -66,7 +66,10 @@ impl ServerProcess {
                 .recv_timeout(Duration::from_secs(60))
                 .expect("the server logs its address");
             if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap();
+                let addr: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_hexdigit() || ".:[]".contains(*c))
+                    .collect();
                 break addr.parse().expect("a socket address");
             }
         };
@@ -218,6 +221,25 @@ fn sigterm_shuts_down_cleanly() {
     assert!(log.iter().any(|l| l.contains("stopped")), "{log:?}");
 }
 
+#[test]
+fn logs_can_be_json_lines() {
+    let root = tempfile::tempdir().unwrap();
+    let mut command = myelin(root.path());
+    command.env("MYELIN_LOG__FORMAT", "json");
+    let mut server = ServerProcess::start(command);
+    let pid = server.child.id() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    assert!(server.child.wait().unwrap().success());
+    let log: Vec<String> = server.log.try_iter().collect();
+    assert!(!log.is_empty());
+    for line in &log {
+        let entry: Value = serde_json::from_str(line).expect("each log line is JSON");
+        assert!(entry["level"].is_string(), "{line}");
+        assert!(entry["fields"]["message"].is_string(), "{line}");
+    }
+    assert!(log.iter().any(|l| l.contains("SIGINT")), "{log:?}");
+}
+
 /// What one writer saw acknowledged before the crash.
 #[derive(Default)]
 struct Acknowledged {
@@ -279,6 +301,17 @@ async fn writer(base: String, id: usize) -> Acknowledged {
 
 #[test]
 fn a_crash_loses_no_acknowledged_write() {
+    stop_during_writes_and_check(libc::SIGKILL);
+}
+
+#[test]
+fn a_graceful_stop_finishes_in_flight_writes() {
+    stop_during_writes_and_check(libc::SIGTERM);
+}
+
+/// Stops the server with `signal` while eight clients write, restarts it,
+/// and checks that every write that was answered is there.
+fn stop_during_writes_and_check(signal: libc::c_int) {
     let root = tempfile::tempdir().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut server = ServerProcess::start(myelin(root.path()));
@@ -287,8 +320,13 @@ fn a_crash_loses_no_acknowledged_write() {
         .map(|id| runtime.spawn(writer(base.clone(), id)))
         .collect();
     std::thread::sleep(Duration::from_millis(2500));
-    server.child.kill().unwrap(); // SIGKILL: no chance to flush anything.
-    server.child.wait().unwrap();
+    // With SIGKILL the process gets no chance to flush anything.
+    let pid = server.child.id() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    let status = server.child.wait().unwrap();
+    if signal == libc::SIGTERM {
+        assert!(status.success(), "{status:?}");
+    }
     let seen: Vec<Acknowledged> = runtime.block_on(async {
         let mut seen = Vec::new();
         for writer in writers {
@@ -302,7 +340,7 @@ fn a_crash_loses_no_acknowledged_write() {
         registrations >= 16,
         "too few writes to prove anything: {registrations}"
     );
-    eprintln!("{registrations} registrations acknowledged before SIGKILL");
+    eprintln!("{registrations} registrations acknowledged before signal {signal}");
 
     let server = ServerProcess::start(myelin(root.path()));
     runtime.block_on(async {
