@@ -44,6 +44,10 @@ pub struct Config {
     pub refreshable_access_token_lifetime_ms: u64,
     /// How long an unfinished user-interactive authentication session lives.
     pub uia_session_timeout_ms: u64,
+    /// The version of rooms created without asking for one.
+    pub default_room_version: String,
+    /// Most joined plus invited members a room may have.
+    pub max_room_members: u64,
     pub storage: StorageConfig,
     pub password_hashing: PasswordHashing,
     pub log: LogConfig,
@@ -62,6 +66,8 @@ impl Default for Config {
             max_request_body_bytes: 20 * 1024 * 1024,
             refreshable_access_token_lifetime_ms: 5 * 60 * 1000,
             uia_session_timeout_ms: 10 * 60 * 1000,
+            default_room_version: "12".to_owned(),
+            max_room_members: 100,
             storage: StorageConfig::default(),
             password_hashing: PasswordHashing::default(),
             log: LogConfig::default(),
@@ -305,6 +311,18 @@ impl Config {
                 return fail(key, "per_second and burst must be positive".to_owned());
             }
         }
+        let supported = crate::events::SUPPORTED_ROOM_VERSIONS
+            .iter()
+            .any(|v| v.as_str() == self.default_room_version);
+        if !supported {
+            return fail(
+                "default_room_version",
+                format!("{:?} is not one of 10, 11, 12", self.default_room_version),
+            );
+        }
+        if self.max_room_members < 2 {
+            return fail("max_room_members", "must be at least 2".to_owned());
+        }
         if self.max_request_body_bytes < 1024 {
             return fail("max_request_body_bytes", "must be at least 1024".to_owned());
         }
@@ -536,6 +554,8 @@ mod tests {
             "registration_tokens",
         );
         check_error("max_request_body_bytes = 10", &[], "max_request_body_bytes");
+        check_error("default_room_version = \"9\"", &[], "default_room_version");
+        check_error("max_room_members = 1", &[], "max_room_members");
         check_error(
             "[password_hashing]\nmemory_kib = 1",
             &[],

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod events;
 pub mod ids;
 pub mod server;
 pub mod services;

@@ -26,6 +26,8 @@ pub enum ServerError {
     },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    #[error("cannot start: {0}")]
+    Start(String),
 }
 
 /// A server running in the background, for tests and embedding.
@@ -94,7 +96,9 @@ async fn prepare(
             addr: config.listen,
             source,
         })?;
-    let services = Arc::new(Services::new(Arc::new(config), storage, clock));
+    let services = Services::new(Arc::new(config), storage, clock)
+        .map_err(|e| ServerError::Start(e.to_string()))?;
+    let services = Arc::new(services);
     Ok((services, listener))
 }
 

@@ -97,6 +97,9 @@ impl From<Error> for MatrixError {
             Error::ProfileTooLarge(_) => plain(StatusCode::BAD_REQUEST, "M_PROFILE_TOO_LARGE"),
             Error::Unknown(_) => plain(StatusCode::BAD_REQUEST, "M_UNKNOWN"),
             Error::Unrecognized(_) => plain(StatusCode::BAD_REQUEST, "M_UNRECOGNIZED"),
+            Error::UnsupportedRoomVersion(_) => {
+                plain(StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION")
+            }
             Error::UnknownToken { soft_logout } => {
                 let mut error = plain(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN");
                 error.body["soft_logout"] = json!(soft_logout);

@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderName, Method, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use tower_http::cors::{Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::services::Services;
-use client::{account, devices, discovery, profile, session};
+use client::{account, devices, discovery, membership, profile, room_events, session};
 use error::MatrixError;
 
 /// What every handler receives: the service graph.
@@ -93,6 +93,48 @@ fn client_routes(prefix: &str) -> Router<AppState> {
                 .delete(profile::delete_field),
         )
         .route(&path("/capabilities"), get(discovery::capabilities))
+        .merge(room_routes(prefix))
+}
+
+fn room_routes(prefix: &str) -> Router<AppState> {
+    let path = |suffix: &str| format!("{prefix}{suffix}");
+    let room = |suffix: &str| format!("{prefix}/rooms/{{room_id}}{suffix}");
+    Router::new()
+        .route(&path("/createRoom"), post(membership::create_room))
+        .route(&path("/joined_rooms"), get(membership::joined_rooms))
+        .route(
+            &path("/join/{target}"),
+            post(membership::join_by_id_or_alias),
+        )
+        .route(&room("/join"), post(membership::join))
+        .route(&room("/leave"), post(membership::leave))
+        .route(&room("/invite"), post(membership::invite))
+        .route(&room("/kick"), post(membership::kick))
+        .route(&room("/ban"), post(membership::ban))
+        .route(&room("/unban"), post(membership::unban))
+        .route(&room("/send/{kind}/{txn_id}"), put(room_events::send))
+        .route(
+            &room("/redact/{event_id}/{txn_id}"),
+            put(room_events::redact),
+        )
+        .route(&room("/event/{event_id}"), get(room_events::get_event))
+        .route(&room("/state"), get(room_events::get_state))
+        .route(
+            &room("/state/{kind}"),
+            get(room_events::get_state_event_empty_key).put(room_events::put_state_empty_key),
+        )
+        // Clients write the empty state key as a trailing slash, or leave it out.
+        .route(
+            &room("/state/{kind}/"),
+            get(room_events::get_state_event_empty_key).put(room_events::put_state_empty_key),
+        )
+        .route(
+            &room("/state/{kind}/{state_key}"),
+            get(room_events::get_state_event).put(room_events::put_state),
+        )
+        .route(&room("/members"), get(room_events::members))
+        .route(&room("/joined_members"), get(room_events::joined_members))
+        .route(&room("/messages"), get(room_events::messages))
 }
 
 /// Browsers may call the client API from any origin, as the spec requires.

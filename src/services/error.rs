@@ -40,6 +40,8 @@ pub enum Error {
     Unknown(String),
     #[error("{0}")]
     Unrecognized(String),
+    #[error("room version {0} is not supported by this server")]
+    UnsupportedRoomVersion(String),
     /// User-interactive authentication must continue: the body to answer.
     #[error("additional authentication is required")]
     AuthRequired(Box<serde_json::Value>),

@@ -6,9 +6,11 @@
 pub mod accounts;
 pub mod clock;
 pub mod error;
+pub mod keys;
 mod locks;
 pub mod profiles;
 pub mod rate_limit;
+pub mod rooms;
 pub mod uia;
 
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use clock::Clock;
 use error::{Error, Result};
 use profiles::Profiles;
 use rate_limit::RateLimiter;
+use rooms::Rooms;
 use uia::{Flows, Uia, STAGE_DUMMY, STAGE_PASSWORD, STAGE_REGISTRATION_TOKEN};
 
 /// Every service of one server, sharing one configuration and one store.
@@ -29,13 +32,26 @@ pub struct Services {
     pub config: Arc<Config>,
     pub accounts: Accounts,
     pub profiles: Profiles,
+    pub rooms: Rooms,
     pub uia: Uia,
     pub rate_limiter: RateLimiter,
 }
 
 impl Services {
-    pub fn new(config: Arc<Config>, storage: Storage, clock: Arc<dyn Clock>) -> Self {
-        Services {
+    pub fn new(config: Arc<Config>, storage: Storage, clock: Arc<dyn Clock>) -> Result<Self> {
+        let key = Arc::new(keys::load_or_generate(&storage, clock.now_ms())?);
+        let default_version = ruma::RoomVersionId::try_from(config.default_room_version.as_str())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let rooms = Rooms::new(
+            storage.clone(),
+            config.server_name.clone(),
+            key,
+            clock.clone(),
+            default_version,
+            config.max_room_members,
+        )?;
+        Ok(Services {
+            rooms,
             accounts: Accounts::new(
                 storage.clone(),
                 config.server_name.clone(),
@@ -47,7 +63,7 @@ impl Services {
             uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),
             rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock),
             config,
-        }
+        })
     }
 
     /// The flows a registration must complete in the configured mode, or

@@ -26,17 +26,44 @@ pub enum Cf {
     AccessTokens,
     /// Refresh tokens by the SHA-256 of the token.
     RefreshTokens,
+    /// The server's signing keys.
+    ServerKeys,
+    /// Every event (PDU) by event ID.
+    Pdus,
+    /// Each room's events in stream order.
+    Timeline,
+    /// Every event of every room in stream order: the one global stream.
+    Stream,
+    /// Each room's current state.
+    RoomState,
+    /// State snapshots and deltas: the state after each event.
+    StateGroups,
+    /// Room facts: version, forward extremities, depth, current state group.
+    Rooms,
+    /// Each user's membership in each room.
+    UserRooms,
+    /// Client transaction IDs of sent events, per device.
+    Transactions,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 6] = [
+    pub const ALL: [Cf; 15] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
         Cf::Devices,
         Cf::AccessTokens,
         Cf::RefreshTokens,
+        Cf::ServerKeys,
+        Cf::Pdus,
+        Cf::Timeline,
+        Cf::Stream,
+        Cf::RoomState,
+        Cf::StateGroups,
+        Cf::Rooms,
+        Cf::UserRooms,
+        Cf::Transactions,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -48,6 +75,15 @@ impl Cf {
             Cf::Devices => "devices",
             Cf::AccessTokens => "access_tokens",
             Cf::RefreshTokens => "refresh_tokens",
+            Cf::ServerKeys => "server_keys",
+            Cf::Pdus => "pdus",
+            Cf::Timeline => "timeline",
+            Cf::Stream => "stream",
+            Cf::RoomState => "room_state",
+            Cf::StateGroups => "state_groups",
+            Cf::Rooms => "rooms",
+            Cf::UserRooms => "user_rooms",
+            Cf::Transactions => "transactions",
         }
     }
 

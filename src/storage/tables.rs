@@ -23,6 +23,90 @@ pub const ACCESS_TOKENS: Table<TokenHash, AccessTokenRecord> = Table::new(Cf::Ac
 /// Refresh tokens by the SHA-256 of the token.
 pub const REFRESH_TOKENS: Table<TokenHash, RefreshTokenRecord> = Table::new(Cf::RefreshTokens);
 
+/// The server's signing keys by name (`current`).
+pub const SERVER_KEYS: Table<String, ServerKeyRecord> = Table::new(Cf::ServerKeys);
+/// Events by event ID.
+pub const PDUS: Table<String, StoredPdu> = Table::new(Cf::Pdus);
+/// (room ID, stream position) → event ID.
+pub const TIMELINE: Table<(String, u64), String> = Table::new(Cf::Timeline);
+/// Stream position → the event written at it.
+pub const STREAM: Table<u64, StreamEntry> = Table::new(Cf::Stream);
+/// (room ID, event type, state key) → event ID of the current state.
+pub const ROOM_STATE: Table<(String, String, String), String> = Table::new(Cf::RoomState);
+/// State group ID → a snapshot or a delta on an earlier group.
+pub const STATE_GROUPS: Table<u64, StateGroup> = Table::new(Cf::StateGroups);
+/// Room ID → what the server keeps about the room as a whole.
+pub const ROOMS: Table<String, RoomRecord> = Table::new(Cf::Rooms);
+/// (user ID, room ID) → the user's membership in the room.
+pub const USER_ROOMS: Table<(String, String), UserRoom> = Table::new(Cf::UserRooms);
+/// (user ID, device ID, transaction ID) → the event the transaction sent.
+pub const TRANSACTIONS: Table<(String, String, String), String> = Table::new(Cf::Transactions);
+
+/// A signing key: its version and its PKCS#8 DER bytes, hex-encoded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerKeyRecord {
+    pub version: String,
+    pub der_hex: String,
+    pub created_ts: u64,
+}
+
+/// A stored event: the signed PDU and where it sits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPdu {
+    pub room_id: String,
+    /// The signed PDU in canonical JSON (redacted once redacted).
+    pub json: String,
+    pub stream: u64,
+    /// The state group holding the state after this event.
+    pub state_group: u64,
+    /// The transaction ID the sending device gave, for its own echo.
+    pub txn_id: Option<String>,
+    pub sender_device: Option<String>,
+    /// The event that redacted this one, if any.
+    pub redacted_because: Option<String>,
+}
+
+/// One entry of the global stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamEntry {
+    pub room_id: String,
+    pub event_id: String,
+}
+
+/// A room's state after some event, as a delta on an earlier group or as
+/// a whole snapshot (`prev: None`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateGroup {
+    pub prev: Option<u64>,
+    /// Number of deltas between this group and its snapshot.
+    pub chain_length: u32,
+    /// (event type, state key, event ID) entries that this group sets.
+    pub entries: Vec<(String, String, String)>,
+}
+
+/// What the server keeps about a room as a whole.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomRecord {
+    pub version: String,
+    pub created_ts: u64,
+    /// The events no other event follows yet: the next event's prev_events.
+    pub forward_extremities: Vec<String>,
+    pub depth: u64,
+    /// The state group of the current state.
+    pub state_group: u64,
+    /// Members whose current membership is `join`, and `invite`.
+    pub joined_members: u64,
+    pub invited_members: u64,
+}
+
+/// A user's membership in a room.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRoom {
+    pub membership: String,
+    pub event_id: String,
+    pub stream: u64,
+}
+
 /// A local account.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRecord {
@@ -116,6 +200,95 @@ impl Key for DeviceKey {
     }
 }
 
+/// One part of a composite key. Strings are length-prefixed (so any
+/// string, `0x00` included, is safe) and numbers big-endian (so they sort).
+pub trait KeyPart: Sized {
+    fn put(&self, out: &mut Vec<u8>);
+    fn take(input: &mut &[u8]) -> Option<Self>;
+}
+
+impl KeyPart for String {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.len() as u32).to_be_bytes());
+        out.extend_from_slice(self.as_bytes());
+    }
+
+    fn take(input: &mut &[u8]) -> Option<Self> {
+        let len = u32::from_be_bytes(input.get(..4)?.try_into().ok()?) as usize;
+        let text = String::from_utf8(input.get(4..4 + len)?.to_vec()).ok()?;
+        *input = &input[4 + len..];
+        Some(text)
+    }
+}
+
+impl KeyPart for u64 {
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_be_bytes());
+    }
+
+    fn take(input: &mut &[u8]) -> Option<Self> {
+        let value = u64::from_be_bytes(input.get(..8)?.try_into().ok()?);
+        *input = &input[8..];
+        Some(value)
+    }
+}
+
+/// The prefix of every key that starts with the string `first`.
+pub fn str_prefix(first: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    first.to_owned().put(&mut out);
+    out
+}
+
+/// The prefix of every key that starts with the strings `first`, `second`.
+pub fn str2_prefix(first: &str, second: &str) -> Vec<u8> {
+    let mut out = str_prefix(first);
+    second.to_owned().put(&mut out);
+    out
+}
+
+impl Key for u64 {
+    fn encode(&self) -> Vec<u8> {
+        self.to_be_bytes().to_vec()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        Some(u64::from_be_bytes(bytes.try_into().ok()?))
+    }
+}
+
+impl<A: KeyPart, B: KeyPart> Key for (A, B) {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.0.put(&mut out);
+        self.1.put(&mut out);
+        out
+    }
+
+    fn decode(mut bytes: &[u8]) -> Option<Self> {
+        let a = A::take(&mut bytes)?;
+        let b = B::take(&mut bytes)?;
+        bytes.is_empty().then_some((a, b))
+    }
+}
+
+impl<A: KeyPart, B: KeyPart, C: KeyPart> Key for (A, B, C) {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.0.put(&mut out);
+        self.1.put(&mut out);
+        self.2.put(&mut out);
+        out
+    }
+
+    fn decode(mut bytes: &[u8]) -> Option<Self> {
+        let a = A::take(&mut bytes)?;
+        let b = B::take(&mut bytes)?;
+        let c = C::take(&mut bytes)?;
+        bytes.is_empty().then_some((a, b, c))
+    }
+}
+
 impl Key for TokenHash {
     fn encode(&self) -> Vec<u8> {
         self.0.to_vec()
@@ -126,25 +299,34 @@ impl Key for TokenHash {
     }
 }
 
+/// Lowercase hexadecimal, for bytes kept inside JSON values.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of a hexadecimal string, or `None` if it is not one.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8; 32], serializer: S) -> Result<S::Ok, S::Error> {
-        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        serializer.serialize_str(&text)
+        serializer.serialize_str(&super::to_hex(bytes))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<[u8; 32], D::Error> {
         let text = String::deserialize(deserializer)?;
-        let invalid = || serde::de::Error::custom("expected 64 hexadecimal digits");
-        if text.len() != 64 {
-            return Err(invalid());
-        }
-        let mut bytes = [0u8; 32];
-        for (i, byte) in bytes.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| invalid())?;
-        }
-        Ok(bytes)
+        super::from_hex(&text)
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or_else(|| serde::de::Error::custom("expected 64 hexadecimal digits"))
     }
 }
 
@@ -159,6 +341,30 @@ mod tests {
         assert!(key.encode().starts_with(&DeviceKey::user_prefix("alice")));
         // "al" must not capture the devices of "alice".
         assert!(!key.encode().starts_with(&DeviceKey::user_prefix("al")));
+    }
+
+    #[test]
+    fn composite_keys_round_trip_and_sort_by_parts() {
+        let key = ("!room:x".to_owned(), 7u64);
+        assert_eq!(<(String, u64)>::decode(&key.encode()), Some(key.clone()));
+        let later = ("!room:x".to_owned(), 300u64);
+        assert!(key.encode() < later.encode());
+        assert!(later.encode().starts_with(&str_prefix("!room:x")));
+        assert!(!later.encode().starts_with(&str_prefix("!room")));
+        let state = (
+            "!r".to_owned(),
+            "m.room.member".to_owned(),
+            "a\0b".to_owned(),
+        );
+        assert_eq!(
+            <(String, String, String)>::decode(&state.encode()),
+            Some(state.clone())
+        );
+        assert!(state
+            .encode()
+            .starts_with(&str2_prefix("!r", "m.room.member")));
+        assert_eq!(<(String, u64)>::decode(&state.encode()), None);
+        assert_eq!(u64::decode(&42u64.encode()), Some(42));
     }
 
     #[test]

@@ -3,5 +3,7 @@
 pub mod account;
 pub mod devices;
 pub mod discovery;
+pub mod membership;
 pub mod profile;
+pub mod room_events;
 pub mod session;

@@ -1,0 +1,259 @@
+//! Creating rooms and changing memberships.
+//!
+//! - `POST /_matrix/client/v3/createRoom`
+//! - `POST /_matrix/client/v3/rooms/{roomId}/join`, `POST /_matrix/client/v3/join/{roomIdOrAlias}`
+//! - `POST /_matrix/client/v3/rooms/{roomId}/{invite,leave,kick,ban,unban,forget}`
+//! - `GET /_matrix/client/v3/joined_rooms`
+
+use axum::extract::State;
+use axum::Json;
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::api::error::{ApiResult, MatrixError};
+use crate::api::extract::{Auth, JsonBody, Path};
+use crate::api::AppState;
+use crate::services::rooms::create::CreateRoom;
+
+#[derive(Deserialize)]
+pub struct CreateRoomBody {
+    #[serde(flatten)]
+    request: CreateRoom,
+    room_alias_name: Option<String>,
+}
+
+/// `POST /_matrix/client/v3/createRoom`
+pub async fn create_room(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    JsonBody(body): JsonBody<CreateRoomBody>,
+) -> ApiResult<Json<Value>> {
+    if body.room_alias_name.is_some() {
+        return Err(MatrixError::invalid_param(
+            "room aliases are not supported by this server yet",
+        ));
+    }
+    let creator = parse_user(&authed.user_id.to_string())?;
+    let mut invitees = Vec::new();
+    for invitee in &body.request.invite {
+        let user = parse_user(invitee)?;
+        if user != creator && !invitees.contains(&user) {
+            invitees.push(user);
+        }
+    }
+    let profile = state.profiles.profile(authed.localpart())?;
+    let profile = profile.map(Value::Object).unwrap_or(Value::Null);
+    let room_id = state
+        .rooms
+        .create_room(&creator, body.request, &invitees, profile)
+        .await?;
+    tracing::info!(%room_id, "room created");
+    Ok(Json(json!({ "room_id": room_id })))
+}
+
+/// A path's room ID; 400 `M_INVALID_PARAM` when it is not one.
+pub fn parse_room(room_id: &str) -> ApiResult<OwnedRoomId> {
+    RoomId::parse(room_id)
+        .map_err(|_| MatrixError::invalid_param(format!("{room_id:?} is not a room ID")))
+}
+
+/// A user ID from a request; 400 `M_INVALID_PARAM` when it is not one.
+pub fn parse_user(user_id: &str) -> ApiResult<OwnedUserId> {
+    UserId::parse(user_id)
+        .map_err(|_| MatrixError::invalid_param(format!("{user_id:?} is not a user ID")))
+}
+
+#[derive(Deserialize, Default)]
+pub struct ReasonBody {
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct TargetBody {
+    user_id: String,
+    reason: Option<String>,
+}
+
+fn reason_content(reason: Option<String>) -> Value {
+    match reason {
+        Some(reason) => json!({ "reason": reason }),
+        None => json!({}),
+    }
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/join`
+pub async fn join(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(room_id): Path<String>,
+    JsonBody(body): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    join_room(&state, &authed, &room_id, body.reason).await
+}
+
+/// `POST /_matrix/client/v3/join/{roomIdOrAlias}`
+pub async fn join_by_id_or_alias(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(target): Path<String>,
+    JsonBody(body): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    if target.starts_with('#') {
+        return Err(MatrixError::not_found(format!(
+            "Room alias {target} not found"
+        )));
+    }
+    let room_id = parse_room(&target)?;
+    join_room(&state, &authed, &room_id, body.reason).await
+}
+
+async fn join_room(
+    state: &AppState,
+    authed: &crate::services::accounts::Authed,
+    room_id: &RoomId,
+    reason: Option<String>,
+) -> ApiResult<Json<Value>> {
+    let user = parse_user(&authed.user_id.to_string())?;
+    if state.rooms.room(room_id)?.is_none() {
+        return Err(MatrixError::not_found(
+            "No known servers to join this room through",
+        ));
+    }
+    let profile = state
+        .profiles
+        .profile(authed.localpart())?
+        .map(Value::Object);
+    state
+        .rooms
+        .set_membership(
+            room_id,
+            &user,
+            &user,
+            "join",
+            reason_content(reason),
+            profile,
+        )
+        .await?;
+    Ok(Json(json!({ "room_id": room_id })))
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/leave`
+pub async fn leave(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(room_id): Path<String>,
+    JsonBody(body): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let user = parse_user(&authed.user_id.to_string())?;
+    let content = reason_content(body.reason);
+    state
+        .rooms
+        .set_membership(&room_id, &user, &user, "leave", content, None)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+/// The membership a moderation endpoint sets on its target.
+#[derive(Clone, Copy)]
+pub enum Action {
+    Invite,
+    Kick,
+    Ban,
+    Unban,
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/{invite,kick,ban,unban}`
+pub async fn moderate(
+    state: AppState,
+    authed: crate::services::accounts::Authed,
+    room_id: String,
+    body: TargetBody,
+    action: Action,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let sender = parse_user(&authed.user_id.to_string())?;
+    let target = parse_user(&body.user_id)?;
+    let current = state.rooms.membership(&room_id, &target)?;
+    let membership = match action {
+        Action::Invite => "invite",
+        Action::Kick if current == "ban" => {
+            return Err(MatrixError::forbidden(
+                "The user is banned, not in the room",
+            ));
+        }
+        Action::Kick | Action::Unban => "leave",
+        Action::Ban => "ban",
+    };
+    if let Action::Unban = action {
+        if current != "ban" {
+            return Err(MatrixError::forbidden("The user is not banned"));
+        }
+    }
+    if let Action::Invite = action {
+        if current == "join" {
+            return Err(MatrixError::forbidden(format!(
+                "{target} is already in the room"
+            )));
+        }
+    }
+    state
+        .rooms
+        .set_membership(
+            &room_id,
+            &sender,
+            &target,
+            membership,
+            reason_content(body.reason),
+            None,
+        )
+        .await?;
+    Ok(Json(json!({})))
+}
+
+macro_rules! moderation_handler {
+    ($name:ident, $action:expr, $doc:literal) => {
+        #[doc = $doc]
+        pub async fn $name(
+            State(state): State<AppState>,
+            Auth(authed): Auth,
+            Path(room_id): Path<String>,
+            JsonBody(body): JsonBody<TargetBody>,
+        ) -> ApiResult<Json<Value>> {
+            moderate(state, authed, room_id, body, $action).await
+        }
+    };
+}
+
+moderation_handler!(
+    invite,
+    Action::Invite,
+    "`POST /_matrix/client/v3/rooms/{roomId}/invite`"
+);
+moderation_handler!(
+    kick,
+    Action::Kick,
+    "`POST /_matrix/client/v3/rooms/{roomId}/kick`"
+);
+moderation_handler!(
+    ban,
+    Action::Ban,
+    "`POST /_matrix/client/v3/rooms/{roomId}/ban`"
+);
+moderation_handler!(
+    unban,
+    Action::Unban,
+    "`POST /_matrix/client/v3/rooms/{roomId}/unban`"
+);
+
+/// `GET /_matrix/client/v3/joined_rooms`
+pub async fn joined_rooms(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+) -> ApiResult<Json<Value>> {
+    let user = parse_user(&authed.user_id.to_string())?;
+    let rooms = state.rooms.rooms_of_user(&user, "join")?;
+    Ok(Json(json!({ "joined_rooms": rooms })))
+}

@@ -1,0 +1,340 @@
+//! Sending and reading a room's events and state.
+//!
+//! - `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}`
+//! - `PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}`
+//! - `PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}`
+//! - `GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}`
+//! - `GET /_matrix/client/v3/rooms/{roomId}/state`, `.../state/{eventType}/{stateKey}`
+//! - `GET /_matrix/client/v3/rooms/{roomId}/members`, `.../joined_members`
+//! - `GET /_matrix/client/v3/rooms/{roomId}/messages`
+
+use axum::extract::State;
+use axum::Json;
+use ruma::{EventId, OwnedRoomId};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::membership::{parse_room, parse_user};
+use crate::api::error::{ApiResult, MatrixError};
+use crate::api::extract::{Auth, JsonBody, Path, Query};
+use crate::api::AppState;
+use crate::events::{NewEvent, Pdu};
+use crate::services::accounts::Authed;
+use crate::services::rooms::draft::Origin;
+use crate::storage::Direction;
+
+/// `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}`
+pub async fn send(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path((room_id, kind, txn_id)): Path<(String, String, String)>,
+    JsonBody(content): JsonBody<Map<String, Value>>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let new = NewEvent::message(&kind, Value::Object(content));
+    let txn_key = format!("send {room_id} {kind} {txn_id}");
+    let event_id = send_event(&state, &authed, &room_id, new, Some((txn_key, txn_id))).await?;
+    Ok(Json(json!({ "event_id": event_id })))
+}
+
+/// `PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}`
+pub async fn put_state(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path((room_id, kind, state_key)): Path<(String, String, String)>,
+    JsonBody(content): JsonBody<Map<String, Value>>,
+) -> ApiResult<Json<Value>> {
+    put_state_event(state, authed, room_id, kind, state_key, content).await
+}
+
+/// `PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}` (empty state key)
+pub async fn put_state_empty_key(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path((room_id, kind)): Path<(String, String)>,
+    JsonBody(content): JsonBody<Map<String, Value>>,
+) -> ApiResult<Json<Value>> {
+    put_state_event(state, authed, room_id, kind, String::new(), content).await
+}
+
+async fn put_state_event(
+    state: AppState,
+    authed: Authed,
+    room_id: String,
+    kind: String,
+    state_key: String,
+    content: Map<String, Value>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    if kind == "m.room.member" {
+        // Memberships change through their own endpoints, which apply the
+        // member cap; a profile update of one's own join is allowed here.
+        let own = state_key == authed.user_id.to_string();
+        let join = content.get("membership").and_then(Value::as_str) == Some("join");
+        let sender = parse_user(&authed.user_id.to_string())?;
+        if !(own && join && state.rooms.membership(&room_id, &sender)? == "join") {
+            return Err(MatrixError::forbidden(
+                "use the membership endpoints (join, invite, leave, kick, ban) to change memberships",
+            ));
+        }
+    }
+    let new = NewEvent::state(&kind, &state_key, Value::Object(content));
+    let event_id = send_event(&state, &authed, &room_id, new, None).await?;
+    Ok(Json(json!({ "event_id": event_id })))
+}
+
+#[derive(Deserialize, Default)]
+pub struct RedactBody {
+    reason: Option<String>,
+}
+
+/// `PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}`
+pub async fn redact(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path((room_id, event_id, txn_id)): Path<(String, String, String)>,
+    JsonBody(body): JsonBody<RedactBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let redacts = EventId::parse(&event_id)
+        .map_err(|_| MatrixError::invalid_param(format!("{event_id:?} is not an event ID")))?;
+    let mut content = json!({});
+    if let Some(reason) = body.reason {
+        content["reason"] = json!(reason);
+    }
+    let mut new = NewEvent::message("m.room.redaction", content);
+    new.redacts = Some(redacts);
+    let txn_key = format!("redact {room_id} {event_id} {txn_id}");
+    let event_id = send_event(&state, &authed, &room_id, new, Some((txn_key, txn_id))).await?;
+    Ok(Json(json!({ "event_id": event_id })))
+}
+
+async fn send_event(
+    state: &AppState,
+    authed: &Authed,
+    room_id: &OwnedRoomId,
+    new: NewEvent,
+    txn: Option<(String, String)>,
+) -> ApiResult<ruma::OwnedEventId> {
+    let sender = parse_user(&authed.user_id.to_string())?;
+    state.rooms.require_joined(room_id, &sender)?;
+    let origin = Origin {
+        device_id: Some(authed.device_id.clone()),
+        txn,
+    };
+    Ok(state.rooms.send(room_id, &sender, new, origin).await?)
+}
+
+/// The room, after checking that the requester is joined to it.
+fn readable_room(state: &AppState, authed: &Authed, room_id: &str) -> ApiResult<OwnedRoomId> {
+    let room_id = parse_room(room_id)?;
+    let user = parse_user(&authed.user_id.to_string())?;
+    state.rooms.require_joined(&room_id, &user)?;
+    Ok(room_id)
+}
+
+/// An event as the requesting device sees it: with its own transaction ID.
+fn client_event(
+    pdu: &Pdu,
+    stored: Option<&crate::storage::tables::StoredPdu>,
+    authed: &Authed,
+) -> Value {
+    let mut event = pdu.client_event();
+    if let Some(stored) = stored {
+        if stored.sender_device.as_deref() == Some(authed.device_id.as_str())
+            && pdu.sender == authed.user_id.to_string()
+        {
+            if let Some(txn_id) = &stored.txn_id {
+                event["unsigned"]["transaction_id"] = json!(txn_id);
+            }
+        }
+        if let Some(because) = &stored.redacted_because {
+            event["unsigned"]["redacted_because"] = json!({ "event_id": because });
+        }
+    }
+    event
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}`
+pub async fn get_event(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path((room_id, event_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let room_id = readable_room(&state, &authed, &room_id)?;
+    let not_found = || MatrixError::not_found("Event not found");
+    let (pdu, stored) = state.rooms.pdu(&event_id)?.ok_or_else(not_found)?;
+    if pdu.room_id != room_id {
+        return Err(not_found());
+    }
+    Ok(Json(client_event(&pdu, Some(&stored), &authed)))
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/state`
+pub async fn get_state(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(room_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let room_id = readable_room(&state, &authed, &room_id)?;
+    let events: Vec<Value> = state
+        .rooms
+        .current_state(&room_id, None)?
+        .iter()
+        .map(Pdu::client_event)
+        .collect();
+    Ok(Json(Value::Array(events)))
+}
+
+#[derive(Deserialize, Default)]
+pub struct FormatQuery {
+    format: Option<String>,
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}`
+pub async fn get_state_event(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path((room_id, kind, state_key)): Path<(String, String, String)>,
+    Query(query): Query<FormatQuery>,
+) -> ApiResult<Json<Value>> {
+    state_event(state, authed, room_id, kind, state_key, query).await
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}` (empty state key)
+pub async fn get_state_event_empty_key(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path((room_id, kind)): Path<(String, String)>,
+    Query(query): Query<FormatQuery>,
+) -> ApiResult<Json<Value>> {
+    state_event(state, authed, room_id, kind, String::new(), query).await
+}
+
+async fn state_event(
+    state: AppState,
+    authed: Authed,
+    room_id: String,
+    kind: String,
+    state_key: String,
+    query: FormatQuery,
+) -> ApiResult<Json<Value>> {
+    let room_id = readable_room(&state, &authed, &room_id)?;
+    let pdu = state
+        .rooms
+        .state_event(&room_id, &kind, &state_key)?
+        .ok_or_else(|| MatrixError::not_found("Event not found"))?;
+    Ok(Json(match query.format.as_deref() {
+        Some("event") => pdu.client_event(),
+        None | Some("content") => pdu.content_value(),
+        Some(other) => {
+            return Err(MatrixError::invalid_param(format!(
+                "unknown format {other:?}"
+            )));
+        }
+    }))
+}
+
+#[derive(Deserialize, Default)]
+pub struct MembersQuery {
+    membership: Option<String>,
+    not_membership: Option<String>,
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/members`
+pub async fn members(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(room_id): Path<String>,
+    Query(query): Query<MembersQuery>,
+) -> ApiResult<Json<Value>> {
+    let room_id = readable_room(&state, &authed, &room_id)?;
+    let chunk: Vec<Value> = state
+        .rooms
+        .current_state(&room_id, Some("m.room.member"))?
+        .iter()
+        .filter(|pdu| {
+            let membership = pdu.content_value()["membership"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            query.membership.as_ref().is_none_or(|m| *m == membership)
+                && query.not_membership.as_ref() != Some(&membership)
+        })
+        .map(Pdu::client_event)
+        .collect();
+    Ok(Json(json!({ "chunk": chunk })))
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/joined_members`
+pub async fn joined_members(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(room_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let room_id = readable_room(&state, &authed, &room_id)?;
+    let mut joined = Map::new();
+    for pdu in state.rooms.current_state(&room_id, Some("m.room.member"))? {
+        let content = pdu.content_value();
+        if content["membership"] == "join" {
+            let profile = json!({
+                "display_name": content.get("displayname"),
+                "avatar_url": content.get("avatar_url"),
+            });
+            joined.insert(pdu.state_key.clone().unwrap_or_default(), profile);
+        }
+    }
+    Ok(Json(json!({ "joined": joined })))
+}
+
+#[derive(Deserialize, Default)]
+pub struct MessagesQuery {
+    from: Option<String>,
+    to: Option<String>,
+    dir: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Pagination tokens are stream positions with a prefix: `t42`.
+fn parse_token(token: &str) -> ApiResult<u64> {
+    token
+        .strip_prefix('t')
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| MatrixError::invalid_param(format!("{token:?} is not a pagination token")))
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/messages`
+pub async fn messages(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(room_id): Path<String>,
+    Query(query): Query<MessagesQuery>,
+) -> ApiResult<Json<Value>> {
+    let room_id = readable_room(&state, &authed, &room_id)?;
+    let direction = match query.dir.as_deref() {
+        Some("b") | None => Direction::Backward,
+        Some("f") => Direction::Forward,
+        Some(other) => return Err(MatrixError::invalid_param(format!("dir {other:?}"))),
+    };
+    let from = match (&query.from, direction) {
+        (Some(token), _) => parse_token(token)?,
+        (None, Direction::Backward) => state.rooms.current_stream_position(),
+        (None, Direction::Forward) => 0,
+    };
+    let to = query.to.as_deref().map(parse_token).transpose()?;
+    let limit = query.limit.unwrap_or(10);
+    let page = state.rooms.page(&room_id, from, to, direction, limit)?;
+    let chunk: Vec<Value> = page
+        .events
+        .iter()
+        .map(|pdu| {
+            let stored = state.rooms.pdu(pdu.event_id.as_str()).ok().flatten();
+            client_event(pdu, stored.as_ref().map(|(_, s)| s), &authed)
+        })
+        .collect();
+    let mut answer = json!({ "chunk": chunk, "start": format!("t{from}") });
+    if let Some(next) = page.next {
+        answer["end"] = json!(format!("t{next}"));
+    }
+    Ok(Json(answer))
+}

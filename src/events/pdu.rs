@@ -1,0 +1,285 @@
+//! Building, reading and presenting PDUs.
+
+use ruma::canonical_json::{redact, try_from_json_map, CanonicalJsonObject, CanonicalJsonValue};
+use ruma::events::TimelineEventType;
+use ruma::room_version_rules::RoomVersionRules;
+use ruma::signatures::{hash_and_sign_event, reference_hash, JsonError};
+use ruma::{
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId,
+    RoomVersionId, UInt, UserId,
+};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use super::keys::SigningKey;
+
+/// Why an event could not be built or read.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("the event is larger than the 65536 bytes a PDU may have")]
+    TooLarge,
+    #[error("invalid event: {0}")]
+    Invalid(String),
+}
+
+impl From<JsonError> for EventError {
+    fn from(error: JsonError) -> Self {
+        match error {
+            JsonError::PduTooLarge => EventError::TooLarge,
+            other => EventError::Invalid(other.to_string()),
+        }
+    }
+}
+
+/// What a client (or a service) asks to send.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub kind: String,
+    pub content: Value,
+    pub state_key: Option<String>,
+    /// The event a redaction redacts.
+    pub redacts: Option<OwnedEventId>,
+}
+
+impl NewEvent {
+    pub fn message(kind: &str, content: Value) -> Self {
+        NewEvent {
+            kind: kind.to_owned(),
+            content,
+            state_key: None,
+            redacts: None,
+        }
+    }
+
+    pub fn state(kind: &str, state_key: &str, content: Value) -> Self {
+        NewEvent {
+            kind: kind.to_owned(),
+            content,
+            state_key: Some(state_key.to_owned()),
+            redacts: None,
+        }
+    }
+}
+
+/// Where a new event goes in its room's graph, and who signs it.
+pub struct BuildContext<'a> {
+    /// `None` only for the `m.room.create` event of a version 12 room,
+    /// whose room ID is derived from its own event ID.
+    pub room_id: Option<&'a RoomId>,
+    pub version: &'a RoomVersionId,
+    pub rules: &'a RoomVersionRules,
+    pub sender: &'a UserId,
+    pub prev_events: &'a [OwnedEventId],
+    pub auth_events: &'a [OwnedEventId],
+    pub depth: u64,
+    pub origin_server_ts: u64,
+    pub server_name: &'a str,
+    pub key: &'a SigningKey,
+}
+
+/// A persistent data unit: one signed event of a room's graph.
+#[derive(Clone, Debug)]
+pub struct Pdu {
+    pub event_id: OwnedEventId,
+    /// The room the event belongs to, also when the JSON has no `room_id`.
+    pub room_id: OwnedRoomId,
+    room_id_in_json: bool,
+    pub sender: OwnedUserId,
+    pub origin_server_ts: MilliSecondsSinceUnixEpoch,
+    pub kind: TimelineEventType,
+    pub content: Box<RawValue>,
+    pub state_key: Option<String>,
+    pub prev_events: Vec<OwnedEventId>,
+    pub auth_events: Vec<OwnedEventId>,
+    pub redacts: Option<OwnedEventId>,
+    pub depth: u64,
+    /// The whole signed event, as other servers receive it.
+    pub json: CanonicalJsonObject,
+}
+
+/// The fields of a PDU that the server reads.
+#[derive(Deserialize)]
+struct PduFields {
+    room_id: Option<OwnedRoomId>,
+    sender: OwnedUserId,
+    origin_server_ts: MilliSecondsSinceUnixEpoch,
+    #[serde(rename = "type")]
+    kind: TimelineEventType,
+    content: Box<RawValue>,
+    state_key: Option<String>,
+    prev_events: Vec<OwnedEventId>,
+    auth_events: Vec<OwnedEventId>,
+    redacts: Option<OwnedEventId>,
+    depth: UInt,
+}
+
+impl Pdu {
+    /// Builds, hashes and signs a new event.
+    pub fn build(new: &NewEvent, ctx: &BuildContext<'_>) -> Result<Pdu, EventError> {
+        let mut object = json!({
+            "auth_events": ctx.auth_events,
+            "content": new.content,
+            "depth": ctx.depth,
+            "origin_server_ts": ctx.origin_server_ts,
+            "prev_events": ctx.prev_events,
+            "sender": ctx.sender,
+            "type": new.kind,
+        });
+        if let Some(room_id) = ctx.room_id {
+            object["room_id"] = json!(room_id);
+        }
+        if let Some(state_key) = &new.state_key {
+            object["state_key"] = json!(state_key);
+        }
+        if let Some(redacts) = &new.redacts {
+            // Version 11 moved `redacts` into the content; older versions
+            // read it at the top level.
+            if ctx.rules.redaction.content_field_redacts {
+                object["content"]["redacts"] = json!(redacts);
+            } else {
+                object["redacts"] = json!(redacts);
+            }
+        }
+        let Value::Object(map) = object else {
+            unreachable!("built as an object")
+        };
+        let mut canonical =
+            try_from_json_map(map).map_err(|e| EventError::Invalid(e.to_string()))?;
+        hash_and_sign_event(
+            ctx.server_name,
+            ctx.key,
+            &mut canonical,
+            &ctx.rules.redaction,
+        )?;
+        let hash = reference_hash(&canonical, ctx.rules)?;
+        let event_id =
+            EventId::new_v2_or_v3(&hash).map_err(|e| EventError::Invalid(e.to_string()))?;
+        let room_id = match ctx.room_id {
+            Some(room_id) => room_id.to_owned(),
+            None => RoomId::new_v2(&hash).map_err(|e| EventError::Invalid(e.to_string()))?,
+        };
+        Pdu::from_canonical(event_id, room_id, canonical)
+    }
+
+    /// Reads a stored or received PDU.
+    pub fn from_canonical(
+        event_id: OwnedEventId,
+        room_id: OwnedRoomId,
+        json: CanonicalJsonObject,
+    ) -> Result<Pdu, EventError> {
+        let value = serde_json::to_value(&json).map_err(|e| EventError::Invalid(e.to_string()))?;
+        let fields: PduFields =
+            serde_json::from_value(value).map_err(|e| EventError::Invalid(e.to_string()))?;
+        let redacts = fields.redacts.or_else(|| {
+            serde_json::from_str::<Value>(fields.content.get())
+                .ok()
+                .and_then(|c| c.get("redacts")?.as_str().map(str::to_owned))
+                .and_then(|id| EventId::parse(id).ok())
+        });
+        Ok(Pdu {
+            event_id,
+            room_id_in_json: fields.room_id.is_some(),
+            room_id,
+            sender: fields.sender,
+            origin_server_ts: fields.origin_server_ts,
+            kind: fields.kind,
+            content: fields.content,
+            state_key: fields.state_key,
+            prev_events: fields.prev_events,
+            auth_events: fields.auth_events,
+            redacts,
+            depth: fields.depth.into(),
+            json,
+        })
+    }
+
+    /// The content as a JSON value.
+    pub fn content_value(&self) -> Value {
+        serde_json::from_str(self.content.get()).unwrap_or(Value::Object(Default::default()))
+    }
+
+    pub fn is_state(&self) -> bool {
+        self.state_key.is_some()
+    }
+
+    /// The event as this room version's redaction algorithm leaves it.
+    pub fn redacted(&self, rules: &RoomVersionRules) -> Result<Pdu, EventError> {
+        let json = redact(self.json.clone(), &rules.redaction, None)
+            .map_err(|e| EventError::Invalid(e.to_string()))?;
+        Pdu::from_canonical(self.event_id.clone(), self.room_id.clone(), json)
+    }
+
+    /// The event in the client-server API's format ("ClientEvent").
+    pub fn client_event(&self) -> Value {
+        let mut event = json!({
+            "content": self.content_value(),
+            "event_id": self.event_id,
+            "origin_server_ts": self.origin_server_ts,
+            "room_id": self.room_id,
+            "sender": self.sender,
+            "type": self.kind.to_string(),
+            "unsigned": {},
+        });
+        if let Some(state_key) = &self.state_key {
+            event["state_key"] = json!(state_key);
+        }
+        if let Some(redacts) = &self.redacts {
+            event["redacts"] = json!(redacts);
+        }
+        event
+    }
+
+    /// The canonical JSON text of the signed event.
+    pub fn json_text(&self) -> String {
+        CanonicalJsonValue::Object(self.json.clone()).to_string()
+    }
+}
+
+impl ruma::state_res::Event for Pdu {
+    type Id = OwnedEventId;
+
+    fn event_id(&self) -> &Self::Id {
+        &self.event_id
+    }
+
+    fn room_id(&self) -> Option<&RoomId> {
+        self.room_id_in_json.then_some(&*self.room_id)
+    }
+
+    fn sender(&self) -> &UserId {
+        &self.sender
+    }
+
+    fn origin_server_ts(&self) -> MilliSecondsSinceUnixEpoch {
+        self.origin_server_ts
+    }
+
+    fn event_type(&self) -> &TimelineEventType {
+        &self.kind
+    }
+
+    fn content(&self) -> &RawValue {
+        &self.content
+    }
+
+    fn state_key(&self) -> Option<&str> {
+        self.state_key.as_deref()
+    }
+
+    fn prev_events(&self) -> Box<dyn DoubleEndedIterator<Item = &Self::Id> + '_> {
+        Box::new(self.prev_events.iter())
+    }
+
+    fn auth_events(&self) -> Box<dyn DoubleEndedIterator<Item = &Self::Id> + '_> {
+        Box::new(self.auth_events.iter())
+    }
+
+    fn redacts(&self) -> Option<&Self::Id> {
+        self.redacts.as_ref()
+    }
+
+    fn rejected(&self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,389 @@
+//! Rooms: the event graph, its state, memberships and the timeline.
+//!
+//! Every event enters through a [`draft::Draft`] under the room's lock, and
+//! every draft commits as one atomic batch. Stream positions come from one
+//! counter shared by all rooms.
+
+pub mod create;
+pub mod draft;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ruma::{EventId, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, UserId};
+use serde_json::{json, Value};
+
+use super::clock::Clock;
+use super::error::{Error, Result};
+use super::locks::StripedLocks;
+use crate::events::{NewEvent, Pdu, SigningKey};
+use crate::storage::tables::{self, RoomRecord, StoredPdu};
+use crate::storage::{Direction, KeyRange, Storage};
+use draft::{membership_of, Draft, Origin};
+
+/// Most state entries read for one room at once.
+const MAX_STATE_ENTRIES: usize = 1_000_000;
+/// Most events one page of history returns.
+pub const MAX_PAGE: usize = 1000;
+
+pub struct Rooms {
+    storage: Storage,
+    server_name: String,
+    key: Arc<SigningKey>,
+    clock: Arc<dyn Clock>,
+    locks: StripedLocks,
+    /// The last stream position handed out.
+    stream: AtomicU64,
+    /// The last state group ID handed out.
+    state_groups: AtomicU64,
+    pub default_version: RoomVersionId,
+    pub max_members: u64,
+}
+
+/// A page of a room's timeline.
+pub struct Page {
+    pub events: Vec<Pdu>,
+    /// Where the next page starts, if there may be one.
+    pub next: Option<u64>,
+}
+
+impl Rooms {
+    pub fn new(
+        storage: Storage,
+        server_name: String,
+        key: Arc<SigningKey>,
+        clock: Arc<dyn Clock>,
+        default_version: RoomVersionId,
+        max_members: u64,
+    ) -> Result<Self> {
+        let everything = KeyRange::prefix(b"");
+        let stream = storage
+            .scan(tables::STREAM, &everything, Direction::Backward, 1)?
+            .first()
+            .map_or(0, |(position, _)| *position);
+        let groups = storage
+            .scan(tables::STATE_GROUPS, &everything, Direction::Backward, 1)?
+            .first()
+            .map_or(0, |(id, _)| *id);
+        Ok(Rooms {
+            storage,
+            server_name,
+            key,
+            clock,
+            locks: StripedLocks::new(256),
+            stream: AtomicU64::new(stream),
+            state_groups: AtomicU64::new(groups),
+            default_version,
+            max_members,
+        })
+    }
+
+    pub fn server_name(&self) -> &str {
+        &self.server_name
+    }
+
+    fn next_stream_position(&self) -> u64 {
+        self.stream.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    fn next_state_group(&self) -> u64 {
+        self.state_groups.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The latest stream position handed out.
+    pub fn current_stream_position(&self) -> u64 {
+        self.stream.load(Ordering::SeqCst)
+    }
+
+    pub fn room(&self, room_id: &RoomId) -> Result<Option<RoomRecord>> {
+        Ok(self.storage.get(tables::ROOMS, &room_id.to_string())?)
+    }
+
+    /// An event and how it is stored.
+    pub fn pdu(&self, event_id: &str) -> Result<Option<(Pdu, StoredPdu)>> {
+        let Some(stored) = self.storage.get(tables::PDUS, &event_id.to_owned())? else {
+            return Ok(None);
+        };
+        let corrupt = |detail: String| crate::storage::StorageError::Corrupt {
+            table: "pdus",
+            detail,
+        };
+        let json = serde_json::from_str(&stored.json).map_err(|e| corrupt(e.to_string()))?;
+        let event_id = EventId::parse(event_id).map_err(|e| corrupt(e.to_string()))?;
+        let room_id = RoomId::parse(&stored.room_id).map_err(|e| corrupt(e.to_string()))?;
+        let pdu =
+            Pdu::from_canonical(event_id, room_id, json).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Some((pdu, stored)))
+    }
+
+    /// Every current state entry: (type, state key, event ID).
+    pub fn current_state_ids(&self, room_id: &RoomId) -> Result<Vec<(String, String, String)>> {
+        let prefix = tables::str_prefix(room_id.as_str());
+        Ok(self
+            .storage
+            .scan_prefix(tables::ROOM_STATE, &prefix, MAX_STATE_ENTRIES)?
+            .into_iter()
+            .map(|((_, kind, state_key), id)| (kind, state_key, id))
+            .collect())
+    }
+
+    /// Current state events, optionally of one type only.
+    pub fn current_state(&self, room_id: &RoomId, kind: Option<&str>) -> Result<Vec<Pdu>> {
+        let prefix = match kind {
+            Some(kind) => tables::str2_prefix(room_id.as_str(), kind),
+            None => tables::str_prefix(room_id.as_str()),
+        };
+        let entries = self
+            .storage
+            .scan_prefix(tables::ROOM_STATE, &prefix, MAX_STATE_ENTRIES)?;
+        let mut events = Vec::with_capacity(entries.len());
+        for (_, event_id) in entries {
+            if let Some((pdu, _)) = self.pdu(&event_id)? {
+                events.push(pdu);
+            }
+        }
+        Ok(events)
+    }
+
+    /// One current state event.
+    pub fn state_event(
+        &self,
+        room_id: &RoomId,
+        kind: &str,
+        state_key: &str,
+    ) -> Result<Option<Pdu>> {
+        let key = (room_id.to_string(), kind.to_owned(), state_key.to_owned());
+        match self.storage.get(tables::ROOM_STATE, &key)? {
+            Some(event_id) => Ok(self.pdu(&event_id)?.map(|(pdu, _)| pdu)),
+            None => Ok(None),
+        }
+    }
+
+    /// `user_id`'s current membership in the room ("leave" if none).
+    pub fn membership(&self, room_id: &RoomId, user_id: &UserId) -> Result<String> {
+        let key = (user_id.to_string(), room_id.to_string());
+        Ok(self
+            .storage
+            .get(tables::USER_ROOMS, &key)?
+            .map_or_else(|| "leave".to_owned(), |m| m.membership))
+    }
+
+    /// The rooms in which the user's membership is `membership`.
+    pub fn rooms_of_user(&self, user_id: &UserId, membership: &str) -> Result<Vec<OwnedRoomId>> {
+        let prefix = tables::str_prefix(user_id.as_str());
+        let entries = self
+            .storage
+            .scan_prefix(tables::USER_ROOMS, &prefix, MAX_STATE_ENTRIES)?;
+        Ok(entries
+            .into_iter()
+            .filter(|(_, m)| m.membership == membership)
+            .filter_map(|((_, room_id), _)| RoomId::parse(room_id).ok())
+            .collect())
+    }
+
+    /// Refuses unless the user is joined to the room. An unknown room and a
+    /// room the user is not in look the same, so that room IDs do not leak.
+    pub fn require_joined(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        if self.membership(room_id, user_id)? == "join" {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(format!(
+                "{user_id} is not in room {room_id}"
+            )))
+        }
+    }
+
+    /// Sends one event. With a transaction key (device, txn), a repeated
+    /// request returns the first event's ID and stores nothing new.
+    pub async fn send(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        new: NewEvent,
+        origin: Origin,
+    ) -> Result<OwnedEventId> {
+        let _guard = self.locks.lock(room_id.as_str()).await;
+        if let (Some(device_id), Some((txn_key, _))) = (&origin.device_id, &origin.txn) {
+            let key = (sender.to_string(), device_id.clone(), txn_key.clone());
+            if let Some(event_id) = self.storage.get(tables::TRANSACTIONS, &key)? {
+                return EventId::parse(event_id).map_err(|e| Error::Internal(e.to_string()));
+            }
+        }
+        let record = self
+            .room(room_id)?
+            .ok_or_else(|| Error::Forbidden(format!("{sender} is not in room {room_id}")))?;
+        let mut draft = Draft::existing(self, room_id, record)?;
+        if new.kind == "m.room.member" {
+            self.check_member_cap(&draft, &new)?;
+        }
+        let redaction = new.kind == "m.room.redaction";
+        let pdu = draft.append(sender, new, origin)?;
+        if redaction {
+            self.apply_redaction(&mut draft, &pdu)?;
+        }
+        self.storage.commit(draft.batch).await?;
+        Ok(pdu.event_id.clone())
+    }
+
+    /// Changes a membership: join, invite, leave, kick (leave by another),
+    /// ban, unban (leave after ban), knock.
+    pub async fn set_membership(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        target: &UserId,
+        membership: &str,
+        mut extra: Value,
+        profile: Option<Value>,
+    ) -> Result<OwnedEventId> {
+        extra["membership"] = json!(membership);
+        if let (Some(Value::Object(profile)), "join") = (profile, membership) {
+            for key in ["displayname", "avatar_url"] {
+                if let Some(value) = profile.get(key) {
+                    extra[key] = value.clone();
+                }
+            }
+        }
+        let new = NewEvent::state("m.room.member", target.as_str(), extra);
+        self.send(room_id, sender, new, Origin::default()).await
+    }
+
+    /// Refuses a join or invite that would take the room past its cap of
+    /// joined plus invited members.
+    fn check_member_cap(&self, draft: &Draft<'_>, new: &NewEvent) -> Result<()> {
+        let after = membership_of(&new.content);
+        if after != "join" && after != "invite" {
+            return Ok(());
+        }
+        let Some(target) = &new.state_key else {
+            return Ok(());
+        };
+        let before = draft.membership(target)?;
+        if before == "join" || before == "invite" {
+            return Ok(());
+        }
+        let members = draft.record.joined_members + draft.record.invited_members;
+        if members >= self.max_members {
+            return Err(room_full(self.max_members));
+        }
+        Ok(())
+    }
+
+    /// Redacts the target of a redaction in storage, when the redaction's
+    /// sender may: the target's own sender, or one with the redact level
+    /// (the authorization rules have checked the latter already for others).
+    fn apply_redaction(&self, draft: &mut Draft<'_>, redaction: &Pdu) -> Result<()> {
+        let Some(target_id) = &redaction.redacts else {
+            return Ok(());
+        };
+        let Some((target, mut stored)) = self.pdu(target_id.as_str())? else {
+            return Ok(());
+        };
+        if target.room_id != redaction.room_id {
+            return Ok(());
+        }
+        let own = target.sender == redaction.sender;
+        if !own && !self.has_redact_power(draft, &redaction.sender)? {
+            return Ok(());
+        }
+        let redacted = target
+            .redacted(&draft.rules)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        stored.json = redacted.json_text();
+        stored.redacted_because = Some(redaction.event_id.to_string());
+        draft
+            .batch
+            .put(tables::PDUS, &target_id.to_string(), &stored);
+        Ok(())
+    }
+
+    fn has_redact_power(&self, draft: &Draft<'_>, user: &UserId) -> Result<bool> {
+        let levels = draft
+            .state_event("m.room.power_levels", "")?
+            .map(|pdu| pdu.content_value())
+            .unwrap_or(Value::Null);
+        let creator = draft
+            .state_event("m.room.create", "")?
+            .map(|pdu| pdu.sender == user)
+            .unwrap_or(false);
+        if creator && draft.rules.authorization.explicitly_privilege_room_creators {
+            return Ok(true);
+        }
+        let level = |value: Option<&Value>, default: i64| {
+            value
+                .and_then(|v| v.as_i64().or_else(|| v.as_str()?.parse().ok()))
+                .unwrap_or(default)
+        };
+        let user_level = level(
+            levels.pointer(&format!(
+                "/users/{}",
+                user.as_str().replace('~', "~0").replace('/', "~1")
+            )),
+            level(levels.get("users_default"), 0),
+        );
+        Ok(user_level >= level(levels.get("redact"), 50))
+    }
+
+    /// A page of the room's timeline from `from` (a stream position,
+    /// exclusive going forward, inclusive going backward), up to `to`.
+    pub fn page(
+        &self,
+        room_id: &RoomId,
+        from: u64,
+        to: Option<u64>,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Page> {
+        let room = room_id.to_string();
+        let range = match direction {
+            Direction::Backward => KeyRange {
+                lower: (room.clone(), to.map_or(0, |t| t + 1)).encode_key(),
+                upper: Some((room.clone(), from.saturating_add(1)).encode_key()),
+            },
+            Direction::Forward => KeyRange {
+                lower: (room.clone(), from.saturating_add(1)).encode_key(),
+                upper: Some(match to {
+                    Some(to) => (room.clone(), to.saturating_add(1)).encode_key(),
+                    None => crate::storage::prefix_successor(&tables::str_prefix(&room))
+                        .unwrap_or_default(),
+                }),
+            },
+        };
+        let limit = limit.clamp(1, MAX_PAGE);
+        let entries = self
+            .storage
+            .scan(tables::TIMELINE, &range, direction, limit)?;
+        let full = entries.len() == limit;
+        let mut events = Vec::with_capacity(entries.len());
+        let mut last = None;
+        for ((_, position), event_id) in entries {
+            last = Some(position);
+            if let Some((pdu, _)) = self.pdu(&event_id)? {
+                events.push(pdu);
+            }
+        }
+        let next = match (full, last, direction) {
+            (true, Some(position), Direction::Backward) => Some(position.saturating_sub(1)),
+            (true, Some(position), Direction::Forward) => Some(position),
+            _ => None,
+        };
+        Ok(Page { events, next })
+    }
+}
+
+/// The refusal for a join or invite past the member cap.
+pub fn room_full(limit: u64) -> Error {
+    Error::Forbidden(format!(
+        "The room is full: it may have at most {limit} joined and invited members"
+    ))
+}
+
+trait EncodeKey {
+    fn encode_key(&self) -> Vec<u8>;
+}
+
+impl EncodeKey for (String, u64) {
+    fn encode_key(&self) -> Vec<u8> {
+        crate::storage::Key::encode(self)
+    }
+}

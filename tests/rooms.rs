@@ -1,0 +1,411 @@
+//! Rooms over HTTP: creation, memberships, sending, state and history.
+
+mod common;
+
+use common::{assert_error, token, TestServer};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+async fn create_room(server: &TestServer, token: &str, body: Value) -> String {
+    let (status, answer) = server
+        .post("/_matrix/client/v3/createRoom", Some(token), body)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer["room_id"].as_str().unwrap().to_owned()
+}
+
+fn room_path(room_id: &str, suffix: &str) -> String {
+    format!("/_matrix/client/v3/rooms/{room_id}{suffix}")
+}
+
+async fn send_text(
+    server: &TestServer,
+    token: &str,
+    room_id: &str,
+    txn: &str,
+    body: &str,
+) -> (StatusCode, Value) {
+    let path = room_path(room_id, &format!("/send/m.room.message/{txn}"));
+    server
+        .put(
+            &path,
+            Some(token),
+            json!({ "msgtype": "m.text", "body": body }),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn a_private_chat_is_created_joined_and_used() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let room_id = create_room(
+        &server,
+        &alice,
+        json!({
+            "preset": "private_chat",
+            "name": "Plans",
+            "topic": "What we do next",
+            "invite": ["@bob:localhost"],
+        }),
+    )
+    .await;
+    assert!(room_id.starts_with('!'));
+
+    let (_, joined) = server
+        .get("/_matrix/client/v3/joined_rooms", Some(&alice))
+        .await;
+    assert_eq!(joined["joined_rooms"], json!([room_id]));
+    for empty_key in ["/state/m.room.name", "/state/m.room.name/"] {
+        let (_, name) = server
+            .get(&room_path(&room_id, empty_key), Some(&alice))
+            .await;
+        assert_eq!(name, json!({ "name": "Plans" }));
+    }
+    let (_, create) = server
+        .get(
+            &room_path(&room_id, "/state/m.room.create/?format=event"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(create["content"]["room_version"], "12");
+    assert_eq!(create["sender"], "@alice:localhost");
+
+    // Bob is invited, so he may not read yet; after joining he may.
+    let early = server.get(&room_path(&room_id, "/state"), Some(&bob)).await;
+    assert_error(&early, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let (status, answer) = server
+        .post(&room_path(&room_id, "/join"), Some(&bob), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, members) = server
+        .get(&room_path(&room_id, "/joined_members"), Some(&bob))
+        .await;
+    let joined = members["joined"].as_object().unwrap();
+    assert_eq!(joined.len(), 2);
+    assert_eq!(joined["@bob:localhost"]["display_name"], "bob");
+
+    // Sending is idempotent per device and transaction ID.
+    let (status, first) = send_text(&server, &alice, &room_id, "t1", "hello").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (_, again) = send_text(&server, &alice, &room_id, "t1", "hello").await;
+    assert_eq!(first["event_id"], again["event_id"]);
+    let (_, page) = server
+        .get(
+            &room_path(&room_id, "/messages?dir=b&limit=5"),
+            Some(&alice),
+        )
+        .await;
+    let chunk = page["chunk"].as_array().unwrap();
+    assert_eq!(chunk[0]["event_id"], first["event_id"]);
+    assert_eq!(chunk[0]["content"]["body"], "hello");
+    assert_eq!(chunk[0]["unsigned"]["transaction_id"], "t1");
+    assert_ne!(
+        chunk[1]["content"]["body"], "hello",
+        "the retry stored nothing"
+    );
+    let (_, seen_by_bob) = server
+        .get(&room_path(&room_id, "/messages?dir=b&limit=1"), Some(&bob))
+        .await;
+    assert_eq!(seen_by_bob["chunk"][0]["event_id"], first["event_id"]);
+    assert!(seen_by_bob["chunk"][0]["unsigned"]
+        .get("transaction_id")
+        .is_none());
+
+    // Bob (power 0) may not rename the room (power 50 needed).
+    let rename = server
+        .put(
+            &room_path(&room_id, "/state/m.room.name"),
+            Some(&bob),
+            json!({ "name": "Mine" }),
+        )
+        .await;
+    assert_error(&rename, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let (_, name) = server
+        .get(&room_path(&room_id, "/state/m.room.name"), Some(&bob))
+        .await;
+    assert_eq!(name, json!({ "name": "Plans" }));
+}
+
+#[tokio::test]
+async fn every_supported_room_version_works() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    for version in ["10", "11", "12"] {
+        let room_id = create_room(&server, &alice, json!({ "room_version": version })).await;
+        let (status, sent) = send_text(&server, &alice, &room_id, "x", version).await;
+        assert_eq!(status, StatusCode::OK, "{version}: {sent}");
+        let (_, create) = server
+            .get(
+                &room_path(&room_id, "/state/m.room.create/?format=event"),
+                Some(&alice),
+            )
+            .await;
+        assert_eq!(create["content"]["room_version"], version);
+        // Version 12 rooms are named after their create event.
+        if version == "12" {
+            assert_eq!(&room_id[1..], &create["event_id"].as_str().unwrap()[1..]);
+        } else {
+            assert!(room_id.ends_with(":localhost"), "{room_id}");
+        }
+    }
+    let unsupported = server
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            json!({ "room_version": "9" }),
+        )
+        .await;
+    assert_error(
+        &unsupported,
+        StatusCode::BAD_REQUEST,
+        "M_UNSUPPORTED_ROOM_VERSION",
+    );
+}
+
+#[tokio::test]
+async fn two_hundred_messages_paginate_back_in_order() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let room_id = create_room(&server, &alice, json!({})).await;
+    for i in 0..200 {
+        let (status, _) =
+            send_text(&server, &alice, &room_id, &format!("m{i}"), &format!("{i}")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let mut bodies = Vec::new();
+    let mut from: Option<String> = None;
+    loop {
+        let mut path = room_path(&room_id, "/messages?dir=b&limit=30");
+        if let Some(from) = &from {
+            path.push_str(&format!("&from={from}"));
+        }
+        let (status, page) = server.get(&path, Some(&alice)).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        for event in page["chunk"].as_array().unwrap() {
+            if event["type"] == "m.room.message" {
+                bodies.push(
+                    event["content"]["body"]
+                        .as_str()
+                        .unwrap()
+                        .parse::<u32>()
+                        .unwrap(),
+                );
+            }
+        }
+        match page.get("end") {
+            Some(end) => from = Some(end.as_str().unwrap().to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<u32> = (0..200).rev().collect();
+    assert_eq!(bodies, expected);
+
+    // And forward from the start.
+    let (_, page) = server
+        .get(
+            &room_path(&room_id, "/messages?dir=f&limit=1000"),
+            Some(&alice),
+        )
+        .await;
+    let forward: Vec<&str> = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["content"]["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(forward.len(), 200);
+    assert_eq!(forward[0], "0");
+    assert_eq!(forward[199], "199");
+}
+
+#[tokio::test]
+async fn the_member_cap_refuses_the_member_past_it() {
+    let server = TestServer::start_with(|config| config.max_room_members = 3).await;
+    let alice = token(&server.register("alice").await);
+    for name in ["b1", "b2", "b3"] {
+        server.register(name).await;
+    }
+    let too_many = server
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            json!({ "invite": ["@b1:localhost", "@b2:localhost", "@b3:localhost"] }),
+        )
+        .await;
+    assert_error(&too_many, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    assert!(too_many.1["error"].as_str().unwrap().contains("full"));
+    let (_, joined) = server
+        .get("/_matrix/client/v3/joined_rooms", Some(&alice))
+        .await;
+    assert_eq!(joined["joined_rooms"], json!([]), "nothing was written");
+
+    let room_id = create_room(&server, &alice, json!({ "invite": ["@b1:localhost"] })).await;
+    let (status, _) = server
+        .post(
+            &room_path(&room_id, "/invite"),
+            Some(&alice),
+            json!({ "user_id": "@b2:localhost" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let full = server
+        .post(
+            &room_path(&room_id, "/invite"),
+            Some(&alice),
+            json!({ "user_id": "@b3:localhost" }),
+        )
+        .await;
+    assert_error(&full, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let error = full.1["error"].as_str().unwrap();
+    assert!(error.contains("full") && error.contains('3'), "{error}");
+}
+
+#[tokio::test]
+async fn memberships_move_only_as_the_rules_allow() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let room_id = create_room(&server, &alice, json!({ "preset": "public_chat" })).await;
+    let join = |token: String| {
+        let path = room_path(&room_id, "/join");
+        let server = &server;
+        async move { server.post(&path, Some(&token), json!({})).await }
+    };
+    assert_eq!(join(bob.clone()).await.0, StatusCode::OK);
+    // Bob may not kick Alice.
+    let kick = server
+        .post(
+            &room_path(&room_id, "/kick"),
+            Some(&bob),
+            json!({ "user_id": "@alice:localhost" }),
+        )
+        .await;
+    assert_error(&kick, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    // Alice bans Bob; he cannot come back until unbanned.
+    let (status, _) = server
+        .post(
+            &room_path(&room_id, "/ban"),
+            Some(&alice),
+            json!({ "user_id": "@bob:localhost", "reason": "spam" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_error(
+        &join(bob.clone()).await,
+        StatusCode::FORBIDDEN,
+        "M_FORBIDDEN",
+    );
+    let (status, _) = server
+        .post(
+            &room_path(&room_id, "/unban"),
+            Some(&alice),
+            json!({ "user_id": "@bob:localhost" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(join(bob.clone()).await.0, StatusCode::OK);
+    // Kicked, then back (the room is public); then he leaves.
+    let (status, _) = server
+        .post(
+            &room_path(&room_id, "/kick"),
+            Some(&alice),
+            json!({ "user_id": "@bob:localhost" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(join(bob.clone()).await.0, StatusCode::OK);
+    let (status, _) = server
+        .post(&room_path(&room_id, "/leave"), Some(&bob), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, joined) = server
+        .get("/_matrix/client/v3/joined_rooms", Some(&bob))
+        .await;
+    assert_eq!(joined["joined_rooms"], json!([]));
+    let (_, members) = server
+        .get(
+            &room_path(&room_id, "/members?membership=leave"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(members["chunk"].as_array().unwrap().len(), 1);
+
+    // A private room cannot be joined uninvited.
+    let private = create_room(&server, &alice, json!({ "preset": "private_chat" })).await;
+    let refused = server
+        .post(&room_path(&private, "/join"), Some(&bob), json!({}))
+        .await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+}
+
+#[tokio::test]
+async fn redaction_strips_content() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    for version in ["10", "11", "12"] {
+        let room_id = create_room(&server, &alice, json!({ "room_version": version })).await;
+        let (_, sent) = send_text(&server, &alice, &room_id, "a", "secret").await;
+        let event_id = sent["event_id"].as_str().unwrap();
+        let path = room_path(&room_id, &format!("/redact/{event_id}/r1"));
+        let (status, redaction) = server
+            .put(&path, Some(&alice), json!({ "reason": "oops" }))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{redaction}");
+        let (_, event) = server
+            .get(
+                &room_path(&room_id, &format!("/event/{event_id}")),
+                Some(&alice),
+            )
+            .await;
+        assert_eq!(event["content"], json!({}), "{version}: {event}");
+        assert_eq!(
+            event["unsigned"]["redacted_because"]["event_id"],
+            redaction["event_id"]
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_room_requests_change_nothing() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let unknown = send_text(&server, &alice, "!nowhere:localhost", "t", "x").await;
+    assert_error(&unknown, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let invalid = send_text(&server, &alice, "not-a-room", "t", "x").await;
+    assert_error(&invalid, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    let room_id = create_room(&server, &alice, json!({})).await;
+    let big = json!({ "msgtype": "m.text", "body": "x".repeat(70_000) });
+    let too_large = server
+        .put(
+            &room_path(&room_id, "/send/m.room.message/big"),
+            Some(&alice),
+            big,
+        )
+        .await;
+    assert_error(&too_large, StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE");
+    let float = server
+        .put(
+            &room_path(&room_id, "/send/m.room.message/f"),
+            Some(&alice),
+            json!({ "n": 1.5 }),
+        )
+        .await;
+    assert_error(&float, StatusCode::BAD_REQUEST, "M_BAD_JSON");
+    let missing = server
+        .get(&room_path(&room_id, "/event/$nothing"), Some(&alice))
+        .await;
+    assert_error(&missing, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let (_, page) = server
+        .get(
+            &room_path(&room_id, "/messages?dir=b&limit=1"),
+            Some(&alice),
+        )
+        .await;
+    assert_ne!(
+        page["chunk"][0]["type"], "m.room.message",
+        "nothing was stored"
+    );
+}
