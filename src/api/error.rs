@@ -97,6 +97,8 @@ impl From<Error> for MatrixError {
             Error::ProfileTooLarge(_) => plain(StatusCode::BAD_REQUEST, "M_PROFILE_TOO_LARGE"),
             Error::Unknown(_) => plain(StatusCode::BAD_REQUEST, "M_UNKNOWN"),
             Error::Unrecognized(_) => plain(StatusCode::BAD_REQUEST, "M_UNRECOGNIZED"),
+            Error::AliasInUse(_) => plain(StatusCode::CONFLICT, "M_UNKNOWN"),
+            Error::RoomInUse(_) => plain(StatusCode::BAD_REQUEST, "M_ROOM_IN_USE"),
             Error::UnsupportedRoomVersion(_) => {
                 plain(StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION")
             }

@@ -18,7 +18,7 @@ use tower_http::cors::{Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::services::Services;
-use client::{account, devices, discovery, membership, profile, room_events, session};
+use client::{account, devices, directory, discovery, membership, profile, room_events, session};
 use error::MatrixError;
 
 /// What every handler receives: the service graph.
@@ -135,6 +135,21 @@ fn room_routes(prefix: &str) -> Router<AppState> {
         .route(&room("/members"), get(room_events::members))
         .route(&room("/joined_members"), get(room_events::joined_members))
         .route(&room("/messages"), get(room_events::messages))
+        .route(&room("/aliases"), get(directory::room_aliases))
+        .route(
+            &path("/directory/room/{alias}"),
+            get(directory::resolve_alias)
+                .put(directory::create_alias)
+                .delete(directory::delete_alias),
+        )
+        .route(
+            &path("/directory/list/room/{room_id}"),
+            get(directory::visibility).put(directory::set_visibility),
+        )
+        .route(
+            &path("/publicRooms"),
+            get(directory::public_rooms).post(directory::search_public_rooms),
+        )
 }
 
 /// Browsers may call the client API from any origin, as the spec requires.

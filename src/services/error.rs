@@ -40,6 +40,11 @@ pub enum Error {
     Unknown(String),
     #[error("{0}")]
     Unrecognized(String),
+    /// An alias that exists already (409, or M_ROOM_IN_USE in createRoom).
+    #[error("{0}")]
+    AliasInUse(String),
+    #[error("{0}")]
+    RoomInUse(String),
     #[error("room version {0} is not supported by this server")]
     UnsupportedRoomVersion(String),
     /// User-interactive authentication must continue: the body to answer.

@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod clock;
+pub mod directory;
 pub mod error;
 pub mod keys;
 mod locks;
@@ -21,6 +22,7 @@ use crate::config::{Config, RegistrationMode};
 use crate::storage::Storage;
 use accounts::{Accounts, Authed};
 use clock::Clock;
+use directory::Directory;
 use error::{Error, Result};
 use profiles::Profiles;
 use rate_limit::RateLimiter;
@@ -33,6 +35,7 @@ pub struct Services {
     pub accounts: Accounts,
     pub profiles: Profiles,
     pub rooms: Rooms,
+    pub directory: Directory,
     pub uia: Uia,
     pub rate_limiter: RateLimiter,
 }
@@ -52,6 +55,7 @@ impl Services {
         )?;
         Ok(Services {
             rooms,
+            directory: Directory::new(storage.clone(), config.server_name.clone()),
             accounts: Accounts::new(
                 storage.clone(),
                 config.server_name.clone(),

@@ -44,11 +44,17 @@ pub enum Cf {
     UserRooms,
     /// Client transaction IDs of sent events, per device.
     Transactions,
+    /// Room aliases: alias → room.
+    Aliases,
+    /// Room aliases by room, for listing.
+    RoomAliases,
+    /// Rooms published in the room directory.
+    PublicRooms,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 15] = [
+    pub const ALL: [Cf; 18] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -64,6 +70,9 @@ impl Cf {
         Cf::Rooms,
         Cf::UserRooms,
         Cf::Transactions,
+        Cf::Aliases,
+        Cf::RoomAliases,
+        Cf::PublicRooms,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -84,6 +93,9 @@ impl Cf {
             Cf::Rooms => "rooms",
             Cf::UserRooms => "user_rooms",
             Cf::Transactions => "transactions",
+            Cf::Aliases => "aliases",
+            Cf::RoomAliases => "room_aliases",
+            Cf::PublicRooms => "public_rooms",
         }
     }
 

@@ -42,6 +42,20 @@ pub const USER_ROOMS: Table<(String, String), UserRoom> = Table::new(Cf::UserRoo
 /// (user ID, device ID, transaction ID) → the event the transaction sent.
 pub const TRANSACTIONS: Table<(String, String, String), String> = Table::new(Cf::Transactions);
 
+/// Room alias (`#name:server`) → the room and who made the alias.
+pub const ALIASES: Table<String, AliasRecord> = Table::new(Cf::Aliases);
+/// (room ID, alias) → nothing: a room's aliases.
+pub const ROOM_ALIASES: Table<(String, String), ()> = Table::new(Cf::RoomAliases);
+/// Room ID → nothing: the rooms published in the directory.
+pub const PUBLIC_ROOMS: Table<String, ()> = Table::new(Cf::PublicRooms);
+
+/// Where an alias points.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AliasRecord {
+    pub room_id: String,
+    pub creator: String,
+}
+
 /// A signing key: its version and its PKCS#8 DER bytes, hex-encoded.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerKeyRecord {

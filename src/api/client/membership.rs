@@ -29,11 +29,10 @@ pub async fn create_room(
     Auth(authed): Auth,
     JsonBody(body): JsonBody<CreateRoomBody>,
 ) -> ApiResult<Json<Value>> {
-    if body.room_alias_name.is_some() {
-        return Err(MatrixError::invalid_param(
-            "room aliases are not supported by this server yet",
-        ));
-    }
+    let alias = match &body.room_alias_name {
+        Some(name) => Some(state.directory.alias_for_name(name)?),
+        None => None,
+    };
     let creator = parse_user(&authed.user_id.to_string())?;
     let mut invitees = Vec::new();
     for invitee in &body.request.invite {
@@ -46,7 +45,14 @@ pub async fn create_room(
     let profile = profile.map(Value::Object).unwrap_or(Value::Null);
     let room_id = state
         .rooms
-        .create_room(&creator, body.request, &invitees, profile)
+        .create_room(
+            &creator,
+            body.request,
+            &invitees,
+            profile,
+            &state.directory,
+            alias,
+        )
         .await?;
     tracing::info!(%room_id, "room created");
     Ok(Json(json!({ "room_id": room_id })))
@@ -100,12 +106,16 @@ pub async fn join_by_id_or_alias(
     Path(target): Path<String>,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    if target.starts_with('#') {
-        return Err(MatrixError::not_found(format!(
-            "Room alias {target} not found"
-        )));
-    }
-    let room_id = parse_room(&target)?;
+    let room_id = if target.starts_with('#') {
+        let alias = ruma::RoomAliasId::parse(&target)
+            .map_err(|_| MatrixError::invalid_param(format!("{target:?} is not a room alias")))?;
+        state
+            .directory
+            .resolve(&alias)?
+            .ok_or_else(|| MatrixError::not_found(format!("Room alias {target} not found")))?
+    } else {
+        parse_room(&target)?
+    };
     join_room(&state, &authed, &room_id, body.reason).await
 }
 

@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod devices;
+pub mod directory;
 pub mod discovery;
 pub mod membership;
 pub mod profile;

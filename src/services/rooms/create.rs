@@ -1,12 +1,13 @@
 //! `createRoom`: the events of a new room, in the spec's order, as one batch.
 
-use ruma::{OwnedRoomId, RoomVersionId, UserId};
+use ruma::{OwnedRoomAliasId, OwnedRoomId, RoomVersionId, UserId};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::draft::{Draft, Origin};
 use super::{room_full, Rooms};
 use crate::events::NewEvent;
+use crate::services::directory::Directory;
 use crate::services::error::{Error, Result};
 
 /// What a client may ask of a new room (the request body of createRoom).
@@ -53,16 +54,34 @@ pub struct InitialState {
 
 impl Rooms {
     /// Creates a room with `creator` joined and the requested invites sent.
+    ///
+    /// With an `alias`, the alias is made in the same batch (and the room
+    /// gets its canonical alias); with a public visibility, the room is
+    /// published in the directory.
     pub async fn create_room(
         &self,
         creator: &UserId,
         request: CreateRoom,
         invitees: &[ruma::OwnedUserId],
         creator_profile: Value,
+        directory: &Directory,
+        alias: Option<OwnedRoomAliasId>,
     ) -> Result<OwnedRoomId> {
         if 1 + invitees.len() as u64 > self.max_members {
             return Err(room_full(self.max_members));
         }
+        let _alias_guard = match &alias {
+            Some(alias) => {
+                let guard = directory.lock_alias(alias).await;
+                if directory.resolve(alias)?.is_some() {
+                    return Err(Error::RoomInUse(format!(
+                        "Room alias {alias} already exists"
+                    )));
+                }
+                Some(guard)
+            }
+            None => None,
+        };
         let version = match &request.room_version {
             Some(version) => RoomVersionId::try_from(version.as_str())
                 .map_err(|_| Error::UnsupportedRoomVersion(version.clone()))?,
@@ -113,6 +132,11 @@ impl Rooms {
             NewEvent::state("m.room.power_levels", "", levels),
             origin(),
         )?;
+        if let Some(alias) = &alias {
+            let content = json!({ "alias": alias });
+            let new = NewEvent::state("m.room.canonical_alias", "", content);
+            draft.append(creator, new, origin())?;
+        }
 
         let join_rule = if preset == Preset::PublicChat {
             "public"
@@ -181,6 +205,12 @@ impl Rooms {
             .room_id
             .clone()
             .ok_or_else(|| Error::Internal("a created room has an ID".to_owned()))?;
+        if let Some(alias) = &alias {
+            directory.add_alias_into(&mut draft.batch, alias, &room_id, creator)?;
+        }
+        if request.visibility == Some(Visibility::Public) {
+            directory.set_public_into(&mut draft.batch, &room_id, true);
+        }
         self.storage.commit(draft.batch).await?;
         Ok(room_id)
     }

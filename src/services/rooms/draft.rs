@@ -16,6 +16,7 @@ use ruma::room_version_rules::RoomVersionRules;
 use ruma::{EventId, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, UserId};
 use serde_json::Value;
 
+use super::power::PowerView;
 use super::Rooms;
 use crate::events::{self, BuildContext, EventError, NewEvent, Pdu};
 use crate::services::error::{Error, Result};
@@ -148,6 +149,18 @@ impl<'a> Draft<'a> {
             Some(pdu) => membership_of(&pdu.content_value()),
             None => "leave".to_owned(),
         })
+    }
+
+    /// The power levels and creators in the current state.
+    pub fn power_view(&self) -> Result<PowerView> {
+        let levels = self
+            .state_event("m.room.power_levels", "")?
+            .map(|pdu| pdu.content_value());
+        let create = self
+            .state_event("m.room.create", "")?
+            .map(|pdu| (pdu.sender.to_string(), pdu.content_value()));
+        let privileged = self.rules.authorization.explicitly_privilege_room_creators;
+        Ok(PowerView::new(levels, create, privileged))
     }
 
     /// Builds, checks and records one event.

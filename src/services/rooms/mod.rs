@@ -6,6 +6,7 @@
 
 pub mod create;
 pub mod draft;
+pub mod power;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::events::{NewEvent, Pdu, SigningKey};
 use crate::storage::tables::{self, RoomRecord, StoredPdu};
 use crate::storage::{Direction, KeyRange, Storage};
 use draft::{membership_of, Draft, Origin};
+use power::PowerView;
 
 /// Most state entries read for one room at once.
 const MAX_STATE_ENTRIES: usize = 1_000_000;
@@ -298,30 +300,16 @@ impl Rooms {
     }
 
     fn has_redact_power(&self, draft: &Draft<'_>, user: &UserId) -> Result<bool> {
-        let levels = draft
-            .state_event("m.room.power_levels", "")?
-            .map(|pdu| pdu.content_value())
-            .unwrap_or(Value::Null);
-        let creator = draft
-            .state_event("m.room.create", "")?
-            .map(|pdu| pdu.sender == user)
-            .unwrap_or(false);
-        if creator && draft.rules.authorization.explicitly_privilege_room_creators {
-            return Ok(true);
-        }
-        let level = |value: Option<&Value>, default: i64| {
-            value
-                .and_then(|v| v.as_i64().or_else(|| v.as_str()?.parse().ok()))
-                .unwrap_or(default)
-        };
-        let user_level = level(
-            levels.pointer(&format!(
-                "/users/{}",
-                user.as_str().replace('~', "~0").replace('/', "~1")
-            )),
-            level(levels.get("users_default"), 0),
-        );
-        Ok(user_level >= level(levels.get("redact"), 50))
+        let view = draft.power_view()?;
+        Ok(view.reaches(user.as_str(), view.action_level("redact")))
+    }
+
+    /// The room's power levels and creators as they stand now.
+    pub fn power_view(&self, room_id: &RoomId) -> Result<PowerView> {
+        let record = self
+            .room(room_id)?
+            .ok_or_else(|| Error::NotFound(format!("unknown room {room_id}")))?;
+        Draft::existing(self, room_id, record)?.power_view()
     }
 
     /// A page of the room's timeline from `from` (a stream position,

@@ -1,0 +1,233 @@
+//! Room aliases and the room directory.
+//!
+//! - `PUT`/`GET`/`DELETE /_matrix/client/v3/directory/room/{roomAlias}`
+//! - `GET /_matrix/client/v3/rooms/{roomId}/aliases`
+//! - `GET`/`PUT /_matrix/client/v3/directory/list/room/{roomId}`
+//! - `GET`/`POST /_matrix/client/v3/publicRooms`
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::membership::{parse_room, parse_user};
+use crate::api::error::{ApiResult, MatrixError};
+use crate::api::extract::{Auth, JsonBody, Path, Query};
+use crate::api::AppState;
+use crate::services::directory::RoomFilter;
+
+#[derive(Deserialize)]
+pub struct AliasBody {
+    room_id: String,
+}
+
+/// `PUT /_matrix/client/v3/directory/room/{roomAlias}`
+pub async fn create_alias(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(alias): Path<String>,
+    JsonBody(body): JsonBody<AliasBody>,
+) -> ApiResult<Json<Value>> {
+    let alias = state.directory.local_alias(&alias)?;
+    let room_id = parse_room(&body.room_id)?;
+    if state.rooms.room(&room_id)?.is_none() {
+        return Err(MatrixError::not_found(format!("Unknown room {room_id}")));
+    }
+    let user = parse_user(authed.user_id.to_string().as_str())?;
+    state.rooms.require_joined(&room_id, &user)?;
+    state
+        .directory
+        .create_alias(&alias, &room_id, &user)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+/// `GET /_matrix/client/v3/directory/room/{roomAlias}`
+pub async fn resolve_alias(
+    State(state): State<AppState>,
+    Path(alias): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let alias = ruma::RoomAliasId::parse(&alias)
+        .map_err(|_| MatrixError::invalid_param(format!("{alias:?} is not a room alias")))?;
+    let room_id = state
+        .directory
+        .resolve(&alias)?
+        .ok_or_else(|| MatrixError::not_found(format!("Room alias {alias} not found")))?;
+    Ok(Json(
+        json!({ "room_id": room_id, "servers": [state.config.server_name] }),
+    ))
+}
+
+/// `DELETE /_matrix/client/v3/directory/room/{roomAlias}`
+pub async fn delete_alias(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(alias): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let alias = state.directory.local_alias(&alias)?;
+    let user = parse_user(authed.user_id.to_string().as_str())?;
+    let is_admin = state
+        .accounts
+        .user(authed.localpart())?
+        .is_some_and(|u| u.admin);
+    state
+        .directory
+        .delete_alias(&alias, &user, is_admin, &state.rooms)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/aliases`
+pub async fn room_aliases(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(room_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let user = parse_user(authed.user_id.to_string().as_str())?;
+    state.rooms.require_joined(&room_id, &user)?;
+    Ok(Json(
+        json!({ "aliases": state.directory.aliases(&room_id)? }),
+    ))
+}
+
+/// `GET /_matrix/client/v3/directory/list/room/{roomId}`
+pub async fn visibility(
+    State(state): State<AppState>,
+    Path(room_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    if state.rooms.room(&room_id)?.is_none() {
+        return Err(MatrixError::not_found(format!("Unknown room {room_id}")));
+    }
+    let visibility = if state.directory.is_public(&room_id)? {
+        "public"
+    } else {
+        "private"
+    };
+    Ok(Json(json!({ "visibility": visibility })))
+}
+
+#[derive(Deserialize)]
+pub struct VisibilityBody {
+    visibility: Option<String>,
+}
+
+/// `PUT /_matrix/client/v3/directory/list/room/{roomId}`
+pub async fn set_visibility(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(room_id): Path<String>,
+    JsonBody(body): JsonBody<VisibilityBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let public = match body.visibility.as_deref() {
+        Some("public") => true,
+        Some("private") | None => false,
+        Some(other) => {
+            return Err(MatrixError::invalid_param(format!(
+                "unknown visibility {other:?}"
+            )));
+        }
+    };
+    let user = parse_user(authed.user_id.to_string().as_str())?;
+    let is_admin = state
+        .accounts
+        .user(authed.localpart())?
+        .is_some_and(|u| u.admin);
+    state
+        .directory
+        .set_visibility(&room_id, &user, is_admin, public, &state.rooms)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize, Default)]
+pub struct PublicRoomsQuery {
+    limit: Option<usize>,
+    since: Option<String>,
+    server: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct PublicRoomsBody {
+    limit: Option<usize>,
+    since: Option<String>,
+    filter: Option<FilterBody>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct FilterBody {
+    generic_search_term: Option<String>,
+    room_types: Option<Vec<Option<String>>>,
+}
+
+/// `GET /_matrix/client/v3/publicRooms`
+pub async fn public_rooms(
+    State(state): State<AppState>,
+    Query(query): Query<PublicRoomsQuery>,
+) -> ApiResult<Json<Value>> {
+    check_server(&state, query.server.as_deref())?;
+    list(&state, query.limit, query.since, RoomFilter::default())
+}
+
+/// `POST /_matrix/client/v3/publicRooms`
+pub async fn search_public_rooms(
+    State(state): State<AppState>,
+    Auth(_): Auth,
+    Query(query): Query<PublicRoomsQuery>,
+    JsonBody(body): JsonBody<PublicRoomsBody>,
+) -> ApiResult<Json<Value>> {
+    check_server(&state, query.server.as_deref())?;
+    let filter = body.filter.unwrap_or_default();
+    let filter = RoomFilter {
+        search_term: filter.generic_search_term,
+        room_types: filter.room_types,
+    };
+    list(&state, body.limit, body.since, filter)
+}
+
+/// Other servers' directories need federation, which is not there yet.
+fn check_server(state: &AppState, server: Option<&str>) -> ApiResult<()> {
+    match server {
+        Some(server) if server != state.config.server_name => Err(MatrixError::not_found(format!(
+            "The directory of {server} cannot be reached"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// One page of the directory; `since` tokens are offsets (`o20`).
+fn list(
+    state: &AppState,
+    limit: Option<usize>,
+    since: Option<String>,
+    filter: RoomFilter,
+) -> ApiResult<Json<Value>> {
+    let offset = match since.as_deref() {
+        Some(token) => token
+            .strip_prefix('o')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                MatrixError::invalid_param(format!("{token:?} is not a directory token"))
+            })?,
+        None => 0,
+    };
+    let rooms = state.directory.public_rooms(&state.rooms, &filter)?;
+    let total = rooms.len();
+    let limit = limit.unwrap_or(total).clamp(1, 1000);
+    let chunk: Vec<Value> = rooms
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|r| r.summary)
+        .collect();
+    let mut answer = json!({ "chunk": chunk, "total_room_count_estimate": total });
+    if offset + limit < total {
+        answer["next_batch"] = json!(format!("o{}", offset + limit));
+    }
+    if offset > 0 {
+        answer["prev_batch"] = json!(format!("o{}", offset.saturating_sub(limit)));
+    }
+    Ok(Json(answer))
+}

@@ -1,0 +1,158 @@
+//! Room aliases and the public room directory, over HTTP.
+
+mod common;
+
+use common::{assert_error, token, TestServer};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+#[tokio::test]
+async fn aliases_resolve_join_and_delete() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let body = json!({ "room_alias_name": "plans", "preset": "public_chat", "name": "Plans" });
+    let (status, created) = server
+        .post("/_matrix/client/v3/createRoom", Some(&alice), body.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let room_id = created["room_id"].as_str().unwrap();
+    let again = server
+        .post("/_matrix/client/v3/createRoom", Some(&alice), body)
+        .await;
+    assert_error(&again, StatusCode::BAD_REQUEST, "M_ROOM_IN_USE");
+    let (_, joined) = server
+        .get("/_matrix/client/v3/joined_rooms", Some(&alice))
+        .await;
+    assert_eq!(
+        joined["joined_rooms"].as_array().unwrap().len(),
+        1,
+        "the refused room was not made"
+    );
+
+    let (status, resolved) = server
+        .get("/_matrix/client/v3/directory/room/%23plans:localhost", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        resolved,
+        json!({ "room_id": room_id, "servers": ["localhost"] })
+    );
+    let (_, canonical) = server
+        .get(
+            &format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.canonical_alias"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(canonical["alias"], "#plans:localhost", "{canonical}");
+
+    let (status, answer) = server
+        .post(
+            "/_matrix/client/v3/join/%23plans:localhost",
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["room_id"], room_id);
+
+    let other = "/_matrix/client/v3/directory/room/%23other:localhost";
+    let (status, _) = server
+        .put(other, Some(&alice), json!({ "room_id": room_id }))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let taken = server
+        .put(other, Some(&bob), json!({ "room_id": room_id }))
+        .await;
+    assert_error(&taken, StatusCode::CONFLICT, "M_UNKNOWN");
+    let (_, aliases) = server
+        .get(
+            &format!("/_matrix/client/v3/rooms/{room_id}/aliases"),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(
+        aliases["aliases"],
+        json!(["#other:localhost", "#plans:localhost"])
+    );
+    let refused = server.call(Method::DELETE, other, Some(&bob), None).await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let (status, _) = server.call(Method::DELETE, other, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let gone = server.get(other, None).await;
+    assert_error(&gone, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+
+    let remote = server
+        .put(
+            "/_matrix/client/v3/directory/room/%23x:elsewhere.org",
+            Some(&alice),
+            json!({ "room_id": room_id }),
+        )
+        .await;
+    assert_error(&remote, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    let invalid = server
+        .get("/_matrix/client/v3/directory/room/plans", None)
+        .await;
+    assert_error(&invalid, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+}
+
+#[tokio::test]
+async fn the_directory_lists_published_rooms() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let (_, created) = server
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            json!({ "visibility": "public", "name": "Gardening", "topic": "Tomatoes" }),
+        )
+        .await;
+    let room_id = created["room_id"].as_str().unwrap().to_owned();
+    server
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            json!({ "name": "Hidden" }),
+        )
+        .await;
+    let (status, listed) = server.get("/_matrix/client/v3/publicRooms", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["total_room_count_estimate"], 1);
+    let room = &listed["chunk"][0];
+    assert_eq!(room["room_id"], room_id.as_str());
+    assert_eq!(room["name"], "Gardening");
+    assert_eq!(room["topic"], "Tomatoes");
+    assert_eq!(room["num_joined_members"], 1);
+    assert_eq!(room["join_rule"], "public");
+
+    let search = |term: &str| {
+        let body = json!({ "filter": { "generic_search_term": term } });
+        let server = &server;
+        let alice = alice.clone();
+        async move {
+            server
+                .post("/_matrix/client/v3/publicRooms", Some(&alice), body)
+                .await
+        }
+    };
+    assert_eq!(
+        search("TOMATO").await.1["chunk"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(search("zzz").await.1["chunk"].as_array().unwrap().len(), 0);
+
+    let path = format!("/_matrix/client/v3/directory/list/room/{room_id}");
+    let (_, visibility) = server.get(&path, None).await;
+    assert_eq!(visibility, json!({ "visibility": "public" }));
+    let refused = server
+        .put(&path, Some(&bob), json!({ "visibility": "private" }))
+        .await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let (status, _) = server
+        .put(&path, Some(&alice), json!({ "visibility": "private" }))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, listed) = server.get("/_matrix/client/v3/publicRooms", None).await;
+    assert_eq!(listed["chunk"], json!([]));
+}
