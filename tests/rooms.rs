@@ -409,3 +409,54 @@ async fn bad_room_requests_change_nothing() {
         "nothing was stored"
     );
 }
+
+#[tokio::test]
+async fn knocking_and_forgetting() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let knockable = create_room(
+        &server,
+        &alice,
+        json!({ "initial_state": [{ "type": "m.room.join_rules", "content": { "join_rule": "knock" } }] }),
+    )
+    .await;
+    let (status, answer) = server
+        .post(
+            &format!("/_matrix/client/v3/knock/{knockable}"),
+            Some(&bob),
+            json!({ "reason": "hi" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["room_id"], knockable.as_str());
+    let (_, knocks) = server
+        .get(
+            &room_path(&knockable, "/members?membership=knock"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(knocks["chunk"][0]["state_key"], "@bob:localhost");
+    let invite_only = create_room(&server, &alice, json!({})).await;
+    let refused = server
+        .post(
+            &format!("/_matrix/client/v3/knock/{invite_only}"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+
+    let still_in = server
+        .post(&room_path(&invite_only, "/forget"), Some(&alice), json!({}))
+        .await;
+    assert_error(&still_in, StatusCode::BAD_REQUEST, "M_UNKNOWN");
+    let (status, _) = server
+        .post(&room_path(&invite_only, "/leave"), Some(&alice), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = server
+        .post(&room_path(&invite_only, "/forget"), Some(&alice), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}

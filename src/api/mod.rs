@@ -18,7 +18,9 @@ use tower_http::cors::{Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::services::Services;
-use client::{account, devices, directory, discovery, membership, profile, room_events, session};
+use client::{
+    account, devices, directory, discovery, membership, profile, room_events, session, user_data,
+};
 use error::MatrixError;
 
 /// What every handler receives: the service graph.
@@ -112,6 +114,8 @@ fn room_routes(prefix: &str) -> Router<AppState> {
         .route(&room("/kick"), post(membership::kick))
         .route(&room("/ban"), post(membership::ban))
         .route(&room("/unban"), post(membership::unban))
+        .route(&room("/forget"), post(membership::forget))
+        .route(&path("/knock/{target}"), post(membership::knock))
         .route(&room("/send/{kind}/{txn_id}"), put(room_events::send))
         .route(
             &room("/redact/{event_id}/{txn_id}"),
@@ -136,6 +140,32 @@ fn room_routes(prefix: &str) -> Router<AppState> {
         .route(&room("/joined_members"), get(room_events::joined_members))
         .route(&room("/messages"), get(room_events::messages))
         .route(&room("/aliases"), get(directory::room_aliases))
+        .route(
+            &room("/receipt/{receipt_type}/{event_id}"),
+            post(user_data::receipt),
+        )
+        .route(&room("/read_markers"), post(user_data::read_markers))
+        .route(&room("/typing/{user_id}"), put(user_data::typing))
+        .route(
+            &path("/user/{user_id}/account_data/{kind}"),
+            get(user_data::get_global).put(user_data::put_global),
+        )
+        .route(
+            &path("/user/{user_id}/rooms/{room_id}/account_data/{kind}"),
+            get(user_data::get_room).put(user_data::put_room),
+        )
+        .route(
+            &path("/user/{user_id}/rooms/{room_id}/tags"),
+            get(user_data::get_tags),
+        )
+        .route(
+            &path("/user/{user_id}/rooms/{room_id}/tags/{tag}"),
+            put(user_data::put_tag).delete(user_data::delete_tag),
+        )
+        .route(
+            &path("/presence/{user_id}/status"),
+            get(user_data::get_presence).put(user_data::set_presence),
+        )
         .route(
             &path("/directory/room/{alias}"),
             get(directory::resolve_alias)

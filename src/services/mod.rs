@@ -12,7 +12,9 @@ mod locks;
 pub mod profiles;
 pub mod rate_limit;
 pub mod rooms;
+pub mod stream;
 pub mod uia;
+pub mod user_data;
 
 use std::sync::Arc;
 
@@ -36,8 +38,10 @@ pub struct Services {
     pub profiles: Profiles,
     pub rooms: Rooms,
     pub directory: Directory,
+    pub user_data: user_data::UserData,
     pub uia: Uia,
     pub rate_limiter: RateLimiter,
+    clock: Arc<dyn Clock>,
 }
 
 impl Services {
@@ -45,16 +49,20 @@ impl Services {
         let key = Arc::new(keys::load_or_generate(&storage, clock.now_ms())?);
         let default_version = ruma::RoomVersionId::try_from(config.default_room_version.as_str())
             .map_err(|e| Error::Internal(e.to_string()))?;
+        let stream = Arc::new(stream::StreamCounter::load(&storage)?);
+        let user_data = user_data::UserData::new(storage.clone(), stream.clone(), clock.clone());
         let rooms = Rooms::new(
             storage.clone(),
             config.server_name.clone(),
             key,
             clock.clone(),
+            stream,
             default_version,
             config.max_room_members,
         )?;
         Ok(Services {
             rooms,
+            user_data,
             directory: Directory::new(storage.clone(), config.server_name.clone()),
             accounts: Accounts::new(
                 storage.clone(),
@@ -65,9 +73,15 @@ impl Services {
             ),
             profiles: Profiles::new(storage),
             uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),
-            rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock),
+            rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock.clone()),
+            clock,
             config,
         })
+    }
+
+    /// The current time, for answers that say how long ago something was.
+    pub fn user_data_now(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     /// The flows a registration must complete in the configured mode, or

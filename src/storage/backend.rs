@@ -50,11 +50,17 @@ pub enum Cf {
     RoomAliases,
     /// Rooms published in the room directory.
     PublicRooms,
+    /// Users' account data, global and per room.
+    AccountData,
+    /// Read receipts.
+    Receipts,
+    /// Users' presence.
+    Presence,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 18] = [
+    pub const ALL: [Cf; 21] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -73,6 +79,9 @@ impl Cf {
         Cf::Aliases,
         Cf::RoomAliases,
         Cf::PublicRooms,
+        Cf::AccountData,
+        Cf::Receipts,
+        Cf::Presence,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -96,6 +105,9 @@ impl Cf {
             Cf::Aliases => "aliases",
             Cf::RoomAliases => "room_aliases",
             Cf::PublicRooms => "public_rooms",
+            Cf::AccountData => "account_data",
+            Cf::Receipts => "receipts",
+            Cf::Presence => "presence",
         }
     }
 

@@ -80,11 +80,58 @@ pub struct StoredPdu {
     pub redacted_because: Option<String>,
 }
 
-/// One entry of the global stream.
+/// One entry of the global stream: what was written at a position.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamEntry {
-    pub room_id: String,
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StreamEntry {
+    /// An event of a room.
+    Event { room_id: String, event_id: String },
+    /// A user's account data (global when `room_id` is empty).
+    AccountData {
+        user_id: String,
+        room_id: String,
+        data_type: String,
+    },
+    /// A receipt in a room.
+    Receipt {
+        room_id: String,
+        user_id: String,
+        receipt_type: String,
+    },
+    /// A user's presence.
+    Presence { user_id: String },
+}
+
+/// (user ID, room ID or "" for global, type) → account data.
+pub const ACCOUNT_DATA: Table<(String, String, String), StreamedValue> =
+    Table::new(Cf::AccountData);
+/// (room ID, receipt type, user ID, thread ID or "") → the receipt.
+pub const RECEIPTS: Table<(String, String, String, String), Receipt> = Table::new(Cf::Receipts);
+/// User ID → the user's presence.
+pub const PRESENCE: Table<String, PresenceRecord> = Table::new(Cf::Presence);
+
+/// A JSON value and the stream position it was written at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamedValue {
+    pub content: serde_json::Value,
+    pub stream: u64,
+}
+
+/// A read receipt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
     pub event_id: String,
+    pub ts: u64,
+    pub stream: u64,
+}
+
+/// A user's presence as set by the user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceRecord {
+    pub presence: String,
+    pub status_msg: Option<String>,
+    pub last_active_ts: u64,
+    pub stream: u64,
 }
 
 /// A room's state after some event, as a delta on an earlier group or as
@@ -119,6 +166,9 @@ pub struct UserRoom {
     pub membership: String,
     pub event_id: String,
     pub stream: u64,
+    /// Set by `/forget` after leaving; cleared by the next membership.
+    #[serde(default)]
+    pub forgotten: bool,
 }
 
 /// A local account.
@@ -300,6 +350,25 @@ impl<A: KeyPart, B: KeyPart, C: KeyPart> Key for (A, B, C) {
         let b = B::take(&mut bytes)?;
         let c = C::take(&mut bytes)?;
         bytes.is_empty().then_some((a, b, c))
+    }
+}
+
+impl<A: KeyPart, B: KeyPart, C: KeyPart, D: KeyPart> Key for (A, B, C, D) {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.0.put(&mut out);
+        self.1.put(&mut out);
+        self.2.put(&mut out);
+        self.3.put(&mut out);
+        out
+    }
+
+    fn decode(mut bytes: &[u8]) -> Option<Self> {
+        let a = A::take(&mut bytes)?;
+        let b = B::take(&mut bytes)?;
+        let c = C::take(&mut bytes)?;
+        let d = D::take(&mut bytes)?;
+        bytes.is_empty().then_some((a, b, c, d))
     }
 }
 

@@ -106,16 +106,7 @@ pub async fn join_by_id_or_alias(
     Path(target): Path<String>,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = if target.starts_with('#') {
-        let alias = ruma::RoomAliasId::parse(&target)
-            .map_err(|_| MatrixError::invalid_param(format!("{target:?} is not a room alias")))?;
-        state
-            .directory
-            .resolve(&alias)?
-            .ok_or_else(|| MatrixError::not_found(format!("Room alias {target} not found")))?
-    } else {
-        parse_room(&target)?
-    };
+    let room_id = resolve_target(&state, &target)?;
     join_room(&state, &authed, &room_id, body.reason).await
 }
 
@@ -257,6 +248,64 @@ moderation_handler!(
     Action::Unban,
     "`POST /_matrix/client/v3/rooms/{roomId}/unban`"
 );
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/forget`
+pub async fn forget(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(room_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let user = parse_user(&authed.user_id.to_string())?;
+    state.rooms.forget(&room_id, &user).await?;
+    Ok(Json(json!({})))
+}
+
+/// `POST /_matrix/client/v3/knock/{roomIdOrAlias}`
+pub async fn knock(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(target): Path<String>,
+    JsonBody(body): JsonBody<ReasonBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = resolve_target(&state, &target)?;
+    let user = parse_user(&authed.user_id.to_string())?;
+    if state.rooms.room(&room_id)?.is_none() {
+        return Err(MatrixError::not_found(
+            "No known servers to knock on this room through",
+        ));
+    }
+    let profile = state
+        .profiles
+        .profile(authed.localpart())?
+        .map(Value::Object);
+    state
+        .rooms
+        .set_membership(
+            &room_id,
+            &user,
+            &user,
+            "knock",
+            reason_content(body.reason),
+            profile,
+        )
+        .await?;
+    Ok(Json(json!({ "room_id": room_id })))
+}
+
+/// A room ID, or the room a local alias points to.
+fn resolve_target(state: &AppState, target: &str) -> ApiResult<OwnedRoomId> {
+    if target.starts_with('#') {
+        let alias = ruma::RoomAliasId::parse(target)
+            .map_err(|_| MatrixError::invalid_param(format!("{target:?} is not a room alias")))?;
+        state
+            .directory
+            .resolve(&alias)?
+            .ok_or_else(|| MatrixError::not_found(format!("Room alias {target} not found")))
+    } else {
+        parse_room(target)
+    }
+}
 
 /// `GET /_matrix/client/v3/joined_rooms`
 pub async fn joined_rooms(

@@ -8,3 +8,4 @@ pub mod membership;
 pub mod profile;
 pub mod room_events;
 pub mod session;
+pub mod user_data;

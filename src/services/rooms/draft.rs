@@ -235,7 +235,11 @@ impl<'a> Draft<'a> {
     fn record(&mut self, pdu: Arc<Pdu>, origin: Origin) -> Result<()> {
         let room_id = pdu.room_id.to_string();
         let event_id = pdu.event_id.to_string();
-        let stream = self.rooms.next_stream_position();
+        let entry = StreamEntry::Event {
+            room_id: room_id.clone(),
+            event_id: event_id.clone(),
+        };
+        let stream = self.rooms.stream.next_into(&mut self.batch, &entry);
         if let Some(state_key) = &pdu.state_key {
             self.record_state(&room_id, &pdu, state_key)?;
         }
@@ -251,11 +255,6 @@ impl<'a> Draft<'a> {
         self.batch.put(tables::PDUS, &event_id, &stored);
         self.batch
             .put(tables::TIMELINE, &(room_id.clone(), stream), &event_id);
-        let entry = StreamEntry {
-            room_id: room_id.clone(),
-            event_id: event_id.clone(),
-        };
-        self.batch.put(tables::STREAM, &stream, &entry);
         if let (Some(device_id), Some((txn_key, _))) = (&origin.device_id, &origin.txn) {
             let key = (pdu.sender.to_string(), device_id.clone(), txn_key.clone());
             self.batch.put(tables::TRANSACTIONS, &key, &event_id);
@@ -266,6 +265,7 @@ impl<'a> Draft<'a> {
                     membership: membership_of(&pdu.content_value()),
                     event_id: event_id.clone(),
                     stream,
+                    forgotten: false,
                 };
                 self.batch.put(
                     tables::USER_ROOMS,

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use super::clock::Clock;
 use super::error::{Error, Result};
 use super::locks::StripedLocks;
+use super::stream::StreamCounter;
 use crate::events::{NewEvent, Pdu, SigningKey};
 use crate::storage::tables::{self, RoomRecord, StoredPdu};
 use crate::storage::{Direction, KeyRange, Storage};
@@ -34,8 +35,7 @@ pub struct Rooms {
     key: Arc<SigningKey>,
     clock: Arc<dyn Clock>,
     locks: StripedLocks,
-    /// The last stream position handed out.
-    stream: AtomicU64,
+    stream: Arc<StreamCounter>,
     /// The last state group ID handed out.
     state_groups: AtomicU64,
     pub default_version: RoomVersionId,
@@ -55,14 +55,11 @@ impl Rooms {
         server_name: String,
         key: Arc<SigningKey>,
         clock: Arc<dyn Clock>,
+        stream: Arc<StreamCounter>,
         default_version: RoomVersionId,
         max_members: u64,
     ) -> Result<Self> {
         let everything = KeyRange::prefix(b"");
-        let stream = storage
-            .scan(tables::STREAM, &everything, Direction::Backward, 1)?
-            .first()
-            .map_or(0, |(position, _)| *position);
         let groups = storage
             .scan(tables::STATE_GROUPS, &everything, Direction::Backward, 1)?
             .first()
@@ -73,7 +70,7 @@ impl Rooms {
             key,
             clock,
             locks: StripedLocks::new(256),
-            stream: AtomicU64::new(stream),
+            stream,
             state_groups: AtomicU64::new(groups),
             default_version,
             max_members,
@@ -84,17 +81,13 @@ impl Rooms {
         &self.server_name
     }
 
-    fn next_stream_position(&self) -> u64 {
-        self.stream.fetch_add(1, Ordering::SeqCst) + 1
-    }
-
     fn next_state_group(&self) -> u64 {
         self.state_groups.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     /// The latest stream position handed out.
     pub fn current_stream_position(&self) -> u64 {
-        self.stream.load(Ordering::SeqCst)
+        self.stream.current()
     }
 
     pub fn room(&self, room_id: &RoomId) -> Result<Option<RoomRecord>> {
@@ -183,6 +176,26 @@ impl Rooms {
             .collect())
     }
 
+    /// `POST /rooms/{roomId}/forget`: the user, who has left, stops seeing
+    /// the room. Refused while the user is joined or invited.
+    pub async fn forget(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        let _guard = self.locks.lock(room_id.as_str()).await;
+        let key = (user_id.to_string(), room_id.to_string());
+        let Some(mut membership) = self.storage.get(tables::USER_ROOMS, &key)? else {
+            return Ok(());
+        };
+        if matches!(membership.membership.as_str(), "join" | "invite" | "knock") {
+            return Err(Error::Unknown(format!(
+                "{user_id} is still in room {room_id}; leave it first"
+            )));
+        }
+        membership.forgotten = true;
+        let mut batch = crate::storage::Batch::new();
+        batch.put(tables::USER_ROOMS, &key, &membership);
+        self.storage.commit(batch).await?;
+        Ok(())
+    }
+
     /// Refuses unless the user is joined to the room. An unknown room and a
     /// room the user is not in look the same, so that room IDs do not leak.
     pub fn require_joined(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
@@ -239,7 +252,7 @@ impl Rooms {
         profile: Option<Value>,
     ) -> Result<OwnedEventId> {
         extra["membership"] = json!(membership);
-        if let (Some(Value::Object(profile)), "join") = (profile, membership) {
+        if let (Some(Value::Object(profile)), "join" | "knock") = (profile, membership) {
             for key in ["displayname", "avatar_url"] {
                 if let Some(value) = profile.get(key) {
                     extra[key] = value.clone();
