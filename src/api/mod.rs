@@ -19,7 +19,8 @@ use tower_http::trace::TraceLayer;
 
 use crate::services::Services;
 use client::{
-    account, devices, directory, discovery, membership, profile, room_events, session, user_data,
+    account, devices, directory, discovery, membership, profile, relations, room_events, session,
+    user_data,
 };
 use error::MatrixError;
 
@@ -39,6 +40,22 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/_matrix/client/v1/register/m.login.registration_token/validity",
             get(account::registration_token_validity),
+        );
+    let v1_room = |suffix: &str| format!("/_matrix/client/v1/rooms/{{room_id}}{suffix}");
+    router = router
+        .route(&v1_room("/relations/{event_id}"), get(relations::all))
+        .route(
+            &v1_room("/relations/{event_id}/{rel_type}"),
+            get(relations::by_type),
+        )
+        .route(
+            &v1_room("/relations/{event_id}/{rel_type}/{event_type}"),
+            get(relations::by_type_and_event_type),
+        )
+        .route(&v1_room("/threads"), get(relations::threads))
+        .route(
+            &v1_room("/timestamp_to_event"),
+            get(relations::timestamp_to_event),
         );
     for prefix in CLIENT_PREFIXES {
         router = router.merge(client_routes(prefix));
@@ -140,6 +157,7 @@ fn room_routes(prefix: &str) -> Router<AppState> {
         .route(&room("/joined_members"), get(room_events::joined_members))
         .route(&room("/messages"), get(room_events::messages))
         .route(&room("/aliases"), get(directory::room_aliases))
+        .route(&room("/context/{event_id}"), get(relations::context))
         .route(
             &room("/receipt/{receipt_type}/{event_id}"),
             post(user_data::receipt),

@@ -56,11 +56,17 @@ pub enum Cf {
     Receipts,
     /// Users' presence.
     Presence,
+    /// Events that relate to another event, by the event they relate to.
+    Relations,
+    /// Thread roots by room, with their latest activity.
+    Threads,
+    /// Thread roots by room and latest activity, newest last.
+    ThreadActivity,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 21] = [
+    pub const ALL: [Cf; 24] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -82,6 +88,9 @@ impl Cf {
         Cf::AccountData,
         Cf::Receipts,
         Cf::Presence,
+        Cf::Relations,
+        Cf::Threads,
+        Cf::ThreadActivity,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -108,6 +117,9 @@ impl Cf {
             Cf::AccountData => "account_data",
             Cf::Receipts => "receipts",
             Cf::Presence => "presence",
+            Cf::Relations => "relations",
+            Cf::Threads => "threads",
+            Cf::ThreadActivity => "thread_activity",
         }
     }
 

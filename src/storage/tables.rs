@@ -110,6 +110,31 @@ pub const RECEIPTS: Table<(String, String, String, String), Receipt> = Table::ne
 /// User ID → the user's presence.
 pub const PRESENCE: Table<String, PresenceRecord> = Table::new(Cf::Presence);
 
+/// (parent event ID, stream) → the relating event.
+pub const RELATIONS: Table<(String, u64), Relation> = Table::new(Cf::Relations);
+/// (room ID, root event ID) → the thread's summary.
+pub const THREADS: Table<(String, String), ThreadRecord> = Table::new(Cf::Threads);
+/// (room ID, stream of the latest reply) → the thread's root event ID.
+pub const THREAD_ACTIVITY: Table<(String, u64), String> = Table::new(Cf::ThreadActivity);
+
+/// An event that relates to another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relation {
+    pub event_id: String,
+    pub rel_type: String,
+    pub event_type: String,
+    pub sender: String,
+}
+
+/// A thread: its latest reply, its size and who took part.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadRecord {
+    pub latest_event_id: String,
+    pub latest_stream: u64,
+    pub count: u64,
+    pub participants: Vec<String>,
+}
+
 /// A JSON value and the stream position it was written at.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamedValue {

@@ -6,6 +6,7 @@ pub mod directory;
 pub mod discovery;
 pub mod membership;
 pub mod profile;
+pub mod relations;
 pub mod room_events;
 pub mod session;
 pub mod user_data;

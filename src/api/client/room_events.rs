@@ -126,20 +126,26 @@ async fn send_event(
 }
 
 /// The room, after checking that the requester is joined to it.
-fn readable_room(state: &AppState, authed: &Authed, room_id: &str) -> ApiResult<OwnedRoomId> {
+pub fn readable_room(state: &AppState, authed: &Authed, room_id: &str) -> ApiResult<OwnedRoomId> {
     let room_id = parse_room(room_id)?;
     let user = parse_user(&authed.user_id.to_string())?;
     state.rooms.require_joined(&room_id, &user)?;
     Ok(room_id)
 }
 
-/// An event as the requesting device sees it: with its own transaction ID.
-fn client_event(
+/// An event as the requesting device sees it: with its own transaction ID,
+/// what redacted it, and its bundled relations (edits, thread summary).
+pub fn render_event(
+    state: &AppState,
     pdu: &Pdu,
     stored: Option<&crate::storage::tables::StoredPdu>,
     authed: &Authed,
-) -> Value {
+) -> ApiResult<Value> {
     let mut event = pdu.client_event();
+    let viewer = parse_user(&authed.user_id.to_string())?;
+    if let Some(relations) = state.rooms.bundled_relations(pdu, &viewer)? {
+        event["unsigned"]["m.relations"] = relations;
+    }
     if let Some(stored) = stored {
         if stored.sender_device.as_deref() == Some(authed.device_id.as_str())
             && pdu.sender == authed.user_id.to_string()
@@ -152,7 +158,18 @@ fn client_event(
             event["unsigned"]["redacted_because"] = json!({ "event_id": because });
         }
     }
-    event
+    Ok(event)
+}
+
+/// Renders events with [`render_event`].
+pub fn render_events(state: &AppState, events: &[Pdu], authed: &Authed) -> ApiResult<Vec<Value>> {
+    events
+        .iter()
+        .map(|pdu| {
+            let stored = state.rooms.pdu(pdu.event_id.as_str())?;
+            render_event(state, pdu, stored.as_ref().map(|(_, s)| s), authed)
+        })
+        .collect()
 }
 
 /// `GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}`
@@ -167,7 +184,7 @@ pub async fn get_event(
     if pdu.room_id != room_id {
         return Err(not_found());
     }
-    Ok(Json(client_event(&pdu, Some(&stored), &authed)))
+    Ok(Json(render_event(&state, &pdu, Some(&stored), &authed)?))
 }
 
 /// `GET /_matrix/client/v3/rooms/{roomId}/state`
@@ -296,7 +313,7 @@ pub struct MessagesQuery {
 }
 
 /// Pagination tokens are stream positions with a prefix: `t42`.
-fn parse_token(token: &str) -> ApiResult<u64> {
+pub fn parse_token(token: &str) -> ApiResult<u64> {
     token
         .strip_prefix('t')
         .and_then(|n| n.parse().ok())
@@ -324,14 +341,7 @@ pub async fn messages(
     let to = query.to.as_deref().map(parse_token).transpose()?;
     let limit = query.limit.unwrap_or(10);
     let page = state.rooms.page(&room_id, from, to, direction, limit)?;
-    let chunk: Vec<Value> = page
-        .events
-        .iter()
-        .map(|pdu| {
-            let stored = state.rooms.pdu(pdu.event_id.as_str()).ok().flatten();
-            client_event(pdu, stored.as_ref().map(|(_, s)| s), &authed)
-        })
-        .collect();
+    let chunk = render_events(&state, &page.events, &authed)?;
     let mut answer = json!({ "chunk": chunk, "start": format!("t{from}") });
     if let Some(next) = page.next {
         answer["end"] = json!(format!("t{next}"));

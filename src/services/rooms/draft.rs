@@ -20,7 +20,9 @@ use super::power::PowerView;
 use super::Rooms;
 use crate::events::{self, BuildContext, EventError, NewEvent, Pdu};
 use crate::services::error::{Error, Result};
-use crate::storage::tables::{self, RoomRecord, StateGroup, StoredPdu, StreamEntry, UserRoom};
+use crate::storage::tables::{
+    self, Relation, RoomRecord, StateGroup, StoredPdu, StreamEntry, ThreadRecord, UserRoom,
+};
 use crate::storage::{Batch, StorageError};
 
 /// Deltas after which a state group is stored as a full snapshot again.
@@ -274,11 +276,76 @@ impl<'a> Draft<'a> {
                 );
             }
         }
+        self.record_relation(&pdu, stream)?;
         self.record.forward_extremities = vec![event_id];
         self.record.depth = pdu.depth;
         self.batch.put(tables::ROOMS, &room_id, &self.record);
         self.pdus.insert(pdu.event_id.clone(), pdu.clone());
         self.appended.push(pdu);
+        Ok(())
+    }
+
+    /// An event with `m.relates_to`: indexed under its parent, and a thread
+    /// reply also updates its thread's summary and activity order.
+    fn record_relation(&mut self, pdu: &Pdu, stream: u64) -> Result<()> {
+        let content = pdu.content_value();
+        let Some(relates_to) = content.get("m.relates_to") else {
+            return Ok(());
+        };
+        let (Some(rel_type), Some(parent)) = (
+            relates_to.get("rel_type").and_then(Value::as_str),
+            relates_to.get("event_id").and_then(Value::as_str),
+        ) else {
+            return Ok(());
+        };
+        let relation = Relation {
+            event_id: pdu.event_id.to_string(),
+            rel_type: rel_type.to_owned(),
+            event_type: pdu.kind.to_string(),
+            sender: pdu.sender.to_string(),
+        };
+        self.batch
+            .put(tables::RELATIONS, &(parent.to_owned(), stream), &relation);
+        if rel_type != "m.thread" {
+            return Ok(());
+        }
+        let room_id = pdu.room_id.to_string();
+        let key = (room_id.clone(), parent.to_owned());
+        let thread = match self.rooms.storage.get(tables::THREADS, &key)? {
+            Some(mut thread) => {
+                self.batch.delete(
+                    tables::THREAD_ACTIVITY,
+                    &(room_id.clone(), thread.latest_stream),
+                );
+                thread.count += 1;
+                thread.latest_event_id = pdu.event_id.to_string();
+                thread.latest_stream = stream;
+                if !thread.participants.contains(&relation.sender) {
+                    thread.participants.push(relation.sender);
+                }
+                thread
+            }
+            None => {
+                let mut participants = vec![relation.sender];
+                if let Some(root) = self.fetch(parent)? {
+                    if !participants.contains(&root.sender.to_string()) {
+                        participants.push(root.sender.to_string());
+                    }
+                }
+                ThreadRecord {
+                    latest_event_id: pdu.event_id.to_string(),
+                    latest_stream: stream,
+                    count: 1,
+                    participants,
+                }
+            }
+        };
+        self.batch.put(tables::THREADS, &key, &thread);
+        self.batch.put(
+            tables::THREAD_ACTIVITY,
+            &(room_id, stream),
+            &parent.to_owned(),
+        );
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 pub mod create;
 pub mod draft;
 pub mod power;
+pub mod relations;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,8 +44,11 @@ pub struct Rooms {
 }
 
 /// A page of a room's timeline.
+#[derive(Default)]
 pub struct Page {
     pub events: Vec<Pdu>,
+    /// The stream position of each event.
+    pub positions: Vec<u64>,
     /// Where the next page starts, if there may be one.
     pub next: Option<u64>,
 }
@@ -356,11 +360,13 @@ impl Rooms {
             .scan(tables::TIMELINE, &range, direction, limit)?;
         let full = entries.len() == limit;
         let mut events = Vec::with_capacity(entries.len());
+        let mut positions = Vec::with_capacity(entries.len());
         let mut last = None;
         for ((_, position), event_id) in entries {
             last = Some(position);
             if let Some((pdu, _)) = self.pdu(&event_id)? {
                 events.push(pdu);
+                positions.push(position);
             }
         }
         let next = match (full, last, direction) {
@@ -368,7 +374,87 @@ impl Rooms {
             (true, Some(position), Direction::Forward) => Some(position),
             _ => None,
         };
-        Ok(Page { events, next })
+        Ok(Page {
+            events,
+            positions,
+            next,
+        })
+    }
+
+    /// The state after the events of a state group: a walk back to the
+    /// group's snapshot, then its deltas applied in order.
+    pub fn state_at_group(&self, group_id: u64) -> Result<Vec<Pdu>> {
+        let mut chain = Vec::new();
+        let mut next = Some(group_id);
+        while let Some(id) = next {
+            if id == 0 {
+                break;
+            }
+            let group = self
+                .storage
+                .get(tables::STATE_GROUPS, &id)?
+                .ok_or_else(|| Error::Internal(format!("state group {id} is missing")))?;
+            next = group.prev;
+            chain.push(group);
+        }
+        let mut state = std::collections::BTreeMap::new();
+        for group in chain.into_iter().rev() {
+            for (kind, state_key, event_id) in group.entries {
+                state.insert((kind, state_key), event_id);
+            }
+        }
+        let mut events = Vec::with_capacity(state.len());
+        for event_id in state.values() {
+            if let Some((pdu, _)) = self.pdu(event_id)? {
+                events.push(pdu);
+            }
+        }
+        Ok(events)
+    }
+
+    /// The first event at or after `ts` (forward), or the last at or before
+    /// it (backward). A binary search over stream positions: local events'
+    /// timestamps grow with their positions.
+    pub fn event_near_timestamp(
+        &self,
+        room_id: &RoomId,
+        ts: u64,
+        direction: Direction,
+    ) -> Result<Option<Pdu>> {
+        let (mut low, mut high) = (0u64, self.current_stream_position() + 1);
+        let mut best = None;
+        while low < high {
+            let middle = low + (high - low) / 2;
+            let probe = match direction {
+                Direction::Forward => {
+                    self.page(room_id, middle.saturating_sub(1), None, direction, 1)?
+                }
+                Direction::Backward => self.page(room_id, middle, None, direction, 1)?,
+            };
+            let (Some(pdu), Some(&position)) =
+                (probe.events.into_iter().next(), probe.positions.first())
+            else {
+                match direction {
+                    Direction::Forward => high = middle,
+                    Direction::Backward => low = middle + 1,
+                }
+                continue;
+            };
+            let event_ts = u64::from(pdu.origin_server_ts.get());
+            match direction {
+                Direction::Forward if event_ts >= ts => {
+                    high = position.min(middle);
+                    best = Some(pdu);
+                }
+                Direction::Forward => low = position + 1,
+                Direction::Backward if event_ts <= ts => {
+                    low = position + 1;
+                    best = Some(pdu);
+                }
+                Direction::Backward => high = position,
+            }
+        }
+        Ok(best)
     }
 }
 
