@@ -156,3 +156,102 @@ async fn the_directory_lists_published_rooms() {
     let (_, listed) = server.get("/_matrix/client/v3/publicRooms", None).await;
     assert_eq!(listed["chunk"], json!([]));
 }
+
+#[tokio::test]
+async fn an_upgrade_tombstones_the_old_room_and_moves_its_aliases() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let (_, created) = server
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            json!({
+                "room_version": "10", "name": "Old", "topic": "t", "preset": "public_chat",
+                "room_alias_name": "up", "visibility": "public",
+            }),
+        )
+        .await;
+    let old = created["room_id"].as_str().unwrap().to_owned();
+    server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{old}/join"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    let refused = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{old}/upgrade"),
+            Some(&bob),
+            json!({ "new_version": "12" }),
+        )
+        .await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let unsupported = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{old}/upgrade"),
+            Some(&alice),
+            json!({ "new_version": "8" }),
+        )
+        .await;
+    assert_error(
+        &unsupported,
+        StatusCode::BAD_REQUEST,
+        "M_UNSUPPORTED_ROOM_VERSION",
+    );
+
+    let (status, answer) = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{old}/upgrade"),
+            Some(&alice),
+            json!({ "new_version": "12" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let new = answer["replacement_room"].as_str().unwrap().to_owned();
+    let (_, tombstone) = server
+        .get(
+            &format!("/_matrix/client/v3/rooms/{old}/state/m.room.tombstone"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(tombstone["replacement_room"], new.as_str());
+    let (_, create) = server
+        .get(
+            &format!("/_matrix/client/v3/rooms/{new}/state/m.room.create"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(create["predecessor"]["room_id"], old.as_str());
+    assert_eq!(create["room_version"], "12");
+    let (_, name) = server
+        .get(
+            &format!("/_matrix/client/v3/rooms/{new}/state/m.room.name"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(name["name"], "Old");
+    let (_, resolved) = server
+        .get("/_matrix/client/v3/directory/room/%23up:localhost", None)
+        .await;
+    assert_eq!(resolved["room_id"], new.as_str());
+    let (_, listed) = server.get("/_matrix/client/v3/publicRooms", None).await;
+    assert_eq!(listed["chunk"][0]["room_id"], new.as_str());
+    // Bob may follow into the new (public) room; the old one is closed to him.
+    let (status, _) = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{new}/join"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, levels) = server
+        .get(
+            &format!("/_matrix/client/v3/rooms/{old}/state/m.room.power_levels"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(levels["events_default"], 50);
+}

@@ -201,6 +201,12 @@ async fn discovery_endpoints_describe_the_server() {
         capabilities["capabilities"]["m.change_password"]["enabled"],
         true
     );
+    let versions = &capabilities["capabilities"]["m.room_versions"];
+    assert_eq!(versions["default"], "12");
+    assert_eq!(
+        versions["available"],
+        json!({ "10": "stable", "11": "stable", "12": "stable" })
+    );
 
     let unset = server.get("/.well-known/matrix/client", None).await;
     assert_error(&unset, StatusCode::NOT_FOUND, "M_NOT_FOUND");

@@ -132,6 +132,7 @@ fn room_routes(prefix: &str) -> Router<AppState> {
         .route(&room("/ban"), post(membership::ban))
         .route(&room("/unban"), post(membership::unban))
         .route(&room("/forget"), post(membership::forget))
+        .route(&room("/upgrade"), post(membership::upgrade))
         .route(&path("/knock/{target}"), post(membership::knock))
         .route(&room("/send/{kind}/{txn_id}"), put(room_events::send))
         .route(

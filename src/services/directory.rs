@@ -160,6 +160,24 @@ impl Directory {
             .collect())
     }
 
+    /// Adds to `batch` the move of every alias, and the directory listing,
+    /// of `old` to `new` (a room upgrade).
+    pub fn move_aliases_into(&self, batch: &mut Batch, old: &RoomId, new: &RoomId) -> Result<()> {
+        for alias in self.aliases(old)? {
+            if let Some(mut record) = self.storage.get(tables::ALIASES, &alias)? {
+                record.room_id = new.to_string();
+                batch.put(tables::ALIASES, &alias, &record);
+            }
+            batch.delete(tables::ROOM_ALIASES, &(old.to_string(), alias.clone()));
+            batch.put(tables::ROOM_ALIASES, &(new.to_string(), alias), &());
+        }
+        if self.is_public(old)? {
+            self.set_public_into(batch, old, false);
+            self.set_public_into(batch, new, true);
+        }
+        Ok(())
+    }
+
     pub fn is_public(&self, room_id: &RoomId) -> Result<bool> {
         Ok(self
             .storage

@@ -26,9 +26,17 @@ pub async fn versions() -> Json<Value> {
 }
 
 /// `GET /_matrix/client/v3/capabilities`
-pub async fn capabilities(Auth(_): Auth) -> Json<Value> {
+pub async fn capabilities(State(state): State<AppState>, Auth(_): Auth) -> Json<Value> {
+    let available: serde_json::Map<String, Value> = crate::events::SUPPORTED_ROOM_VERSIONS
+        .iter()
+        .map(|version| (version.to_string(), json!("stable")))
+        .collect();
     Json(json!({
         "capabilities": {
+            "m.room_versions": {
+                "default": state.config.default_room_version,
+                "available": available,
+            },
             "m.change_password": { "enabled": true },
             "m.set_displayname": { "enabled": true },
             "m.set_avatar_url": { "enabled": true },

@@ -307,6 +307,28 @@ fn resolve_target(state: &AppState, target: &str) -> ApiResult<OwnedRoomId> {
     }
 }
 
+#[derive(Deserialize)]
+pub struct UpgradeBody {
+    new_version: String,
+}
+
+/// `POST /_matrix/client/v3/rooms/{roomId}/upgrade`
+pub async fn upgrade(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(room_id): Path<String>,
+    JsonBody(body): JsonBody<UpgradeBody>,
+) -> ApiResult<Json<Value>> {
+    let room_id = parse_room(&room_id)?;
+    let user = parse_user(&authed.user_id.to_string())?;
+    let replacement = state
+        .rooms
+        .upgrade(&room_id, &user, &body.new_version, &state.directory)
+        .await?;
+    tracing::info!(%room_id, %replacement, "room upgraded");
+    Ok(Json(json!({ "replacement_room": replacement })))
+}
+
 /// `GET /_matrix/client/v3/joined_rooms`
 pub async fn joined_rooms(
     State(state): State<AppState>,

@@ -8,6 +8,7 @@ pub mod create;
 pub mod draft;
 pub mod power;
 pub mod relations;
+pub mod upgrade;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
