@@ -283,3 +283,161 @@ impl ruma::state_res::Event for Pdu {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ruma::serde::Base64;
+    use ruma::signatures::{verify_event, PublicKeyMap, Verified};
+    use ruma::RoomVersionId;
+
+    use super::*;
+
+    fn build(
+        version: RoomVersionId,
+        kind: &str,
+        state_key: Option<&str>,
+        content: Value,
+    ) -> (Pdu, SigningKey, RoomVersionRules) {
+        let rules = version.rules().unwrap();
+        let key = SigningKey::generate("k1").unwrap();
+        let room_id = RoomId::parse("!room:example.org").unwrap();
+        let sender = UserId::parse("@alice:example.org").unwrap();
+        let prev = [EventId::parse("$prev").unwrap()];
+        let new = NewEvent {
+            kind: kind.to_owned(),
+            content,
+            state_key: state_key.map(str::to_owned),
+            redacts: None,
+        };
+        let ctx = BuildContext {
+            room_id: Some(&room_id),
+            version: &version,
+            rules: &rules,
+            sender: &sender,
+            prev_events: &prev,
+            auth_events: &prev,
+            depth: 7,
+            origin_server_ts: 1_700_000_000_000,
+            server_name: "example.org",
+            key: &key,
+        };
+        (Pdu::build(&new, &ctx).unwrap(), key, rules)
+    }
+
+    #[test]
+    fn built_events_are_hashed_signed_and_named_by_their_hash() {
+        for version in [RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12] {
+            let (pdu, key, rules) = build(version, "m.room.message", None, json!({ "body": "hi" }));
+            assert!(pdu.event_id.as_str().starts_with('$'));
+            assert_eq!(pdu.event_id.as_str().len(), 44);
+            let mut keys = PublicKeyMap::new();
+            let mut set = std::collections::BTreeMap::new();
+            set.insert(key.key_id(), Base64::new(key.public_key().to_vec()));
+            keys.insert("example.org".to_owned(), set);
+            assert_eq!(
+                verify_event(&keys, &pdu.json, &rules).unwrap(),
+                Verified::All
+            );
+            // Changing the content breaks the content hash, not the signature.
+            let mut tampered = pdu.json.clone();
+            tampered.insert(
+                "content".into(),
+                CanonicalJsonValue::Object(Default::default()),
+            );
+            assert_eq!(
+                verify_event(&keys, &tampered, &rules).unwrap(),
+                Verified::Signatures
+            );
+            let reread =
+                Pdu::from_canonical(pdu.event_id.clone(), pdu.room_id.clone(), pdu.json.clone());
+            assert_eq!(reread.unwrap().content_value(), json!({ "body": "hi" }));
+        }
+    }
+
+    #[test]
+    fn oversized_events_are_refused() {
+        let rules = RoomVersionId::V12.rules().unwrap();
+        let key = SigningKey::generate("k1").unwrap();
+        let room_id = RoomId::parse("!room:example.org").unwrap();
+        let sender = UserId::parse("@alice:example.org").unwrap();
+        let new = NewEvent::message("m.room.message", json!({ "body": "x".repeat(70_000) }));
+        let ctx = BuildContext {
+            room_id: Some(&room_id),
+            version: &RoomVersionId::V12,
+            rules: &rules,
+            sender: &sender,
+            prev_events: &[],
+            auth_events: &[],
+            depth: 1,
+            origin_server_ts: 0,
+            server_name: "example.org",
+            key: &key,
+        };
+        assert!(matches!(Pdu::build(&new, &ctx), Err(EventError::TooLarge)));
+    }
+
+    /// (version, type, state key, content, content left after redaction)
+    fn check_redaction(
+        version: RoomVersionId,
+        kind: &str,
+        state_key: Option<&str>,
+        content: Value,
+        expected: Value,
+    ) {
+        let (pdu, _, rules) = build(version.clone(), kind, state_key, content);
+        let redacted = pdu.redacted(&rules).unwrap();
+        assert_eq!(redacted.content_value(), expected, "v{version} {kind}");
+        assert_eq!(redacted.event_id, pdu.event_id);
+    }
+
+    #[test]
+    fn redaction_keeps_what_each_version_keeps() {
+        let member = json!({ "membership": "join", "displayname": "A", "join_authorised_via_users_server": "@x:y" });
+        let create =
+            json!({ "creator": "@alice:example.org", "room_version": "10", "m.federate": false });
+        let levels =
+            json!({ "users": {}, "invite": 0, "ban": 50, "notifications": { "room": 50 } });
+        for version in [RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12] {
+            check_redaction(
+                version.clone(),
+                "m.room.message",
+                None,
+                json!({ "body": "secret" }),
+                json!({}),
+            );
+            check_redaction(
+                version.clone(),
+                "m.room.member",
+                Some("@alice:example.org"),
+                member.clone(),
+                json!({ "membership": "join", "join_authorised_via_users_server": "@x:y" }),
+            );
+            let v10 = version == RoomVersionId::V10;
+            // Version 11 keeps the whole create content and `invite` levels.
+            let expected_create = if v10 {
+                json!({ "creator": "@alice:example.org" })
+            } else {
+                create.clone()
+            };
+            check_redaction(
+                version.clone(),
+                "m.room.create",
+                Some(""),
+                create.clone(),
+                expected_create,
+            );
+            let expected_levels = if v10 {
+                json!({ "users": {}, "ban": 50 })
+            } else {
+                json!({ "users": {}, "ban": 50, "invite": 0 })
+            };
+            check_redaction(
+                version.clone(),
+                "m.room.power_levels",
+                Some(""),
+                levels.clone(),
+                expected_levels,
+            );
+        }
+    }
+}
