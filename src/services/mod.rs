@@ -7,6 +7,7 @@ pub mod accounts;
 pub mod clock;
 pub mod directory;
 pub mod error;
+pub mod filter;
 pub mod keys;
 mod locks;
 pub mod profiles;

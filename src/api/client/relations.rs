@@ -86,7 +86,8 @@ fn relations(
     event_type: Option<&str>,
     params: RelationsParams,
 ) -> ApiResult<Json<Value>> {
-    let room_id = readable_room(state, authed, room_id)?;
+    let access = readable_room(state, authed, room_id)?;
+    let room_id = access.room_id.clone();
     match state.rooms.pdu(event_id)? {
         Some((parent, _)) if parent.room_id == room_id => {}
         _ => return Err(MatrixError::not_found("Event not found")),
@@ -104,6 +105,7 @@ fn relations(
     };
     let page = state.rooms.relations(&room_id, event_id, &query)?;
     let events: Vec<_> = page.events.into_iter().map(|(_, pdu)| pdu).collect();
+    let events = access.visible(state, events)?;
     let mut answer = json!({ "chunk": render_events(state, &events, authed)? });
     if let Some(next) = page.next {
         answer["next_batch"] = json!(format!("t{next}"));
@@ -137,7 +139,8 @@ pub async fn threads(
     Path(room_id): Path<String>,
     Query(params): Query<ThreadsParams>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = readable_room(&state, &authed, &room_id)?;
+    let access = readable_room(&state, &authed, &room_id)?;
+    let room_id = access.room_id.clone();
     let viewer = parse_user(&authed.user_id.to_string())?;
     let participant = match params.include.as_deref() {
         None | Some("all") => None,
@@ -149,6 +152,7 @@ pub async fn threads(
     let (roots, next) = state
         .rooms
         .threads(&room_id, from, limit, participant.map(|u| &**u))?;
+    let roots = access.visible(&state, roots)?;
     let mut answer = json!({ "chunk": render_events(&state, &roots, &authed)? });
     if let Some(next) = next {
         answer["next_batch"] = json!(format!("t{next}"));
@@ -168,10 +172,11 @@ pub async fn context(
     Path((room_id, event_id)): Path<(String, String)>,
     Query(params): Query<ContextParams>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = readable_room(&state, &authed, &room_id)?;
+    let access = readable_room(&state, &authed, &room_id)?;
+    let room_id = access.room_id.clone();
     let not_found = || MatrixError::not_found("Event not found");
     let (pdu, stored) = state.rooms.pdu(&event_id)?.ok_or_else(not_found)?;
-    if pdu.room_id != room_id {
+    if pdu.room_id != room_id || access.visible(&state, vec![pdu.clone()])?.is_empty() {
         return Err(not_found());
     }
     let limit = params
@@ -214,8 +219,8 @@ pub async fn context(
     let state_events = state.rooms.state_at_group(last_group)?;
     Ok(Json(json!({
         "event": render_event(&state, &pdu, Some(&stored), &authed)?,
-        "events_before": render_events(&state, &before.events, &authed)?,
-        "events_after": render_events(&state, &after.events, &authed)?,
+        "events_before": render_events(&state, &access.visible(&state, before.events)?, &authed)?,
+        "events_after": render_events(&state, &access.visible(&state, after.events)?, &authed)?,
         "start": format!("t{start}"),
         "end": format!("t{end}"),
         "state": state_events.iter().map(crate::events::Pdu::client_event).collect::<Vec<_>>(),
@@ -235,7 +240,8 @@ pub async fn timestamp_to_event(
     Path(room_id): Path<String>,
     Query(params): Query<TimestampParams>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = readable_room(&state, &authed, &room_id)?;
+    let access = readable_room(&state, &authed, &room_id)?;
+    let room_id = access.room_id.clone();
     let direction = parse_direction(Some(&params.dir), Direction::Forward)?;
     let found = state
         .rooms

@@ -20,7 +20,9 @@ use crate::api::extract::{Auth, JsonBody, Path, Query};
 use crate::api::AppState;
 use crate::events::{NewEvent, Pdu};
 use crate::services::accounts::Authed;
+use crate::services::filter::RoomEventFilter;
 use crate::services::rooms::draft::Origin;
+use crate::services::rooms::visibility::Reader;
 use crate::storage::Direction;
 
 /// `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}`
@@ -125,12 +127,38 @@ async fn send_event(
     Ok(state.rooms.send(room_id, &sender, new, origin).await?)
 }
 
-/// The room, after checking that the requester is joined to it.
-pub fn readable_room(state: &AppState, authed: &Authed, room_id: &str) -> ApiResult<OwnedRoomId> {
+/// A room the requester may read, and how (see `services::rooms::visibility`).
+pub struct Access {
+    pub room_id: OwnedRoomId,
+    pub user: ruma::OwnedUserId,
+    pub reader: Reader,
+}
+
+impl Access {
+    /// Keeps the events the requester may see.
+    pub fn visible(&self, state: &AppState, events: Vec<Pdu>) -> ApiResult<Vec<Pdu>> {
+        Ok(state
+            .rooms
+            .visible_events(events, &self.user, self.reader)?)
+    }
+
+    /// The state the requester sees, optionally of one event type.
+    pub fn state(&self, state: &AppState, kind: Option<&str>) -> ApiResult<Vec<Pdu>> {
+        Ok(state.rooms.reader_state(&self.room_id, self.reader, kind)?)
+    }
+}
+
+/// Checks that the requester may read the room: a member, a former member
+/// (their part of the history), or anyone in a world-readable room.
+pub fn readable_room(state: &AppState, authed: &Authed, room_id: &str) -> ApiResult<Access> {
     let room_id = parse_room(room_id)?;
     let user = parse_user(&authed.user_id.to_string())?;
-    state.rooms.require_joined(&room_id, &user)?;
-    Ok(room_id)
+    let reader = state.rooms.reader(&room_id, &user)?;
+    Ok(Access {
+        room_id,
+        user,
+        reader,
+    })
 }
 
 /// An event as the requesting device sees it: with its own transaction ID,
@@ -178,10 +206,11 @@ pub async fn get_event(
     Auth(authed): Auth,
     Path((room_id, event_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = readable_room(&state, &authed, &room_id)?;
+    let access = readable_room(&state, &authed, &room_id)?;
+    let room_id = access.room_id.clone();
     let not_found = || MatrixError::not_found("Event not found");
     let (pdu, stored) = state.rooms.pdu(&event_id)?.ok_or_else(not_found)?;
-    if pdu.room_id != room_id {
+    if pdu.room_id != room_id || access.visible(&state, vec![pdu.clone()])?.is_empty() {
         return Err(not_found());
     }
     Ok(Json(render_event(&state, &pdu, Some(&stored), &authed)?))
@@ -193,10 +222,9 @@ pub async fn get_state(
     Auth(authed): Auth,
     Path(room_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = readable_room(&state, &authed, &room_id)?;
-    let events: Vec<Value> = state
-        .rooms
-        .current_state(&room_id, None)?
+    let access = readable_room(&state, &authed, &room_id)?;
+    let events: Vec<Value> = access
+        .state(&state, None)?
         .iter()
         .map(Pdu::client_event)
         .collect();
@@ -236,10 +264,11 @@ async fn state_event(
     state_key: String,
     query: FormatQuery,
 ) -> ApiResult<Json<Value>> {
-    let room_id = readable_room(&state, &authed, &room_id)?;
-    let pdu = state
-        .rooms
-        .state_event(&room_id, &kind, &state_key)?
+    let access = readable_room(&state, &authed, &room_id)?;
+    let pdu = access
+        .state(&state, Some(&kind))?
+        .into_iter()
+        .find(|pdu| pdu.state_key.as_deref() == Some(state_key.as_str()))
         .ok_or_else(|| MatrixError::not_found("Event not found"))?;
     Ok(Json(match query.format.as_deref() {
         Some("event") => pdu.client_event(),
@@ -254,8 +283,36 @@ async fn state_event(
 
 #[derive(Deserialize, Default)]
 pub struct MembersQuery {
+    at: Option<String>,
     membership: Option<String>,
     not_membership: Option<String>,
+}
+
+/// The member events as of the `at` token (a stream position), or as the
+/// requester sees them now.
+fn members_at(state: &AppState, access: &Access, at: Option<&str>) -> ApiResult<Vec<Pdu>> {
+    let Some(at) = at else {
+        return access.state(state, Some("m.room.member"));
+    };
+    let position = parse_token(at)?;
+    let page = state
+        .rooms
+        .page(&access.room_id, position, None, Direction::Backward, 1)?;
+    let Some(last) = page.events.first() else {
+        return Ok(Vec::new());
+    };
+    if access.visible(state, vec![last.clone()])?.is_empty() {
+        return Err(MatrixError::forbidden(
+            "You may not see the room at that point",
+        ));
+    }
+    let group = state
+        .rooms
+        .pdu(last.event_id.as_str())?
+        .map_or(0, |(_, stored)| stored.state_group);
+    let mut members = state.rooms.state_at_group(group)?;
+    members.retain(|pdu| pdu.kind.to_string() == "m.room.member");
+    Ok(members)
 }
 
 /// `GET /_matrix/client/v3/rooms/{roomId}/members`
@@ -265,10 +322,8 @@ pub async fn members(
     Path(room_id): Path<String>,
     Query(query): Query<MembersQuery>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = readable_room(&state, &authed, &room_id)?;
-    let chunk: Vec<Value> = state
-        .rooms
-        .current_state(&room_id, Some("m.room.member"))?
+    let access = readable_room(&state, &authed, &room_id)?;
+    let chunk: Vec<Value> = members_at(&state, &access, query.at.as_deref())?
         .iter()
         .filter(|pdu| {
             let membership = pdu.content_value()["membership"]
@@ -289,9 +344,9 @@ pub async fn joined_members(
     Auth(authed): Auth,
     Path(room_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = readable_room(&state, &authed, &room_id)?;
+    let access = readable_room(&state, &authed, &room_id)?;
     let mut joined = Map::new();
-    for pdu in state.rooms.current_state(&room_id, Some("m.room.member"))? {
+    for pdu in access.state(&state, Some("m.room.member"))? {
         let content = pdu.content_value();
         if content["membership"] == "join" {
             let profile = json!({
@@ -306,10 +361,27 @@ pub async fn joined_members(
 
 #[derive(Deserialize, Default)]
 pub struct MessagesQuery {
+    filter: Option<String>,
     from: Option<String>,
     to: Option<String>,
     dir: Option<String>,
     limit: Option<usize>,
+}
+
+/// The member events of the senders of `events`, for lazy-loading clients.
+fn lazy_members(state: &AppState, access: &Access, events: &[Pdu]) -> ApiResult<Vec<Value>> {
+    let senders: std::collections::BTreeSet<&str> =
+        events.iter().map(|e| e.sender.as_str()).collect();
+    Ok(access
+        .state(state, Some("m.room.member"))?
+        .iter()
+        .filter(|pdu| {
+            pdu.state_key
+                .as_deref()
+                .is_some_and(|key| senders.contains(key))
+        })
+        .map(Pdu::client_event)
+        .collect())
 }
 
 /// Pagination tokens are stream positions with a prefix: `t42`.
@@ -327,7 +399,8 @@ pub async fn messages(
     Path(room_id): Path<String>,
     Query(query): Query<MessagesQuery>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = readable_room(&state, &authed, &room_id)?;
+    let access = readable_room(&state, &authed, &room_id)?;
+    let room_id = access.room_id.clone();
     let direction = match query.dir.as_deref() {
         Some("b") | None => Direction::Backward,
         Some("f") => Direction::Forward,
@@ -341,8 +414,19 @@ pub async fn messages(
     let to = query.to.as_deref().map(parse_token).transpose()?;
     let limit = query.limit.unwrap_or(10);
     let page = state.rooms.page(&room_id, from, to, direction, limit)?;
-    let chunk = render_events(&state, &page.events, &authed)?;
+    let events = access.visible(&state, page.events)?;
+    let filter = RoomEventFilter::parse(query.filter.as_deref())?;
+    let events = filter.apply(events);
+    let chunk = render_events(&state, &events, &authed)?;
+    let members = if filter.lazy_load_members {
+        lazy_members(&state, &access, &events)?
+    } else {
+        Vec::new()
+    };
     let mut answer = json!({ "chunk": chunk, "start": format!("t{from}") });
+    if !members.is_empty() {
+        answer["state"] = json!(members);
+    }
     if let Some(next) = page.next {
         answer["end"] = json!(format!("t{next}"));
     }

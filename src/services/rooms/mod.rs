@@ -9,6 +9,7 @@ pub mod draft;
 pub mod power;
 pub mod relations;
 pub mod upgrade;
+pub mod visibility;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
