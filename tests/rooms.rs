@@ -460,3 +460,89 @@ async fn knocking_and_forgetting() {
         .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn profile_changes_and_deactivation_reach_the_rooms() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let room_id = create_room(&server, &alice, json!({ "preset": "public_chat" })).await;
+    let (status, _) = server
+        .post(&room_path(&room_id, "/join"), Some(&bob), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = server
+        .put(
+            "/_matrix/client/v3/profile/@bob:localhost/displayname",
+            Some(&bob),
+            json!({ "displayname": "Robert" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, member) = server
+        .get(
+            &room_path(&room_id, "/state/m.room.member/@bob:localhost?format=event"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(member["content"]["displayname"], "Robert");
+    let (_, page) = server
+        .get(
+            &room_path(&room_id, "/messages?dir=b&limit=1"),
+            Some(&alice),
+        )
+        .await;
+    let latest = &page["chunk"][0];
+    assert_eq!(latest["content"]["displayname"], "Robert");
+    assert_eq!(latest["unsigned"]["prev_content"]["displayname"], "bob");
+    assert!(latest["unsigned"]["replaces_state"].is_string());
+    assert!(latest["unsigned"]["age"].is_u64());
+
+    // Membership through the state API obeys the same rules.
+    let (status, _) = server
+        .put(
+            &room_path(&room_id, "/state/m.room.member/@bob:localhost"),
+            Some(&alice),
+            json!({ "membership": "ban" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = server
+        .put(
+            &room_path(&room_id, "/state/m.room.member/@bob:localhost"),
+            Some(&alice),
+            json!({ "membership": "leave" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        server
+            .post(&room_path(&room_id, "/join"), Some(&bob), json!({}))
+            .await
+            .0,
+        StatusCode::OK
+    );
+
+    // A deactivated account leaves its rooms.
+    let (_, challenge) = server
+        .post(
+            "/_matrix/client/v3/account/deactivate",
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    let auth = json!({ "auth": {
+        "type": "m.login.password",
+        "identifier": { "type": "m.id.user", "user": "bob" },
+        "password": common::PASSWORD,
+        "session": challenge["session"],
+    }});
+    let (status, answer) = server
+        .post("/_matrix/client/v3/account/deactivate", Some(&bob), auth)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, members) = server
+        .get(&room_path(&room_id, "/joined_members"), Some(&alice))
+        .await;
+    assert_eq!(members["joined"].as_object().unwrap().len(), 1);
+}

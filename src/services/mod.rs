@@ -81,8 +81,66 @@ impl Services {
     }
 
     /// The current time, for answers that say how long ago something was.
-    pub fn user_data_now(&self) -> u64 {
+    pub fn now_ms(&self) -> u64 {
         self.clock.now_ms()
+    }
+
+    /// Deactivates an account and takes it out of every room it is in or
+    /// invited to, as Synapse does.
+    pub async fn deactivate_account(&self, localpart: &str) -> Result<()> {
+        self.accounts.deactivate(localpart).await?;
+        let user = ruma::UserId::parse(self.accounts.user_id(localpart).to_string())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        for membership in ["join", "invite", "knock"] {
+            for room_id in self.rooms.rooms_of_user(&user, membership)? {
+                let leave = self
+                    .rooms
+                    .set_membership(&room_id, &user, &user, "leave", serde_json::json!({}), None)
+                    .await;
+                if let Err(error) = leave {
+                    tracing::warn!(%error, %room_id, "could not leave a room on deactivation");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets a profile field; a new display name or avatar is also shown in
+    /// the member event of every room the user is in.
+    pub async fn set_profile_field(&self, localpart: &str, key: &str, value: Value) -> Result<()> {
+        self.profiles.set_field(localpart, key, value).await?;
+        if key == "displayname" || key == "avatar_url" {
+            self.refresh_member_events(localpart).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a profile field, and from member events as above.
+    pub async fn delete_profile_field(&self, localpart: &str, key: &str) -> Result<()> {
+        self.profiles.delete_field(localpart, key).await?;
+        if key == "displayname" || key == "avatar_url" {
+            self.refresh_member_events(localpart).await?;
+        }
+        Ok(())
+    }
+
+    async fn refresh_member_events(&self, localpart: &str) -> Result<()> {
+        let user = ruma::UserId::parse(self.accounts.user_id(localpart).to_string())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let profile = self.profiles.profile(localpart)?.map(Value::Object);
+        for room_id in self.rooms.rooms_of_user(&user, "join")? {
+            self.rooms
+                .set_membership(
+                    &room_id,
+                    &user,
+                    &user,
+                    "join",
+                    serde_json::json!({}),
+                    profile.clone(),
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     /// The flows a registration must complete in the configured mode, or

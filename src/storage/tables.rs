@@ -78,6 +78,9 @@ pub struct StoredPdu {
     pub sender_device: Option<String>,
     /// The event that redacted this one, if any.
     pub redacted_because: Option<String>,
+    /// For a state event: the event it replaced in the room's state.
+    #[serde(default)]
+    pub replaces_state: Option<String>,
 }
 
 /// One entry of the global stream: what was written at a position.

@@ -229,7 +229,7 @@ pub async fn deactivate(
     state
         .authorize_interactively(&purpose, &flows, body.auth.as_ref(), Some(&authed))
         .await?;
-    state.accounts.deactivate(authed.localpart()).await?;
+    state.deactivate_account(authed.localpart()).await?;
     tracing::info!(user_id = %authed.user_id, "deactivated");
     Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
 }

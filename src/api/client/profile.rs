@@ -50,7 +50,7 @@ pub async fn set_field(
         .get(&key)
         .cloned()
         .ok_or_else(|| MatrixError::missing_param(format!("Missing key {key:?} in the body")))?;
-    state.profiles.set_field(localpart, &key, value).await?;
+    state.set_profile_field(localpart, &key, value).await?;
     Ok(Json(json!({})))
 }
 
@@ -61,7 +61,7 @@ pub async fn delete_field(
     Path((user_id, key)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let localpart = own_localpart(&authed, &user_id)?;
-    state.profiles.delete_field(localpart, &key).await?;
+    state.delete_profile_field(localpart, &key).await?;
     Ok(Json(json!({})))
 }
 

