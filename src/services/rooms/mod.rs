@@ -344,7 +344,7 @@ impl Rooms {
         let room = room_id.to_string();
         let range = match direction {
             Direction::Backward => KeyRange {
-                lower: (room.clone(), to.map_or(0, |t| t + 1)).encode_key(),
+                lower: (room.clone(), to.map_or(0, |t| t.saturating_add(1))).encode_key(),
                 upper: Some((room.clone(), from.saturating_add(1)).encode_key()),
             },
             Direction::Forward => KeyRange {
@@ -444,13 +444,17 @@ impl Rooms {
             };
             let event_ts = u64::from(pdu.origin_server_ts.get());
             match direction {
+                // Each step shrinks [low, high): the probe found the first
+                // event at or after `middle` (forward) or the last at or
+                // before it (backward); positions between have no event of
+                // this room, since the stream is shared by every room.
                 Direction::Forward if event_ts >= ts => {
-                    high = position.min(middle);
+                    high = middle;
                     best = Some(pdu);
                 }
                 Direction::Forward => low = position + 1,
                 Direction::Backward if event_ts <= ts => {
-                    low = position + 1;
+                    low = middle + 1;
                     best = Some(pdu);
                 }
                 Direction::Backward => high = position,
