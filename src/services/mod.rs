@@ -129,7 +129,8 @@ impl Services {
             .map_err(|e| Error::Internal(e.to_string()))?;
         let profile = self.profiles.profile(localpart)?.map(Value::Object);
         for room_id in self.rooms.rooms_of_user(&user, "join")? {
-            self.rooms
+            let update = self
+                .rooms
                 .set_membership(
                     &room_id,
                     &user,
@@ -138,7 +139,11 @@ impl Services {
                     serde_json::json!({}),
                     profile.clone(),
                 )
-                .await?;
+                .await;
+            // One room refusing the update must not hold up the others.
+            if let Err(error) = update {
+                tracing::warn!(%error, %room_id, "member event not updated with the new profile");
+            }
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Path, Query};
 use crate::api::AppState;
 use crate::services::directory::RoomFilter;
+use crate::services::rooms::visibility::Reader;
 
 #[derive(Deserialize)]
 pub struct AliasBody {
@@ -85,7 +86,10 @@ pub async fn room_aliases(
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
     let user = parse_user(authed.user_id.to_string().as_str())?;
-    state.rooms.require_joined(&room_id, &user)?;
+    // Members, and anyone in a world-readable room.
+    if let Reader::Former { .. } = state.rooms.reader(&room_id, &user)? {
+        state.rooms.require_joined(&room_id, &user)?;
+    }
     Ok(Json(
         json!({ "aliases": state.directory.aliases(&room_id)? }),
     ))

@@ -64,6 +64,13 @@ pub fn parse_room(room_id: &str) -> ApiResult<OwnedRoomId> {
         .map_err(|_| MatrixError::invalid_param(format!("{room_id:?} is not a room ID")))
 }
 
+/// An event ID from a request; 400 `M_INVALID_PARAM` when it is not one.
+pub fn check_event_id(event_id: &str) -> ApiResult<()> {
+    ruma::EventId::parse(event_id)
+        .map(|_| ())
+        .map_err(|_| MatrixError::invalid_param(format!("{event_id:?} is not an event ID")))
+}
+
 /// A user ID from a request; 400 `M_INVALID_PARAM` when it is not one.
 pub fn parse_user(user_id: &str) -> ApiResult<OwnedUserId> {
     UserId::parse(user_id)
@@ -180,10 +187,10 @@ pub async fn moderate(
     let current = state.rooms.membership(&room_id, &target)?;
     let membership = match action {
         Action::Invite => "invite",
-        Action::Kick if current == "ban" => {
-            return Err(MatrixError::forbidden(
-                "The user is banned, not in the room",
-            ));
+        Action::Kick if !matches!(current.as_str(), "join" | "invite" | "knock") => {
+            return Err(MatrixError::forbidden(format!(
+                "{target} is not in the room"
+            )));
         }
         Action::Kick | Action::Unban => "leave",
         Action::Ban => "ban",

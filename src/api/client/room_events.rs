@@ -107,7 +107,6 @@ async fn send_event(
     txn: Option<(String, String)>,
 ) -> ApiResult<ruma::OwnedEventId> {
     let sender = parse_user(&authed.user_id.to_string())?;
-    state.rooms.require_joined(room_id, &sender)?;
     let origin = Origin {
         device_id: Some(authed.device_id.clone()),
         txn,
@@ -206,6 +205,7 @@ pub async fn get_event(
     let access = readable_room(&state, &authed, &room_id)?;
     let room_id = access.room_id.clone();
     let not_found = || MatrixError::not_found("Event not found");
+    super::membership::check_event_id(&event_id)?;
     let (pdu, stored) = state.rooms.pdu(&event_id)?.ok_or_else(not_found)?;
     if pdu.room_id != room_id || access.visible(&state, vec![pdu.clone()])?.is_empty() {
         return Err(not_found());
@@ -346,10 +346,15 @@ pub async fn joined_members(
     for pdu in access.state(&state, Some("m.room.member"))? {
         let content = pdu.content_value();
         if content["membership"] == "join" {
-            let profile = json!({
-                "display_name": content.get("displayname"),
-                "avatar_url": content.get("avatar_url"),
-            });
+            let mut profile = json!({});
+            for (from, to) in [
+                ("displayname", "display_name"),
+                ("avatar_url", "avatar_url"),
+            ] {
+                if let Some(value) = content.get(from).filter(|v| v.is_string()) {
+                    profile[to] = value.clone();
+                }
+            }
             joined.insert(pdu.state_key.clone().unwrap_or_default(), profile);
         }
     }

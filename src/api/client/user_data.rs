@@ -277,6 +277,7 @@ fn joined_room(state: &AppState, authed: &Authed, room_id: &str) -> ApiResult<Ow
 }
 
 fn check_event_in_room(state: &AppState, room_id: &OwnedRoomId, event_id: &str) -> ApiResult<()> {
+    super::membership::check_event_id(event_id)?;
     match state.rooms.pdu(event_id)? {
         Some((pdu, _)) if pdu.room_id == *room_id => Ok(()),
         _ => Err(MatrixError::not_found(format!(

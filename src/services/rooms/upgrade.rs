@@ -90,7 +90,10 @@ impl Rooms {
             let content = member.content_value();
             if content["membership"] == "ban" {
                 let target = member.state_key.clone().unwrap_or_default();
-                let ban = json!({ "membership": "ban", "reason": content.get("reason") });
+                let mut ban = json!({ "membership": "ban" });
+                if let Some(reason) = content.get("reason").filter(|r| r.is_string()) {
+                    ban["reason"] = reason.clone();
+                }
                 draft.append(
                     user,
                     NewEvent::state("m.room.member", &target, ban),
