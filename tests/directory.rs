@@ -254,4 +254,12 @@ async fn an_upgrade_tombstones_the_old_room_and_moves_its_aliases() {
         )
         .await;
     assert_eq!(levels["events_default"], 50);
+    let again = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{old}/upgrade"),
+            Some(&alice),
+            json!({ "new_version": "12" }),
+        )
+        .await;
+    assert_error(&again, StatusCode::BAD_REQUEST, "M_UNKNOWN");
 }

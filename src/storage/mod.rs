@@ -105,6 +105,11 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.raw.is_empty()
     }
+
+    /// Moves every change of `other` to the end of this batch.
+    pub fn append(&mut self, other: Batch) {
+        self.raw.ops.extend(other.raw.ops);
+    }
 }
 
 /// The handle every service uses to read and write the database.

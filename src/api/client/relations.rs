@@ -211,7 +211,10 @@ pub async fn context(
         .unwrap_or(&position)
         .saturating_sub(1);
     let end = *after.positions.last().unwrap_or(&position);
-    let last_group = match after.events.last() {
+    let before_events = access.visible(&state, before.events)?;
+    let after_events = access.visible(&state, after.events)?;
+    // The state after the last event returned, which the reader could see.
+    let last_group = match after_events.last() {
         Some(last) => state
             .rooms
             .pdu(last.event_id.as_str())?
@@ -221,8 +224,8 @@ pub async fn context(
     let state_events = state.rooms.state_at_group(last_group)?;
     Ok(Json(json!({
         "event": render_event(&state, &pdu, Some(&stored), &authed)?,
-        "events_before": render_events(&state, &access.visible(&state, before.events)?, &authed)?,
-        "events_after": render_events(&state, &access.visible(&state, after.events)?, &authed)?,
+        "events_before": render_events(&state, &before_events, &authed)?,
+        "events_after": render_events(&state, &after_events, &authed)?,
         "start": format!("t{start}"),
         "end": format!("t{end}"),
         "state": state_events.iter().map(crate::events::Pdu::client_event).collect::<Vec<_>>(),
@@ -248,6 +251,12 @@ pub async fn timestamp_to_event(
     let found = state
         .rooms
         .event_near_timestamp(&room_id, params.ts, direction)?;
+    // An event the requester may not see is as good as none.
+    let found = found.filter(|pdu| {
+        access
+            .visible(&state, vec![pdu.clone()])
+            .is_ok_and(|kept| !kept.is_empty())
+    });
     let pdu = found.ok_or_else(|| {
         MatrixError::not_found(format!(
             "No event found {} {}",

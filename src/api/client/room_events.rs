@@ -68,6 +68,11 @@ async fn put_state_event(
     content: Map<String, Value>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
+    let mut content = content;
+    if kind == "m.room.member" {
+        // Only the server vouches for a restricted join (see the join endpoint).
+        content.remove("join_authorised_via_users_server");
+    }
     let new = NewEvent::state(&kind, &state_key, Value::Object(content));
     let event_id = send_event(&state, &authed, &room_id, new, None).await?;
     Ok(Json(json!({ "event_id": event_id })))
@@ -160,8 +165,12 @@ pub fn render_event(
     let sent = u64::from(pdu.origin_server_ts.get());
     event["unsigned"]["age"] = json!(state.now_ms().saturating_sub(sent));
     let viewer = parse_user(&authed.user_id.to_string())?;
-    if let Some(relations) = state.rooms.bundled_relations(pdu, &viewer)? {
-        event["unsigned"]["m.relations"] = relations;
+    // A redacted event carries no aggregations (its edits no longer apply).
+    let redacted = stored.is_some_and(|s| s.redacted_because.is_some());
+    if !redacted {
+        if let Some(relations) = state.rooms.bundled_relations(pdu, &viewer)? {
+            event["unsigned"]["m.relations"] = relations;
+        }
     }
     if let Some(stored) = stored {
         if stored.sender_device.as_deref() == Some(authed.device_id.as_str())
@@ -172,7 +181,9 @@ pub fn render_event(
             }
         }
         if let Some(because) = &stored.redacted_because {
-            event["unsigned"]["redacted_because"] = json!({ "event_id": because });
+            if let Some((redaction, _)) = state.rooms.pdu(because)? {
+                event["unsigned"]["redacted_because"] = redaction.client_event();
+            }
         }
         if let Some(previous) = &stored.replaces_state {
             event["unsigned"]["replaces_state"] = json!(previous);

@@ -27,6 +27,29 @@ use crate::storage::{Batch, StorageError};
 
 /// Deltas after which a state group is stored as a full snapshot again.
 const MAX_STATE_CHAIN: u32 = 32;
+/// The largest PDU, signatures and hashes included (the spec's limit).
+const MAX_PDU_BYTES: usize = 65_536;
+/// The longest event type and state key, in bytes (the spec's limit).
+const MAX_ID_BYTES: usize = 255;
+
+/// The spec's size limits on an event's type and state key.
+fn check_limits(new: &NewEvent) -> Result<()> {
+    if new.kind.is_empty() || new.kind.len() > MAX_ID_BYTES {
+        return Err(Error::BadJson(format!(
+            "the event type must be 1 to {MAX_ID_BYTES} bytes"
+        )));
+    }
+    if new
+        .state_key
+        .as_ref()
+        .is_some_and(|key| key.len() > MAX_ID_BYTES)
+    {
+        return Err(Error::BadJson(format!(
+            "the state key may be at most {MAX_ID_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
 
 /// Who sends an event, and the transaction that asked for it.
 #[derive(Clone, Debug, Default)]
@@ -153,6 +176,106 @@ impl<'a> Draft<'a> {
         })
     }
 
+    /// Refuses a join or invite that would take the room past its cap of
+    /// joined plus invited members. Every membership change passes here,
+    /// whichever endpoint (or createRoom's initial state) it came from.
+    fn check_member_cap(&self, new: &NewEvent) -> Result<()> {
+        let after = membership_of(&new.content);
+        if after != "join" && after != "invite" {
+            return Ok(());
+        }
+        let Some(target) = &new.state_key else {
+            return Ok(());
+        };
+        let before = self.membership(target)?;
+        if before == "join" || before == "invite" {
+            return Ok(());
+        }
+        if self.record.joined_members + self.record.invited_members >= self.rooms.max_members {
+            return Err(super::room_full(self.rooms.max_members));
+        }
+        Ok(())
+    }
+
+    /// A thread reply must answer an event of this room that is not itself
+    /// part of a relation (the spec's rule for thread roots).
+    fn check_thread(&self, new: &NewEvent) -> Result<()> {
+        let relates_to = &new.content["m.relates_to"];
+        if relates_to["rel_type"] != "m.thread" {
+            return Ok(());
+        }
+        let Some(root_id) = relates_to["event_id"].as_str() else {
+            return Err(Error::BadJson(
+                "a thread reply needs m.relates_to.event_id".to_owned(),
+            ));
+        };
+        let root = self.fetch(root_id)?;
+        let in_room = root
+            .as_ref()
+            .is_some_and(|root| self.room_id.as_deref() == Some(&*root.room_id));
+        if !in_room {
+            return Err(Error::InvalidParam(format!(
+                "{root_id} is not an event of this room"
+            )));
+        }
+        let root = root.expect("checked above");
+        if root.content_value()["m.relates_to"]["rel_type"].is_string() {
+            return Err(Error::InvalidParam(
+                "a thread cannot start from an event that is part of a relation".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes a redacted event out of the relation it was part of: out of
+    /// its parent's relations and, for a thread reply, out of the thread.
+    pub fn forget_relation(&mut self, event: &Pdu, stream: u64) -> Result<()> {
+        let content = event.content_value();
+        let (Some(rel_type), Some(parent)) = (
+            content["m.relates_to"]["rel_type"].as_str(),
+            content["m.relates_to"]["event_id"].as_str(),
+        ) else {
+            return Ok(());
+        };
+        self.batch
+            .delete(tables::RELATIONS, &(parent.to_owned(), stream));
+        if rel_type != "m.thread" {
+            return Ok(());
+        }
+        let room_id = event.room_id.to_string();
+        let key = (room_id.clone(), parent.to_owned());
+        let Some(mut thread) = self.rooms.storage.get(tables::THREADS, &key)? else {
+            return Ok(());
+        };
+        self.batch.delete(
+            tables::THREAD_ACTIVITY,
+            &(room_id.clone(), thread.latest_stream),
+        );
+        let replies: Vec<(u64, String)> = self
+            .rooms
+            .storage
+            .scan_prefix(tables::RELATIONS, &tables::str_prefix(parent), 100_000)?
+            .into_iter()
+            .filter(|((_, s), relation)| *s != stream && relation.rel_type == "m.thread")
+            .map(|((_, s), relation)| (s, relation.event_id))
+            .collect();
+        match replies.last() {
+            Some((latest_stream, latest_id)) => {
+                thread.count = replies.len() as u64;
+                thread.latest_stream = *latest_stream;
+                thread.latest_event_id = latest_id.clone();
+                self.batch.put(tables::THREADS, &key, &thread);
+                self.batch.put(
+                    tables::THREAD_ACTIVITY,
+                    &(room_id, *latest_stream),
+                    &parent.to_owned(),
+                );
+            }
+            None => self.batch.delete(tables::THREADS, &key),
+        }
+        Ok(())
+    }
+
     /// The power levels and creators in the current state.
     pub fn power_view(&self) -> Result<PowerView> {
         let levels = self
@@ -167,6 +290,11 @@ impl<'a> Draft<'a> {
 
     /// Builds, checks and records one event.
     pub fn append(&mut self, sender: &UserId, new: NewEvent, origin: Origin) -> Result<Arc<Pdu>> {
+        check_limits(&new)?;
+        if new.kind == "m.room.member" {
+            self.check_member_cap(&new)?;
+        }
+        self.check_thread(&new)?;
         let auth_types =
             events::auth_types(&new, sender, &self.rules.authorization).map_err(Error::BadJson)?;
         let mut auth_events = Vec::new();
@@ -198,6 +326,11 @@ impl<'a> Draft<'a> {
             EventError::TooLarge => Error::TooLarge(e.to_string()),
             EventError::Invalid(message) => Error::BadJson(message),
         })?;
+        if pdu.json_text().len() > MAX_PDU_BYTES {
+            return Err(Error::TooLarge(format!(
+                "the signed event is larger than {MAX_PDU_BYTES} bytes"
+            )));
+        }
         self.check_auth(&pdu)?;
         if self.room_id.is_none() {
             self.room_id = Some(pdu.room_id.clone());

@@ -24,7 +24,7 @@ use super::stream::StreamCounter;
 use crate::events::{NewEvent, Pdu, SigningKey};
 use crate::storage::tables::{self, RoomRecord, StoredPdu};
 use crate::storage::{Direction, KeyRange, Storage};
-use draft::{membership_of, Draft, Origin};
+use draft::{Draft, Origin};
 use power::PowerView;
 
 /// Most state entries read for one room at once.
@@ -234,10 +234,10 @@ impl Rooms {
             .room(room_id)?
             .ok_or_else(|| Error::Forbidden(format!("{sender} is not in room {room_id}")))?;
         let mut draft = Draft::existing(self, room_id, record)?;
-        if new.kind == "m.room.member" {
-            self.check_member_cap(&draft, &new)?;
-        }
         let redaction = new.kind == "m.room.redaction";
+        if redaction {
+            self.check_redaction_allowed(&draft, sender, &new)?;
+        }
         let pdu = draft.append(sender, new, origin)?;
         if redaction {
             self.apply_redaction(&mut draft, &pdu)?;
@@ -265,56 +265,137 @@ impl Rooms {
                 }
             }
         }
+        if membership == "join" && sender == target {
+            if let Some(authoriser) = self.restricted_join_authoriser(room_id, target)? {
+                extra["join_authorised_via_users_server"] = json!(authoriser);
+            }
+        }
         let new = NewEvent::state("m.room.member", target.as_str(), extra);
         self.send(room_id, sender, new, Origin::default()).await
     }
 
-    /// Refuses a join or invite that would take the room past its cap of
-    /// joined plus invited members.
-    fn check_member_cap(&self, draft: &Draft<'_>, new: &NewEvent) -> Result<()> {
-        let after = membership_of(&new.content);
-        if after != "join" && after != "invite" {
-            return Ok(());
+    /// For a join to a `restricted` (or `knock_restricted`) room by a user
+    /// who is not invited: a local member who may invite, to vouch for the
+    /// join, when the user is in one of the rooms the join rule allows.
+    /// `None` when the room is not restricted or the user does not qualify
+    /// (the authorization rules then decide).
+    fn restricted_join_authoriser(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+    ) -> Result<Option<String>> {
+        let Some(rules) = self.state_event(room_id, "m.room.join_rules", "")? else {
+            return Ok(None);
+        };
+        let content = rules.content_value();
+        let restricted = matches!(
+            content["join_rule"].as_str(),
+            Some("restricted" | "knock_restricted")
+        );
+        if !restricted || matches!(self.membership(room_id, user)?.as_str(), "join" | "invite") {
+            return Ok(None);
         }
-        let Some(target) = &new.state_key else {
+        let allowed = content["allow"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|entry| {
+                entry["type"] == "m.room_membership"
+                    && entry["room_id"]
+                        .as_str()
+                        .and_then(|id| RoomId::parse(id).ok())
+                        .is_some_and(|other| {
+                            self.membership(&other, user).is_ok_and(|m| m == "join")
+                        })
+            });
+        if !allowed {
+            return Ok(None);
+        }
+        let view = self.power_view(room_id)?;
+        let needed = view.action_level("invite");
+        for member in self.current_state(room_id, Some("m.room.member"))? {
+            let Some(candidate) = member.state_key.as_deref() else {
+                continue;
+            };
+            let local = candidate.ends_with(&format!(":{}", self.server_name));
+            if local
+                && member.content_value()["membership"] == "join"
+                && view.reaches(candidate, needed)
+            {
+                return Ok(Some(candidate.to_owned()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The event a redaction redacts, by the room version's rules: the
+    /// top-level `redacts` before version 11, the content's from then on.
+    fn redaction_target(
+        draft: &Draft<'_>,
+        redacts: Option<&str>,
+        content: &Value,
+    ) -> Option<String> {
+        if draft.rules.redaction.content_field_redacts {
+            content
+                .get("redacts")
+                .and_then(Value::as_str)
+                .or(redacts)
+                .map(str::to_owned)
+        } else {
+            redacts.map(str::to_owned)
+        }
+    }
+
+    /// Refuses a redaction of someone else's event by a sender without the
+    /// redact level, before anything is stored.
+    fn check_redaction_allowed(
+        &self,
+        draft: &Draft<'_>,
+        sender: &UserId,
+        new: &NewEvent,
+    ) -> Result<()> {
+        let redacts = new.redacts.as_ref().map(|id| id.as_str());
+        let Some(target_id) = Self::redaction_target(draft, redacts, &new.content) else {
             return Ok(());
         };
-        let before = draft.membership(target)?;
-        if before == "join" || before == "invite" {
+        let Some((target, _)) = self.pdu(&target_id)? else {
             return Ok(());
-        }
-        let members = draft.record.joined_members + draft.record.invited_members;
-        if members >= self.max_members {
-            return Err(room_full(self.max_members));
+        };
+        if draft.room_id.as_deref() == Some(&*target.room_id)
+            && target.sender != sender
+            && !self.has_redact_power(draft, sender)?
+        {
+            return Err(Error::Forbidden(
+                "You may not redact other users' events".to_owned(),
+            ));
         }
         Ok(())
     }
 
-    /// Redacts the target of a redaction in storage, when the redaction's
-    /// sender may: the target's own sender, or one with the redact level
-    /// (the authorization rules have checked the latter already for others).
+    /// Redacts the target of a redaction in storage (the sender's right was
+    /// checked before), and takes it out of the relations it was part of.
     fn apply_redaction(&self, draft: &mut Draft<'_>, redaction: &Pdu) -> Result<()> {
-        let Some(target_id) = &redaction.redacts else {
+        let top_level = redaction.json.get("redacts").and_then(|v| match v {
+            ruma::CanonicalJsonValue::String(id) => Some(id.as_str()),
+            _ => None,
+        });
+        let Some(target_id) = Self::redaction_target(draft, top_level, &redaction.content_value())
+        else {
             return Ok(());
         };
-        let Some((target, mut stored)) = self.pdu(target_id.as_str())? else {
+        let Some((target, mut stored)) = self.pdu(&target_id)? else {
             return Ok(());
         };
-        if target.room_id != redaction.room_id {
-            return Ok(());
-        }
-        let own = target.sender == redaction.sender;
-        if !own && !self.has_redact_power(draft, &redaction.sender)? {
+        if target.room_id != redaction.room_id || stored.redacted_because.is_some() {
             return Ok(());
         }
         let redacted = target
             .redacted(&draft.rules)
             .map_err(|e| Error::Internal(e.to_string()))?;
+        draft.forget_relation(&target, stored.stream)?;
         stored.json = redacted.json_text();
         stored.redacted_because = Some(redaction.event_id.to_string());
-        draft
-            .batch
-            .put(tables::PDUS, &target_id.to_string(), &stored);
+        draft.batch.put(tables::PDUS, &target_id, &stored);
         Ok(())
     }
 

@@ -177,7 +177,9 @@ impl Rooms {
                 }
             }
             if let Some((pdu, _)) = self.pdu(&root)? {
-                roots.push(pdu);
+                if pdu.room_id == room_id {
+                    roots.push(pdu);
+                }
             }
         }
         Ok((roots, next))

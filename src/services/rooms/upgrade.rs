@@ -35,6 +35,7 @@ impl Rooms {
         let version = RoomVersionId::try_from(new_version)
             .map_err(|_| Error::UnsupportedRoomVersion(new_version.to_owned()))?;
         self.require_joined(old_room, user)?;
+        let _guard = self.locks.lock(old_room.as_str()).await;
         let view = self.power_view(old_room)?;
         if !view.reaches(user.as_str(), view.event_level("m.room.tombstone", true)) {
             return Err(Error::Forbidden(
@@ -42,7 +43,14 @@ impl Rooms {
                     .to_owned(),
             ));
         }
-        let _guard = self.locks.lock(old_room.as_str()).await;
+        if self
+            .state_event(old_room, "m.room.tombstone", "")?
+            .is_some()
+        {
+            return Err(Error::Unknown(
+                "This room has already been replaced".to_owned(),
+            ));
+        }
         let old_create = self
             .state_event(old_room, "m.room.create", "")?
             .ok_or_else(|| Error::Internal(format!("{old_room} has no create event")))?;
@@ -106,7 +114,6 @@ impl Rooms {
             .clone()
             .ok_or_else(|| Error::Internal("an upgraded room has an ID".to_owned()))?;
         directory.move_aliases_into(&mut draft.batch, old_room, &new_room)?;
-        self.storage.commit(draft.batch).await?;
 
         let record = self
             .room(old_room)?
@@ -133,7 +140,10 @@ impl Rooms {
             let restrict = NewEvent::state("m.room.power_levels", "", restricted);
             old.append(user, restrict, origin())?;
         }
-        self.storage.commit(old.batch).await?;
+        // Both rooms change in one batch: no new room without its tombstone.
+        let mut batch = draft.batch;
+        batch.append(old.batch);
+        self.storage.commit(batch).await?;
         Ok(new_room)
     }
 }

@@ -1,0 +1,240 @@
+//! Rules that cut across endpoints: restricted joins, the member cap from
+//! any path, redaction rights, thread roots, size limits.
+
+mod common;
+
+use common::{assert_error, token, TestServer};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+async fn create(server: &TestServer, token: &str, body: Value) -> String {
+    let (status, answer) = server
+        .post("/_matrix/client/v3/createRoom", Some(token), body)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer["room_id"].as_str().unwrap().to_owned()
+}
+
+async fn send(
+    server: &TestServer,
+    token: &str,
+    room: &str,
+    txn: &str,
+    content: Value,
+) -> (StatusCode, Value) {
+    let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
+    server.put(&path, Some(token), content).await
+}
+
+#[tokio::test]
+async fn restricted_rooms_admit_members_of_the_allowed_room_only() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let carol = token(&server.register("carol").await);
+    let space = create(&server, &alice, json!({ "preset": "public_chat" })).await;
+    let restricted = create(
+        &server,
+        &alice,
+        json!({ "initial_state": [{ "type": "m.room.join_rules", "content": {
+            "join_rule": "restricted",
+            "allow": [{ "type": "m.room_membership", "room_id": space }],
+        }}]}),
+    )
+    .await;
+    server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{space}/join"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    let (status, answer) = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{restricted}/join"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, member) = server
+        .get(
+            &format!("/_matrix/client/v3/rooms/{restricted}/state/m.room.member/@bob:localhost"),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(
+        member["join_authorised_via_users_server"],
+        "@alice:localhost"
+    );
+
+    let refused = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{restricted}/join"),
+            Some(&carol),
+            json!({}),
+        )
+        .await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    // Naming a voucher oneself does not work either.
+    let forged = server
+        .put(
+            &format!("/_matrix/client/v3/rooms/{restricted}/state/m.room.member/@carol:localhost"),
+            Some(&carol),
+            json!({ "membership": "join", "join_authorised_via_users_server": "@alice:localhost" }),
+        )
+        .await;
+    assert_error(&forged, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+}
+
+#[tokio::test]
+async fn the_member_cap_holds_for_initial_state_and_the_state_api() {
+    let server = TestServer::start_with(|config| config.max_room_members = 2).await;
+    let alice = token(&server.register("alice").await);
+    for name in ["b", "c"] {
+        server.register(name).await;
+    }
+    let invites = json!({ "initial_state": [
+        { "type": "m.room.member", "state_key": "@b:localhost", "content": { "membership": "invite" } },
+        { "type": "m.room.member", "state_key": "@c:localhost", "content": { "membership": "invite" } },
+    ]});
+    let refused = server
+        .post("/_matrix/client/v3/createRoom", Some(&alice), invites)
+        .await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let room = create(&server, &alice, json!({ "invite": ["@b:localhost"] })).await;
+    let full = server
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/@c:localhost"),
+            Some(&alice),
+            json!({ "membership": "invite" }),
+        )
+        .await;
+    assert_error(&full, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    assert!(full.1["error"].as_str().unwrap().contains("full"));
+}
+
+#[tokio::test]
+async fn only_the_sender_or_a_moderator_may_redact() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let room = create(&server, &alice, json!({ "preset": "public_chat" })).await;
+    server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room}/join"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    let (_, by_alice) = send(&server, &alice, &room, "a", json!({ "body": "alice's" })).await;
+    let (_, by_bob) = send(&server, &bob, &room, "b", json!({ "body": "bob's" })).await;
+    let redact = |token: String, event: &Value, txn: &str| {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{room}/redact/{}/{txn}",
+            event["event_id"].as_str().unwrap()
+        );
+        let server = &server;
+        async move { server.put(&path, Some(&token), json!({})).await }
+    };
+    let refused = redact(bob.clone(), &by_alice, "r1").await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    assert_eq!(redact(bob.clone(), &by_bob, "r2").await.0, StatusCode::OK);
+    assert_eq!(redact(alice.clone(), &by_bob, "r3").await.0, StatusCode::OK);
+    let (_, kept) = server
+        .get(
+            &format!(
+                "/_matrix/client/v3/rooms/{room}/event/{}",
+                by_alice["event_id"].as_str().unwrap()
+            ),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(kept["content"]["body"], "alice's");
+    let (_, gone) = server
+        .get(
+            &format!(
+                "/_matrix/client/v3/rooms/{room}/event/{}",
+                by_bob["event_id"].as_str().unwrap()
+            ),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(gone["content"], json!({}));
+    assert_eq!(
+        gone["unsigned"]["redacted_because"]["type"],
+        "m.room.redaction"
+    );
+}
+
+#[tokio::test]
+async fn threads_need_a_root_in_the_room_and_forget_redacted_replies() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let room = create(&server, &alice, json!({})).await;
+    let other = create(&server, &alice, json!({})).await;
+    let (_, root) = send(&server, &alice, &room, "root", json!({ "body": "root" })).await;
+    let (_, elsewhere) = send(&server, &alice, &other, "e", json!({ "body": "elsewhere" })).await;
+    let reply = |root: &Value| json!({ "body": "re", "m.relates_to": { "rel_type": "m.thread", "event_id": root["event_id"] } });
+    let foreign = send(&server, &alice, &room, "t0", reply(&elsewhere)).await;
+    assert_error(&foreign, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    let (_, first) = send(&server, &alice, &room, "t1", reply(&root)).await;
+    let nested = send(&server, &alice, &room, "t2", reply(&first)).await;
+    assert_error(&nested, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    let (_, second) = send(&server, &alice, &room, "t3", reply(&root)).await;
+
+    let root_path = format!(
+        "/_matrix/client/v3/rooms/{room}/event/{}",
+        root["event_id"].as_str().unwrap()
+    );
+    let (_, before) = server.get(&root_path, Some(&alice)).await;
+    assert_eq!(before["unsigned"]["m.relations"]["m.thread"]["count"], 2);
+    let path = format!(
+        "/_matrix/client/v3/rooms/{room}/redact/{}/x",
+        second["event_id"].as_str().unwrap()
+    );
+    assert_eq!(
+        server.put(&path, Some(&alice), json!({})).await.0,
+        StatusCode::OK
+    );
+    let (_, after) = server.get(&root_path, Some(&alice)).await;
+    let thread = &after["unsigned"]["m.relations"]["m.thread"];
+    assert_eq!(thread["count"], 1);
+    assert_eq!(thread["latest_event"]["event_id"], first["event_id"]);
+}
+
+#[tokio::test]
+async fn types_and_state_keys_have_a_size_limit() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let room = create(&server, &alice, json!({})).await;
+    let long_type = "t".repeat(256);
+    let answer = server
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/send/{long_type}/x"),
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "M_BAD_JSON");
+    let long_key = "k".repeat(256);
+    let answer = server
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/state/org.example/{long_key}"),
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "M_BAD_JSON");
+    let (status, _) = server
+        .put(
+            &format!(
+                "/_matrix/client/v3/rooms/{room}/state/org.example/{}",
+                "k".repeat(255)
+            ),
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
