@@ -238,3 +238,73 @@ async fn types_and_state_keys_have_a_size_limit() {
         .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn invalid_initial_state_and_aliases_are_refused() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    // Room version 12 forbids listing a creator in the power levels.
+    let body = json!({ "power_level_content_override": { "users": { "@alice:localhost": 100 } } });
+    let invalid = server
+        .post("/_matrix/client/v3/createRoom", Some(&alice), body)
+        .await;
+    assert_error(&invalid, StatusCode::BAD_REQUEST, "M_INVALID_ROOM_STATE");
+    let (_, joined) = server
+        .get("/_matrix/client/v3/joined_rooms", Some(&alice))
+        .await;
+    assert_eq!(joined["joined_rooms"], json!([]));
+
+    let room = create(&server, &alice, json!({ "room_alias_name": "mine" })).await;
+    create(&server, &alice, json!({ "room_alias_name": "theirs" })).await;
+    let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.canonical_alias");
+    let wrong = server
+        .put(&path, Some(&alice), json!({ "alias": "#theirs:localhost" }))
+        .await;
+    assert_error(&wrong, StatusCode::BAD_REQUEST, "M_BAD_ALIAS");
+    let missing = server
+        .put(
+            &path,
+            Some(&alice),
+            json!({ "alias": "#mine:localhost", "alt_aliases": ["#nope:localhost"] }),
+        )
+        .await;
+    assert_error(&missing, StatusCode::BAD_REQUEST, "M_BAD_ALIAS");
+    let (status, _) = server
+        .put(
+            &path,
+            Some(&alice),
+            json!({ "alias": "#mine:localhost", "alt_aliases": ["#far:elsewhere.org"] }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn relations_stop_at_the_to_token() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let room = create(&server, &alice, json!({})).await;
+    let (_, root) = send(&server, &alice, &room, "root", json!({ "body": "root" })).await;
+    let root_id = root["event_id"].as_str().unwrap();
+    let mut replies = Vec::new();
+    for i in 0..4 {
+        let content = json!({ "body": i.to_string(), "m.relates_to": { "rel_type": "m.thread", "event_id": root_id } });
+        let (_, reply) = send(&server, &alice, &room, &format!("r{i}"), content).await;
+        replies.push(reply["event_id"].as_str().unwrap().to_owned());
+    }
+    let base = format!("/_matrix/client/v1/rooms/{room}/relations/{root_id}");
+    let (_, first_two) = server
+        .get(&format!("{base}?dir=f&limit=2"), Some(&alice))
+        .await;
+    let token_after_two = first_two["next_batch"].as_str().unwrap().to_owned();
+    let (_, bounded) = server
+        .get(&format!("{base}?dir=b&to={token_after_two}"), Some(&alice))
+        .await;
+    let ids: Vec<&str> = bounded["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [replies[3].as_str(), replies[2].as_str()]);
+}

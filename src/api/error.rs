@@ -99,6 +99,9 @@ impl From<Error> for MatrixError {
             Error::Unrecognized(_) => plain(StatusCode::BAD_REQUEST, "M_UNRECOGNIZED"),
             Error::AliasInUse(_) => plain(StatusCode::CONFLICT, "M_UNKNOWN"),
             Error::RoomInUse(_) => plain(StatusCode::BAD_REQUEST, "M_ROOM_IN_USE"),
+            Error::RoomFull(_) => plain(StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+            Error::InvalidRoomState(_) => plain(StatusCode::BAD_REQUEST, "M_INVALID_ROOM_STATE"),
+            Error::BadAlias(_) => plain(StatusCode::BAD_REQUEST, "M_BAD_ALIAS"),
             Error::UnsupportedRoomVersion(_) => {
                 plain(StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION")
             }

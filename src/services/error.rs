@@ -45,6 +45,13 @@ pub enum Error {
     AliasInUse(String),
     #[error("{0}")]
     RoomInUse(String),
+    /// A join or invite past `max_room_members`.
+    #[error("{0}")]
+    RoomFull(String),
+    #[error("{0}")]
+    InvalidRoomState(String),
+    #[error("{0}")]
+    BadAlias(String),
     #[error("room version {0} is not supported by this server")]
     UnsupportedRoomVersion(String),
     /// User-interactive authentication must continue: the body to answer.

@@ -26,6 +26,7 @@ const MAX_LIMIT: usize = 100;
 #[derive(Deserialize, Default)]
 pub struct RelationsParams {
     from: Option<String>,
+    to: Option<String>,
     limit: Option<usize>,
     dir: Option<String>,
     recurse: Option<bool>,
@@ -95,12 +96,14 @@ fn relations(
     }
     let direction = parse_direction(params.dir.as_deref(), Direction::Backward)?;
     let from = params.from.as_deref().map(parse_token).transpose()?;
+    let to = params.to.as_deref().map(parse_token).transpose()?;
     let recurse = params.recurse.unwrap_or(false);
     let query = RelationsQuery {
         rel_type,
         event_type,
         direction,
         from,
+        to,
         limit: params.limit.unwrap_or(50).clamp(1, MAX_LIMIT),
         recurse,
     };

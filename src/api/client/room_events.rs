@@ -69,6 +69,9 @@ async fn put_state_event(
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
     let mut content = content;
+    if kind == "m.room.canonical_alias" {
+        check_canonical_aliases(&state, &room_id, &content)?;
+    }
     if kind == "m.room.member" {
         // Only the server vouches for a restricted join (see the join endpoint).
         content.remove("join_authorised_via_users_server");
@@ -76,6 +79,36 @@ async fn put_state_event(
     let new = NewEvent::state(&kind, &state_key, Value::Object(content));
     let event_id = send_event(&state, &authed, &room_id, new, None).await?;
     Ok(Json(json!({ "event_id": event_id })))
+}
+
+/// A canonical alias event may only name local aliases that exist and
+/// point to this room (aliases of other servers cannot be checked here).
+fn check_canonical_aliases(
+    state: &AppState,
+    room_id: &OwnedRoomId,
+    content: &Map<String, Value>,
+) -> ApiResult<()> {
+    let mut aliases: Vec<&Value> = content.get("alias").into_iter().collect();
+    if let Some(Value::Array(alternatives)) = content.get("alt_aliases") {
+        aliases.extend(alternatives);
+    }
+    for alias in aliases {
+        let Some(text) = alias.as_str() else {
+            return Err(MatrixError::bad_json("aliases must be strings"));
+        };
+        let parsed = ruma::RoomAliasId::parse(text)
+            .map_err(|_| MatrixError::invalid_param(format!("{text:?} is not a room alias")))?;
+        if parsed.server_name() != state.config.server_name.as_str() {
+            continue;
+        }
+        if state.directory.resolve(&parsed)?.as_ref() != Some(room_id) {
+            return Err(crate::services::error::Error::BadAlias(format!(
+                "{text} does not point to this room"
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize, Default)]

@@ -105,102 +105,111 @@ impl Rooms {
             create.insert("additional_creators".into(), json!(invitees));
         }
         let origin = Origin::default;
-        draft.append(
-            creator,
-            NewEvent::state("m.room.create", "", Value::Object(create)),
-            origin(),
-        )?;
+        // The initial events are checked like any other; one the rules refuse
+        // makes the request's initial state invalid (400), not forbidden.
+        let build = || -> Result<()> {
+            draft.append(
+                creator,
+                NewEvent::state("m.room.create", "", Value::Object(create)),
+                origin(),
+            )?;
 
-        let mut member = json!({ "membership": "join" });
-        if let Value::Object(profile) = creator_profile {
-            for key in ["displayname", "avatar_url"] {
-                if let Some(value) = profile.get(key) {
-                    member[key] = value.clone();
+            let mut member = json!({ "membership": "join" });
+            if let Value::Object(profile) = creator_profile {
+                for key in ["displayname", "avatar_url"] {
+                    if let Some(value) = profile.get(key) {
+                        member[key] = value.clone();
+                    }
                 }
             }
-        }
-        draft.append(
-            creator,
-            NewEvent::state("m.room.member", creator.as_str(), member),
-            origin(),
-        )?;
+            draft.append(
+                creator,
+                NewEvent::state("m.room.member", creator.as_str(), member),
+                origin(),
+            )?;
 
-        let invite_level = if preset == Preset::PublicChat { 50 } else { 0 };
-        let levels = power_levels(creator, invitees, (trusted, v12, invite_level), &request);
-        draft.append(
-            creator,
-            NewEvent::state("m.room.power_levels", "", levels),
-            origin(),
-        )?;
-        if let Some(alias) = &alias {
-            let content = json!({ "alias": alias });
-            let new = NewEvent::state("m.room.canonical_alias", "", content);
-            draft.append(creator, new, origin())?;
-        }
+            let invite_level = if preset == Preset::PublicChat { 50 } else { 0 };
+            let levels = power_levels(creator, invitees, (trusted, v12, invite_level), &request);
+            draft.append(
+                creator,
+                NewEvent::state("m.room.power_levels", "", levels),
+                origin(),
+            )?;
+            if let Some(alias) = &alias {
+                let content = json!({ "alias": alias });
+                let new = NewEvent::state("m.room.canonical_alias", "", content);
+                draft.append(creator, new, origin())?;
+            }
 
-        let join_rule = if preset == Preset::PublicChat {
-            "public"
-        } else {
-            "invite"
-        };
-        let guest_access = if preset == Preset::PublicChat {
-            "forbidden"
-        } else {
-            "can_join"
-        };
-        let defaults = [
-            ("m.room.join_rules", json!({ "join_rule": join_rule })),
-            (
-                "m.room.history_visibility",
-                json!({ "history_visibility": "shared" }),
-            ),
-            (
-                "m.room.guest_access",
-                json!({ "guest_access": guest_access }),
-            ),
-        ];
-        for (kind, content) in defaults {
-            let overridden = request
-                .initial_state
-                .iter()
-                .any(|s| s.kind == kind && s.state_key.is_empty());
-            if !overridden {
-                draft.append(creator, NewEvent::state(kind, "", content), origin())?;
+            let join_rule = if preset == Preset::PublicChat {
+                "public"
+            } else {
+                "invite"
+            };
+            let guest_access = if preset == Preset::PublicChat {
+                "forbidden"
+            } else {
+                "can_join"
+            };
+            let defaults = [
+                ("m.room.join_rules", json!({ "join_rule": join_rule })),
+                (
+                    "m.room.history_visibility",
+                    json!({ "history_visibility": "shared" }),
+                ),
+                (
+                    "m.room.guest_access",
+                    json!({ "guest_access": guest_access }),
+                ),
+            ];
+            for (kind, content) in defaults {
+                let overridden = request
+                    .initial_state
+                    .iter()
+                    .any(|s| s.kind == kind && s.state_key.is_empty());
+                if !overridden {
+                    draft.append(creator, NewEvent::state(kind, "", content), origin())?;
+                }
             }
-        }
-        for state in &request.initial_state {
-            let new = NewEvent::state(&state.kind, &state.state_key, state.content.clone());
-            draft.append(creator, new, origin())?;
-        }
-        if let Some(name) = &request.name {
-            draft.append(
-                creator,
-                NewEvent::state("m.room.name", "", json!({ "name": name })),
-                origin(),
-            )?;
-        }
-        if let Some(topic) = &request.topic {
-            let content = json!({
-                "topic": topic,
-                "m.topic": [{ "body": topic, "mimetype": "text/plain" }],
-            });
-            draft.append(
-                creator,
-                NewEvent::state("m.room.topic", "", content),
-                origin(),
-            )?;
-        }
-        for invitee in invitees {
-            let mut content = json!({ "membership": "invite" });
-            if request.is_direct {
-                content["is_direct"] = json!(true);
+            for state in &request.initial_state {
+                let new = NewEvent::state(&state.kind, &state.state_key, state.content.clone());
+                draft.append(creator, new, origin())?;
             }
-            draft.append(
-                creator,
-                NewEvent::state("m.room.member", invitee.as_str(), content),
-                origin(),
-            )?;
-        }
+            if let Some(name) = &request.name {
+                draft.append(
+                    creator,
+                    NewEvent::state("m.room.name", "", json!({ "name": name })),
+                    origin(),
+                )?;
+            }
+            if let Some(topic) = &request.topic {
+                let content = json!({
+                    "topic": topic,
+                    "m.topic": [{ "body": topic, "mimetype": "text/plain" }],
+                });
+                draft.append(
+                    creator,
+                    NewEvent::state("m.room.topic", "", content),
+                    origin(),
+                )?;
+            }
+            for invitee in invitees {
+                let mut content = json!({ "membership": "invite" });
+                if request.is_direct {
+                    content["is_direct"] = json!(true);
+                }
+                draft.append(
+                    creator,
+                    NewEvent::state("m.room.member", invitee.as_str(), content),
+                    origin(),
+                )?;
+            }
+            Ok(())
+        };
+        build().map_err(|error| match error {
+            Error::Forbidden(message) => Error::InvalidRoomState(message),
+            other => other,
+        })?;
         let room_id = draft
             .room_id
             .clone()

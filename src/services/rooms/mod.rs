@@ -547,7 +547,7 @@ impl Rooms {
 
 /// The refusal for a join or invite past the member cap.
 pub fn room_full(limit: u64) -> Error {
-    Error::Forbidden(format!(
+    Error::RoomFull(format!(
         "The room is full: it may have at most {limit} joined and invited members"
     ))
 }

@@ -22,6 +22,9 @@ pub struct RelationsQuery<'a> {
     pub direction: Direction,
     /// Exclusive stream bound to continue from.
     pub from: Option<u64>,
+    /// Stream bound to stop at: older than it going backward is not
+    /// returned, newer than it going forward is not.
+    pub to: Option<u64>,
     pub limit: usize,
     pub recurse: bool,
 }
@@ -65,10 +68,18 @@ impl Rooms {
         if query.direction == Direction::Backward {
             found.reverse();
         }
-        let after_from = |stream: u64| match (query.from, query.direction) {
-            (None, _) => true,
-            (Some(from), Direction::Backward) => stream < from,
-            (Some(from), Direction::Forward) => stream > from,
+        let after_from = |stream: u64| {
+            let from_ok = match (query.from, query.direction) {
+                (None, _) => true,
+                (Some(from), Direction::Backward) => stream < from,
+                (Some(from), Direction::Forward) => stream > from,
+            };
+            let to_ok = match (query.to, query.direction) {
+                (None, _) => true,
+                (Some(to), Direction::Backward) => stream > to,
+                (Some(to), Direction::Forward) => stream <= to,
+            };
+            from_ok && to_ok
         };
         let mut events = Vec::new();
         let mut more = false;
