@@ -89,11 +89,7 @@ fn relations(
 ) -> ApiResult<Json<Value>> {
     let access = readable_room(state, authed, room_id)?;
     let room_id = access.room_id.clone();
-    super::membership::check_event_id(event_id)?;
-    match state.rooms.pdu(event_id)? {
-        Some((parent, _)) if parent.room_id == room_id => {}
-        _ => return Err(MatrixError::not_found("Event not found")),
-    }
+    access.event(state, event_id)?;
     let direction = parse_direction(params.dir.as_deref(), Direction::Backward)?;
     let from = params.from.as_deref().map(parse_token).transpose()?;
     let to = params.to.as_deref().map(parse_token).transpose()?;
@@ -178,12 +174,7 @@ pub async fn context(
 ) -> ApiResult<Json<Value>> {
     let access = readable_room(&state, &authed, &room_id)?;
     let room_id = access.room_id.clone();
-    let not_found = || MatrixError::not_found("Event not found");
-    super::membership::check_event_id(&event_id)?;
-    let (pdu, stored) = state.rooms.pdu(&event_id)?.ok_or_else(not_found)?;
-    if pdu.room_id != room_id || access.visible(&state, vec![pdu.clone()])?.is_empty() {
-        return Err(not_found());
-    }
+    let (pdu, stored) = access.event(&state, &event_id)?;
     let limit = params
         .limit
         .unwrap_or(10)

@@ -23,6 +23,7 @@ use crate::services::accounts::Authed;
 use crate::services::filter::RoomEventFilter;
 use crate::services::rooms::draft::Origin;
 use crate::services::rooms::visibility::Reader;
+use crate::storage::tables::StoredPdu;
 use crate::storage::Direction;
 
 /// `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}`
@@ -167,6 +168,18 @@ impl Access {
             .visible_events(events, &self.user, self.reader)?)
     }
 
+    /// An event of this room that the requester may see: 400 for an
+    /// invalid ID, 404 for any other event (missing, elsewhere, hidden).
+    pub fn event(&self, state: &AppState, event_id: &str) -> ApiResult<(Pdu, StoredPdu)> {
+        super::membership::check_event_id(event_id)?;
+        let not_found = || MatrixError::not_found("Event not found");
+        let (pdu, stored) = state.rooms.pdu(event_id)?.ok_or_else(not_found)?;
+        if pdu.room_id != self.room_id || self.visible(state, vec![pdu.clone()])?.is_empty() {
+            return Err(not_found());
+        }
+        Ok((pdu, stored))
+    }
+
     /// The state the requester sees, optionally of one event type.
     pub fn state(&self, state: &AppState, kind: Option<&str>) -> ApiResult<Vec<Pdu>> {
         Ok(state.rooms.reader_state(&self.room_id, self.reader, kind)?)
@@ -191,7 +204,7 @@ pub fn readable_room(state: &AppState, authed: &Authed, room_id: &str) -> ApiRes
 pub fn render_event(
     state: &AppState,
     pdu: &Pdu,
-    stored: Option<&crate::storage::tables::StoredPdu>,
+    stored: Option<&StoredPdu>,
     authed: &Authed,
 ) -> ApiResult<Value> {
     let mut event = pdu.client_event();
@@ -247,13 +260,7 @@ pub async fn get_event(
     Path((room_id, event_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let access = readable_room(&state, &authed, &room_id)?;
-    let room_id = access.room_id.clone();
-    let not_found = || MatrixError::not_found("Event not found");
-    super::membership::check_event_id(&event_id)?;
-    let (pdu, stored) = state.rooms.pdu(&event_id)?.ok_or_else(not_found)?;
-    if pdu.room_id != room_id || access.visible(&state, vec![pdu.clone()])?.is_empty() {
-        return Err(not_found());
-    }
+    let (pdu, stored) = access.event(&state, &event_id)?;
     Ok(Json(render_event(&state, &pdu, Some(&stored), &authed)?))
 }
 
