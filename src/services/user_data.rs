@@ -76,7 +76,7 @@ impl UserData {
             room_id: room.map(|r| r.to_string()).unwrap_or_default(),
             data_type: kind.to_owned(),
         };
-        let stream = self.stream.next_into(&mut batch, &entry);
+        let (stream, _reservation) = self.stream.next_into(&mut batch, &entry);
         let value = StreamedValue { content, stream };
         batch.put(tables::ACCOUNT_DATA, &account_key(user, room, kind), &value);
         self.storage.commit(batch).await?;
@@ -121,7 +121,7 @@ impl UserData {
             user_id: user.to_string(),
             receipt_type: receipt_type.to_owned(),
         };
-        let stream = self.stream.next_into(&mut batch, &entry);
+        let (stream, _reservation) = self.stream.next_into(&mut batch, &entry);
         let receipt = Receipt {
             event_id: event_id.to_owned(),
             ts: self.clock.now_ms(),
@@ -172,7 +172,7 @@ impl UserData {
         let entry = StreamEntry::Presence {
             user_id: user.to_string(),
         };
-        let stream = self.stream.next_into(&mut batch, &entry);
+        let (stream, _reservation) = self.stream.next_into(&mut batch, &entry);
         let record = PresenceRecord {
             presence: presence.to_owned(),
             status_msg,

@@ -20,6 +20,7 @@ use super::power::PowerView;
 use super::Rooms;
 use crate::events::{self, BuildContext, EventError, NewEvent, Pdu};
 use crate::services::error::{Error, Result};
+use crate::services::stream::Reservation;
 use crate::storage::tables::{
     self, Relation, RoomRecord, StateGroup, StoredPdu, StreamEntry, ThreadRecord, UserRoom,
 };
@@ -71,6 +72,9 @@ pub struct Draft<'a> {
     state_chain_length: u32,
     pub batch: Batch,
     pub appended: Vec<Arc<Pdu>>,
+    /// The stream positions of this draft's events, held until the caller
+    /// has committed the batch (see `services::stream`).
+    reservations: Vec<Reservation>,
 }
 
 impl<'a> Draft<'a> {
@@ -135,6 +139,7 @@ impl<'a> Draft<'a> {
             state_chain_length: u32::MAX,
             batch: Batch::new(),
             appended: Vec::new(),
+            reservations: Vec::new(),
         }
     }
 
@@ -374,7 +379,8 @@ impl<'a> Draft<'a> {
             room_id: room_id.clone(),
             event_id: event_id.clone(),
         };
-        let stream = self.rooms.stream.next_into(&mut self.batch, &entry);
+        let (stream, reservation) = self.rooms.stream.next_into(&mut self.batch, &entry);
+        self.reservations.push(reservation);
         let replaces_state = match &pdu.state_key {
             Some(state_key) => {
                 let previous = self.state_id(&pdu.kind.to_string(), state_key)?;
