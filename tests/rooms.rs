@@ -497,6 +497,19 @@ async fn profile_changes_and_deactivation_reach_the_rooms() {
     assert_eq!(latest["unsigned"]["prev_content"]["displayname"], "bob");
     assert!(latest["unsigned"]["replaces_state"].is_string());
     assert!(latest["unsigned"]["age"].is_u64());
+    let (_, members) = server
+        .get(
+            &room_path(&room_id, "/members?membership=join"),
+            Some(&alice),
+        )
+        .await;
+    let bob_member = members["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["state_key"] == "@bob:localhost")
+        .unwrap();
+    assert_eq!(bob_member["unsigned"]["prev_content"]["displayname"], "bob");
 
     // Membership through the state API obeys the same rules.
     let (status, _) = server

@@ -271,11 +271,7 @@ pub async fn get_state(
     Path(room_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let access = readable_room(&state, &authed, &room_id)?;
-    let events: Vec<Value> = access
-        .state(&state, None)?
-        .iter()
-        .map(Pdu::client_event)
-        .collect();
+    let events = render_events(&state, &access.state(&state, None)?, &authed)?;
     Ok(Json(Value::Array(events)))
 }
 
@@ -371,8 +367,8 @@ pub async fn members(
     Query(query): Query<MembersQuery>,
 ) -> ApiResult<Json<Value>> {
     let access = readable_room(&state, &authed, &room_id)?;
-    let chunk: Vec<Value> = members_at(&state, &access, query.at.as_deref())?
-        .iter()
+    let members: Vec<Pdu> = members_at(&state, &access, query.at.as_deref())?
+        .into_iter()
         .filter(|pdu| {
             let membership = pdu.content_value()["membership"]
                 .as_str()
@@ -381,9 +377,10 @@ pub async fn members(
             query.membership.as_ref().is_none_or(|m| *m == membership)
                 && query.not_membership.as_ref() != Some(&membership)
         })
-        .map(Pdu::client_event)
         .collect();
-    Ok(Json(json!({ "chunk": chunk })))
+    Ok(Json(
+        json!({ "chunk": render_events(&state, &members, &authed)? }),
+    ))
 }
 
 /// `GET /_matrix/client/v3/rooms/{roomId}/joined_members`
