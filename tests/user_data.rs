@@ -231,3 +231,45 @@ async fn presence_is_set_and_shown_to_room_mates() {
     assert_eq!(seen["status_msg"], "here");
     assert_eq!(seen["currently_active"], true);
 }
+
+#[tokio::test]
+async fn filters_are_stored_and_read_back() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let filter = json!({
+        "event_fields": ["type", "content.body"],
+        "room": { "timeline": { "limit": 10, "lazy_load_members": true }, "include_leave": true },
+        "presence": { "not_types": ["*"] },
+    });
+    let (status, created) = server
+        .post(
+            "/_matrix/client/v3/user/@alice:localhost/filter",
+            Some(&alice),
+            filter.clone(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let id = created["filter_id"].as_str().unwrap();
+    let path = format!("/_matrix/client/v3/user/@alice:localhost/filter/{id}");
+    let (status, stored) = server.get(&path, Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stored, filter);
+    let other = server.get(&path, Some(&bob)).await;
+    assert_error(&other, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let missing = server
+        .get(
+            "/_matrix/client/v3/user/@alice:localhost/filter/nope",
+            Some(&alice),
+        )
+        .await;
+    assert_error(&missing, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let malformed = server
+        .post(
+            "/_matrix/client/v3/user/@alice:localhost/filter",
+            Some(&alice),
+            json!({ "room": { "timeline": { "limit": "ten" } } }),
+        )
+        .await;
+    assert_error(&malformed, StatusCode::BAD_REQUEST, "M_BAD_JSON");
+}

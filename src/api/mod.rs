@@ -166,6 +166,14 @@ fn room_routes(prefix: &str) -> Router<AppState> {
         .route(&room("/read_markers"), post(user_data::read_markers))
         .route(&room("/typing/{user_id}"), put(user_data::typing))
         .route(
+            &path("/user/{user_id}/filter"),
+            post(user_data::create_filter),
+        )
+        .route(
+            &path("/user/{user_id}/filter/{filter_id}"),
+            get(user_data::get_filter),
+        )
+        .route(
             &path("/user/{user_id}/account_data/{kind}"),
             get(user_data::get_global).put(user_data::put_global),
         )

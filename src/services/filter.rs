@@ -3,8 +3,95 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use ruma::UserId;
+
 use super::error::{Error, Result};
 use crate::events::Pdu;
+use crate::storage::{tables, Batch, Storage};
+
+/// Most filters one user may store.
+const MAX_FILTERS_PER_USER: usize = 1000;
+
+/// A filter as `POST /user/{userId}/filter` takes it; parsed to check its
+/// shape, stored as the user sent it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Filter {
+    pub event_fields: Option<Vec<String>>,
+    pub event_format: Option<EventFormat>,
+    pub presence: Option<EventFilter>,
+    pub account_data: Option<EventFilter>,
+    pub room: Option<RoomFilter>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventFormat {
+    Client,
+    Federation,
+}
+
+/// The spec's `EventFilter` (presence, account data).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct EventFilter {
+    pub limit: Option<u64>,
+    pub types: Option<Vec<String>>,
+    pub not_types: Vec<String>,
+    pub senders: Option<Vec<String>>,
+    pub not_senders: Vec<String>,
+}
+
+/// The spec's `RoomFilter`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RoomFilter {
+    pub rooms: Option<Vec<String>>,
+    pub not_rooms: Vec<String>,
+    pub include_leave: bool,
+    pub timeline: Option<RoomEventFilter>,
+    pub state: Option<RoomEventFilter>,
+    pub ephemeral: Option<RoomEventFilter>,
+    pub account_data: Option<RoomEventFilter>,
+}
+
+/// Stored filters: the one writer of the `filters` table.
+pub struct Filters {
+    storage: Storage,
+}
+
+impl Filters {
+    pub fn new(storage: Storage) -> Self {
+        Filters { storage }
+    }
+
+    /// Checks and stores a filter; returns its ID.
+    pub async fn create(&self, user: &UserId, filter: Value) -> Result<String> {
+        serde_json::from_value::<Filter>(filter.clone())
+            .map_err(|e| Error::BadJson(format!("filter: {e}")))?;
+        let prefix = tables::str_prefix(user.as_str());
+        let stored = self
+            .storage
+            .scan_prefix(tables::FILTERS, &prefix, MAX_FILTERS_PER_USER)?
+            .len();
+        if stored >= MAX_FILTERS_PER_USER {
+            return Err(Error::Forbidden(format!(
+                "a user may store at most {MAX_FILTERS_PER_USER} filters"
+            )));
+        }
+        let id = crate::ids::new_secret("", &mut rand::thread_rng())[..12].to_owned();
+        let mut batch = Batch::new();
+        batch.put(tables::FILTERS, &(user.to_string(), id.clone()), &filter);
+        self.storage.commit(batch).await?;
+        Ok(id)
+    }
+
+    pub fn get(&self, user: &UserId, id: &str) -> Result<Option<Value>> {
+        Ok(self
+            .storage
+            .get(tables::FILTERS, &(user.to_string(), id.to_owned()))?)
+    }
+}
 
 /// Which events a client wants, and whether members are lazy-loaded.
 #[derive(Clone, Debug, Default, Deserialize)]

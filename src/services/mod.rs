@@ -40,6 +40,7 @@ pub struct Services {
     pub rooms: Rooms,
     pub directory: Directory,
     pub user_data: user_data::UserData,
+    pub filters: filter::Filters,
     pub uia: Uia,
     pub rate_limiter: RateLimiter,
     clock: Arc<dyn Clock>,
@@ -62,6 +63,7 @@ impl Services {
             config.max_room_members,
         )?;
         Ok(Services {
+            filters: filter::Filters::new(storage.clone()),
             rooms,
             user_data,
             directory: Directory::new(storage.clone(), config.server_name.clone()),

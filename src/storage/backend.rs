@@ -62,11 +62,13 @@ pub enum Cf {
     Threads,
     /// Thread roots by room and latest activity, newest last.
     ThreadActivity,
+    /// Sync filters uploaded by users.
+    Filters,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 24] = [
+    pub const ALL: [Cf; 25] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -91,6 +93,7 @@ impl Cf {
         Cf::Relations,
         Cf::Threads,
         Cf::ThreadActivity,
+        Cf::Filters,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -120,6 +123,7 @@ impl Cf {
             Cf::Relations => "relations",
             Cf::Threads => "threads",
             Cf::ThreadActivity => "thread_activity",
+            Cf::Filters => "filters",
         }
     }
 

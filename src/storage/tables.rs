@@ -138,6 +138,9 @@ pub struct ThreadRecord {
     pub participants: Vec<String>,
 }
 
+/// (user ID, filter ID) → the filter as the user uploaded it.
+pub const FILTERS: Table<(String, String), serde_json::Value> = Table::new(Cf::Filters);
+
 /// A JSON value and the stream position it was written at.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamedValue {

@@ -108,6 +108,32 @@ fn found(content: Option<Value>) -> ApiResult<Json<Value>> {
         .ok_or_else(|| MatrixError::not_found("Account data not found"))
 }
 
+/// `POST /_matrix/client/v3/user/{userId}/filter`
+pub async fn create_filter(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path(user_id): Path<String>,
+    JsonBody(filter): JsonBody<Map<String, Value>>,
+) -> ApiResult<Json<Value>> {
+    let user = own_user(&authed, &user_id)?;
+    let id = state.filters.create(&user, Value::Object(filter)).await?;
+    Ok(Json(json!({ "filter_id": id })))
+}
+
+/// `GET /_matrix/client/v3/user/{userId}/filter/{filterId}`
+pub async fn get_filter(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path((user_id, filter_id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let user = own_user(&authed, &user_id)?;
+    state
+        .filters
+        .get(&user, &filter_id)?
+        .map(Json)
+        .ok_or_else(|| MatrixError::not_found("No such filter"))
+}
+
 /// `GET /_matrix/client/v3/user/{userId}/rooms/{roomId}/tags`
 pub async fn get_tags(
     State(state): State<AppState>,
