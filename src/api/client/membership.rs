@@ -103,7 +103,7 @@ pub async fn join(
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    join_room(&state, &authed, &room_id, body.reason).await
+    enter_room(&state, &authed, &room_id, "join", body.reason).await
 }
 
 /// `POST /_matrix/client/v3/join/{roomIdOrAlias}`
@@ -114,35 +114,29 @@ pub async fn join_by_id_or_alias(
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
     let room_id = resolve_target(&state, &target)?;
-    join_room(&state, &authed, &room_id, body.reason).await
+    enter_room(&state, &authed, &room_id, "join", body.reason).await
 }
 
-async fn join_room(
+/// Joins or knocks on a room this server knows, with the user's profile in
+/// the member event; answers the room ID.
+async fn enter_room(
     state: &AppState,
     authed: &crate::services::accounts::Authed,
     room_id: &RoomId,
+    membership: &str,
     reason: Option<String>,
 ) -> ApiResult<Json<Value>> {
     let user = parse_user(&authed.user_id.to_string())?;
     if state.rooms.room(room_id)?.is_none() {
-        return Err(MatrixError::not_found(
-            "No known servers to join this room through",
-        ));
+        return Err(MatrixError::not_found(format!(
+            "No known servers to {membership} this room through"
+        )));
     }
-    let profile = state
-        .profiles
-        .profile(authed.localpart())?
-        .map(Value::Object);
+    let profile = state.profiles.profile(authed.localpart())?.map(Value::Object);
+    let content = reason_content(reason);
     state
         .rooms
-        .set_membership(
-            room_id,
-            &user,
-            &user,
-            "join",
-            reason_content(reason),
-            profile,
-        )
+        .set_membership(room_id, &user, &user, membership, content, profile)
         .await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
@@ -276,28 +270,7 @@ pub async fn knock(
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
     let room_id = resolve_target(&state, &target)?;
-    let user = parse_user(&authed.user_id.to_string())?;
-    if state.rooms.room(&room_id)?.is_none() {
-        return Err(MatrixError::not_found(
-            "No known servers to knock on this room through",
-        ));
-    }
-    let profile = state
-        .profiles
-        .profile(authed.localpart())?
-        .map(Value::Object);
-    state
-        .rooms
-        .set_membership(
-            &room_id,
-            &user,
-            &user,
-            "knock",
-            reason_content(body.reason),
-            profile,
-        )
-        .await?;
-    Ok(Json(json!({ "room_id": room_id })))
+    enter_room(&state, &authed, &room_id, "knock", body.reason).await
 }
 
 /// A room ID, or the room a local alias points to.
