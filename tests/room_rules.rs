@@ -308,3 +308,47 @@ async fn relations_stop_at_the_to_token() {
         .collect();
     assert_eq!(ids, [replies[3].as_str(), replies[2].as_str()]);
 }
+
+#[tokio::test]
+async fn create_room_checks_the_canonical_alias_of_its_initial_state() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    create(&server, &alice, json!({ "room_alias_name": "taken" })).await;
+    let canonical = |alias: &str| json!({ "initial_state": [{ "type": "m.room.canonical_alias", "content": { "alias": alias } }] });
+    let elsewhere = server
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            canonical("#taken:localhost"),
+        )
+        .await;
+    assert_error(&elsewhere, StatusCode::BAD_REQUEST, "M_BAD_ALIAS");
+    let missing = server
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            canonical("#nowhere:localhost"),
+        )
+        .await;
+    assert_error(&missing, StatusCode::BAD_REQUEST, "M_BAD_ALIAS");
+    let mut own = canonical("#fresh:localhost");
+    own["room_alias_name"] = json!("fresh");
+    let (status, answer) = server
+        .post("/_matrix/client/v3/createRoom", Some(&alice), own)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let room = answer["room_id"].as_str().unwrap();
+    let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.canonical_alias");
+    let (status, _) = server
+        .put(&path, Some(&alice), json!({ "alias": null }))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let bad = server
+        .put(
+            &path,
+            Some(&alice),
+            json!({ "alt_aliases": "#fresh:localhost" }),
+        )
+        .await;
+    assert_error(&bad, StatusCode::BAD_REQUEST, "M_BAD_JSON");
+}

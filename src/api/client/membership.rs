@@ -33,6 +33,17 @@ pub async fn create_room(
         Some(name) => Some(state.directory.alias_for_name(name)?),
         None => None,
     };
+    // A new room has no aliases yet, but the one createRoom itself makes.
+    for initial in &body.request.initial_state {
+        if initial.kind == "m.room.canonical_alias" {
+            let mut content = initial.content.as_object().cloned().unwrap_or_default();
+            let named_new = |value: &Value| alias.as_ref().is_some_and(|a| value == a.as_str());
+            if content.get("alias").is_some_and(named_new) {
+                content.remove("alias");
+            }
+            super::room_events::check_canonical_aliases(&state, None, &content)?;
+        }
+    }
     let creator = parse_user(&authed.user_id.to_string())?;
     let mut invitees = Vec::new();
     for invitee in &body.request.invite {
@@ -128,11 +139,19 @@ async fn enter_room(
 ) -> ApiResult<Json<Value>> {
     let user = parse_user(&authed.user_id.to_string())?;
     if state.rooms.room(room_id)?.is_none() {
+        let action = if membership == "knock" {
+            "knock on"
+        } else {
+            membership
+        };
         return Err(MatrixError::not_found(format!(
-            "No known servers to {membership} this room through"
+            "No known servers to {action} this room through"
         )));
     }
-    let profile = state.profiles.profile(authed.localpart())?.map(Value::Object);
+    let profile = state
+        .profiles
+        .profile(authed.localpart())?
+        .map(Value::Object);
     let content = reason_content(reason);
     state
         .rooms

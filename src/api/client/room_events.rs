@@ -71,7 +71,7 @@ async fn put_state_event(
     let room_id = parse_room(&room_id)?;
     let mut content = content;
     if kind == "m.room.canonical_alias" {
-        check_canonical_aliases(&state, &room_id, &content)?;
+        check_canonical_aliases(&state, Some(&room_id), &content)?;
     }
     if kind == "m.room.member" {
         // Only the server vouches for a restricted join (see the join endpoint).
@@ -84,14 +84,21 @@ async fn put_state_event(
 
 /// A canonical alias event may only name local aliases that exist and
 /// point to this room (aliases of other servers cannot be checked here).
-fn check_canonical_aliases(
+/// `room_id` is `None` for a room being created, which no alias names yet.
+pub fn check_canonical_aliases(
     state: &AppState,
-    room_id: &OwnedRoomId,
+    room_id: Option<&OwnedRoomId>,
     content: &Map<String, Value>,
 ) -> ApiResult<()> {
-    let mut aliases: Vec<&Value> = content.get("alias").into_iter().collect();
-    if let Some(Value::Array(alternatives)) = content.get("alt_aliases") {
-        aliases.extend(alternatives);
+    let mut aliases: Vec<&Value> = content
+        .get("alias")
+        .filter(|a| !a.is_null())
+        .into_iter()
+        .collect();
+    match content.get("alt_aliases") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(alternatives)) => aliases.extend(alternatives),
+        Some(_) => return Err(MatrixError::bad_json("alt_aliases must be an array")),
     }
     for alias in aliases {
         let Some(text) = alias.as_str() else {
@@ -102,7 +109,11 @@ fn check_canonical_aliases(
         if parsed.server_name() != state.config.server_name.as_str() {
             continue;
         }
-        if state.directory.resolve(&parsed)?.as_ref() != Some(room_id) {
+        let points_here = match (state.directory.resolve(&parsed)?, room_id) {
+            (Some(found), Some(room_id)) => found == *room_id,
+            _ => false,
+        };
+        if !points_here {
             return Err(crate::services::error::Error::BadAlias(format!(
                 "{text} does not point to this room"
             ))

@@ -71,7 +71,9 @@ impl Rooms {
         let after_from = |stream: u64| {
             let from_ok = match (query.from, query.direction) {
                 (None, _) => true,
-                (Some(from), Direction::Backward) => stream < from,
+                // As in `/messages`: a token is a position, included going
+                // backward and excluded going forward.
+                (Some(from), Direction::Backward) => stream <= from,
                 (Some(from), Direction::Forward) => stream > from,
             };
             let to_ok = match (query.to, query.direction) {
@@ -94,10 +96,10 @@ impl Rooms {
                 }
             }
         }
-        let next = if more {
-            events.last().map(|(s, _)| *s)
-        } else {
-            None
+        let next = match (more, events.last(), query.direction) {
+            (true, Some((s, _)), Direction::Backward) => Some(s.saturating_sub(1)),
+            (true, Some((s, _)), Direction::Forward) => Some(*s),
+            _ => None,
         };
         Ok(RelationsPage { events, next })
     }
