@@ -23,7 +23,7 @@ use super::locks::StripedLocks;
 use super::stream::StreamCounter;
 use crate::events::{NewEvent, Pdu, SigningKey};
 use crate::storage::tables::{self, RoomRecord, StoredPdu};
-use crate::storage::{Direction, KeyRange, Storage};
+use crate::storage::{Direction, Key, KeyRange, Storage};
 use draft::{Draft, Origin};
 use power::PowerView;
 
@@ -425,13 +425,13 @@ impl Rooms {
         let room = room_id.to_string();
         let range = match direction {
             Direction::Backward => KeyRange {
-                lower: (room.clone(), to.map_or(0, |t| t.saturating_add(1))).encode_key(),
-                upper: Some((room.clone(), from.saturating_add(1)).encode_key()),
+                lower: (room.clone(), to.map_or(0, |t| t.saturating_add(1))).encode(),
+                upper: Some((room.clone(), from.saturating_add(1)).encode()),
             },
             Direction::Forward => KeyRange {
-                lower: (room.clone(), from.saturating_add(1)).encode_key(),
+                lower: (room.clone(), from.saturating_add(1)).encode(),
                 upper: Some(match to {
-                    Some(to) => (room.clone(), to.saturating_add(1)).encode_key(),
+                    Some(to) => (room.clone(), to.saturating_add(1)).encode(),
                     None => crate::storage::prefix_successor(&tables::str_prefix(&room))
                         .unwrap_or_default(),
                 }),
@@ -550,14 +550,4 @@ pub fn room_full(limit: u64) -> Error {
     Error::RoomFull(format!(
         "The room is full: it may have at most {limit} joined and invited members"
     ))
-}
-
-trait EncodeKey {
-    fn encode_key(&self) -> Vec<u8>;
-}
-
-impl EncodeKey for (String, u64) {
-    fn encode_key(&self) -> Vec<u8> {
-        crate::storage::Key::encode(self)
-    }
 }
