@@ -101,14 +101,12 @@ async fn the_directory_lists_published_rooms() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
-    let (_, created) = server
-        .post(
-            "/_matrix/client/v3/createRoom",
-            Some(&alice),
+    let room_id = server
+        .create_room(
+            &alice,
             json!({ "visibility": "public", "name": "Gardening", "topic": "Tomatoes" }),
         )
         .await;
-    let room_id = created["room_id"].as_str().unwrap().to_owned();
     server
         .post(
             "/_matrix/client/v3/createRoom",
@@ -162,17 +160,15 @@ async fn an_upgrade_tombstones_the_old_room_and_moves_its_aliases() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
-    let (_, created) = server
-        .post(
-            "/_matrix/client/v3/createRoom",
-            Some(&alice),
+    let old = server
+        .create_room(
+            &alice,
             json!({
                 "room_version": "10", "name": "Old", "topic": "t", "preset": "public_chat",
                 "room_alias_name": "up", "visibility": "public",
             }),
         )
         .await;
-    let old = created["room_id"].as_str().unwrap().to_owned();
     server
         .post(
             &format!("/_matrix/client/v3/rooms/{old}/join"),

@@ -64,21 +64,14 @@ async fn membership_transitions_follow_the_rules() {
     for name in ["alice", "bob", "carol", "dave", "moderator", "moderator2"] {
         tokens.insert(name, token(&server.register(name).await));
     }
-    let (_, created) = server
-        .post(
-            "/_matrix/client/v3/createRoom",
-            Some(&tokens["alice"]),
-            json!({
+    let room = server.create_room(&tokens["alice"], json!({
                 "preset": "private_chat",
                 "room_version": "11",
                 "invite": ["@moderator:localhost", "@moderator2:localhost"],
                 "power_level_content_override": {
                     "users": { "@alice:localhost": 100, "@moderator:localhost": 50, "@moderator2:localhost": 50 },
                 },
-            }),
-        )
-        .await;
-    let room = created["room_id"].as_str().unwrap().to_owned();
+            })).await;
     for name in ["moderator", "moderator2"] {
         let (status, _) = server
             .post(
@@ -134,14 +127,7 @@ async fn knocks_are_answered_by_invites_or_withdrawn() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
-    let (_, created) = server
-        .post(
-            "/_matrix/client/v3/createRoom",
-            Some(&alice),
-            json!({ "initial_state": [{ "type": "m.room.join_rules", "content": { "join_rule": "knock" } }] }),
-        )
-        .await;
-    let room = created["room_id"].as_str().unwrap().to_owned();
+    let room = server.create_room(&alice, json!({ "initial_state": [{ "type": "m.room.join_rules", "content": { "join_rule": "knock" } }] })).await;
     let knock = format!("/_matrix/client/v3/knock/{room}");
     assert_eq!(server.post(&knock, Some(&bob), json!({})).await.0, OK);
     // Withdrawn, then knocked again and let in.

@@ -7,14 +7,6 @@ use common::{assert_error, token, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-async fn create(server: &TestServer, token: &str, body: Value) -> String {
-    let (status, answer) = server
-        .post("/_matrix/client/v3/createRoom", Some(token), body)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    answer["room_id"].as_str().unwrap().to_owned()
-}
-
 async fn send(
     server: &TestServer,
     token: &str,
@@ -32,16 +24,18 @@ async fn restricted_rooms_admit_members_of_the_allowed_room_only() {
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
     let carol = token(&server.register("carol").await);
-    let space = create(&server, &alice, json!({ "preset": "public_chat" })).await;
-    let restricted = create(
-        &server,
-        &alice,
-        json!({ "initial_state": [{ "type": "m.room.join_rules", "content": {
-            "join_rule": "restricted",
-            "allow": [{ "type": "m.room_membership", "room_id": space }],
-        }}]}),
-    )
-    .await;
+    let space = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let restricted = server
+        .create_room(
+            &alice,
+            json!({ "initial_state": [{ "type": "m.room.join_rules", "content": {
+                "join_rule": "restricted",
+                "allow": [{ "type": "m.room_membership", "room_id": space }],
+            }}]}),
+        )
+        .await;
     server
         .post(
             &format!("/_matrix/client/v3/rooms/{space}/join"),
@@ -102,7 +96,9 @@ async fn the_member_cap_holds_for_initial_state_and_the_state_api() {
         .post("/_matrix/client/v3/createRoom", Some(&alice), invites)
         .await;
     assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
-    let room = create(&server, &alice, json!({ "invite": ["@b:localhost"] })).await;
+    let room = server
+        .create_room(&alice, json!({ "invite": ["@b:localhost"] }))
+        .await;
     let full = server
         .put(
             &format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/@c:localhost"),
@@ -119,7 +115,9 @@ async fn only_the_sender_or_a_moderator_may_redact() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
-    let room = create(&server, &alice, json!({ "preset": "public_chat" })).await;
+    let room = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
     server
         .post(
             &format!("/_matrix/client/v3/rooms/{room}/join"),
@@ -171,8 +169,8 @@ async fn only_the_sender_or_a_moderator_may_redact() {
 async fn threads_need_a_root_in_the_room_and_forget_redacted_replies() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
-    let room = create(&server, &alice, json!({})).await;
-    let other = create(&server, &alice, json!({})).await;
+    let room = server.create_room(&alice, json!({})).await;
+    let other = server.create_room(&alice, json!({})).await;
     let (_, root) = send(&server, &alice, &room, "root", json!({ "body": "root" })).await;
     let (_, elsewhere) = send(&server, &alice, &other, "e", json!({ "body": "elsewhere" })).await;
     let reply = |root: &Value| json!({ "body": "re", "m.relates_to": { "rel_type": "m.thread", "event_id": root["event_id"] } });
@@ -207,7 +205,7 @@ async fn threads_need_a_root_in_the_room_and_forget_redacted_replies() {
 async fn types_and_state_keys_have_a_size_limit() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
-    let room = create(&server, &alice, json!({})).await;
+    let room = server.create_room(&alice, json!({})).await;
     let long_type = "t".repeat(256);
     let answer = server
         .put(
@@ -254,8 +252,12 @@ async fn invalid_initial_state_and_aliases_are_refused() {
         .await;
     assert_eq!(joined["joined_rooms"], json!([]));
 
-    let room = create(&server, &alice, json!({ "room_alias_name": "mine" })).await;
-    create(&server, &alice, json!({ "room_alias_name": "theirs" })).await;
+    let room = server
+        .create_room(&alice, json!({ "room_alias_name": "mine" }))
+        .await;
+    server
+        .create_room(&alice, json!({ "room_alias_name": "theirs" }))
+        .await;
     let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.canonical_alias");
     let wrong = server
         .put(&path, Some(&alice), json!({ "alias": "#theirs:localhost" }))
@@ -283,7 +285,7 @@ async fn invalid_initial_state_and_aliases_are_refused() {
 async fn relations_stop_at_the_to_token() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
-    let room = create(&server, &alice, json!({})).await;
+    let room = server.create_room(&alice, json!({})).await;
     let (_, root) = send(&server, &alice, &room, "root", json!({ "body": "root" })).await;
     let root_id = root["event_id"].as_str().unwrap();
     let mut replies = Vec::new();
@@ -313,7 +315,9 @@ async fn relations_stop_at_the_to_token() {
 async fn create_room_checks_the_canonical_alias_of_its_initial_state() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
-    create(&server, &alice, json!({ "room_alias_name": "taken" })).await;
+    server
+        .create_room(&alice, json!({ "room_alias_name": "taken" }))
+        .await;
     let canonical = |alias: &str| json!({ "initial_state": [{ "type": "m.room.canonical_alias", "content": { "alias": alias } }] });
     let elsewhere = server
         .post(

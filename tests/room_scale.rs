@@ -12,14 +12,9 @@ use serde_json::{json, Map, Value};
 async fn a_hundred_members_each_read_every_message_and_the_next_is_refused() {
     let server = TestServer::start().await;
     let owner = token(&server.register("owner").await);
-    let (_, created) = server
-        .post(
-            "/_matrix/client/v3/createRoom",
-            Some(&owner),
-            json!({ "preset": "public_chat" }),
-        )
+    let room_id = server
+        .create_room(&owner, json!({ "preset": "public_chat" }))
         .await;
-    let room_id = created["room_id"].as_str().unwrap().to_owned();
     let join = format!("/_matrix/client/v3/rooms/{room_id}/join");
     let mut members = vec![owner.clone()];
     for i in 1..100 {
@@ -77,10 +72,7 @@ async fn a_hundred_members_each_read_every_message_and_the_next_is_refused() {
 async fn concurrent_retries_of_one_transaction_store_one_event() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
-    let (_, created) = server
-        .post("/_matrix/client/v3/createRoom", Some(&alice), json!({}))
-        .await;
-    let room_id = created["room_id"].as_str().unwrap().to_owned();
+    let room_id = server.create_room(&alice, json!({})).await;
     let path = format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/same-txn");
     let attempts: Vec<_> = (0..16)
         .map(|_| {
@@ -181,14 +173,9 @@ fn random_string(rng: &mut StdRng) -> String {
 async fn no_event_json_makes_the_server_fail() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
-    let (_, created) = server
-        .post(
-            "/_matrix/client/v3/createRoom",
-            Some(&alice),
-            json!({ "preset": "public_chat" }),
-        )
+    let room_id = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
         .await;
-    let room_id = created["room_id"].as_str().unwrap().to_owned();
     let kinds = [
         "m.room.message",
         "m.room.member",

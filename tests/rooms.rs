@@ -6,14 +6,6 @@ use common::{assert_error, token, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-async fn create_room(server: &TestServer, token: &str, body: Value) -> String {
-    let (status, answer) = server
-        .post("/_matrix/client/v3/createRoom", Some(token), body)
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    answer["room_id"].as_str().unwrap().to_owned()
-}
-
 fn room_path(room_id: &str, suffix: &str) -> String {
     format!("/_matrix/client/v3/rooms/{room_id}{suffix}")
 }
@@ -40,17 +32,17 @@ async fn a_private_chat_is_created_joined_and_used() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
-    let room_id = create_room(
-        &server,
-        &alice,
-        json!({
-            "preset": "private_chat",
-            "name": "Plans",
-            "topic": "What we do next",
-            "invite": ["@bob:localhost"],
-        }),
-    )
-    .await;
+    let room_id = server
+        .create_room(
+            &alice,
+            json!({
+                "preset": "private_chat",
+                "name": "Plans",
+                "topic": "What we do next",
+                "invite": ["@bob:localhost"],
+            }),
+        )
+        .await;
     assert!(room_id.starts_with('!'));
 
     let (_, joined) = server
@@ -133,7 +125,9 @@ async fn every_supported_room_version_works() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
     for version in ["10", "11", "12"] {
-        let room_id = create_room(&server, &alice, json!({ "room_version": version })).await;
+        let room_id = server
+            .create_room(&alice, json!({ "room_version": version }))
+            .await;
         let (status, sent) = send_text(&server, &alice, &room_id, "x", version).await;
         assert_eq!(status, StatusCode::OK, "{version}: {sent}");
         let (_, create) = server
@@ -168,7 +162,7 @@ async fn every_supported_room_version_works() {
 async fn two_hundred_messages_paginate_back_in_order() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
-    let room_id = create_room(&server, &alice, json!({})).await;
+    let room_id = server.create_room(&alice, json!({})).await;
     for i in 0..200 {
         let (status, _) =
             send_text(&server, &alice, &room_id, &format!("m{i}"), &format!("{i}")).await;
@@ -242,7 +236,9 @@ async fn the_member_cap_refuses_the_member_past_it() {
         .await;
     assert_eq!(joined["joined_rooms"], json!([]), "nothing was written");
 
-    let room_id = create_room(&server, &alice, json!({ "invite": ["@b1:localhost"] })).await;
+    let room_id = server
+        .create_room(&alice, json!({ "invite": ["@b1:localhost"] }))
+        .await;
     let (status, _) = server
         .post(
             &room_path(&room_id, "/invite"),
@@ -268,7 +264,9 @@ async fn memberships_move_only_as_the_rules_allow() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
-    let room_id = create_room(&server, &alice, json!({ "preset": "public_chat" })).await;
+    let room_id = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
     let join = |token: String| {
         let path = room_path(&room_id, "/join");
         let server = &server;
@@ -334,7 +332,9 @@ async fn memberships_move_only_as_the_rules_allow() {
     assert_eq!(members["chunk"].as_array().unwrap().len(), 1);
 
     // A private room cannot be joined uninvited.
-    let private = create_room(&server, &alice, json!({ "preset": "private_chat" })).await;
+    let private = server
+        .create_room(&alice, json!({ "preset": "private_chat" }))
+        .await;
     let refused = server
         .post(&room_path(&private, "/join"), Some(&bob), json!({}))
         .await;
@@ -346,7 +346,9 @@ async fn redaction_strips_content() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
     for version in ["10", "11", "12"] {
-        let room_id = create_room(&server, &alice, json!({ "room_version": version })).await;
+        let room_id = server
+            .create_room(&alice, json!({ "room_version": version }))
+            .await;
         let (_, sent) = send_text(&server, &alice, &room_id, "a", "secret").await;
         let event_id = sent["event_id"].as_str().unwrap();
         let path = room_path(&room_id, &format!("/redact/{event_id}/r1"));
@@ -376,7 +378,7 @@ async fn bad_room_requests_change_nothing() {
     assert_error(&unknown, StatusCode::FORBIDDEN, "M_FORBIDDEN");
     let invalid = send_text(&server, &alice, "not-a-room", "t", "x").await;
     assert_error(&invalid, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
-    let room_id = create_room(&server, &alice, json!({})).await;
+    let room_id = server.create_room(&alice, json!({})).await;
     let big = json!({ "msgtype": "m.text", "body": "x".repeat(70_000) });
     let too_large = server
         .put(
@@ -415,9 +417,7 @@ async fn knocking_and_forgetting() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
-    let knockable = create_room(
-        &server,
-        &alice,
+    let knockable = server.create_room(&alice,
         json!({ "initial_state": [{ "type": "m.room.join_rules", "content": { "join_rule": "knock" } }] }),
     )
     .await;
@@ -437,7 +437,7 @@ async fn knocking_and_forgetting() {
         )
         .await;
     assert_eq!(knocks["chunk"][0]["state_key"], "@bob:localhost");
-    let invite_only = create_room(&server, &alice, json!({})).await;
+    let invite_only = server.create_room(&alice, json!({})).await;
     let refused = server
         .post(
             &format!("/_matrix/client/v3/knock/{invite_only}"),
@@ -466,7 +466,9 @@ async fn profile_changes_and_deactivation_reach_the_rooms() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
-    let room_id = create_room(&server, &alice, json!({ "preset": "public_chat" })).await;
+    let room_id = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
     let (status, _) = server
         .post(&room_path(&room_id, "/join"), Some(&bob), json!({}))
         .await;

@@ -8,14 +8,9 @@ use ruma::RoomId;
 use serde_json::{json, Value};
 
 async fn room_with_message(server: &TestServer, token: &str) -> (String, String) {
-    let (_, created) = server
-        .post(
-            "/_matrix/client/v3/createRoom",
-            Some(token),
-            json!({ "preset": "public_chat" }),
-        )
+    let room_id = server
+        .create_room(token, json!({ "preset": "public_chat" }))
         .await;
-    let room_id = created["room_id"].as_str().unwrap().to_owned();
     let (_, sent) = server
         .put(
             &format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/1"),

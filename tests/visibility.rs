@@ -63,14 +63,9 @@ async fn former_members_read_what_they_could_see_and_the_state_when_they_left() 
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
     let stranger = token(&server.register("stranger").await);
-    let (_, created) = server
-        .post(
-            "/_matrix/client/v3/createRoom",
-            Some(&alice),
-            json!({ "preset": "public_chat", "name": "Before" }),
-        )
+    let room = server
+        .create_room(&alice, json!({ "preset": "public_chat", "name": "Before" }))
         .await;
-    let room = created["room_id"].as_str().unwrap().to_owned();
     send(&server, &alice, &room, "m1").await;
     join(&server, &bob, &room).await;
     send(&server, &bob, &room, "m2").await;
@@ -151,14 +146,9 @@ async fn messages_filters_and_lazy_loaded_members() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
-    let (_, created) = server
-        .post(
-            "/_matrix/client/v3/createRoom",
-            Some(&alice),
-            json!({ "preset": "public_chat" }),
-        )
+    let room = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
         .await;
-    let room = created["room_id"].as_str().unwrap().to_owned();
     join(&server, &bob, &room).await;
     send(&server, &alice, &room, "a1").await;
     send(&server, &bob, &room, "b1").await;

@@ -127,6 +127,15 @@ impl TestServer {
         answer
     }
 
+    /// Creates a room (the createRoom body as given); returns its ID.
+    pub async fn create_room(&self, token: &str, body: Value) -> String {
+        let (status, answer) = self
+            .post("/_matrix/client/v3/createRoom", Some(token), body)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        answer["room_id"].as_str().expect("room_id").to_owned()
+    }
+
     /// Logs in with a password; returns the answer.
     pub async fn login(&self, username: &str, device_id: Option<&str>) -> Value {
         let mut body = json!({
