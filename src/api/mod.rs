@@ -20,7 +20,7 @@ use tower_http::trace::TraceLayer;
 use crate::services::Services;
 use client::{
     account, devices, directory, discovery, membership, profile, relations, room_events, session,
-    user_data,
+    sync, user_data,
 };
 use error::MatrixError;
 
@@ -112,6 +112,7 @@ fn client_routes(prefix: &str) -> Router<AppState> {
                 .delete(profile::delete_field),
         )
         .route(&path("/capabilities"), get(discovery::capabilities))
+        .route(&path("/sync"), get(sync::sync))
         .merge(room_routes(prefix))
 }
 

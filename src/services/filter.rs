@@ -91,6 +91,43 @@ impl Filters {
             .storage
             .get(tables::FILTERS, &(user.to_string(), id.to_owned()))?)
     }
+
+    /// The filter a sync names: inline JSON, or the ID of a stored one.
+    pub fn resolve(&self, user: &UserId, param: Option<&str>) -> Result<Filter> {
+        let Some(param) = param else {
+            return Ok(Filter::default());
+        };
+        let value = if param.trim_start().starts_with('{') {
+            serde_json::from_str(param).map_err(|e| Error::BadJson(format!("filter: {e}")))?
+        } else {
+            self.get(user, param)?
+                .ok_or_else(|| Error::NotFound(format!("no filter {param:?}")))?
+        };
+        serde_json::from_value(value).map_err(|e| Error::BadJson(format!("filter: {e}")))
+    }
+}
+
+impl EventFilter {
+    /// Whether an event of `kind` from `sender` passes.
+    pub fn allows(&self, kind: &str, sender: &str) -> bool {
+        allows(
+            (&self.types, &self.not_types),
+            (&self.senders, &self.not_senders),
+            kind,
+            sender,
+        )
+    }
+}
+
+impl RoomFilter {
+    /// Whether the room is one the filter lets through.
+    pub fn allows_room(&self, room_id: &str) -> bool {
+        !self.not_rooms.iter().any(|r| r == room_id)
+            && self
+                .rooms
+                .as_ref()
+                .is_none_or(|rooms| rooms.iter().any(|r| r == room_id))
+    }
 }
 
 /// Which events a client wants, and whether members are lazy-loaded.
@@ -105,6 +142,8 @@ pub struct RoomEventFilter {
     pub contains_url: Option<bool>,
     pub lazy_load_members: bool,
     pub include_redundant_members: bool,
+    pub rooms: Option<Vec<String>>,
+    pub not_rooms: Vec<String>,
 }
 
 impl RoomEventFilter {
@@ -121,25 +160,31 @@ impl RoomEventFilter {
         serde_json::from_str(text).map_err(|e| Error::BadJson(format!("filter: {e}")))
     }
 
+    /// Whether an event of `kind` from `sender` in `room_id` passes, by
+    /// type, sender and room only.
+    pub fn allows(&self, room_id: &str, kind: &str, sender: &str) -> bool {
+        let room_allowed = !self.not_rooms.iter().any(|r| r == room_id)
+            && self
+                .rooms
+                .as_ref()
+                .is_none_or(|rooms| rooms.iter().any(|r| r == room_id));
+        room_allowed
+            && allows(
+                (&self.types, &self.not_types),
+                (&self.senders, &self.not_senders),
+                kind,
+                sender,
+            )
+    }
+
     /// Whether the filter lets `pdu` through.
     pub fn matches(&self, pdu: &Pdu) -> bool {
-        let kind = pdu.kind.to_string();
-        let sender = pdu.sender.as_str();
-        if self.not_types.iter().any(|t| type_matches(t, &kind)) {
+        if !self.allows(
+            pdu.room_id.as_str(),
+            &pdu.kind.to_string(),
+            pdu.sender.as_str(),
+        ) {
             return false;
-        }
-        if let Some(types) = &self.types {
-            if !types.iter().any(|t| type_matches(t, &kind)) {
-                return false;
-            }
-        }
-        if self.not_senders.iter().any(|s| s == sender) {
-            return false;
-        }
-        if let Some(senders) = &self.senders {
-            if !senders.iter().any(|s| s == sender) {
-                return false;
-            }
         }
         if let Some(wanted) = self.contains_url {
             let has_url = pdu.content_value().get("url").is_some_and(Value::is_string);
@@ -153,6 +198,23 @@ impl RoomEventFilter {
     pub fn apply(&self, events: Vec<Pdu>) -> Vec<Pdu> {
         events.into_iter().filter(|pdu| self.matches(pdu)).collect()
     }
+}
+
+/// The type and sender parts every kind of filter shares.
+fn allows(
+    (types, not_types): (&Option<Vec<String>>, &Vec<String>),
+    (senders, not_senders): (&Option<Vec<String>>, &Vec<String>),
+    kind: &str,
+    sender: &str,
+) -> bool {
+    !not_types.iter().any(|t| type_matches(t, kind))
+        && types
+            .as_ref()
+            .is_none_or(|types| types.iter().any(|t| type_matches(t, kind)))
+        && !not_senders.iter().any(|s| s == sender)
+        && senders
+            .as_ref()
+            .is_none_or(|senders| senders.iter().any(|s| s == sender))
 }
 
 /// An event type pattern: exact, or a prefix ending in `*`.

@@ -14,6 +14,7 @@ pub mod profiles;
 pub mod rate_limit;
 pub mod rooms;
 pub mod stream;
+pub mod sync;
 pub mod uia;
 pub mod user_data;
 
@@ -41,6 +42,7 @@ pub struct Services {
     pub directory: Directory,
     pub user_data: user_data::UserData,
     pub filters: filter::Filters,
+    pub sync: sync::SyncStream,
     pub uia: Uia,
     pub rate_limiter: RateLimiter,
     clock: Arc<dyn Clock>,
@@ -51,19 +53,26 @@ impl Services {
         let key = Arc::new(keys::load_or_generate(&storage, clock.now_ms())?);
         let default_version = ruma::RoomVersionId::try_from(config.default_room_version.as_str())
             .map_err(|e| Error::Internal(e.to_string()))?;
-        let stream = Arc::new(stream::StreamCounter::load(&storage)?);
-        let user_data = user_data::UserData::new(storage.clone(), stream.clone(), clock.clone());
+        let wakeups = Arc::new(stream::Wakeups::default());
+        let stream = Arc::new(stream::StreamCounter::load(&storage, wakeups.clone())?);
+        let user_data = user_data::UserData::new(
+            storage.clone(),
+            stream.clone(),
+            clock.clone(),
+            wakeups.clone(),
+        );
         let rooms = Rooms::new(
             storage.clone(),
             config.server_name.clone(),
             key,
             clock.clone(),
-            stream,
+            stream.clone(),
             default_version,
             config.max_room_members,
         )?;
         Ok(Services {
             filters: filter::Filters::new(storage.clone()),
+            sync: sync::SyncStream::new(storage.clone(), stream, wakeups),
             rooms,
             user_data,
             directory: Directory::new(storage.clone(), config.server_name.clone()),

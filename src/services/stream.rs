@@ -7,6 +7,12 @@
 //! would miss 6 for good. So every position is reserved until its batch has
 //! committed (or failed), and [`StreamCounter::current`] is the highest
 //! position below which nothing is in flight.
+//!
+//! Waiting readers (a long-polling `/sync`) are woken through [`Wakeups`]:
+//! a generation number bumped whenever the current position may have moved
+//! or an in-memory stream (typing) changed. A reader takes the generation
+//! before it looks, so a write that lands between its look and its wait
+//! still wakes it.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +24,33 @@ use crate::storage::{Batch, Direction, KeyRange, Storage, StorageError};
 pub struct StreamCounter {
     last: AtomicU64,
     in_flight: Mutex<BTreeSet<u64>>,
+    wakeups: Arc<Wakeups>,
+}
+
+/// Wakes every waiting reader when something they may include was written.
+pub struct Wakeups {
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Wakeups {
+    fn default() -> Self {
+        Wakeups {
+            generation: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl Wakeups {
+    /// Wakes every reader waiting now.
+    pub fn wake(&self) {
+        self.generation.send_modify(|generation| *generation += 1);
+    }
+
+    /// A receiver marked as having seen the current generation: its
+    /// `changed()` resolves at the next [`Wakeups::wake`] after this call.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
 }
 
 /// A position whose batch has not finished committing; dropping it (after
@@ -36,12 +69,14 @@ impl Drop for Reservation {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         in_flight.remove(&self.position);
+        drop(in_flight);
+        self.counter.wakeups.wake();
     }
 }
 
 impl StreamCounter {
     /// Continues after the last position recorded in the `stream` table.
-    pub fn load(storage: &Storage) -> Result<Self, StorageError> {
+    pub fn load(storage: &Storage, wakeups: Arc<Wakeups>) -> Result<Self, StorageError> {
         let everything = KeyRange::prefix(b"");
         let last = storage
             .scan(tables::STREAM, &everything, Direction::Backward, 1)?
@@ -50,6 +85,7 @@ impl StreamCounter {
         Ok(StreamCounter {
             last: AtomicU64::new(last),
             in_flight: Mutex::new(BTreeSet::new()),
+            wakeups,
         })
     }
 
@@ -89,7 +125,7 @@ mod tests {
     #[test]
     fn the_current_position_waits_for_the_oldest_write_in_flight() {
         let storage = Storage::in_memory();
-        let counter = Arc::new(StreamCounter::load(&storage).unwrap());
+        let counter = Arc::new(StreamCounter::load(&storage, Arc::default()).unwrap());
         let entry = StreamEntry::Presence {
             user_id: "@a:x".to_owned(),
         };
@@ -102,5 +138,21 @@ mod tests {
         assert_eq!(counter.current(), 0, "1 is still in flight");
         drop(first_reservation);
         assert_eq!(counter.current(), 2);
+    }
+
+    #[test]
+    fn a_receiver_taken_before_a_commit_sees_the_wake_up() {
+        let storage = Storage::in_memory();
+        let wakeups = Arc::new(Wakeups::default());
+        let counter = Arc::new(StreamCounter::load(&storage, wakeups.clone()).unwrap());
+        let receiver = wakeups.subscribe();
+        assert!(!receiver.has_changed().unwrap(), "nothing written yet");
+        let entry = StreamEntry::Presence {
+            user_id: "@a:x".to_owned(),
+        };
+        let (_, reservation) = counter.next_into(&mut Batch::new(), &entry);
+        assert!(!receiver.has_changed().unwrap(), "still in flight");
+        drop(reservation);
+        assert!(receiver.has_changed().unwrap(), "woken when it completes");
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! Account data, receipts and presence are durable and take stream
 //! positions from the shared counter, so sync can order them with events.
-//! Typing notices are ephemeral: kept in memory until they time out.
+//! Typing notices are ephemeral: kept in memory until they time out, with
+//! their own serial number (see [`TypingSerial`]) instead of a stream
+//! position.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +16,7 @@ use serde_json::Value;
 use super::clock::Clock;
 use super::error::{Error, Result};
 use super::locks::StripedLocks;
-use super::stream::StreamCounter;
+use super::stream::{StreamCounter, Wakeups};
 use crate::storage::tables::{self, PresenceRecord, Receipt, StreamEntry, StreamedValue};
 use crate::storage::{Batch, Storage};
 
@@ -22,24 +24,73 @@ use crate::storage::{Batch, Storage};
 const MAX_TYPING_MS: u64 = 120_000;
 /// Most receipts one room lists at once.
 const MAX_RECEIPTS: usize = 100_000;
+/// Most presence records read at once.
+const MAX_PRESENCE_USERS: usize = 100_000;
+/// Most account data entries one scope (global or a room) lists at once.
+const MAX_ACCOUNT_DATA: usize = 10_000;
 
 pub struct UserData {
     storage: Storage,
     stream: Arc<StreamCounter>,
     clock: Arc<dyn Clock>,
     locks: StripedLocks,
-    /// Room ID → user ID → when the notice ends (ms since the epoch).
-    typing: Mutex<HashMap<String, HashMap<String, u64>>>,
+    typing: Arc<Mutex<Typing>>,
+    wakeups: Arc<Wakeups>,
+}
+
+/// A position in the typing stream. It starts at a thousand times the
+/// boot time in milliseconds, so serials from before a restart compare as
+/// older and a resumed sync is sent the typing notices that stand now.
+pub type TypingSerial = u64;
+
+struct Typing {
+    serial: TypingSerial,
+    rooms: HashMap<String, RoomTyping>,
+}
+
+/// The typing notices of one room, and when they last changed.
+#[derive(Default)]
+struct RoomTyping {
+    /// User ID → when the notice ends (ms since the epoch).
+    users: HashMap<String, u64>,
+    changed: TypingSerial,
+}
+
+impl Typing {
+    /// Drops the notices that ended; says whether any did.
+    fn expire(&mut self, room: &str, now: u64) -> bool {
+        let Some(entry) = self.rooms.get_mut(room) else {
+            return false;
+        };
+        let before = entry.users.len();
+        entry.users.retain(|_, until| *until > now);
+        if entry.users.len() == before {
+            return false;
+        }
+        self.serial += 1;
+        entry.changed = self.serial;
+        true
+    }
 }
 
 impl UserData {
-    pub fn new(storage: Storage, stream: Arc<StreamCounter>, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(
+        storage: Storage,
+        stream: Arc<StreamCounter>,
+        clock: Arc<dyn Clock>,
+        wakeups: Arc<Wakeups>,
+    ) -> Self {
+        let typing = Typing {
+            serial: clock.now_ms().saturating_mul(1000),
+            rooms: HashMap::new(),
+        };
         UserData {
             storage,
             stream,
             clock,
             locks: StripedLocks::new(64),
-            typing: Mutex::new(HashMap::new()),
+            typing: Arc::new(Mutex::new(typing)),
+            wakeups,
         }
     }
 
@@ -153,6 +204,33 @@ impl UserData {
             .collect())
     }
 
+    /// A user's receipt of one type in one thread ("" for unthreaded).
+    pub fn receipt(
+        &self,
+        room: &RoomId,
+        receipt_type: &str,
+        user: &UserId,
+        thread: &str,
+    ) -> Result<Option<Receipt>> {
+        let key = (
+            room.to_string(),
+            receipt_type.to_owned(),
+            user.to_string(),
+            thread.to_owned(),
+        );
+        Ok(self.storage.get(tables::RECEIPTS, &key)?)
+    }
+
+    /// Every user with a presence record.
+    pub fn presence_users(&self) -> Result<Vec<String>> {
+        Ok(self
+            .storage
+            .scan_prefix(tables::PRESENCE, b"", MAX_PRESENCE_USERS)?
+            .into_iter()
+            .map(|(user, _)| user)
+            .collect())
+    }
+
     pub fn presence(&self, user: &UserId) -> Result<Option<PresenceRecord>> {
         Ok(self.storage.get(tables::PRESENCE, &user.to_string())?)
     }
@@ -184,30 +262,64 @@ impl UserData {
         Ok(())
     }
 
-    /// Starts (for `timeout_ms`) or stops a user's typing notice.
+    /// Starts (for `timeout_ms`) or stops a user's typing notice. Waiting
+    /// syncs are woken now, and again when the notice runs out.
     pub fn set_typing(&self, room: &RoomId, user: &UserId, typing: bool, timeout_ms: u64) {
         let now = self.clock.now_ms();
-        let mut rooms = self.typing.lock().unwrap_or_else(|e| e.into_inner());
-        let users = rooms.entry(room.to_string()).or_default();
+        let timeout_ms = timeout_ms.min(MAX_TYPING_MS);
+        {
+            let mut state = self.typing.lock().unwrap_or_else(|e| e.into_inner());
+            state.serial += 1;
+            let serial = state.serial;
+            let entry = state.rooms.entry(room.to_string()).or_default();
+            if typing {
+                entry.users.insert(user.to_string(), now + timeout_ms);
+            } else {
+                entry.users.remove(user.as_str());
+            }
+            entry.users.retain(|_, until| *until > now);
+            entry.changed = serial;
+        }
+        self.wakeups.wake();
         if typing {
-            users.insert(user.to_string(), now + timeout_ms.min(MAX_TYPING_MS));
-        } else {
-            users.remove(user.as_str());
+            self.expire_later(room.to_string(), timeout_ms);
         }
-        users.retain(|_, until| *until > now);
-        if users.is_empty() {
-            rooms.remove(room.as_str());
-        }
+    }
+
+    /// A timer that drops the room's ended notices and wakes syncs, so that
+    /// clients learn a notice ended without anyone sending anything.
+    fn expire_later(&self, room: String, timeout_ms: u64) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (typing, clock, wakeups) = (
+            self.typing.clone(),
+            self.clock.clone(),
+            self.wakeups.clone(),
+        );
+        runtime.spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(timeout_ms + 1)).await;
+            let now = clock.now_ms();
+            let expired = typing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .expire(&room, now);
+            if expired {
+                wakeups.wake();
+            }
+        });
     }
 
     /// The users typing in a room now, in order.
     pub fn typing(&self, room: &RoomId) -> Vec<String> {
         let now = self.clock.now_ms();
-        let rooms = self.typing.lock().unwrap_or_else(|e| e.into_inner());
-        let mut users: Vec<String> = rooms
+        let state = self.typing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut users: Vec<String> = state
+            .rooms
             .get(room.as_str())
-            .map(|users| {
-                users
+            .map(|entry| {
+                entry
+                    .users
                     .iter()
                     .filter(|(_, until)| **until > now)
                     .map(|(user, _)| user.clone())
@@ -216,6 +328,48 @@ impl UserData {
             .unwrap_or_default();
         users.sort();
         users
+    }
+
+    /// The latest typing serial.
+    pub fn typing_serial(&self) -> TypingSerial {
+        self.typing.lock().unwrap_or_else(|e| e.into_inner()).serial
+    }
+
+    /// Whether the room's typing notices changed after `since`.
+    pub fn typing_changed(&self, room: &RoomId, since: TypingSerial) -> bool {
+        let state = self.typing.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .rooms
+            .get(room.as_str())
+            .is_some_and(|entry| entry.changed > since)
+    }
+
+    /// Every receipt in a room: (receipt type, user, thread, receipt).
+    pub fn room_receipts(&self, room: &RoomId) -> Result<Vec<(String, String, String, Receipt)>> {
+        let prefix = tables::str_prefix(room.as_str());
+        Ok(self
+            .storage
+            .scan_prefix(tables::RECEIPTS, &prefix, MAX_RECEIPTS)?
+            .into_iter()
+            .map(|((_, kind, user, thread), receipt)| (kind, user, thread, receipt))
+            .collect())
+    }
+
+    /// A user's account data in one scope (`room` `None` for global):
+    /// (type, value and the position it was written at).
+    pub fn account_data_in(
+        &self,
+        user: &UserId,
+        room: Option<&RoomId>,
+    ) -> Result<Vec<(String, StreamedValue)>> {
+        let scope = room.map(|r| r.to_string()).unwrap_or_default();
+        let prefix = tables::str2_prefix(user.as_str(), &scope);
+        Ok(self
+            .storage
+            .scan_prefix(tables::ACCOUNT_DATA, &prefix, MAX_ACCOUNT_DATA)?
+            .into_iter()
+            .map(|((_, _, kind), value)| (kind, value))
+            .collect())
     }
 }
 
@@ -236,8 +390,9 @@ mod tests {
     fn typing_notices_time_out() {
         let clock = Arc::new(ManualClock::new(0));
         let storage = Storage::in_memory();
-        let stream = Arc::new(StreamCounter::load(&storage).unwrap());
-        let data = UserData::new(storage, stream, clock.clone());
+        let wakeups = Arc::new(Wakeups::default());
+        let stream = Arc::new(StreamCounter::load(&storage, wakeups.clone()).unwrap());
+        let data = UserData::new(storage, stream, clock.clone(), wakeups);
         let room = RoomId::parse("!r:x").unwrap();
         let a = UserId::parse("@a:x").unwrap();
         let b = UserId::parse("@b:x").unwrap();

@@ -9,4 +9,5 @@ pub mod profile;
 pub mod relations;
 pub mod room_events;
 pub mod session;
+pub mod sync;
 pub mod user_data;

@@ -445,8 +445,12 @@ fn lazy_members(state: &AppState, access: &Access, events: &[Pdu]) -> ApiResult<
         .collect())
 }
 
-/// Pagination tokens are stream positions with a prefix: `t42`.
+/// Pagination tokens are stream positions with a prefix: `t42`. A sync
+/// token (`s42_7`) is accepted too, as the spec allows, for its position.
 pub fn parse_token(token: &str) -> ApiResult<u64> {
+    if token.starts_with('s') {
+        return super::sync::SyncToken::parse(token).map(|t| t.stream);
+    }
     token
         .strip_prefix('t')
         .and_then(|n| n.parse().ok())

@@ -21,6 +21,7 @@ use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Path};
 use crate::api::AppState;
 use crate::services::accounts::Authed;
+use crate::storage::tables::PresenceRecord;
 
 /// The requester, who must be the user named in the path.
 fn own_user(authed: &Authed, user_id: &str) -> ApiResult<OwnedUserId> {
@@ -373,19 +374,21 @@ pub async fn get_presence(
             ));
         }
     }
-    let now = state.now_ms();
     Ok(Json(match state.user_data.presence(&user)? {
-        Some(record) => {
-            let mut answer = json!({
-                "presence": record.presence,
-                "last_active_ago": now.saturating_sub(record.last_active_ts),
-                "currently_active": record.presence == "online",
-            });
-            if let Some(message) = record.status_msg {
-                answer["status_msg"] = json!(message);
-            }
-            answer
-        }
+        Some(record) => presence_content(&record, state.now_ms()),
         None => json!({ "presence": "offline" }),
     }))
+}
+
+/// A presence record as clients read it, here and in sync's `m.presence`.
+pub fn presence_content(record: &PresenceRecord, now_ms: u64) -> Value {
+    let mut content = json!({
+        "presence": record.presence,
+        "last_active_ago": now_ms.saturating_sub(record.last_active_ts),
+        "currently_active": record.presence == "online",
+    });
+    if let Some(message) = &record.status_msg {
+        content["status_msg"] = json!(message);
+    }
+    content
 }

@@ -22,7 +22,7 @@ use super::error::{Error, Result};
 use super::locks::StripedLocks;
 use super::stream::StreamCounter;
 use crate::events::{NewEvent, Pdu, SigningKey};
-use crate::storage::tables::{self, RoomRecord, StoredPdu};
+use crate::storage::tables::{self, RoomRecord, StoredPdu, UserRoom};
 use crate::storage::{Direction, Key, KeyRange, Storage};
 use draft::{Draft, Origin};
 use power::PowerView;
@@ -31,6 +31,9 @@ use power::PowerView;
 const MAX_STATE_ENTRIES: usize = 1_000_000;
 /// Most events one page of history returns.
 pub const MAX_PAGE: usize = 1000;
+
+/// A room state as event IDs by (event type, state key).
+pub type StateIds = std::collections::BTreeMap<(String, String), String>;
 
 pub struct Rooms {
     storage: Storage,
@@ -51,6 +54,8 @@ pub struct Page {
     pub events: Vec<Pdu>,
     /// The stream position of each event.
     pub positions: Vec<u64>,
+    /// How each event is stored.
+    pub stored: Vec<StoredPdu>,
     /// Where the next page starts, if there may be one.
     pub next: Option<u64>,
 }
@@ -444,12 +449,14 @@ impl Rooms {
         let full = entries.len() == limit;
         let mut events = Vec::with_capacity(entries.len());
         let mut positions = Vec::with_capacity(entries.len());
+        let mut stored_records = Vec::with_capacity(entries.len());
         let mut last = None;
         for ((_, position), event_id) in entries {
             last = Some(position);
-            if let Some((pdu, _)) = self.pdu(&event_id)? {
+            if let Some((pdu, stored)) = self.pdu(&event_id)? {
                 events.push(pdu);
                 positions.push(position);
+                stored_records.push(stored);
             }
         }
         let next = match (full, last, direction) {
@@ -460,6 +467,7 @@ impl Rooms {
         Ok(Page {
             events,
             positions,
+            stored: stored_records,
             next,
         })
     }
@@ -467,6 +475,19 @@ impl Rooms {
     /// The state after the events of a state group: a walk back to the
     /// group's snapshot, then its deltas applied in order.
     pub fn state_at_group(&self, group_id: u64) -> Result<Vec<Pdu>> {
+        let state = self.state_ids_at_group(group_id)?;
+        let mut events = Vec::with_capacity(state.len());
+        for event_id in state.values() {
+            if let Some((pdu, _)) = self.pdu(event_id)? {
+                events.push(pdu);
+            }
+        }
+        Ok(events)
+    }
+
+    /// The state after the events of a state group, as event IDs by
+    /// (type, state key), without reading the events.
+    pub fn state_ids_at_group(&self, group_id: u64) -> Result<StateIds> {
         let mut chain = Vec::new();
         let mut next = Some(group_id);
         while let Some(id) = next {
@@ -480,19 +501,75 @@ impl Rooms {
             next = group.prev;
             chain.push(group);
         }
-        let mut state = std::collections::BTreeMap::new();
+        let mut state = StateIds::new();
         for group in chain.into_iter().rev() {
             for (kind, state_key, event_id) in group.entries {
                 state.insert((kind, state_key), event_id);
             }
         }
-        let mut events = Vec::with_capacity(state.len());
-        for event_id in state.values() {
-            if let Some((pdu, _)) = self.pdu(event_id)? {
-                events.push(pdu);
+        Ok(state)
+    }
+
+    /// The state group after the room's last event at or before stream
+    /// position `position` (0, the empty state, when there is none).
+    pub fn state_group_at(&self, room_id: &RoomId, position: u64) -> Result<u64> {
+        let room = room_id.to_string();
+        let range = KeyRange {
+            lower: (room.clone(), 0).encode(),
+            upper: Some((room, position.saturating_add(1)).encode()),
+        };
+        let last = self
+            .storage
+            .scan(tables::TIMELINE, &range, Direction::Backward, 1)?;
+        let Some((_, event_id)) = last.into_iter().next() else {
+            return Ok(0);
+        };
+        Ok(self
+            .pdu(&event_id)?
+            .map_or(0, |(_, stored)| stored.state_group))
+    }
+
+    /// A user's membership in a room as of stream position `position`:
+    /// (membership, member event ID), `None` when the user had none.
+    pub fn membership_at(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        position: u64,
+    ) -> Result<Option<(String, String)>> {
+        let key = (user_id.to_string(), room_id.to_string());
+        if let Some(record) = self.storage.get(tables::USER_ROOMS, &key)? {
+            // The index holds the latest change; an older position needs the
+            // room's state at that point.
+            if record.stream <= position {
+                return Ok(Some((record.membership, record.event_id)));
             }
         }
-        Ok(events)
+        let group = self.state_group_at(room_id, position)?;
+        let state = self.state_ids_at_group(group)?;
+        let member_key = ("m.room.member".to_owned(), user_id.to_string());
+        let Some(event_id) = state.get(&member_key) else {
+            return Ok(None);
+        };
+        Ok(self.pdu(event_id)?.map(|(pdu, _)| {
+            let membership = pdu.content_value()["membership"]
+                .as_str()
+                .unwrap_or("leave")
+                .to_owned();
+            (membership, event_id.clone())
+        }))
+    }
+
+    /// Every room the user has or had a membership in, with the latest.
+    pub fn memberships_of_user(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, UserRoom)>> {
+        let prefix = tables::str_prefix(user_id.as_str());
+        let entries = self
+            .storage
+            .scan_prefix(tables::USER_ROOMS, &prefix, MAX_STATE_ENTRIES)?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|((_, room_id), record)| Some((RoomId::parse(room_id).ok()?, record)))
+            .collect())
     }
 
     /// The first event at or after `ts` (forward), or the last at or before

@@ -1,0 +1,916 @@
+//! `GET /_matrix/client/v3/sync`: initial and incremental sync, long-polled.
+//!
+//! A sync token is `s{position}_{typing}`: every durable change up to the
+//! stream position (events, receipts, account data, presence), and typing
+//! notices up to the typing serial. The position is the stream's watermark,
+//! below which no write is still in flight, so a device resuming from a
+//! token is sent every later event exactly once. Tokens are plain numbers
+//! in the database's order and stay valid across restarts.
+//!
+//! A waiting sync takes a wake-up receiver before it looks, then sleeps
+//! until a write wakes it or its timeout ends: no polling.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::Json;
+use ruma::{OwnedRoomId, OwnedUserId, RoomId};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::membership::parse_user;
+use super::room_events::render_event;
+use super::user_data::presence_content;
+use crate::api::error::{ApiResult, MatrixError};
+use crate::api::extract::{Auth, Query};
+use crate::api::AppState;
+use crate::events::Pdu;
+use crate::services::accounts::Authed;
+use crate::services::filter::{EventFormat, Filter};
+use crate::services::rooms::visibility::{Reader, VisibilityCache};
+use crate::services::rooms::StateIds;
+use crate::services::sync::Changes;
+use crate::storage::tables::{StoredPdu, UserRoom};
+use crate::storage::Direction;
+
+/// Timeline events per room when the filter names no limit.
+const DEFAULT_TIMELINE_LIMIT: usize = 10;
+/// Most timeline events per room, whatever the filter asks.
+const MAX_TIMELINE_LIMIT: usize = 500;
+/// Longest a sync waits, whatever the client asks.
+const MAX_TIMEOUT_MS: u64 = 300_000;
+/// Members named in a room summary when the room has no name.
+const MAX_HEROES: usize = 5;
+/// Events looked at, newest first, to count a room's unread messages;
+/// the counts stop there.
+const MAX_UNREAD_SCAN: usize = 100;
+/// The state events an invited or knocking user is shown.
+const STRIPPED_STATE_TYPES: [&str; 7] = [
+    "m.room.create",
+    "m.room.join_rules",
+    "m.room.name",
+    "m.room.avatar",
+    "m.room.canonical_alias",
+    "m.room.encryption",
+    "m.room.topic",
+];
+
+#[derive(Deserialize, Default)]
+pub struct SyncQuery {
+    filter: Option<String>,
+    since: Option<String>,
+    #[serde(default)]
+    full_state: bool,
+    set_presence: Option<String>,
+    timeout: Option<u64>,
+}
+
+/// A position in every stream sync reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncToken {
+    pub stream: u64,
+    pub typing: u64,
+}
+
+impl SyncToken {
+    pub fn parse(text: &str) -> ApiResult<Self> {
+        let bad = || MatrixError::invalid_param(format!("{text:?} is not a sync token"));
+        let (stream, typing) = text
+            .strip_prefix('s')
+            .and_then(|rest| rest.split_once('_'))
+            .ok_or_else(bad)?;
+        Ok(SyncToken {
+            stream: stream.parse().map_err(|_| bad())?,
+            typing: typing.parse().map_err(|_| bad())?,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        format!("s{}_{}", self.stream, self.typing)
+    }
+
+    /// Where every stream stands now.
+    pub fn now(state: &AppState) -> Self {
+        SyncToken {
+            stream: state.sync.current(),
+            typing: state.user_data.typing_serial(),
+        }
+    }
+}
+
+/// `GET /_matrix/client/v3/sync`
+pub async fn sync(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Query(query): Query<SyncQuery>,
+) -> ApiResult<Json<Value>> {
+    let user = parse_user(&authed.user_id.to_string())?;
+    let filter = state.filters.resolve(&user, query.filter.as_deref())?;
+    let since = query.since.as_deref().map(SyncToken::parse).transpose()?;
+    set_presence(&state, &user, query.set_presence.as_deref()).await?;
+    let timeout_ms = query.timeout.unwrap_or(0).min(MAX_TIMEOUT_MS);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    // Taken before the first look: a write landing after it wakes us.
+    let mut wake = state.sync.subscribe();
+    loop {
+        let request = SyncRequest {
+            state: &state,
+            authed: &authed,
+            user: user.clone(),
+            filter: &filter,
+            since,
+            full_state: query.full_state,
+            upto: SyncToken::now(&state),
+        };
+        let (answer, empty) = request.answer()?;
+        let waited_enough = tokio::time::Instant::now() >= deadline;
+        if !empty || since.is_none() || query.full_state || waited_enough {
+            return Ok(Json(answer));
+        }
+        tokio::select! {
+            changed = wake.changed() => {
+                if changed.is_err() {
+                    tokio::time::sleep_until(deadline).await;
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// `set_presence`: `online` (the default) or `unavailable` marks the user
+/// so when they were not already; `offline` leaves presence alone.
+async fn set_presence(state: &AppState, user: &OwnedUserId, wanted: Option<&str>) -> ApiResult<()> {
+    let wanted = wanted.unwrap_or("online");
+    match wanted {
+        "offline" => Ok(()),
+        "online" | "unavailable" => {
+            let current = state.user_data.presence(user)?;
+            if current.as_ref().map(|r| r.presence.as_str()) != Some(wanted) {
+                let status = current.and_then(|r| r.status_msg);
+                state.user_data.set_presence(user, wanted, status).await?;
+            }
+            Ok(())
+        }
+        other => Err(MatrixError::invalid_param(format!(
+            "unknown set_presence {other:?}"
+        ))),
+    }
+}
+
+/// One look at what a device should be sent.
+struct SyncRequest<'a> {
+    state: &'a AppState,
+    authed: &'a Authed,
+    user: OwnedUserId,
+    filter: &'a Filter,
+    since: Option<SyncToken>,
+    full_state: bool,
+    upto: SyncToken,
+}
+
+/// A user's membership in a room as of the sync's upper bound.
+struct MembershipNow {
+    membership: String,
+    event_id: String,
+    stream: u64,
+    forgotten: bool,
+}
+
+/// A room's timeline and state for one sync.
+struct RoomSlice {
+    timeline: Value,
+    state: Vec<Value>,
+    has_events: bool,
+    members_changed: bool,
+}
+
+impl SyncRequest<'_> {
+    /// The answer, and whether it has nothing new in it.
+    fn answer(&self) -> ApiResult<(Value, bool)> {
+        let changes = match self.since {
+            Some(since) => self
+                .state
+                .sync
+                .changes(&self.user, since.stream, self.upto.stream)?,
+            None => Changes::default(),
+        };
+        let mut sections: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
+        let mut joined_rooms = BTreeSet::new();
+        for (room_id, record) in self.state.rooms.memberships_of_user(&self.user)? {
+            if !self.room_filter_allows(&room_id) {
+                continue;
+            }
+            let Some(now) = self.membership_now(&room_id, record)? else {
+                continue;
+            };
+            if now.membership == "join" {
+                joined_rooms.insert(room_id.clone());
+            }
+            if let Some((section, body)) = self.room_entry(&room_id, &now, &changes)? {
+                sections
+                    .entry(section)
+                    .or_default()
+                    .insert(room_id.to_string(), body);
+            }
+        }
+        let presence = self.presence(&changes, &joined_rooms)?;
+        let account_data = self.account_data(None, &changes)?;
+        let empty =
+            sections.values().all(Map::is_empty) && presence.is_empty() && account_data.is_empty();
+        let rooms: Map<String, Value> = ["join", "invite", "leave", "knock"]
+            .into_iter()
+            .map(|name| {
+                let body = sections.remove(name).unwrap_or_default();
+                (name.to_owned(), Value::Object(body))
+            })
+            .collect();
+        let answer = json!({
+            "next_batch": self.upto.render(),
+            "rooms": rooms,
+            "presence": { "events": presence },
+            "account_data": { "events": account_data },
+            "to_device": { "events": [] },
+            "device_lists": { "changed": [], "left": [] },
+            "device_one_time_keys_count": {},
+            "device_unused_fallback_key_types": [],
+        });
+        Ok((answer, empty))
+    }
+
+    fn room_filter_allows(&self, room_id: &RoomId) -> bool {
+        self.filter
+            .room
+            .as_ref()
+            .is_none_or(|f| f.allows_room(room_id.as_str()))
+    }
+
+    /// The membership as of `upto`; the index may already hold a later
+    /// change whose position is not yet complete.
+    fn membership_now(
+        &self,
+        room_id: &RoomId,
+        record: UserRoom,
+    ) -> ApiResult<Option<MembershipNow>> {
+        if record.stream <= self.upto.stream {
+            return Ok(Some(MembershipNow {
+                membership: record.membership,
+                event_id: record.event_id,
+                stream: record.stream,
+                forgotten: record.forgotten,
+            }));
+        }
+        let rooms = &self.state.rooms;
+        let Some((membership, event_id)) =
+            rooms.membership_at(room_id, &self.user, self.upto.stream)?
+        else {
+            return Ok(None);
+        };
+        let stream = rooms.pdu(&event_id)?.map_or(0, |(_, stored)| stored.stream);
+        Ok(Some(MembershipNow {
+            membership,
+            event_id,
+            stream,
+            forgotten: false,
+        }))
+    }
+
+    /// Whether the membership changed inside this sync's window.
+    fn changed_in_window(&self, now: &MembershipNow) -> bool {
+        self.since.is_none_or(|since| now.stream > since.stream)
+    }
+
+    /// The section and body of one room, or `None` when nothing is new.
+    fn room_entry(
+        &self,
+        room_id: &RoomId,
+        now: &MembershipNow,
+        changes: &Changes,
+    ) -> ApiResult<Option<(&'static str, Value)>> {
+        match now.membership.as_str() {
+            "join" => Ok(self
+                .joined_room(room_id, now, changes)?
+                .map(|body| ("join", body))),
+            "invite" | "knock" if self.changed_in_window(now) => {
+                let (section, field) = if now.membership == "invite" {
+                    ("invite", "invite_state")
+                } else {
+                    ("knock", "knock_state")
+                };
+                let events = self.stripped_state(&now.event_id)?;
+                Ok(Some((section, json!({ field: { "events": events } }))))
+            }
+            "leave" | "ban" if !now.forgotten => {
+                Ok(self.left_room(room_id, now)?.map(|body| ("leave", body)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn joined_room(
+        &self,
+        room_id: &RoomId,
+        now: &MembershipNow,
+        changes: &Changes,
+    ) -> ApiResult<Option<Value>> {
+        let newly_joined = match self.since {
+            None => true,
+            Some(since) if now.stream > since.stream => {
+                let before = self
+                    .state
+                    .rooms
+                    .membership_at(room_id, &self.user, since.stream)?;
+                before.is_none_or(|(membership, _)| membership != "join")
+            }
+            Some(_) => false,
+        };
+        let window_start = if newly_joined {
+            None
+        } else {
+            self.since.map(|s| s.stream)
+        };
+        let room = room_id.as_str();
+        let maybe_changed = newly_joined
+            || self.full_state
+            || changes.room_has_events(room)
+            || changes.room_has_receipts(room)
+            || changes.account_data_changed(room)
+            || self
+                .since
+                .is_some_and(|s| self.state.user_data.typing_changed(room_id, s.typing));
+        if !maybe_changed {
+            return Ok(None);
+        }
+        let slice = self.room_slice(room_id, window_start, self.upto.stream, Reader::Joined)?;
+        let ephemeral = self.ephemeral(room_id, changes)?;
+        let account_data = self.account_data(Some(room_id), changes)?;
+        let worth_sending = newly_joined
+            || self.full_state
+            || slice.has_events
+            || !slice.state.is_empty()
+            || !ephemeral.is_empty()
+            || !account_data.is_empty();
+        if !worth_sending {
+            return Ok(None);
+        }
+        let (notifications, highlights) = self.unread_counts(room_id)?;
+        let mut body = json!({
+            "timeline": slice.timeline,
+            "state": { "events": slice.state },
+            "ephemeral": { "events": ephemeral },
+            "account_data": { "events": account_data },
+            "unread_notifications": {
+                "notification_count": notifications,
+                "highlight_count": highlights,
+            },
+        });
+        if newly_joined || self.full_state || slice.members_changed {
+            body["summary"] = self.summary(room_id)?;
+        }
+        Ok(Some(body))
+    }
+
+    /// A room the user left (or was kicked or banned from) in the window,
+    /// or any they left, for an initial sync that asks with `include_leave`.
+    fn left_room(&self, room_id: &RoomId, now: &MembershipNow) -> ApiResult<Option<Value>> {
+        if self.since.is_none() {
+            let include_leave = self.filter.room.as_ref().is_some_and(|f| f.include_leave);
+            if !include_leave {
+                return Ok(None);
+            }
+        } else if !self.changed_in_window(now) {
+            return Ok(None);
+        }
+        let state_group = self
+            .state
+            .rooms
+            .pdu(&now.event_id)?
+            .map_or(0, |(_, stored)| stored.state_group);
+        let reader = Reader::Former { state_group };
+        let window_start = self.since.map(|s| s.stream);
+        let slice = self.room_slice(room_id, window_start, now.stream, reader)?;
+        let changes = Changes::default();
+        let account_data = if self.since.is_none() {
+            self.account_data(Some(room_id), &changes)?
+        } else {
+            Vec::new()
+        };
+        Ok(Some(json!({
+            "timeline": slice.timeline,
+            "state": { "events": slice.state },
+            "account_data": { "events": account_data },
+        })))
+    }
+
+    /// The timeline after `since` up to `end`, and the state the client
+    /// needs to read it: all of it at the timeline's start for a room new
+    /// to the device, else what changed in a gap the timeline skipped.
+    fn room_slice(
+        &self,
+        room_id: &RoomId,
+        since: Option<u64>,
+        end: u64,
+        reader: Reader,
+    ) -> ApiResult<RoomSlice> {
+        let room_filter = self.filter.room.as_ref();
+        let timeline_filter = room_filter.and_then(|f| f.timeline.clone());
+        let limit = timeline_filter
+            .as_ref()
+            .and_then(|f| f.limit)
+            .unwrap_or(DEFAULT_TIMELINE_LIMIT)
+            .min(MAX_TIMELINE_LIMIT);
+        let page =
+            self.state
+                .rooms
+                .page(room_id, end, since, Direction::Backward, limit.max(1) + 1)?;
+        let limited = page.events.len() > limit;
+        let mut window: Vec<(Pdu, StoredPdu)> = page
+            .events
+            .into_iter()
+            .zip(page.stored)
+            .take(limit)
+            .collect();
+        window.reverse();
+        let first_position = window.first().map(|(_, stored)| stored.stream);
+        let prev_batch = match first_position {
+            Some(first) => first.saturating_sub(1),
+            None => end,
+        };
+        let mut cache = VisibilityCache::new();
+        let mut events = Vec::with_capacity(window.len());
+        for (pdu, stored) in window {
+            let visible = self
+                .state
+                .rooms
+                .may_see(&pdu, &self.user, reader, &mut cache)?;
+            let wanted = timeline_filter.as_ref().is_none_or(|f| f.matches(&pdu));
+            if visible && wanted {
+                events.push((pdu, stored));
+            }
+        }
+        let state_ids = self.state_section(room_id, since, limited, prev_batch, &events)?;
+        let members_changed = events
+            .iter()
+            .any(|(pdu, _)| pdu.kind.to_string() == "m.room.member")
+            || !state_ids.is_empty() && since.is_some();
+        let state = self.render_state(state_ids)?;
+        let timeline_events = events
+            .iter()
+            .map(|(pdu, stored)| self.render(pdu, stored))
+            .collect::<ApiResult<Vec<_>>>()?;
+        Ok(RoomSlice {
+            timeline: json!({
+                "events": timeline_events,
+                "limited": limited,
+                "prev_batch": format!("t{prev_batch}"),
+            }),
+            state,
+            has_events: !timeline_events.is_empty(),
+            members_changed,
+        })
+    }
+
+    /// The state events to send beside a timeline that starts after
+    /// `start` (the last position before it), as event IDs.
+    fn state_section(
+        &self,
+        room_id: &RoomId,
+        since: Option<u64>,
+        limited: bool,
+        start: u64,
+        timeline: &[(Pdu, StoredPdu)],
+    ) -> ApiResult<Vec<String>> {
+        let room_filter = self.filter.room.as_ref();
+        let state_filter = room_filter
+            .and_then(|f| f.state.clone())
+            .unwrap_or_default();
+        let lazy = state_filter.lazy_load_members;
+        let full = since.is_none() || self.full_state;
+        if !full && !limited && !lazy {
+            return Ok(Vec::new());
+        }
+        let rooms = &self.state.rooms;
+        let at_start = rooms.state_ids_at_group(rooms.state_group_at(room_id, start)?)?;
+        let known: StateIds = match since {
+            Some(since) if !full && limited => {
+                rooms.state_ids_at_group(rooms.state_group_at(room_id, since)?)?
+            }
+            _ if full => StateIds::new(),
+            // Not limited: the timeline holds every change since the token.
+            _ => at_start.clone(),
+        };
+        let mut senders: BTreeSet<&str> = timeline.iter().map(|(p, _)| p.sender.as_str()).collect();
+        if full {
+            senders.insert(self.user.as_str());
+        }
+        let in_timeline: BTreeSet<String> = timeline
+            .iter()
+            .map(|(p, _)| p.event_id.to_string())
+            .collect();
+        Ok(at_start
+            .into_iter()
+            .filter(|((kind, state_key), event_id)| {
+                let is_member = kind == "m.room.member";
+                let changed = known.get(&(kind.clone(), state_key.clone())) != Some(event_id);
+                let needed = if is_member && lazy {
+                    senders.contains(state_key.as_str()) && (changed || !full)
+                } else {
+                    changed
+                };
+                needed
+                    && !in_timeline.contains(event_id)
+                    && state_filter.allows(room_id.as_str(), kind, "")
+            })
+            .map(|(_, event_id)| event_id)
+            .collect())
+    }
+
+    fn render_state(&self, event_ids: Vec<String>) -> ApiResult<Vec<Value>> {
+        let state_filter = self
+            .filter
+            .room
+            .as_ref()
+            .and_then(|f| f.state.clone())
+            .unwrap_or_default();
+        let mut events = Vec::with_capacity(event_ids.len());
+        for event_id in event_ids {
+            if let Some((pdu, stored)) = self.state.rooms.pdu(&event_id)? {
+                if state_filter.matches(&pdu) {
+                    events.push(self.render(&pdu, &stored)?);
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// An event in the format and with the fields the filter asks for.
+    fn render(&self, pdu: &Pdu, stored: &StoredPdu) -> ApiResult<Value> {
+        let event = match self.filter.event_format {
+            Some(EventFormat::Federation) => serde_json::to_value(&pdu.json)
+                .map_err(|e| crate::services::error::Error::Internal(e.to_string()))?,
+            _ => render_event(self.state, pdu, Some(stored), self.authed)?,
+        };
+        Ok(match &self.filter.event_fields {
+            Some(fields) => project_fields(&event, fields),
+            None => event,
+        })
+    }
+
+    /// Typing notices and receipts new to the device.
+    fn ephemeral(&self, room_id: &RoomId, changes: &Changes) -> ApiResult<Vec<Value>> {
+        let filter = self
+            .filter
+            .room
+            .as_ref()
+            .and_then(|f| f.ephemeral.clone())
+            .unwrap_or_default();
+        let room = room_id.as_str();
+        let mut events = Vec::new();
+        let typing_new = match self.since {
+            None => true,
+            Some(since) => self.state.user_data.typing_changed(room_id, since.typing),
+        };
+        if typing_new && filter.allows(room, "m.typing", "") {
+            let users = self.state.user_data.typing(room_id);
+            if self.since.is_some() || !users.is_empty() {
+                events.push(json!({ "type": "m.typing", "content": { "user_ids": users } }));
+            }
+        }
+        let receipts_new = self.since.is_none() || changes.room_has_receipts(room);
+        if receipts_new && filter.allows(room, "m.receipt", "") {
+            if let Some(receipt) = self.receipts(room_id)? {
+                events.push(receipt);
+            }
+        }
+        Ok(events)
+    }
+
+    /// The room's receipts written in the window, as one `m.receipt`.
+    fn receipts(&self, room_id: &RoomId) -> ApiResult<Option<Value>> {
+        let after = self.since.map_or(0, |s| s.stream);
+        let mut content = json!({});
+        let mut any = false;
+        for (kind, user, thread, receipt) in self.state.user_data.room_receipts(room_id)? {
+            let in_window = receipt.stream > after && receipt.stream <= self.upto.stream;
+            let private = kind == "m.read.private" && user != self.user.as_str();
+            if !in_window || private || kind == "m.fully_read" {
+                continue;
+            }
+            let mut entry = json!({ "ts": receipt.ts });
+            if !thread.is_empty() {
+                entry["thread_id"] = json!(thread);
+            }
+            content[&receipt.event_id][&kind][&user] = entry;
+            any = true;
+        }
+        Ok(any.then(|| json!({ "type": "m.receipt", "content": content })))
+    }
+
+    /// Account data written in the window (all of it for an initial sync),
+    /// global when `room_id` is `None`.
+    fn account_data(&self, room_id: Option<&RoomId>, changes: &Changes) -> ApiResult<Vec<Value>> {
+        let scope = room_id.map(|r| r.as_str()).unwrap_or("");
+        if self.since.is_some() && !changes.account_data_changed(scope) {
+            return Ok(Vec::new());
+        }
+        let after = self.since.map_or(0, |s| s.stream);
+        let entries = self.state.user_data.account_data_in(&self.user, room_id)?;
+        Ok(entries
+            .into_iter()
+            .filter(|(_, value)| value.stream > after && value.stream <= self.upto.stream)
+            .filter(|(kind, _)| match room_id {
+                None => self
+                    .filter
+                    .account_data
+                    .as_ref()
+                    .is_none_or(|f| f.allows(kind, self.user.as_str())),
+                Some(room) => self
+                    .filter
+                    .room
+                    .as_ref()
+                    .and_then(|f| f.account_data.as_ref())
+                    .is_none_or(|f| f.allows(room.as_str(), kind, self.user.as_str())),
+            })
+            .map(|(kind, value)| json!({ "type": kind, "content": value.content }))
+            .collect())
+    }
+
+    /// Presence of the user and of everyone who shares a room with them.
+    fn presence(
+        &self,
+        changes: &Changes,
+        joined_rooms: &BTreeSet<OwnedRoomId>,
+    ) -> ApiResult<Vec<Value>> {
+        let after = self.since.map_or(0, |s| s.stream);
+        let candidates: Vec<String> = match &changes.presence_users {
+            Some(users) if self.since.is_some() => users.iter().cloned().collect(),
+            _ => self.state.user_data.presence_users()?,
+        };
+        let now = self.state.now_ms();
+        let mut events = Vec::new();
+        for user_id in candidates {
+            let Ok(user) = ruma::UserId::parse(&user_id) else {
+                continue;
+            };
+            let allowed = self
+                .filter
+                .presence
+                .as_ref()
+                .is_none_or(|f| f.allows("m.presence", user.as_str()));
+            if !allowed || !self.shares_room(&user, joined_rooms)? {
+                continue;
+            }
+            let Some(record) = self.state.user_data.presence(&user)? else {
+                continue;
+            };
+            if record.stream > after && record.stream <= self.upto.stream {
+                events.push(json!({
+                    "type": "m.presence",
+                    "sender": user_id,
+                    "content": presence_content(&record, now),
+                }));
+            }
+        }
+        Ok(events)
+    }
+
+    fn shares_room(
+        &self,
+        other: &ruma::UserId,
+        joined_rooms: &BTreeSet<OwnedRoomId>,
+    ) -> ApiResult<bool> {
+        if other == self.user {
+            return Ok(true);
+        }
+        let theirs = self.state.rooms.rooms_of_user(other, "join")?;
+        Ok(theirs.iter().any(|room| joined_rooms.contains(room)))
+    }
+
+    /// Messages from others after the user's read receipt (or their own
+    /// latest message), and those that mention the user.
+    fn unread_counts(&self, room_id: &RoomId) -> ApiResult<(u64, u64)> {
+        let read_up_to = self.read_position(room_id)?;
+        let page = self.state.rooms.page(
+            room_id,
+            self.upto.stream,
+            Some(read_up_to),
+            Direction::Backward,
+            MAX_UNREAD_SCAN,
+        )?;
+        let (mut notifications, mut highlights) = (0, 0);
+        for pdu in page.events {
+            if pdu.sender == self.user {
+                break;
+            }
+            let kind = pdu.kind.to_string();
+            if !matches!(
+                kind.as_str(),
+                "m.room.message" | "m.room.encrypted" | "m.sticker"
+            ) {
+                continue;
+            }
+            notifications += 1;
+            if mentions(&pdu.content_value(), self.user.as_str()) {
+                highlights += 1;
+            }
+        }
+        Ok((notifications, highlights))
+    }
+
+    /// The stream position of the event the user's read receipt points at.
+    fn read_position(&self, room_id: &RoomId) -> ApiResult<u64> {
+        let mut position = 0;
+        for kind in ["m.read", "m.read.private"] {
+            for thread in ["", "main"] {
+                let Some(receipt) = self
+                    .state
+                    .user_data
+                    .receipt(room_id, kind, &self.user, thread)?
+                else {
+                    continue;
+                };
+                if let Some((_, stored)) = self.state.rooms.pdu(&receipt.event_id)? {
+                    position = position.max(stored.stream);
+                }
+            }
+        }
+        Ok(position)
+    }
+
+    /// Joined and invited counts, and up to five other members to name the
+    /// room by when it has neither a name nor a canonical alias.
+    fn summary(&self, room_id: &RoomId) -> ApiResult<Value> {
+        let rooms = &self.state.rooms;
+        let (mut joined, mut invited) = (0u64, 0u64);
+        let mut heroes = Vec::new();
+        for member in rooms.current_state(room_id, Some("m.room.member"))? {
+            let Some(user) = member.state_key.as_deref() else {
+                continue;
+            };
+            match member.content_value()["membership"].as_str() {
+                Some("join") => joined += 1,
+                Some("invite") => invited += 1,
+                _ => continue,
+            }
+            if user != self.user.as_str() {
+                heroes.push(user.to_owned());
+            }
+        }
+        heroes.sort();
+        heroes.truncate(MAX_HEROES);
+        let mut summary = json!({
+            "m.joined_member_count": joined,
+            "m.invited_member_count": invited,
+        });
+        let named = rooms.state_event(room_id, "m.room.name", "")?.is_some()
+            || rooms
+                .state_event(room_id, "m.room.canonical_alias", "")?
+                .is_some_and(|pdu| pdu.content_value()["alias"].is_string());
+        if !named {
+            summary["m.heroes"] = json!(heroes);
+        }
+        Ok(summary)
+    }
+
+    /// What an invited or knocking user sees of a room: a few state events
+    /// as they were at the membership, stripped to type, key, sender and
+    /// content, and the membership event itself.
+    fn stripped_state(&self, member_event_id: &str) -> ApiResult<Vec<Value>> {
+        let rooms = &self.state.rooms;
+        let Some((member, stored)) = rooms.pdu(member_event_id)? else {
+            return Ok(Vec::new());
+        };
+        let state = rooms.state_ids_at_group(stored.state_group)?;
+        let mut events = Vec::new();
+        for kind in STRIPPED_STATE_TYPES {
+            let Some(event_id) = state.get(&(kind.to_owned(), String::new())) else {
+                continue;
+            };
+            if let Some((pdu, _)) = rooms.pdu(event_id)? {
+                events.push(stripped(&pdu));
+            }
+        }
+        events.push(stripped(&member));
+        Ok(events)
+    }
+}
+
+fn stripped(pdu: &Pdu) -> Value {
+    json!({
+        "type": pdu.kind.to_string(),
+        "state_key": pdu.state_key,
+        "sender": pdu.sender,
+        "content": pdu.content_value(),
+    })
+}
+
+/// Whether a message mentions `user_id`: by `m.mentions`, or, for clients
+/// that predate it, by the user ID in the body.
+fn mentions(content: &Value, user_id: &str) -> bool {
+    if let Some(mentions) = content.get("m.mentions") {
+        return mentions["user_ids"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|id| id == user_id));
+    }
+    content["body"]
+        .as_str()
+        .is_some_and(|body| body.contains(user_id))
+}
+
+/// Keeps only the listed fields of an event. A field is a dotted path;
+/// `\.` stands for a dot inside a key and `\\` for a backslash.
+fn project_fields(event: &Value, fields: &[String]) -> Value {
+    let mut out = json!({});
+    for field in fields {
+        let path = split_field(field);
+        let mut source = event;
+        let mut found = true;
+        for key in &path {
+            match source.get(key) {
+                Some(next) => source = next,
+                None => {
+                    found = false;
+                    break;
+                }
+            }
+        }
+        if !found || path.is_empty() {
+            continue;
+        }
+        let mut target = &mut out;
+        for key in &path[..path.len() - 1] {
+            if !target.get(key).is_some_and(Value::is_object) {
+                target[key] = json!({});
+            }
+            target = &mut target[key];
+        }
+        target[&path[path.len() - 1]] = source.clone();
+    }
+    out
+}
+
+fn split_field(field: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = field.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(escaped) = chars.next() {
+                    parts.last_mut().expect("never empty").push(escaped);
+                }
+            }
+            '.' => parts.push(String::new()),
+            other => parts.last_mut().expect("never empty").push(other),
+        }
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_bad_ones_are_refused() {
+        let token = SyncToken {
+            stream: 42,
+            typing: 7,
+        };
+        assert_eq!(SyncToken::parse(&token.render()).unwrap(), token);
+        for bad in ["", "s", "s1", "t1_2", "s1_x", "sx_1", "s-1_2"] {
+            assert!(SyncToken::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn event_fields_keep_only_the_listed_paths() {
+        let event = json!({
+            "type": "m.room.message",
+            "content": { "body": "hi", "msgtype": "m.text", "m.key": 1 },
+            "sender": "@a:x",
+        });
+        let fields = ["type", "content.body", "content.m\\.key", "missing.path"]
+            .map(str::to_owned)
+            .to_vec();
+        assert_eq!(
+            project_fields(&event, &fields),
+            json!({ "type": "m.room.message", "content": { "body": "hi", "m.key": 1 } })
+        );
+    }
+
+    #[test]
+    fn mentions_follow_m_mentions_when_present() {
+        let user = "@bob:x";
+        assert!(mentions(
+            &json!({ "m.mentions": { "user_ids": [user] } }),
+            user
+        ));
+        assert!(!mentions(
+            &json!({ "body": "hi @bob:x", "m.mentions": {} }),
+            user
+        ));
+        assert!(mentions(&json!({ "body": "hi @bob:x" }), user));
+        assert!(!mentions(&json!({ "body": "hi" }), user));
+    }
+}

@@ -1,0 +1,129 @@
+//! The reading side of the stream: what changed for a user between two
+//! positions, from which `/sync` and sliding sync build their answers.
+//!
+//! A short window is read entry by entry from the `stream` table. A window
+//! too long to read that way (a device back after weeks) is answered with
+//! "anything may have changed", and the callers look at every room.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use ruma::UserId;
+
+use super::error::Result;
+use super::stream::{StreamCounter, Wakeups};
+use crate::storage::tables::{self, StreamEntry};
+use crate::storage::{Direction, Key, KeyRange, Storage};
+
+/// Most stream entries read for one window before giving up on detail.
+const MAX_WINDOW_ENTRIES: usize = 20_000;
+
+/// What happened in a window of the stream, as far as one user may care.
+/// `None` in a field means "too much to list: assume anything changed".
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Rooms with new events.
+    pub event_rooms: Option<BTreeSet<String>>,
+    /// Rooms with new receipts.
+    pub receipt_rooms: Option<BTreeSet<String>>,
+    /// The user's account data scopes (room ID, or "" for global) written.
+    pub account_data_scopes: Option<BTreeSet<String>>,
+    /// Users whose presence changed.
+    pub presence_users: Option<BTreeSet<String>>,
+}
+
+impl Changes {
+    pub fn room_has_events(&self, room_id: &str) -> bool {
+        self.event_rooms
+            .as_ref()
+            .is_none_or(|rooms| rooms.contains(room_id))
+    }
+
+    pub fn room_has_receipts(&self, room_id: &str) -> bool {
+        self.receipt_rooms
+            .as_ref()
+            .is_none_or(|rooms| rooms.contains(room_id))
+    }
+
+    pub fn account_data_changed(&self, scope: &str) -> bool {
+        self.account_data_scopes
+            .as_ref()
+            .is_none_or(|scopes| scopes.contains(scope))
+    }
+}
+
+/// The stream as readers see it.
+pub struct SyncStream {
+    storage: Storage,
+    counter: Arc<StreamCounter>,
+    wakeups: Arc<Wakeups>,
+}
+
+impl SyncStream {
+    pub fn new(storage: Storage, counter: Arc<StreamCounter>, wakeups: Arc<Wakeups>) -> Self {
+        SyncStream {
+            storage,
+            counter,
+            wakeups,
+        }
+    }
+
+    /// The position up to which every write is complete.
+    pub fn current(&self) -> u64 {
+        self.counter.current()
+    }
+
+    /// A receiver woken at the next write; take it before reading.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.wakeups.subscribe()
+    }
+
+    /// What changed for `user` in the positions after `since`, up to and
+    /// including `upto`.
+    pub fn changes(&self, user: &UserId, since: u64, upto: u64) -> Result<Changes> {
+        if upto <= since {
+            return Ok(Changes {
+                event_rooms: Some(BTreeSet::new()),
+                receipt_rooms: Some(BTreeSet::new()),
+                account_data_scopes: Some(BTreeSet::new()),
+                presence_users: Some(BTreeSet::new()),
+            });
+        }
+        let range = KeyRange {
+            lower: since.saturating_add(1).encode(),
+            upper: Some(upto.saturating_add(1).encode()),
+        };
+        let entries = self.storage.scan(
+            tables::STREAM,
+            &range,
+            Direction::Forward,
+            MAX_WINDOW_ENTRIES,
+        )?;
+        if entries.len() == MAX_WINDOW_ENTRIES {
+            return Ok(Changes::default());
+        }
+        let mut changes = Changes {
+            event_rooms: Some(BTreeSet::new()),
+            receipt_rooms: Some(BTreeSet::new()),
+            account_data_scopes: Some(BTreeSet::new()),
+            presence_users: Some(BTreeSet::new()),
+        };
+        let insert = |set: &mut Option<BTreeSet<String>>, value: String| {
+            if let Some(set) = set {
+                set.insert(value);
+            }
+        };
+        for (_, entry) in entries {
+            match entry {
+                StreamEntry::Event { room_id, .. } => insert(&mut changes.event_rooms, room_id),
+                StreamEntry::Receipt { room_id, .. } => insert(&mut changes.receipt_rooms, room_id),
+                StreamEntry::AccountData {
+                    user_id, room_id, ..
+                } if user_id == user.as_str() => insert(&mut changes.account_data_scopes, room_id),
+                StreamEntry::AccountData { .. } => {}
+                StreamEntry::Presence { user_id } => insert(&mut changes.presence_users, user_id),
+            }
+        }
+        Ok(changes)
+    }
+}
