@@ -75,7 +75,10 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => runtime
-            .block_on(crate::server::run(config))
+            .block_on(async {
+                raise_file_limit();
+                crate::server::run(config).await
+            })
             .map_err(|e| e.to_string()),
         Command::User { action } => runtime.block_on(user_command(config, action)),
     };
@@ -85,6 +88,27 @@ pub fn main() -> ExitCode {
             eprintln!("myelin: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Every waiting client holds a socket: lift the soft limit on open files
+/// (often 1,024) to the hard limit the system allows.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(open_files = limit.rlim_cur, "file limit raised");
+    } else {
+        tracing::warn!("could not raise the limit on open files");
     }
 }
 

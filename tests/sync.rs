@@ -441,7 +441,7 @@ async fn a_waiting_sync_wakes_for_each_kind_of_write() {
             _ => unreachable!(),
         };
         assert_eq!(status, StatusCode::OK, "{kind}: {answer}");
-        let woken = waiting.await.unwrap();
+        let woken = woken(waiting).await;
         assert!(check(&woken, &room_id), "{kind}: {woken}");
         since = next_batch(&woken);
     }
@@ -454,7 +454,7 @@ async fn a_waiting_sync_wakes_for_each_kind_of_write() {
             json!({ "invite": ["@bob:localhost"], "name": "Other" }),
         )
         .await;
-    let woken = waiting.await.unwrap();
+    let woken = woken(waiting).await;
     let invite = &woken["rooms"]["invite"][&other]["invite_state"]["events"];
     let types = event_types(invite);
     assert!(types.contains(&"m.room.name".to_owned()), "{woken}");
@@ -474,7 +474,7 @@ async fn a_write_racing_the_start_of_a_wait_is_never_missed() {
         let waiting = waiting_sync(&server, &alice, &since);
         let body = format!("race {n}");
         send_text(&server, &alice, &room_id, &format!("r{n}"), &body).await;
-        let answer = waiting.await.unwrap();
+        let answer = woken(waiting).await;
         let got = bodies(&answer, &room_id);
         let answer = if got.is_empty() {
             // The sync answered with something else first (its own
@@ -767,4 +767,14 @@ async fn set_presence_marks_the_user_for_those_who_share_a_room() {
         events.iter().all(|e| e["sender"] != "@carol:localhost"),
         "carol shares no room with bob"
     );
+}
+
+/// The answer of a waiting request, which a write must have woken: the
+/// request waits up to a minute, so an answer only after half a minute
+/// means the wake-up was lost and the request ran into its timeout.
+async fn woken(waiting: tokio::task::JoinHandle<Value>) -> Value {
+    tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("woken by the write, not by the timeout")
+        .unwrap()
 }

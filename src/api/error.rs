@@ -102,6 +102,7 @@ impl From<Error> for MatrixError {
             Error::RoomFull(_) => plain(StatusCode::FORBIDDEN, "M_FORBIDDEN"),
             Error::InvalidRoomState(_) => plain(StatusCode::BAD_REQUEST, "M_INVALID_ROOM_STATE"),
             Error::BadAlias(_) => plain(StatusCode::BAD_REQUEST, "M_BAD_ALIAS"),
+            Error::UnknownPos(_) => plain(StatusCode::BAD_REQUEST, "M_UNKNOWN_POS"),
             Error::UnsupportedRoomVersion(_) => {
                 plain(StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION")
             }

@@ -20,7 +20,7 @@ use tower_http::trace::TraceLayer;
 use crate::services::Services;
 use client::{
     account, devices, directory, discovery, membership, profile, relations, room_events, session,
-    sync, user_data,
+    sliding_sync, sync, user_data,
 };
 use error::MatrixError;
 
@@ -53,6 +53,10 @@ pub fn router(state: AppState) -> Router {
             get(relations::by_type_and_event_type),
         )
         .route(&v1_room("/threads"), get(relations::threads))
+        .route(
+            "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+            post(sliding_sync::sliding_sync),
+        )
         .route(
             &v1_room("/timestamp_to_event"),
             get(relations::timestamp_to_event),

@@ -52,6 +52,9 @@ pub enum Error {
     InvalidRoomState(String),
     #[error("{0}")]
     BadAlias(String),
+    /// A sliding sync position this server does not know (or no longer).
+    #[error("{0}")]
+    UnknownPos(String),
     #[error("room version {0} is not supported by this server")]
     UnsupportedRoomVersion(String),
     /// User-interactive authentication must continue: the body to answer.

@@ -13,6 +13,7 @@ mod locks;
 pub mod profiles;
 pub mod rate_limit;
 pub mod rooms;
+pub mod sliding;
 pub mod stream;
 pub mod sync;
 pub mod uia;
@@ -43,6 +44,7 @@ pub struct Services {
     pub user_data: user_data::UserData,
     pub filters: filter::Filters,
     pub sync: sync::SyncStream,
+    pub sliding: sliding::Connections,
     pub uia: Uia,
     pub rate_limiter: RateLimiter,
     clock: Arc<dyn Clock>,
@@ -73,6 +75,7 @@ impl Services {
         Ok(Services {
             filters: filter::Filters::new(storage.clone()),
             sync: sync::SyncStream::new(storage.clone(), stream, wakeups),
+            sliding: sliding::Connections::new(clock.now_ms()),
             rooms,
             user_data,
             directory: Directory::new(storage.clone(), config.server_name.clone()),

@@ -22,7 +22,10 @@ const SPEC_VERSIONS: &[&str] = &[
 
 /// `GET /_matrix/client/versions`
 pub async fn versions() -> Json<Value> {
-    Json(json!({ "versions": SPEC_VERSIONS, "unstable_features": {} }))
+    Json(json!({
+        "versions": SPEC_VERSIONS,
+        "unstable_features": { "org.matrix.simplified_msc3575": true },
+    }))
 }
 
 /// `GET /_matrix/client/v3/capabilities`

@@ -9,5 +9,6 @@ pub mod profile;
 pub mod relations;
 pub mod room_events;
 pub mod session;
+pub mod sliding_sync;
 pub mod sync;
 pub mod user_data;

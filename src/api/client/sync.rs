@@ -141,7 +141,11 @@ pub async fn sync(
 
 /// `set_presence`: `online` (the default) or `unavailable` marks the user
 /// so when they were not already; `offline` leaves presence alone.
-async fn set_presence(state: &AppState, user: &OwnedUserId, wanted: Option<&str>) -> ApiResult<()> {
+pub async fn set_presence(
+    state: &AppState,
+    user: &OwnedUserId,
+    wanted: Option<&str>,
+) -> ApiResult<()> {
     let wanted = wanted.unwrap_or("online");
     match wanted {
         "offline" => Ok(()),
@@ -586,25 +590,9 @@ impl SyncRequest<'_> {
         Ok(events)
     }
 
-    /// The room's receipts written in the window, as one `m.receipt`.
     fn receipts(&self, room_id: &RoomId) -> ApiResult<Option<Value>> {
         let after = self.since.map_or(0, |s| s.stream);
-        let mut content = json!({});
-        let mut any = false;
-        for (kind, user, thread, receipt) in self.state.user_data.room_receipts(room_id)? {
-            let in_window = receipt.stream > after && receipt.stream <= self.upto.stream;
-            let private = kind == "m.read.private" && user != self.user.as_str();
-            if !in_window || private || kind == "m.fully_read" {
-                continue;
-            }
-            let mut entry = json!({ "ts": receipt.ts });
-            if !thread.is_empty() {
-                entry["thread_id"] = json!(thread);
-            }
-            content[&receipt.event_id][&kind][&user] = entry;
-            any = true;
-        }
-        Ok(any.then(|| json!({ "type": "m.receipt", "content": content })))
+        receipts_event(self.state, &self.user, room_id, after, self.upto.stream)
     }
 
     /// Account data written in the window (all of it for an initial sync),
@@ -687,113 +675,168 @@ impl SyncRequest<'_> {
         Ok(theirs.iter().any(|room| joined_rooms.contains(room)))
     }
 
-    /// Messages from others after the user's read receipt (or their own
-    /// latest message), and those that mention the user.
     fn unread_counts(&self, room_id: &RoomId) -> ApiResult<(u64, u64)> {
-        let read_up_to = self.read_position(room_id)?;
-        let page = self.state.rooms.page(
-            room_id,
-            self.upto.stream,
-            Some(read_up_to),
-            Direction::Backward,
-            MAX_UNREAD_SCAN,
-        )?;
-        let (mut notifications, mut highlights) = (0, 0);
-        for pdu in page.events {
-            if pdu.sender == self.user {
-                break;
-            }
-            let kind = pdu.kind.to_string();
-            if !matches!(
-                kind.as_str(),
-                "m.room.message" | "m.room.encrypted" | "m.sticker"
-            ) {
-                continue;
-            }
-            notifications += 1;
-            if mentions(&pdu.content_value(), self.user.as_str()) {
-                highlights += 1;
-            }
-        }
-        Ok((notifications, highlights))
+        unread_counts(self.state, &self.user, room_id, self.upto.stream)
     }
 
-    /// The stream position of the event the user's read receipt points at.
-    fn read_position(&self, room_id: &RoomId) -> ApiResult<u64> {
-        let mut position = 0;
-        for kind in ["m.read", "m.read.private"] {
-            for thread in ["", "main"] {
-                let Some(receipt) = self
-                    .state
-                    .user_data
-                    .receipt(room_id, kind, &self.user, thread)?
-                else {
-                    continue;
-                };
-                if let Some((_, stored)) = self.state.rooms.pdu(&receipt.event_id)? {
-                    position = position.max(stored.stream);
-                }
-            }
-        }
-        Ok(position)
-    }
-
-    /// Joined and invited counts, and up to five other members to name the
-    /// room by when it has neither a name nor a canonical alias.
     fn summary(&self, room_id: &RoomId) -> ApiResult<Value> {
-        let rooms = &self.state.rooms;
-        let (mut joined, mut invited) = (0u64, 0u64);
-        let mut heroes = Vec::new();
-        for member in rooms.current_state(room_id, Some("m.room.member"))? {
-            let Some(user) = member.state_key.as_deref() else {
-                continue;
-            };
-            match member.content_value()["membership"].as_str() {
-                Some("join") => joined += 1,
-                Some("invite") => invited += 1,
-                _ => continue,
-            }
-            if user != self.user.as_str() {
-                heroes.push(user.to_owned());
-            }
-        }
-        heroes.sort();
-        heroes.truncate(MAX_HEROES);
+        let members = room_members(self.state, &self.user, room_id)?;
         let mut summary = json!({
-            "m.joined_member_count": joined,
-            "m.invited_member_count": invited,
+            "m.joined_member_count": members.joined,
+            "m.invited_member_count": members.invited,
         });
-        let named = rooms.state_event(room_id, "m.room.name", "")?.is_some()
-            || rooms
-                .state_event(room_id, "m.room.canonical_alias", "")?
-                .is_some_and(|pdu| pdu.content_value()["alias"].is_string());
-        if !named {
-            summary["m.heroes"] = json!(heroes);
+        if !room_is_named(self.state, room_id)? {
+            summary["m.heroes"] = json!(members.heroes);
         }
         Ok(summary)
     }
 
-    /// What an invited or knocking user sees of a room: a few state events
-    /// as they were at the membership, stripped to type, key, sender and
-    /// content, and the membership event itself.
     fn stripped_state(&self, member_event_id: &str) -> ApiResult<Vec<Value>> {
-        let rooms = &self.state.rooms;
-        let Some((member, stored)) = rooms.pdu(member_event_id)? else {
-            return Ok(Vec::new());
-        };
-        let state = rooms.state_ids_at_group(stored.state_group)?;
-        let mut events = Vec::new();
-        for kind in STRIPPED_STATE_TYPES {
-            let Some(event_id) = state.get(&(kind.to_owned(), String::new())) else {
+        stripped_state(self.state, member_event_id)
+    }
+}
+
+/// The room's receipts written after `after` up to `upto`, as one
+/// `m.receipt` event; others' private receipts are left out.
+pub fn receipts_event(
+    state: &AppState,
+    user: &OwnedUserId,
+    room_id: &RoomId,
+    after: u64,
+    upto: u64,
+) -> ApiResult<Option<Value>> {
+    let mut content = json!({});
+    let mut any = false;
+    for (kind, reader, thread, receipt) in state.user_data.room_receipts(room_id)? {
+        let in_window = receipt.stream > after && receipt.stream <= upto;
+        let private = kind == "m.read.private" && reader != user.as_str();
+        if !in_window || private || kind == "m.fully_read" {
+            continue;
+        }
+        let mut entry = json!({ "ts": receipt.ts });
+        if !thread.is_empty() {
+            entry["thread_id"] = json!(thread);
+        }
+        content[&receipt.event_id][&kind][&reader] = entry;
+        any = true;
+    }
+    Ok(any.then(|| json!({ "type": "m.receipt", "content": content })))
+}
+
+/// Messages from others after the user's read receipt (or their own
+/// latest message), and those that mention the user.
+pub fn unread_counts(
+    state: &AppState,
+    user: &OwnedUserId,
+    room_id: &RoomId,
+    upto: u64,
+) -> ApiResult<(u64, u64)> {
+    let read_up_to = read_position(state, user, room_id)?;
+    let page = state.rooms.page(
+        room_id,
+        upto,
+        Some(read_up_to),
+        Direction::Backward,
+        MAX_UNREAD_SCAN,
+    )?;
+    let (mut notifications, mut highlights) = (0, 0);
+    for pdu in page.events {
+        if pdu.sender == *user {
+            break;
+        }
+        let kind = pdu.kind.to_string();
+        if !matches!(
+            kind.as_str(),
+            "m.room.message" | "m.room.encrypted" | "m.sticker"
+        ) {
+            continue;
+        }
+        notifications += 1;
+        if mentions(&pdu.content_value(), user.as_str()) {
+            highlights += 1;
+        }
+    }
+    Ok((notifications, highlights))
+}
+
+/// The stream position of the event the user's read receipt points at.
+fn read_position(state: &AppState, user: &OwnedUserId, room_id: &RoomId) -> ApiResult<u64> {
+    let mut position = 0;
+    for kind in ["m.read", "m.read.private"] {
+        for thread in ["", "main"] {
+            let Some(receipt) = state.user_data.receipt(room_id, kind, user, thread)? else {
                 continue;
             };
-            if let Some((pdu, _)) = rooms.pdu(event_id)? {
-                events.push(stripped(&pdu));
+            if let Some((_, stored)) = state.rooms.pdu(&receipt.event_id)? {
+                position = position.max(stored.stream);
             }
         }
-        events.push(stripped(&member));
-        Ok(events)
     }
+    Ok(position)
+}
+
+/// A room's joined and invited counts, and up to five other members (by
+/// user ID) to name it by.
+pub struct Members {
+    pub joined: u64,
+    pub invited: u64,
+    pub heroes: Vec<String>,
+}
+
+pub fn room_members(state: &AppState, user: &OwnedUserId, room_id: &RoomId) -> ApiResult<Members> {
+    let mut members = Members {
+        joined: 0,
+        invited: 0,
+        heroes: Vec::new(),
+    };
+    for member in state.rooms.current_state(room_id, Some("m.room.member"))? {
+        let Some(member_id) = member.state_key.as_deref() else {
+            continue;
+        };
+        match member.content_value()["membership"].as_str() {
+            Some("join") => members.joined += 1,
+            Some("invite") => members.invited += 1,
+            _ => continue,
+        }
+        if member_id != user.as_str() {
+            members.heroes.push(member_id.to_owned());
+        }
+    }
+    members.heroes.sort();
+    members.heroes.truncate(MAX_HEROES);
+    Ok(members)
+}
+
+/// Whether the room has a name or a canonical alias (else clients name it
+/// after its heroes).
+pub fn room_is_named(state: &AppState, room_id: &RoomId) -> ApiResult<bool> {
+    let rooms = &state.rooms;
+    Ok(rooms.state_event(room_id, "m.room.name", "")?.is_some()
+        || rooms
+            .state_event(room_id, "m.room.canonical_alias", "")?
+            .is_some_and(|pdu| pdu.content_value()["alias"].is_string()))
+}
+
+/// What an invited or knocking user sees of a room: a few state events as
+/// they were at the membership, stripped to type, key, sender and content,
+/// and the membership event itself.
+pub fn stripped_state(state: &AppState, member_event_id: &str) -> ApiResult<Vec<Value>> {
+    let rooms = &state.rooms;
+    let Some((member, stored)) = rooms.pdu(member_event_id)? else {
+        return Ok(Vec::new());
+    };
+    let ids = rooms.state_ids_at_group(stored.state_group)?;
+    let mut events = Vec::new();
+    for kind in STRIPPED_STATE_TYPES {
+        let Some(event_id) = ids.get(&(kind.to_owned(), String::new())) else {
+            continue;
+        };
+        if let Some((pdu, _)) = rooms.pdu(event_id)? {
+            events.push(stripped(&pdu));
+        }
+    }
+    events.push(stripped(&member));
+    Ok(events)
 }
 
 fn stripped(pdu: &Pdu) -> Value {
