@@ -11,6 +11,7 @@ use std::sync::Arc;
 use ruma::UserId;
 
 use super::error::Result;
+use super::rooms::BoundedMemo;
 use super::stream::{StreamCounter, Wakeups};
 use crate::storage::tables::{self, StreamEntry};
 use crate::storage::{Direction, Key, KeyRange, Storage};
@@ -57,7 +58,23 @@ pub struct SyncStream {
     storage: Storage,
     counter: Arc<StreamCounter>,
     wakeups: Arc<Wakeups>,
+    /// (room ID, user ID) → the unread counts last worked out, so the next
+    /// sync counts only the events after them.
+    pub unread: BoundedMemo<(String, String), UnreadMemo>,
 }
+
+/// A user's unread counts in a room as of a stream position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadMemo {
+    /// The read receipts' event IDs the counts start from.
+    pub receipts: Vec<String>,
+    pub counted_upto: u64,
+    pub notifications: u64,
+    pub highlights: u64,
+}
+
+/// Most (room, user) unread counts remembered.
+const UNREAD_MEMO_ENTRIES: usize = 200_000;
 
 impl SyncStream {
     pub fn new(storage: Storage, counter: Arc<StreamCounter>, wakeups: Arc<Wakeups>) -> Self {
@@ -65,6 +82,7 @@ impl SyncStream {
             storage,
             counter,
             wakeups,
+            unread: BoundedMemo::new(UNREAD_MEMO_ENTRIES),
         }
     }
 

@@ -520,7 +520,7 @@ impl Look<'_> {
             if self
                 .state
                 .rooms
-                .may_see(&pdu, &self.user, reader, &mut cache)?
+                .may_see_stored(&pdu, &stored, &self.user, reader, &mut cache)?
             {
                 events.push((pdu, stored));
             }

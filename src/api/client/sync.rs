@@ -30,7 +30,7 @@ use crate::services::accounts::Authed;
 use crate::services::filter::{EventFormat, Filter};
 use crate::services::rooms::visibility::{Reader, VisibilityCache};
 use crate::services::rooms::StateIds;
-use crate::services::sync::Changes;
+use crate::services::sync::{Changes, UnreadMemo};
 use crate::storage::tables::{StoredPdu, UserRoom};
 use crate::storage::Direction;
 
@@ -42,9 +42,10 @@ const MAX_TIMELINE_LIMIT: usize = 500;
 const MAX_TIMEOUT_MS: u64 = 300_000;
 /// Members named in a room summary when the room has no name.
 const MAX_HEROES: usize = 5;
-/// Events looked at, newest first, to count a room's unread messages;
-/// the counts stop there.
-const MAX_UNREAD_SCAN: usize = 100;
+/// Events looked at, newest first, to count a room's unread messages from
+/// scratch; the counts stop there. Later syncs add the new events to the
+/// remembered counts.
+const MAX_UNREAD_SCAN: usize = 1000;
 /// The state events an invited or knocking user is shown.
 const STRIPPED_STATE_TYPES: [&str; 7] = [
     "m.room.create",
@@ -447,7 +448,7 @@ impl SyncRequest<'_> {
             let visible = self
                 .state
                 .rooms
-                .may_see(&pdu, &self.user, reader, &mut cache)?;
+                .may_see_stored(&pdu, &stored, &self.user, reader, &mut cache)?;
             let wanted = timeline_filter.as_ref().is_none_or(|f| f.matches(&pdu));
             if visible && wanted {
                 events.push((pdu, stored));
@@ -724,14 +725,87 @@ pub fn receipts_event(
 }
 
 /// Messages from others after the user's read receipt (or their own
-/// latest message), and those that mention the user.
+/// latest message), and those that mention the user. The counts of the
+/// last sync are remembered, so a sync usually counts only new events.
 pub fn unread_counts(
     state: &AppState,
     user: &OwnedUserId,
     room_id: &RoomId,
     upto: u64,
 ) -> ApiResult<(u64, u64)> {
-    let read_up_to = read_position(state, user, room_id)?;
+    let receipts = read_receipts(state, user, room_id)?;
+    let key = (room_id.to_string(), user.to_string());
+    let remembered = state
+        .sync
+        .unread
+        .get(&key)
+        .filter(|memo| memo.receipts == receipts && memo.counted_upto <= upto);
+    let counts = match remembered {
+        Some(memo) => count_after(state, user, room_id, &memo, upto)?,
+        None => None,
+    };
+    let (notifications, highlights) = match counts {
+        Some(counts) => counts,
+        None => count_from_receipt(state, user, room_id, &receipts, upto)?,
+    };
+    let memo = UnreadMemo {
+        receipts,
+        counted_upto: upto,
+        notifications,
+        highlights,
+    };
+    state.sync.unread.insert(key, memo);
+    Ok((notifications, highlights))
+}
+
+/// The remembered counts plus the events after them, or `None` when there
+/// are too many new events to count this way.
+fn count_after(
+    state: &AppState,
+    user: &OwnedUserId,
+    room_id: &RoomId,
+    memo: &UnreadMemo,
+    upto: u64,
+) -> ApiResult<Option<(u64, u64)>> {
+    let page = state.rooms.page(
+        room_id,
+        memo.counted_upto,
+        Some(upto),
+        Direction::Forward,
+        MAX_UNREAD_SCAN,
+    )?;
+    if page.next.is_some() {
+        return Ok(None);
+    }
+    let (mut notifications, mut highlights) = (memo.notifications, memo.highlights);
+    for pdu in &page.events {
+        if pdu.sender == *user {
+            (notifications, highlights) = (0, 0);
+        } else if counts_as_unread(pdu) {
+            notifications += 1;
+            if mentions(&pdu.content_value(), user.as_str()) {
+                highlights += 1;
+            }
+        }
+    }
+    Ok(Some((notifications, highlights)))
+}
+
+/// Counts back from `upto` to the read receipt or the user's own latest
+/// message, over at most [`MAX_UNREAD_SCAN`] events.
+fn count_from_receipt(
+    state: &AppState,
+    user: &OwnedUserId,
+    room_id: &RoomId,
+    receipts: &[String],
+    upto: u64,
+) -> ApiResult<(u64, u64)> {
+    let mut read_up_to = 0;
+    for event_id in receipts {
+        if let Some((_, stored)) = state.rooms.pdu(event_id)? {
+            read_up_to = read_up_to.max(stored.stream);
+        }
+    }
     let page = state.rooms.page(
         room_id,
         upto,
@@ -744,35 +818,36 @@ pub fn unread_counts(
         if pdu.sender == *user {
             break;
         }
-        let kind = pdu.kind.to_string();
-        if !matches!(
-            kind.as_str(),
-            "m.room.message" | "m.room.encrypted" | "m.sticker"
-        ) {
-            continue;
-        }
-        notifications += 1;
-        if mentions(&pdu.content_value(), user.as_str()) {
-            highlights += 1;
+        if counts_as_unread(&pdu) {
+            notifications += 1;
+            if mentions(&pdu.content_value(), user.as_str()) {
+                highlights += 1;
+            }
         }
     }
     Ok((notifications, highlights))
 }
 
-/// The stream position of the event the user's read receipt points at.
-fn read_position(state: &AppState, user: &OwnedUserId, room_id: &RoomId) -> ApiResult<u64> {
-    let mut position = 0;
+/// The events the default push rules notify for.
+fn counts_as_unread(pdu: &Pdu) -> bool {
+    matches!(
+        pdu.kind.to_string().as_str(),
+        "m.room.message" | "m.room.encrypted" | "m.sticker"
+    )
+}
+
+/// The event IDs the user's read receipts (public and private, unthreaded
+/// and main-thread) point at.
+fn read_receipts(state: &AppState, user: &OwnedUserId, room_id: &RoomId) -> ApiResult<Vec<String>> {
+    let mut event_ids = Vec::new();
     for kind in ["m.read", "m.read.private"] {
         for thread in ["", "main"] {
-            let Some(receipt) = state.user_data.receipt(room_id, kind, user, thread)? else {
-                continue;
-            };
-            if let Some((_, stored)) = state.rooms.pdu(&receipt.event_id)? {
-                position = position.max(stored.stream);
+            if let Some(receipt) = state.user_data.receipt(room_id, kind, user, thread)? {
+                event_ids.push(receipt.event_id);
             }
         }
     }
-    Ok(position)
+    Ok(event_ids)
 }
 
 /// A room's joined and invited counts, and up to five other members (by

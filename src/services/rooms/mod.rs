@@ -46,7 +46,41 @@ pub struct Rooms {
     state_groups: AtomicU64,
     pub default_version: RoomVersionId,
     pub max_members: u64,
+    /// (state group, user) → (history visibility, membership) there.
+    visibility_memo: BoundedMemo<(u64, String), (String, String)>,
 }
+
+/// A map that remembers facts that never go stale, up to a bound; when
+/// full it starts afresh (the facts can always be read again).
+pub struct BoundedMemo<K, V> {
+    entries: std::sync::Mutex<std::collections::HashMap<K, V>>,
+    capacity: usize,
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> BoundedMemo<K, V> {
+    pub fn new(capacity: usize) -> Self {
+        BoundedMemo {
+            entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+            capacity,
+        }
+    }
+
+    pub fn get(&self, key: &K) -> Option<V> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.get(key).cloned()
+    }
+
+    pub fn insert(&self, key: K, value: V) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= self.capacity {
+            entries.clear();
+        }
+        entries.insert(key, value);
+    }
+}
+
+/// Most (state group, user) visibility facts remembered.
+const VISIBILITY_MEMO_ENTRIES: usize = 200_000;
 
 /// A page of a room's timeline.
 #[derive(Default)]
@@ -85,6 +119,7 @@ impl Rooms {
             state_groups: AtomicU64::new(groups),
             default_version,
             max_members,
+            visibility_memo: BoundedMemo::new(VISIBILITY_MEMO_ENTRIES),
         })
     }
 

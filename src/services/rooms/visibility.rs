@@ -14,7 +14,7 @@ use ruma::{RoomId, UserId};
 use super::Rooms;
 use crate::events::Pdu;
 use crate::services::error::{Error, Result};
-use crate::storage::tables;
+use crate::storage::tables::{self, StoredPdu};
 
 /// How a user may read a room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +99,23 @@ impl Rooms {
         let Some((_, stored)) = self.pdu(pdu.event_id.as_str())? else {
             return Ok(false);
         };
+        self.may_see_stored(pdu, &stored, user, reader, cache)
+    }
+
+    /// [`Rooms::may_see`] for an event whose stored record is at hand.
+    pub fn may_see_stored(
+        &self,
+        pdu: &Pdu,
+        stored: &StoredPdu,
+        user: &UserId,
+        reader: Reader,
+        cache: &mut VisibilityCache,
+    ) -> Result<bool> {
+        if pdu.kind.to_string() == "m.room.member"
+            && pdu.state_key.as_deref() == Some(user.as_str())
+        {
+            return Ok(true);
+        }
         let (visibility, membership) = match cache.get(&stored.state_group) {
             Some(facts) => facts.clone(),
             None => {
@@ -136,6 +153,17 @@ impl Rooms {
     /// The history visibility and `user`'s membership in a state group,
     /// read by walking the group's deltas back only as far as needed.
     fn visibility_facts(&self, group_id: u64, user: &UserId) -> Result<(String, String)> {
+        // State groups never change, so what was learnt of one holds for good.
+        let memo_key = (group_id, user.to_string());
+        if let Some(facts) = self.visibility_memo.get(&memo_key) {
+            return Ok(facts);
+        }
+        let facts = self.read_visibility_facts(group_id, user)?;
+        self.visibility_memo.insert(memo_key, facts.clone());
+        Ok(facts)
+    }
+
+    fn read_visibility_facts(&self, group_id: u64, user: &UserId) -> Result<(String, String)> {
         let mut visibility_event = None;
         let mut member_event = None;
         let mut next = Some(group_id);
