@@ -8,48 +8,119 @@
 //! committed (or failed), and [`StreamCounter::current`] is the highest
 //! position below which nothing is in flight.
 //!
-//! Waiting readers (a long-polling `/sync`) are woken through [`Wakeups`]:
-//! a generation number bumped whenever the current position may have moved
-//! or an in-memory stream (typing) changed. A reader takes the generation
-//! before it looks, so a write that lands between its look and its wait
-//! still wakes it.
+//! Waiting readers (a long-polling `/sync`) are woken through [`Wakeups`]
+//! by topic: a room (its events, receipts, typing) or a user (their
+//! account data, a membership that names them). A write's topics are woken
+//! when the current position passes it, not when its own batch commits, so
+//! a reader woken for position 7 never finds it hidden behind a 6 still in
+//! flight; the write that completes 6 wakes 7's topics too. A reader
+//! registers its topics before it looks, and a wake-up that comes between
+//! its look and its wait is kept for it, so none is lost.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+
+use tokio::sync::Notify;
 
 use crate::storage::tables::{self, StreamEntry};
 use crate::storage::{Batch, Direction, KeyRange, Storage, StorageError};
 
+/// The topic that wakes every reader (presence, which any room may show).
+pub const EVERYONE: &str = "*";
+
 pub struct StreamCounter {
     last: AtomicU64,
-    in_flight: Mutex<BTreeSet<u64>>,
+    positions: Mutex<Positions>,
     wakeups: Arc<Wakeups>,
 }
 
-/// Wakes every waiting reader when something they may include was written.
-pub struct Wakeups {
-    generation: tokio::sync::watch::Sender<u64>,
+struct Positions {
+    in_flight: BTreeSet<u64>,
+    /// Committed positions above the current one, with their topics.
+    waiting: BTreeMap<u64, Vec<String>>,
 }
 
-impl Default for Wakeups {
-    fn default() -> Self {
-        Wakeups {
-            generation: tokio::sync::watch::Sender::new(0),
+/// Wakes the readers waiting on a topic.
+#[derive(Default)]
+pub struct Wakeups {
+    readers: Mutex<HashMap<String, Vec<Weak<Notify>>>>,
+}
+
+/// A reader's interest in some topics; it deregisters when dropped.
+pub struct Registration {
+    wakeups: Arc<Wakeups>,
+    topics: Vec<String>,
+    notify: Arc<Notify>,
+}
+
+impl Wakeups {
+    /// Registers a reader for `topics` (and for [`EVERYONE`]).
+    pub fn register(self: &Arc<Self>, mut topics: Vec<String>) -> Registration {
+        topics.push(EVERYONE.to_owned());
+        topics.sort();
+        topics.dedup();
+        let notify = Arc::new(Notify::new());
+        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        for topic in &topics {
+            readers
+                .entry(topic.clone())
+                .or_default()
+                .push(Arc::downgrade(&notify));
+        }
+        Registration {
+            wakeups: self.clone(),
+            topics,
+            notify,
+        }
+    }
+
+    /// Wakes the readers of each topic; [`EVERYONE`] wakes every reader.
+    pub fn wake<'a>(&self, topics: impl IntoIterator<Item = &'a str>) {
+        let readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut woken = std::collections::HashSet::new();
+        for topic in topics {
+            let targets: Vec<&Weak<Notify>> = if topic == EVERYONE {
+                readers.values().flatten().collect()
+            } else {
+                readers.get(topic).into_iter().flatten().collect()
+            };
+            for reader in targets {
+                if let Some(notify) = reader.upgrade() {
+                    if woken.insert(Arc::as_ptr(&notify)) {
+                        // A permit is kept if the reader is not waiting yet.
+                        notify.notify_one();
+                    }
+                }
+            }
         }
     }
 }
 
-impl Wakeups {
-    /// Wakes every reader waiting now.
-    pub fn wake(&self) {
-        self.generation.send_modify(|generation| *generation += 1);
+impl Registration {
+    /// Resolves at the first wake-up of one of the topics since the
+    /// registration (or since the previous wake-up it returned for).
+    pub async fn notified(&self) {
+        self.notify.notified().await;
     }
+}
 
-    /// A receiver marked as having seen the current generation: its
-    /// `changed()` resolves at the next [`Wakeups::wake`] after this call.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.generation.subscribe()
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut readers = self
+            .wakeups
+            .readers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let me = Arc::downgrade(&self.notify);
+        for topic in &self.topics {
+            if let Some(list) = readers.get_mut(topic) {
+                list.retain(|reader| !reader.ptr_eq(&me) && reader.strong_count() > 0);
+                if list.is_empty() {
+                    readers.remove(topic);
+                }
+            }
+        }
     }
 }
 
@@ -59,18 +130,46 @@ impl Wakeups {
 pub struct Reservation {
     counter: Arc<StreamCounter>,
     position: u64,
+    topics: Vec<String>,
+}
+
+impl Reservation {
+    /// Wakes readers of `topic` too once the write is visible (a member
+    /// event wakes the user it names, who may not be in the room yet).
+    pub fn also_wake(&mut self, topic: &str) {
+        self.topics.push(topic.to_owned());
+    }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut in_flight = self
+        let mut positions = self
             .counter
-            .in_flight
+            .positions
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        in_flight.remove(&self.position);
-        drop(in_flight);
-        self.counter.wakeups.wake();
+        positions.in_flight.remove(&self.position);
+        positions
+            .waiting
+            .insert(self.position, std::mem::take(&mut self.topics));
+        let current = current_of(&positions.in_flight, &self.counter.last);
+        let visible: Vec<String> = match current.checked_add(1) {
+            Some(above) => {
+                let still_waiting = positions.waiting.split_off(&above);
+                let visible = std::mem::replace(&mut positions.waiting, still_waiting);
+                visible.into_values().flatten().collect()
+            }
+            None => std::mem::take(&mut positions.waiting)
+                .into_values()
+                .flatten()
+                .collect(),
+        };
+        drop(positions);
+        if !visible.is_empty() {
+            self.counter
+                .wakeups
+                .wake(visible.iter().map(String::as_str));
+        }
     }
 }
 
@@ -84,7 +183,10 @@ impl StreamCounter {
             .map_or(0, |(position, _)| *position);
         Ok(StreamCounter {
             last: AtomicU64::new(last),
-            in_flight: Mutex::new(BTreeSet::new()),
+            positions: Mutex::new(Positions {
+                in_flight: BTreeSet::new(),
+                waiting: BTreeMap::new(),
+            }),
             wakeups,
         })
     }
@@ -96,25 +198,37 @@ impl StreamCounter {
         batch: &mut Batch,
         entry: &StreamEntry,
     ) -> (u64, Reservation) {
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
         let position = self.last.fetch_add(1, Ordering::SeqCst) + 1;
-        in_flight.insert(position);
-        drop(in_flight);
+        positions.in_flight.insert(position);
+        drop(positions);
         batch.put(tables::STREAM, &position, entry);
+        let topic = match entry {
+            StreamEntry::Event { room_id, .. } | StreamEntry::Receipt { room_id, .. } => {
+                room_id.clone()
+            }
+            StreamEntry::AccountData { user_id, .. } => user_id.clone(),
+            StreamEntry::Presence { .. } => EVERYONE.to_owned(),
+        };
         let reservation = Reservation {
             counter: self.clone(),
             position,
+            topics: vec![topic],
         };
         (position, reservation)
     }
 
     /// The highest position up to which every write has finished.
     pub fn current(&self) -> u64 {
-        let in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        match in_flight.first() {
-            Some(oldest) => oldest - 1,
-            None => self.last.load(Ordering::SeqCst),
-        }
+        let positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        current_of(&positions.in_flight, &self.last)
+    }
+}
+
+fn current_of(in_flight: &BTreeSet<u64>, last: &AtomicU64) -> u64 {
+    match in_flight.first() {
+        Some(oldest) => oldest - 1,
+        None => last.load(Ordering::SeqCst),
     }
 }
 
@@ -140,19 +254,46 @@ mod tests {
         assert_eq!(counter.current(), 2);
     }
 
-    #[test]
-    fn a_receiver_taken_before_a_commit_sees_the_wake_up() {
+    #[tokio::test]
+    async fn readers_are_woken_by_their_topics_once_the_write_is_current() {
         let storage = Storage::in_memory();
         let wakeups = Arc::new(Wakeups::default());
         let counter = Arc::new(StreamCounter::load(&storage, wakeups.clone()).unwrap());
-        let receiver = wakeups.subscribe();
-        assert!(!receiver.has_changed().unwrap(), "nothing written yet");
-        let entry = StreamEntry::Presence {
-            user_id: "@a:x".to_owned(),
+        let room_reader = wakeups.register(vec!["!a:x".to_owned()]);
+        let other_reader = wakeups.register(vec!["!b:x".to_owned()]);
+        let event = |room: &str| StreamEntry::Event {
+            room_id: room.to_owned(),
+            event_id: "$e".to_owned(),
         };
-        let (_, reservation) = counter.next_into(&mut Batch::new(), &entry);
-        assert!(!receiver.has_changed().unwrap(), "still in flight");
-        drop(reservation);
-        assert!(receiver.has_changed().unwrap(), "woken when it completes");
+        let (_, earlier) = counter.next_into(&mut Batch::new(), &event("!b:x"));
+        let (_, later) = counter.next_into(&mut Batch::new(), &event("!a:x"));
+        drop(later);
+        let woken = |registration: &Registration| {
+            let notified = registration.notified();
+            futures_now(notified)
+        };
+        assert!(!woken(&room_reader), "its write is behind one in flight");
+        drop(earlier);
+        assert!(woken(&room_reader), "woken once the position is current");
+        assert!(woken(&other_reader));
+        assert!(!woken(&room_reader), "one wake-up per write");
+        let (_, presence) = counter.next_into(
+            &mut Batch::new(),
+            &StreamEntry::Presence {
+                user_id: "@a:x".to_owned(),
+            },
+        );
+        drop(presence);
+        assert!(woken(&room_reader) && woken(&other_reader), "presence wakes all");
+        drop(other_reader);
+        assert_eq!(wakeups.readers.lock().unwrap().len(), 2, "!a:x and *");
+    }
+
+    /// Whether a future is ready at once.
+    fn futures_now(future: impl std::future::Future<Output = ()>) -> bool {
+        let mut future = std::pin::pin!(future);
+        let waker = std::task::Waker::noop();
+        let mut context = std::task::Context::from_waker(waker);
+        future.as_mut().poll(&mut context).is_ready()
     }
 }

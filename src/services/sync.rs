@@ -12,7 +12,7 @@ use ruma::UserId;
 
 use super::error::Result;
 use super::rooms::BoundedMemo;
-use super::stream::{StreamCounter, Wakeups};
+use super::stream::{Registration, StreamCounter, Wakeups};
 use crate::storage::tables::{self, StreamEntry};
 use crate::storage::{Direction, Key, KeyRange, Storage};
 
@@ -91,9 +91,12 @@ impl SyncStream {
         self.counter.current()
     }
 
-    /// A receiver woken at the next write; take it before reading.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.wakeups.subscribe()
+    /// Registers a reader for the user's own writes and those of the
+    /// rooms given; register before reading, so no wake-up is lost.
+    pub fn register(&self, user: &UserId, rooms: &[String]) -> Registration {
+        let mut topics = rooms.to_vec();
+        topics.push(user.to_string());
+        self.wakeups.register(topics)
     }
 
     /// What changed for `user` in the positions after `since`, up to and

@@ -280,7 +280,7 @@ impl UserData {
             entry.users.retain(|_, until| *until > now);
             entry.changed = serial;
         }
-        self.wakeups.wake();
+        self.wakeups.wake([room.as_str()]);
         if typing {
             self.expire_later(room.to_string(), timeout_ms);
         }
@@ -305,7 +305,7 @@ impl UserData {
                 .unwrap_or_else(|e| e.into_inner())
                 .expire(&room, now);
             if expired {
-                wakeups.wake();
+                wakeups.wake([room.as_str()]);
             }
         });
     }

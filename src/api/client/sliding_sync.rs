@@ -130,7 +130,13 @@ pub async fn sliding_sync(
     super::sync::set_presence(&state, &user, query.set_presence.as_deref()).await?;
     let timeout_ms = query.timeout.unwrap_or(0).min(MAX_TIMEOUT_MS);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
-    let mut wake = state.sync.subscribe();
+    let rooms: Vec<String> = state
+        .rooms
+        .memberships_of_user(&user)?
+        .into_iter()
+        .map(|(room_id, _)| room_id.to_string())
+        .collect();
+    let registration = state.sync.register(&user, &rooms);
     loop {
         let look = Look {
             state: &state,
@@ -151,11 +157,7 @@ pub async fn sliding_sync(
             return Ok(Json(answer));
         }
         tokio::select! {
-            changed = wake.changed() => {
-                if changed.is_err() {
-                    tokio::time::sleep_until(deadline).await;
-                }
-            }
+            () = registration.notified() => {}
             () = tokio::time::sleep_until(deadline) => {}
         }
     }

@@ -7,8 +7,8 @@
 //! token is sent every later event exactly once. Tokens are plain numbers
 //! in the database's order and stay valid across restarts.
 //!
-//! A waiting sync takes a wake-up receiver before it looks, then sleeps
-//! until a write wakes it or its timeout ends: no polling.
+//! A waiting sync registers for its rooms and its user before it looks,
+//! then sleeps until a write wakes it or its timeout ends: no polling.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -112,8 +112,14 @@ pub async fn sync(
     set_presence(&state, &user, query.set_presence.as_deref()).await?;
     let timeout_ms = query.timeout.unwrap_or(0).min(MAX_TIMEOUT_MS);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
-    // Taken before the first look: a write landing after it wakes us.
-    let mut wake = state.sync.subscribe();
+    // Registered before the first look: a write landing after it wakes us.
+    let rooms: Vec<String> = state
+        .rooms
+        .memberships_of_user(&user)?
+        .into_iter()
+        .map(|(room_id, _)| room_id.to_string())
+        .collect();
+    let registration = state.sync.register(&user, &rooms);
     loop {
         let request = SyncRequest {
             state: &state,
@@ -130,11 +136,7 @@ pub async fn sync(
             return Ok(Json(answer));
         }
         tokio::select! {
-            changed = wake.changed() => {
-                if changed.is_err() {
-                    tokio::time::sleep_until(deadline).await;
-                }
-            }
+            () = registration.notified() => {}
             () = tokio::time::sleep_until(deadline) => {}
         }
     }

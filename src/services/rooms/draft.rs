@@ -379,7 +379,12 @@ impl<'a> Draft<'a> {
             room_id: room_id.clone(),
             event_id: event_id.clone(),
         };
-        let (stream, reservation) = self.rooms.stream.next_into(&mut self.batch, &entry);
+        let (stream, mut reservation) = self.rooms.stream.next_into(&mut self.batch, &entry);
+        if pdu.kind.to_string() == "m.room.member" {
+            if let Some(target) = &pdu.state_key {
+                reservation.also_wake(target);
+            }
+        }
         self.reservations.push(reservation);
         let replaces_state = match &pdu.state_key {
             Some(state_key) => {
