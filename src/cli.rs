@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat, CONFIG_FILE_ENV};
 use crate::services::accounts::Accounts;
 use crate::services::clock::SystemClock;
+use crate::services::stream::StreamCounter;
 use crate::storage::Storage;
 
 #[derive(Parser, Debug)]
@@ -128,12 +129,15 @@ fn init_logging(config: &Config) {
 async fn user_command(config: Config, action: UserCommand) -> Result<(), String> {
     let storage = Storage::open(&config.data_dir.join("db"), config.storage.sync_writes)
         .map_err(|e| e.to_string())?;
+    // Device changes made here take stream positions like the server's.
+    let stream = StreamCounter::load(&storage, Arc::default()).map_err(|e| e.to_string())?;
     let accounts = Accounts::new(
         storage,
         config.server_name.clone(),
         &config.password_hashing,
         config.refreshable_access_token_lifetime_ms,
         Arc::new(SystemClock),
+        Arc::new(stream),
     );
     match action {
         UserCommand::Add {

@@ -388,3 +388,17 @@ async fn woken(waiting: tokio::task::JoinHandle<Value>) -> Value {
         .expect("woken by the write, not by the timeout")
         .unwrap()
 }
+
+#[tokio::test]
+async fn the_e2ee_extension_names_changed_device_lists() {
+    let w = world().await;
+    let body = list_body(json!([[0, 9]]));
+    let first = sliding(&w.server, &w.bob, None, body.clone()).await;
+    w.server.login("alice", Some("TABLET")).await;
+    let next = sliding(&w.server, &w.bob, Some(&pos(&first)), body).await;
+    assert_eq!(
+        next["extensions"]["e2ee"]["device_lists"]["changed"],
+        json!(["@alice:localhost"]),
+        "{next}"
+    );
+}

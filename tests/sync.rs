@@ -778,3 +778,106 @@ async fn woken(waiting: tokio::task::JoinHandle<Value>) -> Value {
         .expect("woken by the write, not by the timeout")
         .unwrap()
 }
+
+#[tokio::test]
+async fn device_lists_name_who_changed_devices_and_who_left() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let carol = token(&server.register("carol").await);
+    server.register("dave").await;
+    let room_id = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    join(&server, &bob, &room_id).await;
+    let device_lists = |answer: &Value| {
+        let list = |field: &str| -> Vec<String> {
+            answer["device_lists"][field]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u.as_str().unwrap().to_owned())
+                .collect()
+        };
+        (list("changed"), list("left"))
+    };
+    let since = next_batch(&sync(&server, &bob, None, None, 0).await);
+
+    // A new device of Alice (who shares a room) wakes Bob's waiting sync;
+    // one of Dave (who shares none) is not named.
+    let waiting = waiting_sync(&server, &bob, &since);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    server.login("dave", None).await;
+    let phone = server.login("alice", Some("PHONE")).await;
+    let answer = woken(waiting).await;
+    let mut since = next_batch(&answer);
+    let (changed, _) = device_lists(&answer);
+    let answer = if changed.is_empty() {
+        // Woken by Dave's login first: Alice's is in the next answer.
+        let next = sync(&server, &bob, Some(&since), None, 0).await;
+        since = next_batch(&next);
+        next
+    } else {
+        answer
+    };
+    assert_eq!(
+        device_lists(&answer),
+        (vec!["@alice:localhost".to_owned()], vec![])
+    );
+
+    // Carol joins: her devices are now Bob's business.
+    join(&server, &carol, &room_id).await;
+    let answer = sync(&server, &bob, Some(&since), None, 0).await;
+    assert_eq!(device_lists(&answer).0, ["@carol:localhost"]);
+    since = next_batch(&answer);
+
+    // Carol leaves the only room they shared: she is `left`.
+    let (status, _) = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/leave"),
+            Some(&carol),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let answer = sync(&server, &bob, Some(&since), None, 0).await;
+    assert_eq!(
+        device_lists(&answer),
+        (vec![], vec!["@carol:localhost".to_owned()])
+    );
+    since = next_batch(&answer);
+
+    // Alice deletes a device (with her password); Bob's own new device.
+    let phone_token = token(&phone);
+    let body = json!({ "auth": {
+        "type": "m.login.password",
+        "identifier": { "type": "m.id.user", "user": "alice" },
+        "password": common::PASSWORD,
+    } });
+    let (status, challenge) = server
+        .call(
+            reqwest::Method::DELETE,
+            "/_matrix/client/v3/devices/PHONE",
+            Some(&phone_token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{challenge}");
+    let mut body = body;
+    body["auth"]["session"] = challenge["session"].clone();
+    let (status, answer) = server
+        .call(
+            reqwest::Method::DELETE,
+            "/_matrix/client/v3/devices/PHONE",
+            Some(&alice),
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    server.login("bob", Some("LAPTOP")).await;
+    let answer = sync(&server, &bob, Some(&since), None, 0).await;
+    let (mut changed, left) = device_lists(&answer);
+    changed.sort();
+    assert_eq!(changed, ["@alice:localhost", "@bob:localhost"]);
+    assert!(left.is_empty());
+}

@@ -15,8 +15,10 @@ use sha2::{Digest, Sha256};
 use super::clock::Clock;
 use super::error::{Error, Result};
 use super::locks::StripedLocks;
+use super::stream::{Reservation, StreamCounter};
 use crate::config::PasswordHashing;
 use crate::ids::{self, UserId};
+use crate::storage::tables::StreamEntry;
 use crate::storage::tables::{
     self, AccessTokenRecord, DeviceKey, DeviceRecord, RefreshTokenRecord, TokenHash, UserRecord,
 };
@@ -71,6 +73,7 @@ pub struct Accounts {
     refreshable_lifetime_ms: u64,
     clock: Arc<dyn Clock>,
     locks: StripedLocks,
+    stream: Arc<StreamCounter>,
 }
 
 impl Accounts {
@@ -80,6 +83,7 @@ impl Accounts {
         hashing: &PasswordHashing,
         refreshable_lifetime_ms: u64,
         clock: Arc<dyn Clock>,
+        stream: Arc<StreamCounter>,
     ) -> Self {
         let hashing = Params::new(
             hashing.memory_kib,
@@ -95,6 +99,7 @@ impl Accounts {
             refreshable_lifetime_ms,
             clock,
             locks: StripedLocks::new(64),
+            stream,
         }
     }
 
@@ -167,6 +172,9 @@ impl Accounts {
             Some(device) => Some(self.issue_device(&mut batch, localpart, device)?),
             None => None,
         };
+        let _device_list = login
+            .is_some()
+            .then(|| self.device_list_changed(&mut batch, localpart));
         self.storage.commit(batch).await?;
         Ok((self.user_id(localpart), login))
     }
@@ -193,6 +201,7 @@ impl Accounts {
         let _guard = self.locks.lock(&localpart).await;
         let mut batch = Batch::new();
         let login = self.issue_device(&mut batch, &localpart, device)?;
+        let _device_list = self.device_list_changed(&mut batch, &localpart);
         self.storage.commit(batch).await?;
         Ok(login)
     }
@@ -302,6 +311,7 @@ impl Accounts {
         record.display_name = display_name;
         let mut batch = Batch::new();
         batch.put(tables::DEVICES, &key, &record);
+        let _device_list = self.device_list_changed(&mut batch, localpart);
         self.storage.commit(batch).await?;
         Ok(())
     }
@@ -314,6 +324,7 @@ impl Accounts {
         for device_id in device_ids {
             self.delete_device_into(&mut batch, localpart, device_id)?;
         }
+        let _device_list = self.device_list_changed(&mut batch, localpart);
         self.storage.commit(batch).await?;
         Ok(())
     }
@@ -356,6 +367,7 @@ impl Accounts {
                 }
             }
         }
+        let _device_list = self.device_list_changed(&mut batch, localpart);
         self.storage.commit(batch).await?;
         Ok(())
     }
@@ -375,8 +387,19 @@ impl Accounts {
         for device in self.devices(localpart)? {
             self.delete_device_into(&mut batch, localpart, &device.device_id)?;
         }
+        let _device_list = self.device_list_changed(&mut batch, localpart);
         self.storage.commit(batch).await?;
         Ok(())
+    }
+
+    /// Records in `batch` that the user's device list changed, for the
+    /// `device_lists` of everyone who shares a room with them; keep the
+    /// reservation until the batch has committed.
+    fn device_list_changed(&self, batch: &mut Batch, localpart: &str) -> Reservation {
+        let entry = StreamEntry::DeviceList {
+            user_id: self.user_id(localpart).to_string(),
+        };
+        self.stream.next_into(batch, &entry).1
     }
 
     /// Adds to `batch` the deletion of a device and its tokens.
@@ -486,12 +509,15 @@ mod tests {
             iterations: 1,
             parallelism: 1,
         };
+        let storage = Storage::in_memory();
+        let stream = StreamCounter::load(&storage, Arc::default()).unwrap();
         Accounts::new(
-            Storage::in_memory(),
+            storage,
             "example.org".into(),
             &cheap,
             1000,
             clock,
+            Arc::new(stream),
         )
     }
 

@@ -74,7 +74,7 @@ impl Services {
         )?;
         Ok(Services {
             filters: filter::Filters::new(storage.clone()),
-            sync: sync::SyncStream::new(storage.clone(), stream, wakeups),
+            sync: sync::SyncStream::new(storage.clone(), stream.clone(), wakeups),
             sliding: sliding::Connections::new(clock.now_ms()),
             rooms,
             user_data,
@@ -85,6 +85,7 @@ impl Services {
                 &config.password_hashing,
                 config.refreshable_access_token_lifetime_ms,
                 clock.clone(),
+                stream.clone(),
             ),
             profiles: Profiles::new(storage),
             uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),

@@ -208,7 +208,8 @@ impl StreamCounter {
                 room_id.clone()
             }
             StreamEntry::AccountData { user_id, .. } => user_id.clone(),
-            StreamEntry::Presence { .. } => EVERYONE.to_owned(),
+            // Everyone who shares a room may care: rare enough to wake all.
+            StreamEntry::Presence { .. } | StreamEntry::DeviceList { .. } => EVERYONE.to_owned(),
         };
         let reservation = Reservation {
             counter: self.clone(),
@@ -264,6 +265,7 @@ mod tests {
         let event = |room: &str| StreamEntry::Event {
             room_id: room.to_owned(),
             event_id: "$e".to_owned(),
+            member: None,
         };
         let (_, earlier) = counter.next_into(&mut Batch::new(), &event("!b:x"));
         let (_, later) = counter.next_into(&mut Batch::new(), &event("!a:x"));
@@ -284,7 +286,10 @@ mod tests {
             },
         );
         drop(presence);
-        assert!(woken(&room_reader) && woken(&other_reader), "presence wakes all");
+        assert!(
+            woken(&room_reader) && woken(&other_reader),
+            "presence wakes all"
+        );
         drop(other_reader);
         assert_eq!(wakeups.readers.lock().unwrap().len(), 2, "!a:x and *");
     }

@@ -31,6 +31,10 @@ pub struct Changes {
     pub account_data_scopes: Option<BTreeSet<String>>,
     /// Users whose presence changed.
     pub presence_users: Option<BTreeSet<String>>,
+    /// Users whose devices changed.
+    pub device_list_users: Option<BTreeSet<String>>,
+    /// Memberships that changed: (room ID, user ID).
+    pub members: Option<BTreeSet<(String, String)>>,
 }
 
 impl Changes {
@@ -108,6 +112,8 @@ impl SyncStream {
                 receipt_rooms: Some(BTreeSet::new()),
                 account_data_scopes: Some(BTreeSet::new()),
                 presence_users: Some(BTreeSet::new()),
+                device_list_users: Some(BTreeSet::new()),
+                members: Some(BTreeSet::new()),
             });
         }
         let range = KeyRange {
@@ -128,6 +134,8 @@ impl SyncStream {
             receipt_rooms: Some(BTreeSet::new()),
             account_data_scopes: Some(BTreeSet::new()),
             presence_users: Some(BTreeSet::new()),
+            device_list_users: Some(BTreeSet::new()),
+            members: Some(BTreeSet::new()),
         };
         let insert = |set: &mut Option<BTreeSet<String>>, value: String| {
             if let Some(set) = set {
@@ -136,7 +144,17 @@ impl SyncStream {
         };
         for (_, entry) in entries {
             match entry {
-                StreamEntry::Event { room_id, .. } => insert(&mut changes.event_rooms, room_id),
+                StreamEntry::Event {
+                    room_id, member, ..
+                } => {
+                    if let (Some(members), Some(member)) = (&mut changes.members, member) {
+                        members.insert((room_id.clone(), member));
+                    }
+                    insert(&mut changes.event_rooms, room_id)
+                }
+                StreamEntry::DeviceList { user_id } => {
+                    insert(&mut changes.device_list_users, user_id)
+                }
                 StreamEntry::Receipt { room_id, .. } => insert(&mut changes.receipt_rooms, room_id),
                 StreamEntry::AccountData {
                     user_id, room_id, ..

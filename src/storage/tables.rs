@@ -87,8 +87,13 @@ pub struct StoredPdu {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum StreamEntry {
-    /// An event of a room.
-    Event { room_id: String, event_id: String },
+    /// An event of a room; for a member event, the user it is about.
+    Event {
+        room_id: String,
+        event_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        member: Option<String>,
+    },
     /// A user's account data (global when `room_id` is empty).
     AccountData {
         user_id: String,
@@ -103,6 +108,8 @@ pub enum StreamEntry {
     },
     /// A user's presence.
     Presence { user_id: String },
+    /// A user's devices changed (added, renamed, deleted).
+    DeviceList { user_id: String },
 }
 
 /// (user ID, room ID or "" for global, type) → account data.

@@ -21,7 +21,8 @@ use serde_json::{json, Map, Value};
 use super::membership::parse_user;
 use super::room_events::render_event;
 use super::sync::{
-    receipts_event, room_is_named, room_members, stripped_state, unread_counts, SyncToken,
+    device_lists, receipts_event, room_is_named, room_members, stripped_state, unread_counts,
+    SyncToken,
 };
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Query};
@@ -598,10 +599,25 @@ impl Look<'_> {
             );
         }
         if enabled("e2ee") {
+            let (changed, left) = if self.first {
+                (Vec::new(), Vec::new())
+            } else {
+                let changes =
+                    self.state
+                        .sync
+                        .changes(&self.user, self.base.stream, self.upto.stream)?;
+                let joined: BTreeSet<OwnedRoomId> = self
+                    .state
+                    .rooms
+                    .rooms_of_user(&self.user, "join")?
+                    .into_iter()
+                    .collect();
+                device_lists(self.state, &self.user, &changes, &joined)?
+            };
             out.insert(
                 "e2ee".to_owned(),
                 json!({
-                    "device_lists": { "changed": [], "left": [] },
+                    "device_lists": { "changed": changed, "left": left },
                     "device_one_time_keys_count": {},
                     "device_unused_fallback_key_types": [],
                 }),

@@ -224,8 +224,15 @@ impl SyncRequest<'_> {
         }
         let presence = self.presence(&changes, &joined_rooms)?;
         let account_data = self.account_data(None, &changes)?;
-        let empty =
-            sections.values().all(Map::is_empty) && presence.is_empty() && account_data.is_empty();
+        let (changed, left) = match self.since {
+            Some(_) => device_lists(self.state, &self.user, &changes, &joined_rooms)?,
+            None => (Vec::new(), Vec::new()),
+        };
+        let empty = sections.values().all(Map::is_empty)
+            && presence.is_empty()
+            && account_data.is_empty()
+            && changed.is_empty()
+            && left.is_empty();
         let rooms: Map<String, Value> = ["join", "invite", "leave", "knock"]
             .into_iter()
             .map(|name| {
@@ -239,7 +246,7 @@ impl SyncRequest<'_> {
             "presence": { "events": presence },
             "account_data": { "events": account_data },
             "to_device": { "events": [] },
-            "device_lists": { "changed": [], "left": [] },
+            "device_lists": { "changed": changed, "left": left },
             "device_one_time_keys_count": {},
             "device_unused_fallback_key_types": [],
         });
@@ -671,11 +678,7 @@ impl SyncRequest<'_> {
         other: &ruma::UserId,
         joined_rooms: &BTreeSet<OwnedRoomId>,
     ) -> ApiResult<bool> {
-        if other == self.user {
-            return Ok(true);
-        }
-        let theirs = self.state.rooms.rooms_of_user(other, "join")?;
-        Ok(theirs.iter().any(|room| joined_rooms.contains(room)))
+        shares_room(self.state, &self.user, other, joined_rooms)
     }
 
     fn unread_counts(&self, room_id: &RoomId) -> ApiResult<(u64, u64)> {
@@ -697,6 +700,96 @@ impl SyncRequest<'_> {
     fn stripped_state(&self, member_event_id: &str) -> ApiResult<Vec<Value>> {
         stripped_state(self.state, member_event_id)
     }
+}
+
+/// Whether `other` is the user or is joined to one of `joined_rooms`.
+fn shares_room(
+    state: &AppState,
+    user: &OwnedUserId,
+    other: &ruma::UserId,
+    joined_rooms: &BTreeSet<OwnedRoomId>,
+) -> ApiResult<bool> {
+    if other == user {
+        return Ok(true);
+    }
+    let theirs = state.rooms.rooms_of_user(other, "join")?;
+    Ok(theirs.iter().any(|room| joined_rooms.contains(room)))
+}
+
+/// `device_lists` for a window of the stream: `changed` names the users
+/// (the syncing one included) whose devices changed, and those who came
+/// to share a room with the user, whose devices the client must fetch;
+/// `left` names those who no longer share any room with the user.
+pub fn device_lists(
+    state: &AppState,
+    user: &OwnedUserId,
+    changes: &Changes,
+    joined_rooms: &BTreeSet<OwnedRoomId>,
+) -> ApiResult<(Vec<String>, Vec<String>)> {
+    let mut changed = BTreeSet::new();
+    let mut maybe_left = BTreeSet::new();
+    match &changes.device_list_users {
+        Some(users) => changed.extend(users.iter().cloned()),
+        // A window too long to list: everyone who shares a room may have
+        // changed.
+        None => {
+            for room_id in joined_rooms {
+                changed.extend(joined_members(state, room_id)?);
+            }
+        }
+    }
+    for (room, target) in changes.members.iter().flatten() {
+        let Ok(room_id) = RoomId::parse(room) else {
+            continue;
+        };
+        if target == user.as_str() {
+            let members = joined_members(state, &room_id)?;
+            if joined_rooms.contains(&room_id) {
+                changed.extend(members);
+            } else {
+                maybe_left.extend(members);
+            }
+        } else if joined_rooms.contains(&room_id) {
+            let Ok(target_id) = ruma::UserId::parse(target) else {
+                continue;
+            };
+            if state.rooms.membership(&room_id, &target_id)? == "join" {
+                changed.insert(target.clone());
+            } else {
+                maybe_left.insert(target.clone());
+            }
+        }
+    }
+    let mut kept = Vec::new();
+    for other in changed {
+        let Ok(other_id) = ruma::UserId::parse(&other) else {
+            continue;
+        };
+        if shares_room(state, user, &other_id, joined_rooms)? {
+            kept.push(other);
+        }
+    }
+    let mut left = Vec::new();
+    for other in maybe_left {
+        let Ok(other_id) = ruma::UserId::parse(&other) else {
+            continue;
+        };
+        if !kept.contains(&other) && !shares_room(state, user, &other_id, joined_rooms)? {
+            left.push(other);
+        }
+    }
+    Ok((kept, left))
+}
+
+/// The users whose membership in the room is `join`.
+fn joined_members(state: &AppState, room_id: &RoomId) -> ApiResult<Vec<String>> {
+    Ok(state
+        .rooms
+        .current_state(room_id, Some("m.room.member"))?
+        .into_iter()
+        .filter(|pdu| pdu.content_value()["membership"] == "join")
+        .filter_map(|pdu| pdu.state_key.clone())
+        .collect())
 }
 
 /// The room's receipts written after `after` up to `upto`, as one

@@ -375,9 +375,14 @@ impl<'a> Draft<'a> {
     fn record(&mut self, pdu: Arc<Pdu>, origin: Origin) -> Result<()> {
         let room_id = pdu.room_id.to_string();
         let event_id = pdu.event_id.to_string();
+        let member = match pdu.kind.to_string().as_str() {
+            "m.room.member" => pdu.state_key.clone(),
+            _ => None,
+        };
         let entry = StreamEntry::Event {
             room_id: room_id.clone(),
             event_id: event_id.clone(),
+            member,
         };
         let (stream, mut reservation) = self.rooms.stream.next_into(&mut self.batch, &entry);
         if pdu.kind.to_string() == "m.room.member" {
