@@ -402,3 +402,42 @@ async fn the_e2ee_extension_names_changed_device_lists() {
         "{next}"
     );
 }
+
+#[tokio::test]
+async fn an_unnamed_room_comes_with_heroes_and_its_avatar() {
+    let w = world().await;
+    let room_id = w
+        .server
+        .create_room(&w.alice, json!({ "preset": "public_chat" }))
+        .await;
+    let (status, _) = w
+        .server
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.avatar"),
+            Some(&w.alice),
+            json!({ "url": "mxc://localhost/avatar" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = w
+        .server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/join"),
+            Some(&w.bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let body = json!({
+        "room_subscriptions": { (room_id.clone()): { "timeline_limit": 1 } },
+    });
+    let answer = sliding(&w.server, &w.bob, None, body).await;
+    let room = &answer["rooms"][&room_id];
+    assert!(room.get("name").is_none(), "{room}");
+    assert_eq!(room["avatar"], "mxc://localhost/avatar");
+    assert_eq!(
+        room["heroes"],
+        json!([{ "user_id": "@alice:localhost", "displayname": "alice" }])
+    );
+    assert_eq!(room["joined_count"], 2);
+}
