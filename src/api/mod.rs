@@ -19,8 +19,8 @@ use tower_http::trace::TraceLayer;
 
 use crate::services::Services;
 use client::{
-    account, devices, directory, discovery, membership, profile, relations, room_events, session,
-    sliding_sync, sync, user_data,
+    account, devices, directory, discovery, keys, membership, profile, relations, room_events,
+    session, sliding_sync, sync, user_data,
 };
 use error::MatrixError;
 
@@ -117,6 +117,14 @@ fn client_routes(prefix: &str) -> Router<AppState> {
         )
         .route(&path("/capabilities"), get(discovery::capabilities))
         .route(&path("/sync"), get(sync::sync))
+        .route(&path("/keys/upload"), post(keys::upload))
+        .route(&path("/keys/query"), post(keys::query))
+        .route(&path("/keys/claim"), post(keys::claim))
+        .route(&path("/keys/changes"), get(keys::changes))
+        .route(
+            &path("/sendToDevice/{event_type}/{txn_id}"),
+            put(keys::send_to_device),
+        )
         .merge(room_routes(prefix))
 }
 

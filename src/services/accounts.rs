@@ -416,6 +416,8 @@ impl Accounts {
                 batch.delete(tables::REFRESH_TOKENS, &refresh);
             }
             batch.delete(tables::DEVICES, &key);
+            let user_id = self.user_id(localpart).to_string();
+            super::e2ee::forget_device_into(&self.storage, batch, &user_id, device_id)?;
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 pub mod accounts;
 pub mod clock;
 pub mod directory;
+pub mod e2ee;
 pub mod error;
 pub mod filter;
 pub mod keys;
@@ -45,6 +46,7 @@ pub struct Services {
     pub filters: filter::Filters,
     pub sync: sync::SyncStream,
     pub sliding: sliding::Connections,
+    pub e2ee: e2ee::E2ee,
     pub uia: Uia,
     pub rate_limiter: RateLimiter,
     clock: Arc<dyn Clock>,
@@ -76,6 +78,7 @@ impl Services {
             filters: filter::Filters::new(storage.clone()),
             sync: sync::SyncStream::new(storage.clone(), stream.clone(), wakeups),
             sliding: sliding::Connections::new(clock.now_ms()),
+            e2ee: e2ee::E2ee::new(storage.clone(), stream.clone(), clock.as_ref()),
             rooms,
             user_data,
             directory: Directory::new(storage.clone(), config.server_name.clone()),

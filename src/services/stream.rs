@@ -207,7 +207,9 @@ impl StreamCounter {
             StreamEntry::Event { room_id, .. } | StreamEntry::Receipt { room_id, .. } => {
                 room_id.clone()
             }
-            StreamEntry::AccountData { user_id, .. } => user_id.clone(),
+            StreamEntry::AccountData { user_id, .. } | StreamEntry::ToDevice { user_id, .. } => {
+                user_id.clone()
+            }
             // Everyone who shares a room may care: rare enough to wake all.
             StreamEntry::Presence { .. } | StreamEntry::DeviceList { .. } => EVERYONE.to_owned(),
         };

@@ -155,6 +155,7 @@ impl SyncStream {
                 StreamEntry::DeviceList { user_id } => {
                     insert(&mut changes.device_list_users, user_id)
                 }
+                StreamEntry::ToDevice { .. } => {}
                 StreamEntry::Receipt { room_id, .. } => insert(&mut changes.receipt_rooms, room_id),
                 StreamEntry::AccountData {
                     user_id, room_id, ..

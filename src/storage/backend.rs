@@ -64,11 +64,19 @@ pub enum Cf {
     ThreadActivity,
     /// Sync filters uploaded by users.
     Filters,
+    /// Devices' identity keys for end-to-end encryption.
+    DeviceKeys,
+    /// Devices' one-time keys, until claimed.
+    OneTimeKeys,
+    /// Devices' fallback keys, one per algorithm.
+    FallbackKeys,
+    /// To-device messages waiting for their device.
+    ToDevice,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 25] = [
+    pub const ALL: [Cf; 29] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -94,6 +102,10 @@ impl Cf {
         Cf::Threads,
         Cf::ThreadActivity,
         Cf::Filters,
+        Cf::DeviceKeys,
+        Cf::OneTimeKeys,
+        Cf::FallbackKeys,
+        Cf::ToDevice,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -124,6 +136,10 @@ impl Cf {
             Cf::Threads => "threads",
             Cf::ThreadActivity => "thread_activity",
             Cf::Filters => "filters",
+            Cf::DeviceKeys => "device_keys",
+            Cf::OneTimeKeys => "one_time_keys",
+            Cf::FallbackKeys => "fallback_keys",
+            Cf::ToDevice => "to_device",
         }
     }
 

@@ -108,8 +108,10 @@ pub enum StreamEntry {
     },
     /// A user's presence.
     Presence { user_id: String },
-    /// A user's devices changed (added, renamed, deleted).
+    /// A user's devices changed (added, renamed, deleted, new keys).
     DeviceList { user_id: String },
+    /// A to-device message for one device.
+    ToDevice { user_id: String, device_id: String },
 }
 
 /// (user ID, room ID or "" for global, type) → account data.
@@ -143,6 +145,41 @@ pub struct ThreadRecord {
     pub latest_stream: u64,
     pub count: u64,
     pub participants: Vec<String>,
+}
+
+/// (user ID, device ID) → the device's signed identity keys.
+pub const DEVICE_KEYS: Table<(String, String), serde_json::Value> = Table::new(Cf::DeviceKeys);
+/// (user ID, device ID, algorithm, key ID) → a one-time key.
+pub const ONE_TIME_KEYS: Table<(String, String, String, String), OneTimeKey> =
+    Table::new(Cf::OneTimeKeys);
+/// (user ID, device ID, algorithm) → the device's fallback key.
+pub const FALLBACK_KEYS: Table<(String, String, String), FallbackKey> =
+    Table::new(Cf::FallbackKeys);
+/// (user ID, device ID, stream position) → a to-device message.
+pub const TO_DEVICE: Table<(String, String, u64), ToDeviceMessage> = Table::new(Cf::ToDevice);
+
+/// A one-time key and when it was uploaded (keys are claimed oldest first).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OneTimeKey {
+    pub key: serde_json::Value,
+    pub uploaded: u64,
+}
+
+/// A fallback key: handed out when no one-time key is left.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FallbackKey {
+    pub key_id: String,
+    pub key: serde_json::Value,
+    pub used: bool,
+}
+
+/// A message from one device to another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToDeviceMessage {
+    pub sender: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub content: serde_json::Value,
 }
 
 /// (user ID, filter ID) → the filter as the user uploaded it.

@@ -127,6 +127,20 @@ impl TestServer {
         answer
     }
 
+    /// Registers with a chosen device ID, named "<username>'s phone".
+    pub async fn register_device(&self, username: &str, device_id: &str) -> Value {
+        let body = json!({
+            "username": username,
+            "password": PASSWORD,
+            "device_id": device_id,
+            "initial_device_display_name": format!("{username}'s phone"),
+            "auth": { "type": "m.login.dummy" },
+        });
+        let (status, answer) = self.post("/_matrix/client/v3/register", None, body).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        answer
+    }
+
     /// Creates a room (the createRoom body as given); returns its ID.
     pub async fn create_room(&self, token: &str, body: Value) -> String {
         let (status, answer) = self

@@ -29,6 +29,7 @@ use crate::api::extract::{Auth, JsonBody, Query};
 use crate::api::AppState;
 use crate::events::Pdu;
 use crate::services::accounts::Authed;
+use crate::services::e2ee::MAX_TO_DEVICE_PER_SYNC;
 use crate::services::rooms::visibility::{Reader, VisibilityCache};
 use crate::services::sliding::{ConnectionKey, RoomConfigKey, RoomSent, Snapshot};
 use crate::storage::tables::StoredPdu;
@@ -128,6 +129,17 @@ pub async fn sliding_sync(
         body.conn_id.clone().unwrap_or_default(),
     );
     let base = state.sliding.snapshot(&key, query.pos.as_deref())?;
+    let delivered = body
+        .extensions
+        .get("to_device")
+        .and_then(|e| e["since"].as_str());
+    if let Some(since) = delivered.and_then(|s| s.parse::<u64>().ok()) {
+        // The device has its to-device messages up to `since`.
+        state
+            .e2ee
+            .acknowledge_to_device(&user, &authed.device_id, since)
+            .await?;
+    }
     super::sync::set_presence(&state, &user, query.set_presence.as_deref()).await?;
     let timeout_ms = query.timeout.unwrap_or(0).min(MAX_TIMEOUT_MS);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
@@ -593,9 +605,20 @@ impl Look<'_> {
         let enabled = |name: &str| asked.get(name).is_some_and(|e| e["enabled"] == true);
         let mut out = Map::new();
         if enabled("to_device") {
+            let device = &self.authed.device_id;
+            let waiting = self
+                .state
+                .e2ee
+                .to_device(&self.user, device, self.upto.stream)?;
+            let next_batch = match waiting.last() {
+                // More are waiting: the token goes only as far as these.
+                Some((position, _)) if waiting.len() == MAX_TO_DEVICE_PER_SYNC => *position,
+                _ => self.upto.stream,
+            };
+            let events: Vec<_> = waiting.into_iter().map(|(_, message)| message).collect();
             out.insert(
                 "to_device".to_owned(),
-                json!({ "next_batch": self.upto.stream.to_string(), "events": [] }),
+                json!({ "next_batch": next_batch.to_string(), "events": events }),
             );
         }
         if enabled("e2ee") {
@@ -618,8 +641,14 @@ impl Look<'_> {
                 "e2ee".to_owned(),
                 json!({
                     "device_lists": { "changed": changed, "left": left },
-                    "device_one_time_keys_count": {},
-                    "device_unused_fallback_key_types": [],
+                    "device_one_time_keys_count": self
+                        .state
+                        .e2ee
+                        .one_time_key_counts(&self.user, &self.authed.device_id)?,
+                    "device_unused_fallback_key_types": self
+                        .state
+                        .e2ee
+                        .unused_fallback_key_types(&self.user, &self.authed.device_id)?,
                 }),
             );
         }

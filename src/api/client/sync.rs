@@ -27,11 +27,12 @@ use crate::api::extract::{Auth, Query};
 use crate::api::AppState;
 use crate::events::Pdu;
 use crate::services::accounts::Authed;
+use crate::services::e2ee::MAX_TO_DEVICE_PER_SYNC;
 use crate::services::filter::{EventFormat, Filter};
 use crate::services::rooms::visibility::{Reader, VisibilityCache};
 use crate::services::rooms::StateIds;
 use crate::services::sync::{Changes, UnreadMemo};
-use crate::storage::tables::{StoredPdu, UserRoom};
+use crate::storage::tables::{StoredPdu, ToDeviceMessage, UserRoom};
 use crate::storage::Direction;
 
 /// Timeline events per room when the filter names no limit.
@@ -120,7 +121,24 @@ pub async fn sync(
         .map(|(room_id, _)| room_id.to_string())
         .collect();
     let registration = state.sync.register(&user, &rooms);
+    if let Some(since) = since {
+        // The device has everything up to its token: its to-device
+        // messages up to there are delivered.
+        state
+            .e2ee
+            .acknowledge_to_device(&user, &authed.device_id, since.stream)
+            .await?;
+    }
     loop {
+        let mut upto = SyncToken::now(&state);
+        let to_device = state
+            .e2ee
+            .to_device(&user, &authed.device_id, upto.stream)?;
+        if to_device.len() == MAX_TO_DEVICE_PER_SYNC {
+            // More are waiting: this answer goes only as far as the last
+            // one it carries, and the next sync brings the rest.
+            upto.stream = to_device.last().map_or(upto.stream, |(p, _)| *p);
+        }
         let request = SyncRequest {
             state: &state,
             authed: &authed,
@@ -128,7 +146,8 @@ pub async fn sync(
             filter: &filter,
             since,
             full_state: query.full_state,
-            upto: SyncToken::now(&state),
+            upto,
+            to_device: to_device.into_iter().map(|(_, m)| m).collect(),
         };
         let (answer, empty) = request.answer()?;
         let waited_enough = tokio::time::Instant::now() >= deadline;
@@ -175,6 +194,7 @@ struct SyncRequest<'a> {
     since: Option<SyncToken>,
     full_state: bool,
     upto: SyncToken,
+    to_device: Vec<ToDeviceMessage>,
 }
 
 /// A user's membership in a room as of the sync's upper bound.
@@ -232,7 +252,8 @@ impl SyncRequest<'_> {
             && presence.is_empty()
             && account_data.is_empty()
             && changed.is_empty()
-            && left.is_empty();
+            && left.is_empty()
+            && self.to_device.is_empty();
         let rooms: Map<String, Value> = ["join", "invite", "leave", "knock"]
             .into_iter()
             .map(|name| {
@@ -245,10 +266,12 @@ impl SyncRequest<'_> {
             "rooms": rooms,
             "presence": { "events": presence },
             "account_data": { "events": account_data },
-            "to_device": { "events": [] },
+            "to_device": { "events": self.to_device },
             "device_lists": { "changed": changed, "left": left },
-            "device_one_time_keys_count": {},
-            "device_unused_fallback_key_types": [],
+            "device_one_time_keys_count":
+                self.state.e2ee.one_time_key_counts(&self.user, &self.authed.device_id)?,
+            "device_unused_fallback_key_types":
+                self.state.e2ee.unused_fallback_key_types(&self.user, &self.authed.device_id)?,
         });
         Ok((answer, empty))
     }

@@ -1,0 +1,228 @@
+//! End-to-end encryption keys and to-device messages.
+//!
+//! - `POST /_matrix/client/v3/keys/upload`
+//! - `POST /_matrix/client/v3/keys/query`
+//! - `POST /_matrix/client/v3/keys/claim`
+//! - `GET /_matrix/client/v3/keys/changes`
+//! - `PUT /_matrix/client/v3/sendToDevice/{eventType}/{txnId}`
+
+use std::collections::BTreeSet;
+
+use axum::extract::State;
+use axum::Json;
+use ruma::{OwnedRoomId, UserId};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use super::membership::parse_user;
+use super::sync::{device_lists, SyncToken};
+use crate::api::error::{ApiResult, MatrixError};
+use crate::api::extract::{Auth, JsonBody, Path, Query};
+use crate::api::AppState;
+
+/// Most users one query or claim may name.
+const MAX_USERS_PER_REQUEST: usize = 1000;
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct UploadBody {
+    device_keys: Option<Value>,
+    one_time_keys: Map<String, Value>,
+    fallback_keys: Map<String, Value>,
+}
+
+/// `POST /_matrix/client/v3/keys/upload`
+pub async fn upload(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    JsonBody(body): JsonBody<UploadBody>,
+) -> ApiResult<Json<Value>> {
+    let user = parse_user(&authed.user_id.to_string())?;
+    let counts = state
+        .e2ee
+        .upload(
+            &user,
+            &authed.device_id,
+            body.device_keys,
+            body.one_time_keys,
+            body.fallback_keys,
+        )
+        .await?;
+    Ok(Json(json!({ "one_time_key_counts": counts })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct QueryBody {
+    device_keys: Map<String, Value>,
+}
+
+/// `POST /_matrix/client/v3/keys/query`: the identity keys of the devices
+/// asked for (every device of a user given an empty list), with their
+/// display names. Users of other servers are reported as failures until
+/// federation exists.
+pub async fn query(
+    State(state): State<AppState>,
+    Auth(_authed): Auth,
+    JsonBody(body): JsonBody<QueryBody>,
+) -> ApiResult<Json<Value>> {
+    if body.device_keys.len() > MAX_USERS_PER_REQUEST {
+        return Err(MatrixError::invalid_param(format!(
+            "at most {MAX_USERS_PER_REQUEST} users per query"
+        )));
+    }
+    let mut device_keys = Map::new();
+    let mut failures = Map::new();
+    for (user_id, wanted) in &body.device_keys {
+        let user = parse_user(user_id)?;
+        if user.server_name().as_str() != state.config.server_name {
+            failures.insert(user.server_name().to_string(), json!({}));
+            continue;
+        }
+        let wanted: Vec<String> = serde_json::from_value(wanted.clone())
+            .map_err(|_| MatrixError::bad_json("device_keys values must be lists of device IDs"))?;
+        let mut devices = Map::new();
+        for device in state.accounts.devices(user.localpart())? {
+            if !wanted.is_empty() && !wanted.contains(&device.device_id) {
+                continue;
+            }
+            let Some(mut keys) = state.e2ee.device_keys(&user, &device.device_id)? else {
+                continue;
+            };
+            if let Some(name) = &device.record.display_name {
+                keys["unsigned"]["device_display_name"] = json!(name);
+            }
+            devices.insert(device.device_id.clone(), keys);
+        }
+        device_keys.insert(user_id.clone(), Value::Object(devices));
+    }
+    Ok(Json(
+        json!({ "device_keys": device_keys, "failures": failures }),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct ClaimBody {
+    one_time_keys: Map<String, Value>,
+}
+
+/// `POST /_matrix/client/v3/keys/claim`
+pub async fn claim(
+    State(state): State<AppState>,
+    Auth(_authed): Auth,
+    JsonBody(body): JsonBody<ClaimBody>,
+) -> ApiResult<Json<Value>> {
+    if body.one_time_keys.len() > MAX_USERS_PER_REQUEST {
+        return Err(MatrixError::invalid_param(format!(
+            "at most {MAX_USERS_PER_REQUEST} users per claim"
+        )));
+    }
+    let mut claimed = Map::new();
+    let mut failures = Map::new();
+    for (user_id, devices) in &body.one_time_keys {
+        let user = parse_user(user_id)?;
+        if user.server_name().as_str() != state.config.server_name {
+            failures.insert(user.server_name().to_string(), json!({}));
+            continue;
+        }
+        let devices: Map<String, Value> = serde_json::from_value(devices.clone())
+            .map_err(|_| MatrixError::bad_json("one_time_keys values must be objects"))?;
+        let mut keys = Map::new();
+        for (device_id, algorithm) in devices {
+            let Some(algorithm) = algorithm.as_str() else {
+                return Err(MatrixError::bad_json("algorithms must be strings"));
+            };
+            if let Some((key_id, key)) = state.e2ee.claim(&user, &device_id, algorithm).await? {
+                keys.insert(device_id, json!({ key_id: key }));
+            }
+        }
+        if !keys.is_empty() {
+            claimed.insert(user_id.clone(), Value::Object(keys));
+        }
+    }
+    Ok(Json(
+        json!({ "one_time_keys": claimed, "failures": failures }),
+    ))
+}
+
+#[derive(Deserialize)]
+pub struct ChangesQuery {
+    from: String,
+    to: String,
+}
+
+/// `GET /_matrix/client/v3/keys/changes`: whose devices changed between
+/// two sync tokens, and who stopped sharing a room with the user.
+pub async fn changes(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Query(query): Query<ChangesQuery>,
+) -> ApiResult<Json<Value>> {
+    let user = parse_user(&authed.user_id.to_string())?;
+    let from = SyncToken::parse(&query.from)?;
+    let to = SyncToken::parse(&query.to)?;
+    let changes = state.sync.changes(&user, from.stream, to.stream)?;
+    let joined: BTreeSet<OwnedRoomId> = state
+        .rooms
+        .rooms_of_user(&user, "join")?
+        .into_iter()
+        .collect();
+    let (changed, left) = device_lists(&state, &user, &changes, &joined)?;
+    Ok(Json(json!({ "changed": changed, "left": left })))
+}
+
+#[derive(Deserialize)]
+pub struct SendToDeviceBody {
+    messages: Map<String, Value>,
+}
+
+/// `PUT /_matrix/client/v3/sendToDevice/{eventType}/{txnId}`: idempotent
+/// per device and transaction ID.
+pub async fn send_to_device(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    Path((kind, txn_id)): Path<(String, String)>,
+    JsonBody(body): JsonBody<SendToDeviceBody>,
+) -> ApiResult<Json<Value>> {
+    let sender = parse_user(&authed.user_id.to_string())?;
+    let mut messages = Vec::new();
+    for (user_id, devices) in &body.messages {
+        let user = parse_user(user_id)?;
+        if user.server_name().as_str() != state.config.server_name {
+            // No federation yet: messages for other servers are dropped,
+            // as for a server that cannot be reached.
+            tracing::debug!(%user, "to-device message for a remote user dropped");
+            continue;
+        }
+        let Some(devices) = devices.as_object() else {
+            return Err(MatrixError::bad_json("messages values must be objects"));
+        };
+        for (device_id, content) in devices {
+            if !content.is_object() {
+                return Err(MatrixError::bad_json("message contents must be objects"));
+            }
+            messages.push((user.to_string(), device_id.clone(), content.clone()));
+        }
+    }
+    let txn = (
+        sender.to_string(),
+        authed.device_id.clone(),
+        format!("sendToDevice {kind} {txn_id}"),
+    );
+    let devices_of = |user_id: &str| -> crate::services::error::Result<Vec<String>> {
+        let user = UserId::parse(user_id)
+            .map_err(|e| crate::services::error::Error::Internal(e.to_string()))?;
+        Ok(state
+            .accounts
+            .devices(user.localpart())?
+            .into_iter()
+            .map(|d| d.device_id)
+            .collect())
+    };
+    state
+        .e2ee
+        .send_to_device(&sender, &kind, messages, devices_of, Some(txn))
+        .await?;
+    Ok(Json(json!({})))
+}

@@ -1,0 +1,385 @@
+//! End-to-end encryption support: the keys devices publish (identity
+//! keys, one-time keys, fallback keys) and the to-device messages they send
+//! each other. The server stores and hands these out; it never sees a
+//! message's plaintext.
+//!
+//! The only writer of `device_keys`, `one_time_keys`, `fallback_keys` and
+//! `to_device` (besides device deletion in `accounts`, which removes a
+//! device's rows in the same batch as the device).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ruma::UserId;
+use serde_json::{Map, Value};
+
+use super::clock::Clock;
+use super::error::{Error, Result};
+use super::locks::StripedLocks;
+use super::stream::{Reservation, StreamCounter};
+use crate::storage::tables::{self, FallbackKey, OneTimeKey, StreamEntry, ToDeviceMessage};
+use crate::storage::{Batch, Storage};
+
+/// Most one-time keys one device may hold.
+const MAX_ONE_TIME_KEYS: usize = 10_000;
+/// Most to-device messages one sync delivers.
+pub const MAX_TO_DEVICE_PER_SYNC: usize = 1000;
+/// Most waiting to-device messages removed with their device at once.
+const MAX_WAITING_TO_DEVICE: usize = 1_000_000;
+/// Most devices one `*` message fans out to.
+const MAX_DEVICES: usize = 10_000;
+
+pub struct E2ee {
+    storage: Storage,
+    stream: Arc<StreamCounter>,
+    locks: StripedLocks,
+    /// Upload order of one-time keys; starts at a thousand times the boot
+    /// time in ms so that it keeps growing across restarts.
+    upload_order: AtomicU64,
+}
+
+/// A one-time key's row: (user ID, device ID, algorithm, key ID).
+type OneTimeKeyRow = (String, String, String, String);
+
+/// A one-time key handed out by a claim: (`algorithm:key_id`, key).
+pub type Claimed = (String, Value);
+
+impl E2ee {
+    pub fn new(storage: Storage, stream: Arc<StreamCounter>, clock: &dyn Clock) -> Self {
+        E2ee {
+            storage,
+            stream,
+            locks: StripedLocks::new(64),
+            upload_order: AtomicU64::new(clock.now_ms().saturating_mul(1000)),
+        }
+    }
+
+    /// `POST /keys/upload`: stores the device's keys; answers the one-time
+    /// key counts. Identity keys must name this user and device; a one-time
+    /// key ID uploaded again must carry the same key.
+    pub async fn upload(
+        &self,
+        user: &UserId,
+        device_id: &str,
+        device_keys: Option<Value>,
+        one_time_keys: Map<String, Value>,
+        fallback_keys: Map<String, Value>,
+    ) -> Result<BTreeMap<String, u64>> {
+        let _guard = self.locks.lock(&format!("{user} {device_id}")).await;
+        let mut batch = Batch::new();
+        let mut reservation: Option<Reservation> = None;
+        if let Some(keys) = device_keys {
+            if keys["user_id"] != user.as_str() || keys["device_id"] != device_id {
+                return Err(Error::InvalidParam(
+                    "device_keys must name the uploading user and device".to_owned(),
+                ));
+            }
+            let key = (user.to_string(), device_id.to_owned());
+            if self.storage.get(tables::DEVICE_KEYS, &key)?.as_ref() != Some(&keys) {
+                batch.put(tables::DEVICE_KEYS, &key, &keys);
+                let entry = StreamEntry::DeviceList {
+                    user_id: user.to_string(),
+                };
+                reservation = Some(self.stream.next_into(&mut batch, &entry).1);
+            }
+        }
+        let held = self.one_time_keys(user, device_id)?.len();
+        if held + one_time_keys.len() > MAX_ONE_TIME_KEYS {
+            return Err(Error::InvalidParam(format!(
+                "a device may hold at most {MAX_ONE_TIME_KEYS} one-time keys"
+            )));
+        }
+        for (full_id, key) in one_time_keys {
+            let (algorithm, key_id) = split_key_id(&full_id)?;
+            let row = (user.to_string(), device_id.to_owned(), algorithm, key_id);
+            match self.storage.get(tables::ONE_TIME_KEYS, &row)? {
+                Some(existing) if existing.key == key => continue,
+                Some(_) => {
+                    return Err(Error::InvalidParam(format!(
+                        "one-time key {full_id} already exists with another value"
+                    )))
+                }
+                None => {}
+            }
+            let uploaded = self.upload_order.fetch_add(1, Ordering::SeqCst);
+            batch.put(tables::ONE_TIME_KEYS, &row, &OneTimeKey { key, uploaded });
+        }
+        for (full_id, key) in fallback_keys {
+            let (algorithm, key_id) = split_key_id(&full_id)?;
+            let row = (user.to_string(), device_id.to_owned(), algorithm);
+            let fallback = FallbackKey {
+                key_id,
+                key,
+                used: false,
+            };
+            batch.put(tables::FALLBACK_KEYS, &row, &fallback);
+        }
+        self.storage.commit(batch).await?;
+        drop(reservation);
+        self.one_time_key_counts(user, device_id)
+    }
+
+    /// Unclaimed one-time keys per algorithm.
+    pub fn one_time_key_counts(
+        &self,
+        user: &UserId,
+        device_id: &str,
+    ) -> Result<BTreeMap<String, u64>> {
+        let mut counts = BTreeMap::new();
+        for ((_, _, algorithm, _), _) in self.one_time_keys(user, device_id)? {
+            *counts.entry(algorithm).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+
+    /// The algorithms of the device's fallback keys not yet handed out.
+    pub fn unused_fallback_key_types(&self, user: &UserId, device_id: &str) -> Result<Vec<String>> {
+        let prefix = tables::str2_prefix(user.as_str(), device_id);
+        Ok(self
+            .storage
+            .scan_prefix(tables::FALLBACK_KEYS, &prefix, MAX_ONE_TIME_KEYS)?
+            .into_iter()
+            .filter(|(_, key)| !key.used)
+            .map(|((_, _, algorithm), _)| algorithm)
+            .collect())
+    }
+
+    /// A device's identity keys.
+    pub fn device_keys(&self, user: &UserId, device_id: &str) -> Result<Option<Value>> {
+        let key = (user.to_string(), device_id.to_owned());
+        Ok(self.storage.get(tables::DEVICE_KEYS, &key)?)
+    }
+
+    /// `POST /keys/claim` for one device: its oldest one-time key of the
+    /// algorithm, removed as it is handed out; else its fallback key,
+    /// marked used. Each one-time key is handed out at most once.
+    pub async fn claim(
+        &self,
+        user: &UserId,
+        device_id: &str,
+        algorithm: &str,
+    ) -> Result<Option<Claimed>> {
+        let _guard = self.locks.lock(&format!("{user} {device_id}")).await;
+        let oldest = self
+            .one_time_keys(user, device_id)?
+            .into_iter()
+            .filter(|((_, _, alg, _), _)| alg == algorithm)
+            .min_by_key(|(_, key)| key.uploaded);
+        let mut batch = Batch::new();
+        if let Some((row, key)) = oldest {
+            batch.delete(tables::ONE_TIME_KEYS, &row);
+            self.storage.commit(batch).await?;
+            return Ok(Some((format!("{}:{}", row.2, row.3), key.key)));
+        }
+        let row = (user.to_string(), device_id.to_owned(), algorithm.to_owned());
+        let Some(mut fallback) = self.storage.get(tables::FALLBACK_KEYS, &row)? else {
+            return Ok(None);
+        };
+        if !fallback.used {
+            fallback.used = true;
+            batch.put(tables::FALLBACK_KEYS, &row, &fallback);
+            self.storage.commit(batch).await?;
+        }
+        Ok(Some((
+            format!("{algorithm}:{}", fallback.key_id),
+            fallback.key,
+        )))
+    }
+
+    fn one_time_keys(
+        &self,
+        user: &UserId,
+        device_id: &str,
+    ) -> Result<Vec<(OneTimeKeyRow, OneTimeKey)>> {
+        let prefix = tables::str2_prefix(user.as_str(), device_id);
+        Ok(self
+            .storage
+            .scan_prefix(tables::ONE_TIME_KEYS, &prefix, MAX_ONE_TIME_KEYS)?)
+    }
+
+    /// `PUT /sendToDevice`: queues each message for its device (every
+    /// device of the user for `*`), each at its own stream position, in one
+    /// batch; `devices_of` lists a user's devices.
+    pub async fn send_to_device(
+        &self,
+        sender: &UserId,
+        kind: &str,
+        messages: Vec<(String, String, Value)>,
+        devices_of: impl Fn(&str) -> Result<Vec<String>>,
+        txn: Option<(String, String, String)>,
+    ) -> Result<()> {
+        let mut batch = Batch::new();
+        if let Some(key) = &txn {
+            if self.storage.get(tables::TRANSACTIONS, key)?.is_some() {
+                return Ok(());
+            }
+            batch.put(tables::TRANSACTIONS, key, &String::new());
+        }
+        let mut reservations = Vec::new();
+        for (user_id, device, content) in messages {
+            let devices = if device == "*" {
+                devices_of(&user_id)?
+            } else {
+                vec![device]
+            };
+            for device_id in devices.into_iter().take(MAX_DEVICES) {
+                let entry = StreamEntry::ToDevice {
+                    user_id: user_id.clone(),
+                    device_id: device_id.clone(),
+                };
+                let (position, reservation) = self.stream.next_into(&mut batch, &entry);
+                reservations.push(reservation);
+                let message = ToDeviceMessage {
+                    sender: sender.to_string(),
+                    kind: kind.to_owned(),
+                    content: content.clone(),
+                };
+                let row = (user_id.clone(), device_id, position);
+                batch.put(tables::TO_DEVICE, &row, &message);
+            }
+        }
+        self.storage.commit(batch).await?;
+        drop(reservations);
+        Ok(())
+    }
+
+    /// The device's waiting messages up to stream position `upto`, oldest
+    /// first, at most [`MAX_TO_DEVICE_PER_SYNC`]: (position, message).
+    pub fn to_device(
+        &self,
+        user: &UserId,
+        device_id: &str,
+        upto: u64,
+    ) -> Result<Vec<(u64, ToDeviceMessage)>> {
+        let prefix = tables::str2_prefix(user.as_str(), device_id);
+        Ok(self
+            .storage
+            .scan_prefix(tables::TO_DEVICE, &prefix, MAX_TO_DEVICE_PER_SYNC)?
+            .into_iter()
+            .filter(|((_, _, position), _)| *position <= upto)
+            .map(|((_, _, position), message)| (position, message))
+            .collect())
+    }
+
+    /// Deletes the device's messages up to `position`: the device has
+    /// synced past them, so it has them.
+    pub async fn acknowledge_to_device(
+        &self,
+        user: &UserId,
+        device_id: &str,
+        position: u64,
+    ) -> Result<()> {
+        let prefix = tables::str2_prefix(user.as_str(), device_id);
+        let delivered: Vec<_> = self
+            .storage
+            .scan_prefix(tables::TO_DEVICE, &prefix, MAX_TO_DEVICE_PER_SYNC)?
+            .into_iter()
+            .map(|(row, _)| row)
+            .filter(|(_, _, p)| *p <= position)
+            .collect();
+        if delivered.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        for row in delivered {
+            batch.delete(tables::TO_DEVICE, &row);
+        }
+        self.storage.commit(batch).await?;
+        Ok(())
+    }
+}
+
+/// Adds to `batch` the removal of every key and waiting message of a
+/// device, for its deletion.
+pub fn forget_device_into(
+    storage: &Storage,
+    batch: &mut Batch,
+    user_id: &str,
+    device_id: &str,
+) -> Result<()> {
+    let prefix = tables::str2_prefix(user_id, device_id);
+    batch.delete(
+        tables::DEVICE_KEYS,
+        &(user_id.to_owned(), device_id.to_owned()),
+    );
+    for (row, _) in storage.scan_prefix(tables::ONE_TIME_KEYS, &prefix, MAX_ONE_TIME_KEYS)? {
+        batch.delete(tables::ONE_TIME_KEYS, &row);
+    }
+    for (row, _) in storage.scan_prefix(tables::FALLBACK_KEYS, &prefix, MAX_ONE_TIME_KEYS)? {
+        batch.delete(tables::FALLBACK_KEYS, &row);
+    }
+    for (row, _) in storage.scan_prefix(tables::TO_DEVICE, &prefix, MAX_WAITING_TO_DEVICE)? {
+        batch.delete(tables::TO_DEVICE, &row);
+    }
+    Ok(())
+}
+
+/// `signed_curve25519:AAAAHQ` → (`signed_curve25519`, `AAAAHQ`).
+fn split_key_id(full_id: &str) -> Result<(String, String)> {
+    match full_id.split_once(':') {
+        Some((algorithm, key_id)) if !algorithm.is_empty() && !key_id.is_empty() => {
+            Ok((algorithm.to_owned(), key_id.to_owned()))
+        }
+        _ => Err(Error::InvalidParam(format!(
+            "{full_id:?} is not an algorithm:key_id pair"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::clock::ManualClock;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn one_time_keys_go_oldest_first_then_the_fallback_key() {
+        let storage = Storage::in_memory();
+        let stream = Arc::new(StreamCounter::load(&storage, Arc::default()).unwrap());
+        let e2ee = E2ee::new(storage, stream, &ManualClock::new(1));
+        let user = UserId::parse("@a:x").unwrap();
+        let keys = |ids: &[&str]| -> Map<String, Value> {
+            ids.iter()
+                .map(|id| (format!("signed_curve25519:{id}"), json!({ "key": id })))
+                .collect()
+        };
+        // Uploaded later but named earlier: upload order decides.
+        e2ee.upload(&user, "D", None, keys(&["ZZZ"]), Map::new())
+            .await
+            .unwrap();
+        let fallback = keys(&["FFF"]);
+        let counts = e2ee
+            .upload(&user, "D", None, keys(&["AAA"]), fallback)
+            .await
+            .unwrap();
+        assert_eq!(counts["signed_curve25519"], 2);
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            let (key_id, _) = e2ee
+                .claim(&user, "D", "signed_curve25519")
+                .await
+                .unwrap()
+                .unwrap();
+            order.push(key_id);
+        }
+        assert_eq!(
+            order,
+            [
+                "signed_curve25519:ZZZ",
+                "signed_curve25519:AAA",
+                "signed_curve25519:FFF",
+                "signed_curve25519:FFF"
+            ]
+        );
+        assert!(e2ee
+            .unused_fallback_key_types(&user, "D")
+            .unwrap()
+            .is_empty());
+        assert!(e2ee.claim(&user, "D", "other").await.unwrap().is_none());
+        assert!(matches!(
+            e2ee.upload(&user, "D", None, keys(&[""]), Map::new()).await,
+            Err(Error::InvalidParam(_))
+        ));
+    }
+}

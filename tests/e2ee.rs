@@ -1,0 +1,302 @@
+//! End-to-end encryption support over HTTP: key upload, query and claim,
+//! key changes, to-device messages and their delivery through `/sync`.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{assert_error, token, TestServer, PASSWORD};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const V3: &str = "/_matrix/client/v3";
+
+fn device_keys(user: &str, device: &str) -> Value {
+    json!({
+        "user_id": user,
+        "device_id": device,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {
+            format!("curve25519:{device}"): "curve-key",
+            format!("ed25519:{device}"): "ed-key",
+        },
+        "signatures": { user: { format!("ed25519:{device}"): "signature" } },
+    })
+}
+
+async fn upload(server: &TestServer, token: &str, body: Value) -> (StatusCode, Value) {
+    server
+        .post(&format!("{V3}/keys/upload"), Some(token), body)
+        .await
+}
+
+async fn sync(server: &TestServer, token: &str, since: Option<&str>) -> Value {
+    let path = match since {
+        Some(since) => format!("{V3}/sync?since={since}&timeout=0"),
+        None => format!("{V3}/sync?timeout=0"),
+    };
+    let (status, answer) = server.get(&path, Some(token)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer
+}
+
+#[tokio::test]
+async fn keys_are_uploaded_queried_and_claimed_each_once() {
+    let server = TestServer::start().await;
+    let alice_login = server.register_device("alice", "PHONE").await;
+    let alice = token(&alice_login);
+    let bob = token(&server.register("bob").await);
+
+    // Identity keys must be the uploader's.
+    let wrong = upload(
+        &server,
+        &alice,
+        json!({ "device_keys": device_keys("@bob:localhost", "PHONE") }),
+    )
+    .await;
+    assert_error(&wrong, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    let body = json!({
+        "device_keys": device_keys("@alice:localhost", "PHONE"),
+        "one_time_keys": {
+            "signed_curve25519:AAAA": { "key": "k1" },
+            "signed_curve25519:AAAB": { "key": "k2" },
+            "signed_curve25519:AAAC": { "key": "k3" },
+        },
+        "fallback_keys": { "signed_curve25519:FFFF": { "key": "fallback", "fallback": true } },
+    });
+    let (status, answer) = upload(&server, &alice, body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["one_time_key_counts"]["signed_curve25519"], 3);
+    // Uploading a key ID again: the same key is fine, another is refused.
+    let again = json!({ "one_time_keys": { "signed_curve25519:AAAA": { "key": "k1" } } });
+    assert_eq!(upload(&server, &alice, again).await.0, StatusCode::OK);
+    let clash = json!({ "one_time_keys": { "signed_curve25519:AAAA": { "key": "other" } } });
+    assert_error(
+        &upload(&server, &alice, clash).await,
+        StatusCode::BAD_REQUEST,
+        "M_INVALID_PARAM",
+    );
+
+    // Query: every device for an empty list, with its display name.
+    let (status, answer) = server
+        .post(
+            &format!("{V3}/keys/query"),
+            Some(&bob),
+            json!({ "device_keys": { "@alice:localhost": [] } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let phone = &answer["device_keys"]["@alice:localhost"]["PHONE"];
+    assert_eq!(phone["keys"]["ed25519:PHONE"], "ed-key");
+    assert_eq!(phone["unsigned"]["device_display_name"], "alice's phone");
+
+    // Eight claims race for three one-time keys: each key is handed out
+    // once, oldest first overall, and then the fallback key.
+    let mut claims = Vec::new();
+    for _ in 0..8 {
+        let url = server.url(&format!("{V3}/keys/claim"));
+        let bob = bob.clone();
+        claims.push(tokio::spawn(async move {
+            let answer: Value = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(bob)
+                .json(&json!({ "one_time_keys": { "@alice:localhost": { "PHONE": "signed_curve25519" } } }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            answer["one_time_keys"]["@alice:localhost"]["PHONE"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .next()
+                .unwrap()
+                .clone()
+        }));
+    }
+    let mut handed_out = Vec::new();
+    for claim in claims {
+        handed_out.push(claim.await.unwrap());
+    }
+    let one_time: BTreeSet<&String> = handed_out.iter().filter(|k| !k.ends_with("FFFF")).collect();
+    assert_eq!(one_time.len(), 3, "{handed_out:?}");
+    assert_eq!(handed_out.iter().filter(|k| k.ends_with("FFFF")).count(), 5);
+
+    // The device sees its counts, and that its fallback key was used.
+    let answer = sync(&server, &alice, None).await;
+    assert_eq!(answer["device_one_time_keys_count"], json!({}));
+    assert_eq!(answer["device_unused_fallback_key_types"], json!([]));
+    let fresh = json!({ "fallback_keys": { "signed_curve25519:GGGG": { "key": "new" } } });
+    assert_eq!(upload(&server, &alice, fresh).await.0, StatusCode::OK);
+    let answer = sync(&server, &alice, None).await;
+    assert_eq!(
+        answer["device_unused_fallback_key_types"],
+        json!(["signed_curve25519"])
+    );
+}
+
+#[tokio::test]
+async fn key_changes_are_listed_between_two_tokens() {
+    let server = TestServer::start().await;
+    let alice_login = server.register_device("alice", "PHONE").await;
+    let alice = token(&alice_login);
+    let bob = token(&server.register("bob").await);
+    let room_id = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let (status, _) = server
+        .post(&format!("{V3}/rooms/{room_id}/join"), Some(&bob), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let from = sync(&server, &bob, None).await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let body = json!({ "device_keys": device_keys("@alice:localhost", "PHONE") });
+    assert_eq!(upload(&server, &alice, body).await.0, StatusCode::OK);
+    let answer = sync(&server, &bob, Some(&from)).await;
+    assert_eq!(
+        answer["device_lists"]["changed"],
+        json!(["@alice:localhost"])
+    );
+    let to = answer["next_batch"].as_str().unwrap();
+    let (status, changes) = server
+        .get(
+            &format!("{V3}/keys/changes?from={from}&to={to}"),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{changes}");
+    assert_eq!(
+        changes,
+        json!({ "changed": ["@alice:localhost"], "left": [] })
+    );
+    let bad = server
+        .get(&format!("{V3}/keys/changes?from=x&to={to}"), Some(&bob))
+        .await;
+    assert_error(&bad, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+}
+
+#[tokio::test]
+async fn to_device_messages_arrive_in_order_once_and_stay_until_synced_past() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob_phone = token(&server.register_device("bob", "PHONE").await);
+    let bob_laptop = token(&server.login("bob", Some("LAPTOP")).await);
+    let since = sync(&server, &bob_phone, None).await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A waiting sync is woken by a message for its device.
+    let url = server.url(&format!("{V3}/sync?since={since}&timeout=60000"));
+    let phone = bob_phone.clone();
+    let waiting = tokio::spawn(async move {
+        reqwest::Client::new()
+            .get(url)
+            .bearer_auth(phone)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for (n, device) in ["PHONE", "PHONE", "*"].iter().enumerate() {
+        let body = json!({ "messages": { "@bob:localhost": { *device: { "n": n } } } });
+        let path = format!("{V3}/sendToDevice/org.example.ping/t{n}");
+        let (status, _) = server.put(&path, Some(&alice), body.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        // A retried transaction sends nothing more.
+        let (status, _) = server.put(&path, Some(&alice), body).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("woken by the message")
+        .unwrap();
+    assert!(
+        !woken["to_device"]["events"].as_array().unwrap().is_empty(),
+        "{woken}"
+    );
+
+    let numbers = |answer: &Value| -> Vec<u64> {
+        answer["to_device"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                assert_eq!(e["sender"], "@alice:localhost");
+                assert_eq!(e["type"], "org.example.ping");
+                e["content"]["n"].as_u64().unwrap()
+            })
+            .collect()
+    };
+    // Until the phone syncs past them, the messages are given again.
+    let first = sync(&server, &bob_phone, Some(&since)).await;
+    assert_eq!(numbers(&first), [0, 1, 2]);
+    let again = sync(&server, &bob_phone, Some(&since)).await;
+    assert_eq!(numbers(&again), [0, 1, 2]);
+    let past = sync(
+        &server,
+        &bob_phone,
+        Some(first["next_batch"].as_str().unwrap()),
+    )
+    .await;
+    assert!(numbers(&past).is_empty());
+    // `*` reached the laptop too.
+    assert_eq!(numbers(&sync(&server, &bob_laptop, None).await), [2]);
+
+    // Deleting the laptop removes its keys and its waiting messages.
+    let body = json!({ "messages": { "@bob:localhost": { "LAPTOP": { "n": 9 } } } });
+    server
+        .put(
+            &format!("{V3}/sendToDevice/org.example.ping/t9"),
+            Some(&alice),
+            body,
+        )
+        .await;
+    let keys = json!({ "device_keys": device_keys("@bob:localhost", "LAPTOP") });
+    assert_eq!(upload(&server, &bob_laptop, keys).await.0, StatusCode::OK);
+    let auth = json!({ "auth": {
+        "type": "m.login.password",
+        "identifier": { "type": "m.id.user", "user": "bob" },
+        "password": PASSWORD,
+    } });
+    let (status, challenge) = server
+        .call(
+            Method::DELETE,
+            &format!("{V3}/devices/LAPTOP"),
+            Some(&bob_phone),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let mut auth = auth;
+    auth["auth"]["session"] = challenge["session"].clone();
+    let (status, answer) = server
+        .call(
+            Method::DELETE,
+            &format!("{V3}/devices/LAPTOP"),
+            Some(&bob_phone),
+            Some(auth),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, query) = server
+        .post(
+            &format!("{V3}/keys/query"),
+            Some(&alice),
+            json!({ "device_keys": { "@bob:localhost": ["LAPTOP"] } }),
+        )
+        .await;
+    assert_eq!(query["device_keys"]["@bob:localhost"], json!({}));
+    let laptop_again = token(&server.login("bob", Some("LAPTOP")).await);
+    assert!(
+        numbers(&sync(&server, &laptop_again, None).await).is_empty(),
+        "old messages are gone"
+    );
+}
