@@ -300,3 +300,123 @@ async fn to_device_messages_arrive_in_order_once_and_stay_until_synced_past() {
         "old messages are gone"
     );
 }
+
+fn cross_signing_key(user: &str, usage: &str, public: &str) -> Value {
+    json!({
+        "user_id": user,
+        "usage": [usage],
+        "keys": { format!("ed25519:{public}"): public },
+    })
+}
+
+#[tokio::test]
+async fn cross_signing_keys_need_auth_only_to_be_replaced_and_signatures_merge() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register_device("alice", "PHONE").await);
+    let bob = token(&server.register("bob").await);
+    let body = json!({ "device_keys": device_keys("@alice:localhost", "PHONE") });
+    assert_eq!(upload(&server, &alice, body).await.0, StatusCode::OK);
+    let path = format!("{V3}/keys/device_signing/upload");
+    let user = "@alice:localhost";
+    let keys = json!({
+        "master_key": cross_signing_key(user, "master", "MASTER"),
+        "self_signing_key": cross_signing_key(user, "self_signing", "SELF"),
+        "user_signing_key": cross_signing_key(user, "user_signing", "USER"),
+    });
+    // The first upload and an identical one need no interactive auth.
+    assert_eq!(
+        server.post(&path, Some(&alice), keys.clone()).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        server.post(&path, Some(&alice), keys).await.0,
+        StatusCode::OK
+    );
+    // Replacing a key does.
+    let replacement = json!({ "master_key": cross_signing_key(user, "master", "MASTER2") });
+    let (status, challenge) = server.post(&path, Some(&alice), replacement.clone()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{challenge}");
+    let mut authed = replacement;
+    authed["auth"] = json!({
+        "type": "m.login.password",
+        "identifier": { "type": "m.id.user", "user": "alice" },
+        "password": PASSWORD,
+        "session": challenge["session"],
+    });
+    let (status, answer) = server.post(&path, Some(&alice), authed).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // A key that is not the uploader's, or not for its usage, is refused.
+    let wrong = json!({ "master_key": cross_signing_key("@alice:localhost", "self_signing", "X") });
+    assert_error(
+        &server.post(&path, Some(&bob), wrong).await,
+        StatusCode::BAD_REQUEST,
+        "M_INVALID_PARAM",
+    );
+
+    // Others see the master and self-signing keys; only Alice her
+    // user-signing key.
+    let query = json!({ "device_keys": { "@alice:localhost": [] } });
+    let (_, seen_by_bob) = server
+        .post(&format!("{V3}/keys/query"), Some(&bob), query.clone())
+        .await;
+    assert_eq!(
+        seen_by_bob["master_keys"][user]["keys"]["ed25519:MASTER2"],
+        "MASTER2"
+    );
+    assert_eq!(
+        seen_by_bob["self_signing_keys"][user]["keys"]["ed25519:SELF"],
+        "SELF"
+    );
+    assert!(seen_by_bob["user_signing_keys"].get(user).is_none());
+    let (_, seen_by_alice) = server
+        .post(&format!("{V3}/keys/query"), Some(&alice), query.clone())
+        .await;
+    assert_eq!(
+        seen_by_alice["user_signing_keys"][user]["keys"]["ed25519:USER"],
+        "USER"
+    );
+
+    // Alice signs her device with her self-signing key.
+    let mut signed = device_keys(user, "PHONE");
+    signed["signatures"] = json!({ user: { "ed25519:SELF": "device-signature" } });
+    let mut tampered = device_keys(user, "PHONE");
+    tampered["keys"]["ed25519:PHONE"] = json!("other");
+    tampered["signatures"] = json!({ user: { "ed25519:SELF": "x" } });
+    let upload_signatures = json!({ user: {
+        "PHONE": signed,
+        "NOSUCHKEY": { "signatures": { user: { "ed25519:SELF": "x" } } },
+    } });
+    let (status, answer) = server
+        .post(
+            &format!("{V3}/keys/signatures/upload"),
+            Some(&alice),
+            upload_signatures,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer["failures"][user]["NOSUCHKEY"]["errcode"],
+        "M_NOT_FOUND"
+    );
+    assert!(answer["failures"][user].get("PHONE").is_none(), "{answer}");
+    let (_, answer) = server
+        .post(
+            &format!("{V3}/keys/signatures/upload"),
+            Some(&alice),
+            json!({ user: { "PHONE": tampered } }),
+        )
+        .await;
+    assert_eq!(
+        answer["failures"][user]["PHONE"]["errcode"],
+        "M_INVALID_PARAM"
+    );
+    let (_, query) = server
+        .post(&format!("{V3}/keys/query"), Some(&bob), query)
+        .await;
+    let signatures = &query["device_keys"][user]["PHONE"]["signatures"][user];
+    assert_eq!(signatures["ed25519:SELF"], "device-signature");
+    assert_eq!(
+        signatures["ed25519:PHONE"], "signature",
+        "the device's own signature stays"
+    );
+}

@@ -122,6 +122,14 @@ fn client_routes(prefix: &str) -> Router<AppState> {
         .route(&path("/keys/claim"), post(keys::claim))
         .route(&path("/keys/changes"), get(keys::changes))
         .route(
+            &path("/keys/device_signing/upload"),
+            post(keys::device_signing_upload),
+        )
+        .route(
+            &path("/keys/signatures/upload"),
+            post(keys::signatures_upload),
+        )
+        .route(
             &path("/sendToDevice/{event_type}/{txn_id}"),
             put(keys::send_to_device),
         )

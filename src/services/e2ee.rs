@@ -290,6 +290,163 @@ impl E2ee {
     }
 }
 
+/// The usages of cross-signing keys, in upload order.
+pub const CROSS_SIGNING_USAGES: [&str; 3] = ["master", "self_signing", "user_signing"];
+
+impl E2ee {
+    /// One of the user's cross-signing keys.
+    pub fn cross_signing_key(&self, user: &UserId, usage: &str) -> Result<Option<Value>> {
+        let key = (user.to_string(), usage.to_owned());
+        Ok(self.storage.get(tables::CROSS_SIGNING_KEYS, &key)?)
+    }
+
+    /// Whether an upload of cross-signing keys needs interactive auth: not
+    /// the first one, nor one identical to what is stored.
+    pub fn cross_signing_upload_needs_auth(
+        &self,
+        user: &UserId,
+        keys: &[(String, Value)],
+    ) -> Result<bool> {
+        let mut any_stored = false;
+        let mut all_same = true;
+        for usage in CROSS_SIGNING_USAGES {
+            let stored = self.cross_signing_key(user, usage)?;
+            any_stored |= stored.is_some();
+            if let Some((_, given)) = keys.iter().find(|(u, _)| u == usage) {
+                all_same &= stored.as_ref() == Some(given);
+            }
+        }
+        Ok(any_stored && !all_same)
+    }
+
+    /// `POST /keys/device_signing/upload`, once authorised: each key must
+    /// be the user's, for its usage, with exactly one public key.
+    pub async fn upload_cross_signing(
+        &self,
+        user: &UserId,
+        keys: Vec<(String, Value)>,
+    ) -> Result<()> {
+        let _guard = self.locks.lock(user.as_str()).await;
+        let mut batch = Batch::new();
+        for (usage, key) in &keys {
+            let names_usage = key["usage"]
+                .as_array()
+                .is_some_and(|usages| usages.iter().any(|u| u == usage.as_str()));
+            let one_key = key["keys"].as_object().is_some_and(|k| k.len() == 1);
+            if key["user_id"] != user.as_str() || !names_usage || !one_key {
+                return Err(Error::InvalidParam(format!(
+                    "the {usage} key must name {user}, the usage {usage:?} and one public key"
+                )));
+            }
+            let row = (user.to_string(), usage.clone());
+            batch.put(tables::CROSS_SIGNING_KEYS, &row, key);
+        }
+        let entry = StreamEntry::DeviceList {
+            user_id: user.to_string(),
+        };
+        let (_, _reservation) = self.stream.next_into(&mut batch, &entry);
+        self.storage.commit(batch).await?;
+        Ok(())
+    }
+
+    /// `POST /keys/signatures/upload`: adds the signer's signatures to the
+    /// devices and cross-signing keys named; answers the failures per user
+    /// and key ID. The signed object must be the stored one.
+    pub async fn upload_signatures(
+        &self,
+        signer: &UserId,
+        objects: Vec<(String, String, Value)>,
+    ) -> Result<BTreeMap<String, BTreeMap<String, Value>>> {
+        let _guard = self.locks.lock(signer.as_str()).await;
+        let mut failures: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+        let mut fail = |user: &str, key_id: &str, errcode: &str, error: &str| {
+            failures.entry(user.to_owned()).or_default().insert(
+                key_id.to_owned(),
+                serde_json::json!({ "errcode": errcode, "error": error }),
+            );
+        };
+        let mut batch = Batch::new();
+        let mut changed = std::collections::BTreeSet::new();
+        for (user_id, key_id, object) in objects {
+            let Some(new_signatures) = object["signatures"][signer.as_str()].as_object() else {
+                fail(
+                    &user_id,
+                    &key_id,
+                    "M_INVALID_PARAM",
+                    "no signature by the uploader",
+                );
+                continue;
+            };
+            let Some((row, mut stored)) = self.signable(&user_id, &key_id)? else {
+                fail(&user_id, &key_id, "M_NOT_FOUND", "unknown key");
+                continue;
+            };
+            if without_signatures(&stored) != without_signatures(&object) {
+                fail(
+                    &user_id,
+                    &key_id,
+                    "M_INVALID_PARAM",
+                    "the signed object is not the stored key",
+                );
+                continue;
+            }
+            for (name, signature) in new_signatures {
+                stored["signatures"][signer.as_str()][name] = signature.clone();
+            }
+            match row {
+                Signable::Device(row) => batch.put(tables::DEVICE_KEYS, &row, &stored),
+                Signable::CrossSigning(row) => batch.put(tables::CROSS_SIGNING_KEYS, &row, &stored),
+            }
+            changed.insert(user_id);
+        }
+        let mut reservations = Vec::new();
+        for user_id in changed {
+            let entry = StreamEntry::DeviceList { user_id };
+            reservations.push(self.stream.next_into(&mut batch, &entry).1);
+        }
+        self.storage.commit(batch).await?;
+        drop(reservations);
+        Ok(failures)
+    }
+
+    /// A device's keys (key ID = device ID) or a cross-signing key (key ID
+    /// = its public key) of a user.
+    fn signable(&self, user_id: &str, key_id: &str) -> Result<Option<(Signable, Value)>> {
+        let row = (user_id.to_owned(), key_id.to_owned());
+        if let Some(keys) = self.storage.get(tables::DEVICE_KEYS, &row)? {
+            return Ok(Some((Signable::Device(row), keys)));
+        }
+        for usage in CROSS_SIGNING_USAGES {
+            let row = (user_id.to_owned(), usage.to_owned());
+            if let Some(key) = self.storage.get(tables::CROSS_SIGNING_KEYS, &row)? {
+                let matches = key["keys"]
+                    .as_object()
+                    .is_some_and(|keys| keys.contains_key(&format!("ed25519:{key_id}")));
+                if matches {
+                    return Ok(Some((Signable::CrossSigning(row), key)));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+enum Signable {
+    Device((String, String)),
+    CrossSigning((String, String)),
+}
+
+/// A key object without its signatures and unsigned data, to compare what
+/// was signed with what is stored.
+fn without_signatures(object: &Value) -> Value {
+    let mut object = object.clone();
+    if let Some(fields) = object.as_object_mut() {
+        fields.remove("signatures");
+        fields.remove("unsigned");
+    }
+    object
+}
+
 /// Adds to `batch` the removal of every key and waiting message of a
 /// device, for its deletion.
 pub fn forget_device_into(

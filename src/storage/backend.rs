@@ -72,11 +72,17 @@ pub enum Cf {
     FallbackKeys,
     /// To-device messages waiting for their device.
     ToDevice,
+    /// Users' cross-signing keys.
+    CrossSigningKeys,
+    /// Room key backup versions.
+    BackupVersions,
+    /// Backed-up room keys.
+    BackupKeys,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 29] = [
+    pub const ALL: [Cf; 32] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -106,6 +112,9 @@ impl Cf {
         Cf::OneTimeKeys,
         Cf::FallbackKeys,
         Cf::ToDevice,
+        Cf::CrossSigningKeys,
+        Cf::BackupVersions,
+        Cf::BackupKeys,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -140,6 +149,9 @@ impl Cf {
             Cf::OneTimeKeys => "one_time_keys",
             Cf::FallbackKeys => "fallback_keys",
             Cf::ToDevice => "to_device",
+            Cf::CrossSigningKeys => "cross_signing_keys",
+            Cf::BackupVersions => "backup_versions",
+            Cf::BackupKeys => "backup_keys",
         }
     }
 

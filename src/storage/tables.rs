@@ -158,6 +158,24 @@ pub const FALLBACK_KEYS: Table<(String, String, String), FallbackKey> =
 /// (user ID, device ID, stream position) → a to-device message.
 pub const TO_DEVICE: Table<(String, String, u64), ToDeviceMessage> = Table::new(Cf::ToDevice);
 
+/// (user ID, usage: `master`, `self_signing` or `user_signing`) → the key.
+pub const CROSS_SIGNING_KEYS: Table<(String, String), serde_json::Value> =
+    Table::new(Cf::CrossSigningKeys);
+/// (user ID, version) → a room key backup version.
+pub const BACKUP_VERSIONS: Table<(String, u64), BackupVersion> = Table::new(Cf::BackupVersions);
+/// (user ID, version, room ID, session ID) → the backed-up session key.
+pub const BACKUP_KEYS: Table<(String, u64, String, String), serde_json::Value> =
+    Table::new(Cf::BackupKeys);
+
+/// A room key backup version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupVersion {
+    pub algorithm: String,
+    pub auth_data: serde_json::Value,
+    /// Changes whenever the version's keys change.
+    pub etag: u64,
+}
+
 /// A one-time key and when it was uploaded (keys are claimed oldest first).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OneTimeKey {

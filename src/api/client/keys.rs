@@ -5,6 +5,8 @@
 //! - `POST /_matrix/client/v3/keys/claim`
 //! - `GET /_matrix/client/v3/keys/changes`
 //! - `PUT /_matrix/client/v3/sendToDevice/{eventType}/{txnId}`
+//! - `POST /_matrix/client/v3/keys/device_signing/upload`
+//! - `POST /_matrix/client/v3/keys/signatures/upload`
 
 use std::collections::BTreeSet;
 
@@ -19,6 +21,8 @@ use super::sync::{device_lists, SyncToken};
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Path, Query};
 use crate::api::AppState;
+use crate::services::e2ee::CROSS_SIGNING_USAGES;
+use crate::services::uia::{Flows, STAGE_PASSWORD};
 
 /// Most users one query or claim may name.
 const MAX_USERS_PER_REQUEST: usize = 1000;
@@ -63,7 +67,7 @@ pub struct QueryBody {
 /// federation exists.
 pub async fn query(
     State(state): State<AppState>,
-    Auth(_authed): Auth,
+    Auth(authed): Auth,
     JsonBody(body): JsonBody<QueryBody>,
 ) -> ApiResult<Json<Value>> {
     if body.device_keys.len() > MAX_USERS_PER_REQUEST {
@@ -71,8 +75,10 @@ pub async fn query(
             "at most {MAX_USERS_PER_REQUEST} users per query"
         )));
     }
+    let me = parse_user(&authed.user_id.to_string())?;
     let mut device_keys = Map::new();
     let mut failures = Map::new();
+    let mut cross_signing: [Map<String, Value>; 3] = Default::default();
     for (user_id, wanted) in &body.device_keys {
         let user = parse_user(user_id)?;
         if user.server_name().as_str() != state.config.server_name {
@@ -95,10 +101,97 @@ pub async fn query(
             devices.insert(device.device_id.clone(), keys);
         }
         device_keys.insert(user_id.clone(), Value::Object(devices));
+        for (slot, usage) in CROSS_SIGNING_USAGES.iter().enumerate() {
+            // A user-signing key is shown to its owner only.
+            if *usage == "user_signing" && user != me {
+                continue;
+            }
+            if let Some(key) = state.e2ee.cross_signing_key(&user, usage)? {
+                cross_signing[slot].insert(user_id.clone(), key);
+            }
+        }
     }
-    Ok(Json(
-        json!({ "device_keys": device_keys, "failures": failures }),
-    ))
+    let [master_keys, self_signing_keys, user_signing_keys] = cross_signing;
+    Ok(Json(json!({
+        "device_keys": device_keys,
+        "master_keys": master_keys,
+        "self_signing_keys": self_signing_keys,
+        "user_signing_keys": user_signing_keys,
+        "failures": failures,
+    })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct DeviceSigningBody {
+    master_key: Option<Value>,
+    self_signing_key: Option<Value>,
+    user_signing_key: Option<Value>,
+    auth: Option<Value>,
+}
+
+/// `POST /_matrix/client/v3/keys/device_signing/upload`: interactive auth
+/// (password) is needed to replace keys, not for the first upload nor for
+/// re-uploading the same keys.
+pub async fn device_signing_upload(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    JsonBody(body): JsonBody<DeviceSigningBody>,
+) -> ApiResult<Json<Value>> {
+    let user = parse_user(&authed.user_id.to_string())?;
+    let keys: Vec<(String, Value)> = [
+        ("master", body.master_key),
+        ("self_signing", body.self_signing_key),
+        ("user_signing", body.user_signing_key),
+    ]
+    .into_iter()
+    .filter_map(|(usage, key)| Some((usage.to_owned(), key?)))
+    .collect();
+    if state.e2ee.cross_signing_upload_needs_auth(&user, &keys)? {
+        let flows = Flows(vec![vec![STAGE_PASSWORD]]);
+        let purpose = format!("device_signing_upload {user}");
+        state
+            .authorize_interactively(&purpose, &flows, body.auth.as_ref(), Some(&authed))
+            .await?;
+    }
+    state.e2ee.upload_cross_signing(&user, keys).await?;
+    Ok(Json(json!({})))
+}
+
+/// `POST /_matrix/client/v3/keys/signatures/upload`
+pub async fn signatures_upload(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    JsonBody(body): JsonBody<Map<String, Value>>,
+) -> ApiResult<Json<Value>> {
+    let signer = parse_user(&authed.user_id.to_string())?;
+    let mut objects = Vec::new();
+    let mut remote = Map::new();
+    for (user_id, keys) in body {
+        let user = parse_user(&user_id)?;
+        let Some(keys) = keys.as_object() else {
+            return Err(MatrixError::bad_json(
+                "each user maps key IDs to signed objects",
+            ));
+        };
+        if user.server_name().as_str() != state.config.server_name {
+            let error = json!({ "errcode": "M_UNKNOWN", "error": "no federation yet" });
+            let failed: Map<String, Value> =
+                keys.keys().map(|k| (k.clone(), error.clone())).collect();
+            remote.insert(user_id, Value::Object(failed));
+            continue;
+        }
+        for (key_id, object) in keys {
+            objects.push((user_id.clone(), key_id.clone(), object.clone()));
+        }
+    }
+    let failures = state.e2ee.upload_signatures(&signer, objects).await?;
+    let mut failures = serde_json::to_value(failures)
+        .map_err(|e| crate::services::error::Error::Internal(e.to_string()))?;
+    for (user_id, failed) in remote {
+        failures[user_id] = failed;
+    }
+    Ok(Json(json!({ "failures": failures })))
 }
 
 #[derive(Deserialize, Default)]
