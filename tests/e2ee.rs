@@ -420,3 +420,150 @@ async fn cross_signing_keys_need_auth_only_to_be_replaced_and_signatures_merge()
         "the device's own signature stays"
     );
 }
+
+#[tokio::test]
+async fn room_key_backup_versions_and_keys() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let missing = server
+        .get(&format!("{V3}/room_keys/version"), Some(&alice))
+        .await;
+    assert_error(&missing, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let algorithm = "m.megolm_backup.v1.curve25519-aes-sha2";
+    let create = json!({ "algorithm": algorithm, "auth_data": { "public_key": "pk" } });
+    let (status, created) = server
+        .post(
+            &format!("{V3}/room_keys/version"),
+            Some(&alice),
+            create.clone(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    assert_eq!(created["version"], "1");
+
+    let key = |index: u64, verified: bool, data: &str| {
+        json!({
+            "first_message_index": index,
+            "forwarded_count": 0,
+            "is_verified": verified,
+            "session_data": { "ciphertext": data },
+        })
+    };
+    let session = format!("{V3}/room_keys/keys/!room:localhost/sess1?version=1");
+    let (status, answer) = server
+        .put(&session, Some(&alice), key(5, false, "first"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["count"], 1);
+    let first_etag = answer["etag"].clone();
+    // A worse key leaves the stored one; a better one replaces it.
+    let (_, answer) = server
+        .put(&session, Some(&alice), key(9, false, "worse"))
+        .await;
+    assert_eq!(answer["etag"], first_etag, "nothing changed");
+    let (_, stored) = server.get(&session, Some(&alice)).await;
+    assert_eq!(stored["session_data"]["ciphertext"], "first");
+    let (_, answer) = server
+        .put(&session, Some(&alice), key(7, true, "verified"))
+        .await;
+    assert_ne!(answer["etag"], first_etag);
+    let (_, stored) = server.get(&session, Some(&alice)).await;
+    assert_eq!(stored["session_data"]["ciphertext"], "verified");
+
+    // Room and whole-backup forms.
+    let room_body = json!({ "sessions": { "sess2": key(0, false, "two") } });
+    let (_, answer) = server
+        .put(
+            &format!("{V3}/room_keys/keys/!room:localhost?version=1"),
+            Some(&alice),
+            room_body,
+        )
+        .await;
+    assert_eq!(answer["count"], 2);
+    let all_body = json!({ "rooms": { "!other:localhost": { "sessions": { "s3": key(0, false, "three") } } } });
+    let (_, answer) = server
+        .put(
+            &format!("{V3}/room_keys/keys?version=1"),
+            Some(&alice),
+            all_body,
+        )
+        .await;
+    assert_eq!(answer["count"], 3);
+    let (_, all) = server
+        .get(&format!("{V3}/room_keys/keys?version=1"), Some(&alice))
+        .await;
+    assert_eq!(
+        all["rooms"]["!room:localhost"]["sessions"]
+            .as_object()
+            .unwrap()
+            .len(),
+        2
+    );
+    let (_, info) = server
+        .get(&format!("{V3}/room_keys/version"), Some(&alice))
+        .await;
+    assert_eq!(
+        (info["version"].as_str(), info["count"].as_u64()),
+        (Some("1"), Some(3))
+    );
+
+    // A new version: writes to the old one are refused, reads still work.
+    let (_, created) = server
+        .post(
+            &format!("{V3}/room_keys/version"),
+            Some(&alice),
+            create.clone(),
+        )
+        .await;
+    assert_eq!(created["version"], "2");
+    let stale = server
+        .put(&session, Some(&alice), key(0, true, "late"))
+        .await;
+    assert_error(&stale, StatusCode::FORBIDDEN, "M_WRONG_ROOM_KEYS_VERSION");
+    assert_eq!(stale.1["current_version"], "2");
+    assert_eq!(server.get(&session, Some(&alice)).await.0, StatusCode::OK);
+
+    // Updating: the algorithm cannot change.
+    let path = format!("{V3}/room_keys/version/2");
+    let update =
+        json!({ "algorithm": algorithm, "auth_data": { "public_key": "pk2" }, "version": "2" });
+    assert_eq!(
+        server.put(&path, Some(&alice), update).await.0,
+        StatusCode::OK
+    );
+    let (_, info) = server.get(&path, Some(&alice)).await;
+    assert_eq!(info["auth_data"]["public_key"], "pk2");
+    let other = json!({ "algorithm": "other", "auth_data": {} });
+    assert_error(
+        &server.put(&path, Some(&alice), other).await,
+        StatusCode::BAD_REQUEST,
+        "M_INVALID_PARAM",
+    );
+
+    // Deleting keys, then a version; numbers are not given out again.
+    let (_, answer) = server
+        .call(
+            Method::DELETE,
+            &format!("{V3}/room_keys/keys/!room:localhost?version=1"),
+            Some(&alice),
+            None,
+        )
+        .await;
+    assert_eq!(answer["count"], 1);
+    let (status, _) = server.call(Method::DELETE, &path, Some(&alice), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, info) = server
+        .get(&format!("{V3}/room_keys/version"), Some(&alice))
+        .await;
+    assert_eq!(info["version"], "1");
+    let (_, created) = server
+        .post(&format!("{V3}/room_keys/version"), Some(&alice), create)
+        .await;
+    assert_eq!(created["version"], "3");
+    let gone = server.get(&path, Some(&alice)).await;
+    assert_error(&gone, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let unknown = server
+        .get(&format!("{V3}/room_keys/keys?version=99"), Some(&alice))
+        .await;
+    assert_error(&unknown, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+}

@@ -20,7 +20,7 @@ use tower_http::trace::TraceLayer;
 use crate::services::Services;
 use client::{
     account, devices, directory, discovery, keys, membership, profile, relations, room_events,
-    session, sliding_sync, sync, user_data,
+    room_keys, session, sliding_sync, sync, user_data,
 };
 use error::MatrixError;
 
@@ -128,6 +128,34 @@ fn client_routes(prefix: &str) -> Router<AppState> {
         .route(
             &path("/keys/signatures/upload"),
             post(keys::signatures_upload),
+        )
+        .route(
+            &path("/room_keys/version"),
+            get(room_keys::current_version).post(room_keys::create_version),
+        )
+        .route(
+            &path("/room_keys/version/{version}"),
+            get(room_keys::get_version)
+                .put(room_keys::update_version)
+                .delete(room_keys::delete_version),
+        )
+        .route(
+            &path("/room_keys/keys"),
+            get(room_keys::get_all)
+                .put(room_keys::put_all)
+                .delete(room_keys::delete_all),
+        )
+        .route(
+            &path("/room_keys/keys/{room_id}"),
+            get(room_keys::get_room)
+                .put(room_keys::put_room)
+                .delete(room_keys::delete_room),
+        )
+        .route(
+            &path("/room_keys/keys/{room_id}/{session_id}"),
+            get(room_keys::get_session)
+                .put(room_keys::put_session)
+                .delete(room_keys::delete_session),
         )
         .route(
             &path("/sendToDevice/{event_type}/{txn_id}"),

@@ -52,6 +52,9 @@ pub enum Error {
     InvalidRoomState(String),
     #[error("{0}")]
     BadAlias(String),
+    /// A room key backup request for a version that is not the current one.
+    #[error("the current backup version is {current_version}")]
+    WrongRoomKeysVersion { current_version: String },
     /// A sliding sync position this server does not know (or no longer).
     #[error("{0}")]
     UnknownPos(String),

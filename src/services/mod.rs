@@ -9,6 +9,7 @@ pub mod directory;
 pub mod e2ee;
 pub mod error;
 pub mod filter;
+pub mod key_backup;
 pub mod keys;
 mod locks;
 pub mod profiles;
@@ -47,6 +48,7 @@ pub struct Services {
     pub sync: sync::SyncStream,
     pub sliding: sliding::Connections,
     pub e2ee: e2ee::E2ee,
+    pub key_backup: key_backup::KeyBackup,
     pub uia: Uia,
     pub rate_limiter: RateLimiter,
     clock: Arc<dyn Clock>,
@@ -79,6 +81,7 @@ impl Services {
             sync: sync::SyncStream::new(storage.clone(), stream.clone(), wakeups),
             sliding: sliding::Connections::new(clock.now_ms()),
             e2ee: e2ee::E2ee::new(storage.clone(), stream.clone(), clock.as_ref()),
+            key_backup: key_backup::KeyBackup::new(storage.clone()),
             rooms,
             user_data,
             directory: Directory::new(storage.clone(), config.server_name.clone()),

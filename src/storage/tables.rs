@@ -174,6 +174,10 @@ pub struct BackupVersion {
     pub auth_data: serde_json::Value,
     /// Changes whenever the version's keys change.
     pub etag: u64,
+    /// Deleted versions stay as tombstones so that their numbers are
+    /// never given out again.
+    #[serde(default)]
+    pub deleted: bool,
 }
 
 /// A one-time key and when it was uploaded (keys are claimed oldest first).

@@ -9,6 +9,7 @@ pub mod membership;
 pub mod profile;
 pub mod relations;
 pub mod room_events;
+pub mod room_keys;
 pub mod session;
 pub mod sliding_sync;
 pub mod sync;
