@@ -441,3 +441,49 @@ async fn an_unnamed_room_comes_with_heroes_and_its_avatar() {
     );
     assert_eq!(room["joined_count"], 2);
 }
+
+#[tokio::test]
+async fn the_to_device_extension_delivers_until_acknowledged() {
+    let w = world().await;
+    let body = |since: Option<&str>| {
+        let mut extension = json!({ "enabled": true });
+        if let Some(since) = since {
+            extension["since"] = json!(since);
+        }
+        json!({ "conn_id": "e2ee", "extensions": { "to_device": extension, "e2ee": { "enabled": true } } })
+    };
+    let first = sliding(&w.server, &w.bob, None, body(None)).await;
+    let (_, whoami) = w
+        .server
+        .get("/_matrix/client/v3/account/whoami", Some(&w.bob))
+        .await;
+    let device = whoami["device_id"].as_str().unwrap().to_owned();
+    let message = json!({ "messages": { "@bob:localhost": { (device.clone()): { "n": 1 } } } });
+    let (status, _) = w
+        .server
+        .put(
+            "/_matrix/client/v3/sendToDevice/org.example/t1",
+            Some(&w.alice),
+            message,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let next = sliding(&w.server, &w.bob, Some(&pos(&first)), body(None)).await;
+    let to_device = &next["extensions"]["to_device"];
+    assert_eq!(to_device["events"][0]["content"]["n"], 1, "{next}");
+    let since = to_device["next_batch"].as_str().unwrap().to_owned();
+    // Not acknowledged yet: given again.
+    let again = sliding(&w.server, &w.bob, Some(&pos(&next)), body(None)).await;
+    assert_eq!(
+        again["extensions"]["to_device"]["events"][0]["content"]["n"],
+        1
+    );
+    // Acknowledged with `since`: gone.
+    let after = sliding(&w.server, &w.bob, Some(&pos(&again)), body(Some(&since))).await;
+    assert!(
+        after["extensions"]["to_device"]
+            .get("events")
+            .is_none_or(|e| e.as_array().unwrap().is_empty()),
+        "{after}"
+    );
+}
