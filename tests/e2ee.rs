@@ -7,6 +7,9 @@ use std::collections::BTreeSet;
 
 use common::{assert_error, token, TestServer, PASSWORD};
 use reqwest::{Method, StatusCode};
+use ruma::serde::{base64::Standard, Base64};
+use ruma::signatures::{sign_json, Ed25519KeyPair};
+use ruma::CanonicalJsonObject;
 use serde_json::{json, Value};
 
 const V3: &str = "/_matrix/client/v3";
@@ -318,9 +321,15 @@ async fn cross_signing_keys_need_auth_only_to_be_replaced_and_signatures_merge()
     assert_eq!(upload(&server, &alice, body).await.0, StatusCode::OK);
     let path = format!("{V3}/keys/device_signing/upload");
     let user = "@alice:localhost";
+    // The self-signing key is a real ed25519 key: the server checks the
+    // signatures made with it.
+    let der = Ed25519KeyPair::generate();
+    let probe = Ed25519KeyPair::from_der(&der, "probe".into()).unwrap();
+    let self_public = Base64::<Standard>::new(probe.public_key().to_vec()).encode();
+    let self_signing = Ed25519KeyPair::from_der(&der, self_public.clone()).unwrap();
     let keys = json!({
         "master_key": cross_signing_key(user, "master", "MASTER"),
-        "self_signing_key": cross_signing_key(user, "self_signing", "SELF"),
+        "self_signing_key": cross_signing_key(user, "self_signing", &self_public),
         "user_signing_key": cross_signing_key(user, "user_signing", "USER"),
     });
     // The first upload and an identical one need no interactive auth.
@@ -363,9 +372,10 @@ async fn cross_signing_keys_need_auth_only_to_be_replaced_and_signatures_merge()
         seen_by_bob["master_keys"][user]["keys"]["ed25519:MASTER2"],
         "MASTER2"
     );
+    let self_name = format!("ed25519:{self_public}");
     assert_eq!(
-        seen_by_bob["self_signing_keys"][user]["keys"]["ed25519:SELF"],
-        "SELF"
+        seen_by_bob["self_signing_keys"][user]["keys"][&self_name],
+        self_public.as_str()
     );
     assert!(seen_by_bob["user_signing_keys"].get(user).is_none());
     let (_, seen_by_alice) = server
@@ -377,14 +387,34 @@ async fn cross_signing_keys_need_auth_only_to_be_replaced_and_signatures_merge()
     );
 
     // Alice signs her device with her self-signing key.
+    let mut object: CanonicalJsonObject =
+        serde_json::from_value(device_keys(user, "PHONE")).unwrap();
+    sign_json(user, &self_signing, &mut object).unwrap();
+    let signature = serde_json::to_value(&object).unwrap()["signatures"][user][&self_name].clone();
+    assert!(signature.is_string());
     let mut signed = device_keys(user, "PHONE");
-    signed["signatures"] = json!({ user: { "ed25519:SELF": "device-signature" } });
+    signed["signatures"] = json!({ user: { (self_name.clone()): signature.clone() } });
+    // A signature that does not verify is refused.
+    let mut forged = device_keys(user, "PHONE");
+    let bad = Base64::<Standard>::new(vec![7u8; 64]).encode();
+    forged["signatures"] = json!({ user: { (self_name.clone()): bad } });
+    let (_, answer) = server
+        .post(
+            &format!("{V3}/keys/signatures/upload"),
+            Some(&alice),
+            json!({ user: { "PHONE": forged } }),
+        )
+        .await;
+    assert_eq!(
+        answer["failures"][user]["PHONE"]["errcode"], "M_INVALID_SIGNATURE",
+        "{answer}"
+    );
     let mut tampered = device_keys(user, "PHONE");
     tampered["keys"]["ed25519:PHONE"] = json!("other");
-    tampered["signatures"] = json!({ user: { "ed25519:SELF": "x" } });
+    tampered["signatures"] = json!({ user: { (self_name.clone()): "x" } });
     let upload_signatures = json!({ user: {
         "PHONE": signed,
-        "NOSUCHKEY": { "signatures": { user: { "ed25519:SELF": "x" } } },
+        "NOSUCHKEY": { "signatures": { user: { (self_name.clone()): "x" } } },
     } });
     let (status, answer) = server
         .post(
@@ -414,7 +444,7 @@ async fn cross_signing_keys_need_auth_only_to_be_replaced_and_signatures_merge()
         .post(&format!("{V3}/keys/query"), Some(&bob), query)
         .await;
     let signatures = &query["device_keys"][user]["PHONE"]["signatures"][user];
-    assert_eq!(signatures["ed25519:SELF"], "device-signature");
+    assert_eq!(signatures[&self_name], signature);
     assert_eq!(
         signatures["ed25519:PHONE"], "signature",
         "the device's own signature stays"

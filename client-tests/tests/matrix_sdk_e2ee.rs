@@ -81,6 +81,30 @@ async fn an_encrypted_message_is_decrypted_by_the_recipient_and_its_second_devic
         .await
         .expect("status");
     assert!(status.has_master && status.has_self_signing && status.has_user_signing);
+    // The bootstrap signed the device with the self-signing key, and the
+    // server checked and kept that signature.
+    let query: Value = reqwest::Client::new()
+        .post(format!("{base}/_matrix/client/v3/keys/query"))
+        .bearer_auth(alice.access_token().unwrap())
+        .json(&json!({ "device_keys": { "@alice:localhost": ["ALICE1"] } }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let self_signing = query["self_signing_keys"]["@alice:localhost"]["keys"]
+        .as_object()
+        .expect("self-signing key published")
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    let device_signatures = &query["device_keys"]["@alice:localhost"]["ALICE1"]["signatures"];
+    assert!(
+        device_signatures["@alice:localhost"][&self_signing].is_string(),
+        "{query}"
+    );
 
     // An encrypted room with both in it.
     let room = alice

@@ -390,6 +390,10 @@ impl E2ee {
                 );
                 continue;
             }
+            if let Err(reason) = self.check_signatures(signer, new_signatures, &object) {
+                fail(&user_id, &key_id, "M_INVALID_SIGNATURE", &reason);
+                continue;
+            }
             for (name, signature) in new_signatures {
                 stored["signatures"][signer.as_str()][name] = signature.clone();
             }
@@ -407,6 +411,62 @@ impl E2ee {
         self.storage.commit(batch).await?;
         drop(reservations);
         Ok(failures)
+    }
+
+    /// Checks each of the signer's new signatures on `object` against the
+    /// signer's public key it names (one of their devices or cross-signing
+    /// keys); `Err` says why one does not hold.
+    fn check_signatures(
+        &self,
+        signer: &UserId,
+        signatures: &Map<String, Value>,
+        object: &Value,
+    ) -> std::result::Result<(), String> {
+        let canonical: ruma::CanonicalJsonObject = serde_json::from_value(object.clone())
+            .map_err(|e| format!("not canonical JSON: {e}"))?;
+        let signed = ruma::signatures::to_canonical_json_string_for_signing(&canonical)
+            .map_err(|e| e.to_string())?;
+        for (name, signature) in signatures {
+            let public_key = self
+                .signing_key(signer, name)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("{name} is not a key of {signer}"))?;
+            let decode = |text: &str| {
+                ruma::serde::Base64::<ruma::serde::base64::Standard>::parse(text)
+                    .map(|b| b.into_inner())
+                    .map_err(|e| e.to_string())
+            };
+            let signature = decode(signature.as_str().ok_or("a signature must be a string")?)?;
+            ruma::signatures::verify_canonical_json_bytes(
+                &ruma::SigningKeyAlgorithm::Ed25519,
+                &decode(&public_key)?,
+                &signature,
+                signed.as_bytes(),
+            )
+            .map_err(|_| format!("the signature by {name} does not verify"))?;
+        }
+        Ok(())
+    }
+
+    /// The public key behind `ed25519:<id>` of a user: a device's key, or a
+    /// cross-signing key (whose ID is the key itself).
+    fn signing_key(&self, user: &UserId, name: &str) -> Result<Option<String>> {
+        let Some(id) = name.strip_prefix("ed25519:") else {
+            return Ok(None);
+        };
+        if let Some(keys) = self.device_keys(user, id)? {
+            if let Some(key) = keys["keys"][name].as_str() {
+                return Ok(Some(key.to_owned()));
+            }
+        }
+        for usage in CROSS_SIGNING_USAGES {
+            if let Some(key) = self.cross_signing_key(user, usage)? {
+                if let Some(public) = key["keys"][name].as_str() {
+                    return Ok(Some(public.to_owned()));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// A device's keys (key ID = device ID) or a cross-signing key (key ID
