@@ -52,6 +52,7 @@ pub struct Config {
     pub password_hashing: PasswordHashing,
     pub log: LogConfig,
     pub well_known: WellKnown,
+    pub media: MediaConfig,
 }
 
 impl Default for Config {
@@ -72,6 +73,32 @@ impl Default for Config {
             password_hashing: PasswordHashing::default(),
             log: LogConfig::default(),
             well_known: WellKnown::default(),
+            media: MediaConfig::default(),
+        }
+    }
+}
+
+/// Uploaded media (`/_matrix/media`, `/_matrix/client/v1/media`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// Largest file accepted, in bytes.
+    pub max_upload_bytes: u64,
+    /// How long a media ID from `POST /_matrix/media/v1/create` waits for
+    /// its upload.
+    pub pending_upload_expiry_ms: u64,
+    /// Whether the unauthenticated `/_matrix/media/v3` download endpoints
+    /// serve media. Off by default, as Synapse freezes them: media is read
+    /// through the authenticated `/_matrix/client/v1/media` endpoints.
+    pub legacy_unauthenticated_downloads: bool,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            max_upload_bytes: 100 * 1024 * 1024,
+            pending_upload_expiry_ms: 24 * 60 * 60 * 1000,
+            legacy_unauthenticated_downloads: false,
         }
     }
 }
@@ -325,6 +352,15 @@ impl Config {
         }
         if self.max_request_body_bytes < 1024 {
             return fail("max_request_body_bytes", "must be at least 1024".to_owned());
+        }
+        if self.media.max_upload_bytes < 1024 {
+            return fail("media.max_upload_bytes", "must be at least 1024".to_owned());
+        }
+        if self.media.pending_upload_expiry_ms < 1000 {
+            return fail(
+                "media.pending_upload_expiry_ms",
+                "must be at least 1000".to_owned(),
+            );
         }
         if self.refreshable_access_token_lifetime_ms < 1000 {
             return fail(

@@ -103,6 +103,9 @@ impl From<Error> for MatrixError {
             Error::InvalidRoomState(_) => plain(StatusCode::BAD_REQUEST, "M_INVALID_ROOM_STATE"),
             Error::BadAlias(_) => plain(StatusCode::BAD_REQUEST, "M_BAD_ALIAS"),
             Error::UnknownPos(_) => plain(StatusCode::BAD_REQUEST, "M_UNKNOWN_POS"),
+            Error::CannotOverwriteMedia(_) => {
+                plain(StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA")
+            }
             Error::WrongRoomKeysVersion { current_version } => {
                 let mut error = plain(StatusCode::FORBIDDEN, "M_WRONG_ROOM_KEYS_VERSION");
                 error.body["current_version"] = json!(current_version);

@@ -19,8 +19,8 @@ use tower_http::trace::TraceLayer;
 
 use crate::services::Services;
 use client::{
-    account, devices, directory, discovery, keys, membership, profile, relations, room_events,
-    room_keys, session, sliding_sync, sync, user_data,
+    account, devices, directory, discovery, keys, media, membership, profile, relations,
+    room_events, room_keys, session, sliding_sync, sync, user_data,
 };
 use error::MatrixError;
 
@@ -53,6 +53,30 @@ pub fn router(state: AppState) -> Router {
             get(relations::by_type_and_event_type),
         )
         .route(&v1_room("/threads"), get(relations::threads))
+        .route("/_matrix/media/v3/upload", post(media::upload))
+        .route("/_matrix/media/v1/create", post(media::create))
+        .route(
+            "/_matrix/media/v3/upload/{server_name}/{media_id}",
+            put(media::upload_to),
+        )
+        .route("/_matrix/client/v1/media/config", get(media::config))
+        .route("/_matrix/media/v3/config", get(media::config))
+        .route(
+            "/_matrix/client/v1/media/download/{server_name}/{media_id}",
+            get(media::download),
+        )
+        .route(
+            "/_matrix/client/v1/media/download/{server_name}/{media_id}/{file_name}",
+            get(media::download_named),
+        )
+        .route(
+            "/_matrix/media/v3/download/{server_name}/{media_id}",
+            get(media::legacy_download),
+        )
+        .route(
+            "/_matrix/media/v3/download/{server_name}/{media_id}/{file_name}",
+            get(media::legacy_download_named),
+        )
         .route(
             "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
             post(sliding_sync::sliding_sync),

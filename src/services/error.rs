@@ -55,6 +55,9 @@ pub enum Error {
     /// A room key backup request for a version that is not the current one.
     #[error("the current backup version is {current_version}")]
     WrongRoomKeysVersion { current_version: String },
+    /// A media ID that already has its content.
+    #[error("{0}")]
+    CannotOverwriteMedia(String),
     /// A sliding sync position this server does not know (or no longer).
     #[error("{0}")]
     UnknownPos(String),

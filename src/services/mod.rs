@@ -12,6 +12,7 @@ pub mod filter;
 pub mod key_backup;
 pub mod keys;
 mod locks;
+pub mod media;
 pub mod profiles;
 pub mod rate_limit;
 pub mod rooms;
@@ -49,6 +50,7 @@ pub struct Services {
     pub sliding: sliding::Connections,
     pub e2ee: e2ee::E2ee,
     pub key_backup: key_backup::KeyBackup,
+    pub media: media::Media,
     pub uia: Uia,
     pub rate_limiter: RateLimiter,
     clock: Arc<dyn Clock>,
@@ -82,6 +84,13 @@ impl Services {
             sliding: sliding::Connections::new(clock.now_ms()),
             e2ee: e2ee::E2ee::new(storage.clone(), stream.clone(), clock.as_ref()),
             key_backup: key_backup::KeyBackup::new(storage.clone()),
+            media: media::Media::new(
+                storage.clone(),
+                &config.data_dir,
+                config.server_name.clone(),
+                config.media.clone(),
+                clock.clone(),
+            ),
             rooms,
             user_data,
             directory: Directory::new(storage.clone(), config.server_name.clone()),

@@ -78,11 +78,13 @@ pub enum Cf {
     BackupVersions,
     /// Backed-up room keys.
     BackupKeys,
+    /// Uploaded media: what each media ID names.
+    Media,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 32] = [
+    pub const ALL: [Cf; 33] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -115,6 +117,7 @@ impl Cf {
         Cf::CrossSigningKeys,
         Cf::BackupVersions,
         Cf::BackupKeys,
+        Cf::Media,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -152,6 +155,7 @@ impl Cf {
             Cf::CrossSigningKeys => "cross_signing_keys",
             Cf::BackupVersions => "backup_versions",
             Cf::BackupKeys => "backup_keys",
+            Cf::Media => "media",
         }
     }
 

@@ -167,6 +167,24 @@ pub const BACKUP_VERSIONS: Table<(String, u64), BackupVersion> = Table::new(Cf::
 pub const BACKUP_KEYS: Table<(String, u64, String, String), serde_json::Value> =
     Table::new(Cf::BackupKeys);
 
+/// (server name, media ID) → the media's record.
+pub const MEDIA: Table<(String, String), MediaRecord> = Table::new(Cf::Media);
+
+/// An uploaded file, or a media ID waiting for its upload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaRecord {
+    pub uploader: String,
+    pub created_ts: u64,
+    /// The SHA-256 of the content, hex: the file's name in the media
+    /// directory. `None` while the upload is pending.
+    pub content_hash: Option<String>,
+    pub content_type: Option<String>,
+    pub filename: Option<String>,
+    pub size: u64,
+    /// For a pending media ID: when it stops waiting for its content.
+    pub pending_until: Option<u64>,
+}
+
 /// A room key backup version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupVersion {

@@ -5,6 +5,7 @@ pub mod devices;
 pub mod directory;
 pub mod discovery;
 pub mod keys;
+pub mod media;
 pub mod membership;
 pub mod profile;
 pub mod relations;

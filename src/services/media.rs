@@ -1,0 +1,249 @@
+//! Uploaded media: files under the data directory, named by the SHA-256
+//! of their content (so a file uploaded twice is stored once), and a
+//! record per media ID in the `media` table.
+//!
+//! A file is written to a temporary name, synced, renamed into place and
+//! its directory synced before its record is committed, so a crash never
+//! leaves a record naming a missing or partial file. A crash can leave an
+//! unreferenced file or temporary file, which costs space, never data.
+//! The only writer of the media directory and the `media` table.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rand::Rng;
+use sha2::{Digest, Sha256};
+
+use super::clock::Clock;
+use super::error::{Error, Result};
+use crate::config::MediaConfig;
+use crate::storage::tables::{self, MediaRecord};
+use crate::storage::{Batch, Storage};
+
+pub struct Media {
+    storage: Storage,
+    dir: PathBuf,
+    server_name: String,
+    config: MediaConfig,
+    clock: Arc<dyn Clock>,
+}
+
+/// A file being received: written and hashed as it arrives.
+pub struct Incoming {
+    file: std::fs::File,
+    path: PathBuf,
+    hasher: Sha256,
+    size: u64,
+    limit: u64,
+}
+
+/// What an upload says of its content.
+#[derive(Clone, Debug, Default)]
+pub struct Description {
+    pub content_type: Option<String>,
+    pub filename: Option<String>,
+}
+
+impl Incoming {
+    /// Appends a chunk; `TooLarge` past the configured limit.
+    pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        self.size += chunk.len() as u64;
+        if self.size > self.limit {
+            return Err(Error::TooLarge(format!(
+                "media may be at most {} bytes",
+                self.limit
+            )));
+        }
+        self.hasher.update(chunk);
+        self.file.write_all(chunk).map_err(io_error)
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        // Renamed away when stored; otherwise an abandoned upload.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Media {
+    pub fn new(
+        storage: Storage,
+        data_dir: &Path,
+        server_name: String,
+        config: MediaConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Media {
+            storage,
+            dir: data_dir.join("media"),
+            server_name,
+            config,
+            clock,
+        }
+    }
+
+    pub fn max_upload_bytes(&self) -> u64 {
+        self.config.max_upload_bytes
+    }
+
+    pub fn legacy_downloads(&self) -> bool {
+        self.config.legacy_unauthenticated_downloads
+    }
+
+    /// Starts receiving a file into a temporary name.
+    pub fn incoming(&self) -> Result<Incoming> {
+        let tmp = self.dir.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(io_error)?;
+        let name: u64 = rand::thread_rng().gen();
+        let path = tmp.join(format!("{name:016x}"));
+        let file = std::fs::File::create(&path).map_err(io_error)?;
+        Ok(Incoming {
+            file,
+            path,
+            hasher: Sha256::new(),
+            size: 0,
+            limit: self.config.max_upload_bytes,
+        })
+    }
+
+    /// `POST /_matrix/media/v1/create`: a media ID that waits for its
+    /// content; answers it and when it stops waiting.
+    pub async fn create_pending(&self, uploader: &str) -> Result<(String, u64)> {
+        let media_id = new_media_id();
+        let now = self.clock.now_ms();
+        let until = now + self.config.pending_upload_expiry_ms;
+        let record = MediaRecord {
+            uploader: uploader.to_owned(),
+            created_ts: now,
+            content_hash: None,
+            content_type: None,
+            filename: None,
+            size: 0,
+            pending_until: Some(until),
+        };
+        let mut batch = Batch::new();
+        batch.put(
+            tables::MEDIA,
+            &(self.server_name.clone(), media_id.clone()),
+            &record,
+        );
+        self.storage.commit(batch).await?;
+        Ok((media_id, until))
+    }
+
+    /// Stores a received file under a new media ID, or under a pending one
+    /// the uploader reserved; answers the media ID.
+    pub async fn store(
+        &self,
+        uploader: &str,
+        pending: Option<&str>,
+        incoming: Incoming,
+        description: Description,
+    ) -> Result<String> {
+        let media_id = match pending {
+            Some(media_id) => {
+                self.check_pending(uploader, media_id)?;
+                media_id.to_owned()
+            }
+            None => new_media_id(),
+        };
+        let size = incoming.size;
+        let hash = self.put_in_place(incoming).await?;
+        let record = MediaRecord {
+            uploader: uploader.to_owned(),
+            created_ts: self.clock.now_ms(),
+            content_hash: Some(hash),
+            content_type: description.content_type,
+            filename: description.filename,
+            size,
+            pending_until: None,
+        };
+        let mut batch = Batch::new();
+        batch.put(
+            tables::MEDIA,
+            &(self.server_name.clone(), media_id.clone()),
+            &record,
+        );
+        self.storage.commit(batch).await?;
+        Ok(media_id)
+    }
+
+    fn check_pending(&self, uploader: &str, media_id: &str) -> Result<()> {
+        let key = (self.server_name.clone(), media_id.to_owned());
+        let record = self
+            .storage
+            .get(tables::MEDIA, &key)?
+            .ok_or_else(|| Error::NotFound("unknown media ID".to_owned()))?;
+        if record.uploader != uploader {
+            return Err(Error::Forbidden(
+                "this media ID was created by another user".to_owned(),
+            ));
+        }
+        match record.pending_until {
+            None => Err(Error::CannotOverwriteMedia(
+                "this media already has content".to_owned(),
+            )),
+            Some(until) if until < self.clock.now_ms() => {
+                Err(Error::NotFound("this media ID expired".to_owned()))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Syncs the temporary file, renames it to its content hash (keeping an
+    /// identical file already there) and syncs the directory.
+    async fn put_in_place(&self, incoming: Incoming) -> Result<String> {
+        let hash = crate::storage::tables::to_hex(&incoming.hasher.clone().finalize());
+        let final_dir = self.dir.join(&hash[..2]);
+        let final_path = final_dir.join(&hash);
+        let temp_path = incoming.path.clone();
+        let file = incoming.file.try_clone().map_err(io_error)?;
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            file.sync_all()?;
+            std::fs::create_dir_all(&final_dir)?;
+            if !final_path.exists() {
+                std::fs::rename(&temp_path, &final_path)?;
+                std::fs::File::open(&final_dir)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(io_error)?;
+        // Dropping `incoming` removes the temporary file if it is still
+        // there (the content was already stored).
+        drop(incoming);
+        Ok(hash)
+    }
+
+    /// A stored file's record and path; `None` for an unknown or pending
+    /// media ID.
+    pub fn open(&self, server: &str, media_id: &str) -> Result<Option<(MediaRecord, PathBuf)>> {
+        let key = (server.to_owned(), media_id.to_owned());
+        let Some(record) = self.storage.get(tables::MEDIA, &key)? else {
+            return Ok(None);
+        };
+        let Some(hash) = &record.content_hash else {
+            return Ok(None);
+        };
+        if hash.len() < 2 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(Error::Internal(format!("media {media_id} has a bad hash")));
+        }
+        let path = self.dir.join(&hash[..2]).join(hash);
+        Ok(Some((record, path)))
+    }
+
+    pub fn server_name(&self) -> &str {
+        &self.server_name
+    }
+}
+
+fn new_media_id() -> String {
+    crate::ids::new_secret("", &mut rand::thread_rng())[..24].to_owned()
+}
+
+fn io_error(error: std::io::Error) -> Error {
+    Error::Internal(format!("media storage: {error}"))
+}
