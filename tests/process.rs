@@ -380,3 +380,100 @@ fn stop_during_writes_and_check(signal: libc::c_int) {
         }
     });
 }
+
+/// Content for upload `n` of uploader `id`: distinct, and long enough that
+/// a kill can land in the middle of writing it.
+fn media_content(id: usize, n: u64) -> Vec<u8> {
+    let size = 64 * 1024 + (n as usize % 7) * 20_000;
+    (0..size)
+        .map(|i| (i as u64 * 31 + n * 7 + id as u64 * 13) as u8)
+        .collect()
+}
+
+async fn uploader(base: String, token: String, id: usize) -> Vec<(String, u64)> {
+    let http = reqwest::Client::new();
+    let mut acknowledged = Vec::new();
+    for n in 0u64.. {
+        let Ok(response) = http
+            .post(format!("{base}/_matrix/media/v3/upload"))
+            .bearer_auth(&token)
+            .header("Content-Type", "application/octet-stream")
+            .body(media_content(id, n))
+            .send()
+            .await
+        else {
+            break;
+        };
+        if response.status() != StatusCode::OK {
+            break;
+        }
+        let Ok(answer) = response.json::<Value>().await else {
+            break;
+        };
+        let uri = answer["content_uri"].as_str().unwrap().to_owned();
+        acknowledged.push((uri, n));
+    }
+    acknowledged
+}
+
+#[test]
+fn a_crash_during_uploads_loses_no_acknowledged_media() {
+    let root = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut server = ServerProcess::start(myelin(root.path()));
+    let base = format!("http://{}", server.addr);
+    let token = runtime.block_on(async {
+        let body = json!({
+            "username": "uploader",
+            "password": PASSWORD,
+            "auth": { "type": "m.login.dummy" },
+        });
+        let answer: Value = reqwest::Client::new()
+            .post(format!("{base}/_matrix/client/v3/register"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer["access_token"].as_str().unwrap().to_owned()
+    });
+    let uploaders: Vec<_> = (0..4)
+        .map(|id| runtime.spawn(uploader(base.clone(), token.clone(), id)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    let pid = server.child.id() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    server.child.wait().unwrap();
+    let seen: Vec<Vec<(String, u64)>> = runtime.block_on(async {
+        let mut seen = Vec::new();
+        for uploader in uploaders {
+            seen.push(uploader.await.unwrap());
+        }
+        seen
+    });
+    drop(server);
+    let total: usize = seen.iter().map(Vec::len).sum();
+    assert!(total >= 8, "too few uploads to prove anything: {total}");
+    eprintln!("{total} uploads acknowledged before SIGKILL");
+
+    let server = ServerProcess::start(myelin(root.path()));
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        for (id, uploads) in seen.iter().enumerate() {
+            for (uri, n) in uploads {
+                let rest = uri.strip_prefix("mxc://").unwrap();
+                let response = http
+                    .get(server.url(&format!("/_matrix/client/v1/media/download/{rest}")))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), StatusCode::OK, "{uri} was lost");
+                let bytes = response.bytes().await.unwrap();
+                assert!(bytes.to_vec() == media_content(id, *n), "{uri} differs");
+            }
+        }
+    });
+}
