@@ -597,3 +597,36 @@ async fn room_key_backup_versions_and_keys() {
         .await;
     assert_error(&unknown, StatusCode::NOT_FOUND, "M_NOT_FOUND");
 }
+
+#[tokio::test]
+async fn malformed_key_objects_are_refused_and_unsigned_data_is_the_servers() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register_device("alice", "PHONE").await);
+    let mut bad = device_keys("@alice:localhost", "PHONE");
+    bad["keys"] = json!(5);
+    let answer = upload(&server, &alice, json!({ "device_keys": bad })).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "M_BAD_JSON");
+    let mut bad = device_keys("@alice:localhost", "PHONE");
+    bad["signatures"] = json!({ "@alice:localhost": "not an object" });
+    let answer = upload(&server, &alice, json!({ "device_keys": bad })).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "M_BAD_JSON");
+    // Unsigned data from the client is dropped; the server fills it in.
+    let mut keys = device_keys("@alice:localhost", "PHONE");
+    keys["unsigned"] = json!(5);
+    assert_eq!(
+        upload(&server, &alice, json!({ "device_keys": keys }))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (status, answer) = server
+        .post(
+            &format!("{V3}/keys/query"),
+            Some(&alice),
+            json!({ "device_keys": { "@alice:localhost": [] } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let unsigned = &answer["device_keys"]["@alice:localhost"]["PHONE"]["unsigned"];
+    assert_eq!(unsigned, &json!({ "device_display_name": "alice's phone" }));
+}

@@ -75,6 +75,8 @@ impl E2ee {
                     "device_keys must name the uploading user and device".to_owned(),
                 ));
             }
+            check_key_object(&keys)?;
+            let keys = without_unsigned(keys);
             let key = (user.to_string(), device_id.to_owned());
             if self.storage.get(tables::DEVICE_KEYS, &key)?.as_ref() != Some(&keys) {
                 batch.put(tables::DEVICE_KEYS, &key, &keys);
@@ -313,7 +315,7 @@ impl E2ee {
             let stored = self.cross_signing_key(user, usage)?;
             any_stored |= stored.is_some();
             if let Some((_, given)) = keys.iter().find(|(u, _)| u == usage) {
-                all_same &= stored.as_ref() == Some(given);
+                all_same &= stored.as_ref() == Some(&without_unsigned(given.clone()));
             }
         }
         Ok(any_stored && !all_same)
@@ -329,6 +331,7 @@ impl E2ee {
         let _guard = self.locks.lock(user.as_str()).await;
         let mut batch = Batch::new();
         for (usage, key) in &keys {
+            check_key_object(key)?;
             let names_usage = key["usage"]
                 .as_array()
                 .is_some_and(|usages| usages.iter().any(|u| u == usage.as_str()));
@@ -339,7 +342,11 @@ impl E2ee {
                 )));
             }
             let row = (user.to_string(), usage.clone());
-            batch.put(tables::CROSS_SIGNING_KEYS, &row, key);
+            batch.put(
+                tables::CROSS_SIGNING_KEYS,
+                &row,
+                &without_unsigned(key.clone()),
+            );
         }
         let entry = StreamEntry::DeviceList {
             user_id: user.to_string(),
@@ -395,7 +402,7 @@ impl E2ee {
                 continue;
             }
             for (name, signature) in new_signatures {
-                stored["signatures"][signer.as_str()][name] = signature.clone();
+                add_signature(&mut stored, signer.as_str(), name, signature.clone());
             }
             match row {
                 Signable::Device(row) => batch.put(tables::DEVICE_KEYS, &row, &stored),
@@ -494,6 +501,62 @@ impl E2ee {
 enum Signable {
     Device((String, String)),
     CrossSigning((String, String)),
+}
+
+/// A key object as stored: an object whose `keys` is an object and whose
+/// `signatures`, if any, maps users to objects.
+fn check_key_object(key: &Value) -> Result<()> {
+    let bad = |what: &str| Err(Error::BadJson(format!("keys: {what}")));
+    let Some(fields) = key.as_object() else {
+        return bad("must be an object");
+    };
+    if !fields.get("keys").is_some_and(Value::is_object) {
+        return bad("`keys` must be an object");
+    }
+    if let Some(signatures) = fields.get("signatures") {
+        let well_formed = signatures
+            .as_object()
+            .is_some_and(|users| users.values().all(Value::is_object));
+        if !well_formed {
+            return bad("`signatures` must map users to objects");
+        }
+    }
+    Ok(())
+}
+
+/// A key object without the unsigned data a client may have sent: that
+/// part is the server's to fill in.
+fn without_unsigned(mut key: Value) -> Value {
+    if let Some(fields) = key.as_object_mut() {
+        fields.remove("unsigned");
+    }
+    key
+}
+
+/// Adds one signature to a stored key object, whatever shape its
+/// `signatures` had.
+fn add_signature(stored: &mut Value, signer: &str, name: &str, signature: Value) {
+    let Some(fields) = stored.as_object_mut() else {
+        return;
+    };
+    let signatures = fields
+        .entry("signatures")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !signatures.is_object() {
+        *signatures = Value::Object(Map::new());
+    }
+    let Some(by_user) = signatures.as_object_mut() else {
+        return;
+    };
+    let mine = by_user
+        .entry(signer)
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !mine.is_object() {
+        *mine = Value::Object(Map::new());
+    }
+    if let Some(mine) = mine.as_object_mut() {
+        mine.insert(name.to_owned(), signature);
+    }
 }
 
 /// A key object without its signatures and unsigned data, to compare what

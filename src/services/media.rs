@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use super::clock::Clock;
 use super::error::{Error, Result};
+use super::locks::StripedLocks;
 use crate::config::MediaConfig;
 use crate::storage::tables::{self, MediaRecord};
 use crate::storage::{Batch, Storage};
@@ -27,6 +28,7 @@ pub struct Media {
     server_name: String,
     config: MediaConfig,
     clock: Arc<dyn Clock>,
+    locks: StripedLocks,
 }
 
 /// A file being received: written and hashed as it arrives.
@@ -81,6 +83,7 @@ impl Media {
             server_name,
             config,
             clock,
+            locks: StripedLocks::new(64),
         }
     }
 
@@ -142,6 +145,12 @@ impl Media {
         incoming: Incoming,
         description: Description,
     ) -> Result<String> {
+        // Under the media ID's lock, so that of two uploads to one pending
+        // ID the second finds it filled.
+        let _guard = match pending {
+            Some(media_id) => Some(self.locks.lock(media_id).await),
+            None => None,
+        };
         let media_id = match pending {
             Some(media_id) => {
                 self.check_pending(uploader, media_id)?;
@@ -202,11 +211,19 @@ impl Media {
         let file = incoming.file.try_clone().map_err(io_error)?;
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             file.sync_all()?;
-            std::fs::create_dir_all(&final_dir)?;
+            if !final_dir.exists() {
+                std::fs::create_dir_all(&final_dir)?;
+                // The new directory's own entry must be durable too.
+                if let Some(parent) = final_dir.parent() {
+                    std::fs::File::open(parent)?.sync_all()?;
+                }
+            }
             if !final_path.exists() {
                 std::fs::rename(&temp_path, &final_path)?;
-                std::fs::File::open(&final_dir)?.sync_all()?;
             }
+            // Synced even when the file was there: another upload of the
+            // same content may not have synced its rename yet.
+            std::fs::File::open(&final_dir)?.sync_all()?;
             Ok(())
         })
         .await

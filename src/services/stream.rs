@@ -33,10 +33,15 @@ pub struct StreamCounter {
     last: AtomicU64,
     positions: Mutex<Positions>,
     wakeups: Arc<Wakeups>,
+    storage: Storage,
 }
 
 struct Positions {
     in_flight: BTreeSet<u64>,
+    /// The highest position whose batch committed. A reader is never told
+    /// of a position above it: a position whose batch failed has no row,
+    /// so after a restart the counter would hand it out again.
+    recorded: u64,
     /// Committed positions above the current one, with their topics.
     waiting: BTreeMap<u64, Vec<String>>,
 }
@@ -143,16 +148,25 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
+        // Whether the batch committed: its stream row is there or not.
+        let committed = self
+            .counter
+            .storage
+            .get(tables::STREAM, &self.position)
+            .is_ok_and(|row| row.is_some());
         let mut positions = self
             .counter
             .positions
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         positions.in_flight.remove(&self.position);
-        positions
-            .waiting
-            .insert(self.position, std::mem::take(&mut self.topics));
-        let current = current_of(&positions.in_flight, &self.counter.last);
+        if committed {
+            positions.recorded = positions.recorded.max(self.position);
+            positions
+                .waiting
+                .insert(self.position, std::mem::take(&mut self.topics));
+        }
+        let current = current_of(&positions);
         let visible: Vec<String> = match current.checked_add(1) {
             Some(above) => {
                 let still_waiting = positions.waiting.split_off(&above);
@@ -185,9 +199,11 @@ impl StreamCounter {
             last: AtomicU64::new(last),
             positions: Mutex::new(Positions {
                 in_flight: BTreeSet::new(),
+                recorded: last,
                 waiting: BTreeMap::new(),
             }),
             wakeups,
+            storage: storage.clone(),
         })
     }
 
@@ -224,14 +240,16 @@ impl StreamCounter {
     /// The highest position up to which every write has finished.
     pub fn current(&self) -> u64 {
         let positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
-        current_of(&positions.in_flight, &self.last)
+        current_of(&positions)
     }
 }
 
-fn current_of(in_flight: &BTreeSet<u64>, last: &AtomicU64) -> u64 {
-    match in_flight.first() {
-        Some(oldest) => oldest - 1,
-        None => last.load(Ordering::SeqCst),
+/// Below the oldest write in flight, and no higher than the last write
+/// that committed.
+fn current_of(positions: &Positions) -> u64 {
+    match positions.in_flight.first() {
+        Some(oldest) => (oldest - 1).min(positions.recorded),
+        None => positions.recorded,
     }
 }
 
@@ -239,8 +257,8 @@ fn current_of(in_flight: &BTreeSet<u64>, last: &AtomicU64) -> u64 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_current_position_waits_for_the_oldest_write_in_flight() {
+    #[tokio::test]
+    async fn the_current_position_waits_for_the_oldest_write_in_flight() {
         let storage = Storage::in_memory();
         let counter = Arc::new(StreamCounter::load(&storage, Arc::default()).unwrap());
         let entry = StreamEntry::Presence {
@@ -250,11 +268,19 @@ mod tests {
         let (first, first_reservation) = counter.next_into(&mut batch, &entry);
         let (second, second_reservation) = counter.next_into(&mut batch, &entry);
         assert_eq!((first, second), (1, 2));
+        storage.commit(batch).await.unwrap();
         assert_eq!(counter.current(), 0);
         drop(second_reservation);
         assert_eq!(counter.current(), 0, "1 is still in flight");
         drop(first_reservation);
         assert_eq!(counter.current(), 2);
+        // A write that never commits moves nothing: readers are not told of
+        // a position that a restart would hand out again.
+        let (_, failed) = counter.next_into(&mut Batch::new(), &entry);
+        drop(failed);
+        assert_eq!(counter.current(), 2);
+        let restarted = StreamCounter::load(&storage, Arc::default()).unwrap();
+        assert_eq!(restarted.current(), 2);
     }
 
     #[tokio::test]
@@ -269,8 +295,10 @@ mod tests {
             event_id: "$e".to_owned(),
             member: None,
         };
-        let (_, earlier) = counter.next_into(&mut Batch::new(), &event("!b:x"));
-        let (_, later) = counter.next_into(&mut Batch::new(), &event("!a:x"));
+        let mut batch = Batch::new();
+        let (_, earlier) = counter.next_into(&mut batch, &event("!b:x"));
+        let (_, later) = counter.next_into(&mut batch, &event("!a:x"));
+        storage.commit(batch).await.unwrap();
         drop(later);
         let woken = |registration: &Registration| {
             let notified = registration.notified();
@@ -281,12 +309,14 @@ mod tests {
         assert!(woken(&room_reader), "woken once the position is current");
         assert!(woken(&other_reader));
         assert!(!woken(&room_reader), "one wake-up per write");
+        let mut batch = Batch::new();
         let (_, presence) = counter.next_into(
-            &mut Batch::new(),
+            &mut batch,
             &StreamEntry::Presence {
                 user_id: "@a:x".to_owned(),
             },
         );
+        storage.commit(batch).await.unwrap();
         drop(presence);
         assert!(
             woken(&room_reader) && woken(&other_reader),

@@ -96,7 +96,12 @@ pub async fn query(
                 continue;
             };
             if let Some(name) = &device.record.display_name {
-                keys["unsigned"]["device_display_name"] = json!(name);
+                if let Some(fields) = keys.as_object_mut() {
+                    fields.insert(
+                        "unsigned".to_owned(),
+                        json!({ "device_display_name": name }),
+                    );
+                }
             }
             devices.insert(device.device_id.clone(), keys);
         }

@@ -431,12 +431,12 @@ impl Look<'_> {
             candidate.membership_stream
         };
         let timeline = self.timeline(candidate, config, since, end)?;
-        if since.is_some() && timeline.events.is_empty() && !membership_news {
+        if since.is_some() && timeline.events.is_empty() && !timeline.limited && !membership_news {
             return Ok(None);
         }
         let mut body = json!({
             "timeline": timeline.rendered,
-            "required_state": self.required_state(room_id, config, since, &timeline.events)?,
+            "required_state": self.required_state(room_id, config, since, end, &timeline.events)?,
             "prev_batch": format!("t{}", timeline.prev_batch),
             "limited": timeline.limited,
             "num_live": if initial { 0 } else { timeline.events.len() },
@@ -561,13 +561,15 @@ impl Look<'_> {
         room_id: &RoomId,
         config: &RoomConfig,
         since: Option<u64>,
+        end: u64,
         timeline: &[(Pdu, StoredPdu)],
     ) -> ApiResult<Vec<Value>> {
         if config.required_state.is_empty() {
             return Ok(Vec::new());
         }
         let rooms = &self.state.rooms;
-        let group = rooms.state_group_at(room_id, self.upto.stream)?;
+        // A room left is shown as it was at the leave.
+        let group = rooms.state_group_at(room_id, end)?;
         let senders: BTreeSet<&str> = timeline.iter().map(|(p, _)| p.sender.as_str()).collect();
         let mut events = Vec::new();
         for ((kind, state_key), event_id) in rooms.state_ids_at_group(group)? {
@@ -696,7 +698,7 @@ impl Look<'_> {
     /// a room it has not been sent on this connection.
     fn room_known_since(&self, room_id: &RoomId) -> u64 {
         match self.base.rooms.get(room_id.as_str()) {
-            Some(_) => self.base.stream,
+            Some(sent) => sent.stream,
             None => 0,
         }
     }

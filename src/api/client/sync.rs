@@ -385,6 +385,7 @@ impl SyncRequest<'_> {
         let worth_sending = newly_joined
             || self.full_state
             || slice.has_events
+            || slice.timeline["limited"] == true
             || !slice.state.is_empty()
             || !ephemeral.is_empty()
             || !account_data.is_empty();
