@@ -91,6 +91,11 @@ pub struct MediaConfig {
     /// serve media. Off by default, as Synapse freezes them: media is read
     /// through the authenticated `/_matrix/client/v1/media` endpoints.
     pub legacy_unauthenticated_downloads: bool,
+    /// Whether `GET /_matrix/client/v1/media/preview_url` fetches pages.
+    pub url_previews: bool,
+    /// Whether previews may fetch private, loopback and link-local
+    /// addresses. Off: a page on the server's own network is never fetched.
+    pub url_preview_private_addresses: bool,
 }
 
 impl Default for MediaConfig {
@@ -99,6 +104,8 @@ impl Default for MediaConfig {
             max_upload_bytes: 100 * 1024 * 1024,
             pending_upload_expiry_ms: 24 * 60 * 60 * 1000,
             legacy_unauthenticated_downloads: false,
+            url_previews: false,
+            url_preview_private_addresses: false,
         }
     }
 }

@@ -333,3 +333,82 @@ async fn identical_files_are_stored_once() {
         );
     }
 }
+
+/// A one-page web server on loopback: `/` redirects to `/page`, which has
+/// OpenGraph tags. Returns its base URL.
+async fn web_page() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 4096];
+                let read = socket.read(&mut request).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&request[..read]).to_string();
+                let answer = if request.starts_with("GET /page") {
+                    let body = r#"<html><head><title>Fallback</title>
+                        <meta property="og:title" content="Myelin news">
+                        <meta property="og:description" content="Sync is fast">
+                        </head><body>hi</body></html>"#;
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 302 Found\r\nLocation: /page\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .to_owned()
+                };
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+#[tokio::test]
+async fn url_previews_are_off_by_default_and_never_reach_private_addresses() {
+    let page = web_page().await;
+    let path = |url: &str| {
+        let encoded: String = form_urlencoded::byte_serialize(url.as_bytes()).collect();
+        format!("/_matrix/client/v1/media/preview_url?url={encoded}")
+    };
+    let off = TestServer::start().await;
+    let alice = token(&off.register("alice").await);
+    assert_error(
+        &off.get(&path(&page), Some(&alice)).await,
+        StatusCode::NOT_FOUND,
+        "M_UNRECOGNIZED",
+    );
+
+    let guarded = TestServer::start_with(|c| c.media.url_previews = true).await;
+    let bob = token(&guarded.register("bob").await);
+    for private in [
+        page.clone(),
+        page.replace("127.0.0.1", "localhost"),
+        "http://[::1]:9/".to_owned(),
+    ] {
+        let answer = guarded.get(&path(&private), Some(&bob)).await;
+        assert_error(&answer, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    }
+    let not_a_url = guarded.get(&path("no url"), Some(&bob)).await;
+    assert_error(&not_a_url, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    let scheme = guarded.get(&path("file:///etc/passwd"), Some(&bob)).await;
+    assert_error(&scheme, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+
+    // Allowed by configuration (as here, where every test server is on
+    // loopback), a page is fetched through its redirect and read.
+    let open = TestServer::start_with(|c| {
+        c.media.url_previews = true;
+        c.media.url_preview_private_addresses = true;
+    })
+    .await;
+    let carol = token(&open.register("carol").await);
+    let (status, preview) = open.get(&path(&page), Some(&carol)).await;
+    assert_eq!(status, StatusCode::OK, "{preview}");
+    assert_eq!(preview["og:title"], "Myelin news");
+    assert_eq!(preview["og:description"], "Sync is fast");
+}

@@ -60,6 +60,10 @@ pub fn router(state: AppState) -> Router {
             put(media::upload_to),
         )
         .route("/_matrix/client/v1/media/config", get(media::config))
+        .route(
+            "/_matrix/client/v1/media/preview_url",
+            get(media::preview_url),
+        )
         .route("/_matrix/media/v3/config", get(media::config))
         .route(
             "/_matrix/client/v1/media/download/{server_name}/{media_id}",

@@ -13,6 +13,7 @@ pub mod key_backup;
 pub mod keys;
 mod locks;
 pub mod media;
+pub mod preview;
 pub mod profiles;
 pub mod rate_limit;
 pub mod rooms;
@@ -51,6 +52,7 @@ pub struct Services {
     pub e2ee: e2ee::E2ee,
     pub key_backup: key_backup::KeyBackup,
     pub media: media::Media,
+    pub previews: preview::Previews,
     pub uia: Uia,
     pub rate_limiter: RateLimiter,
     clock: Arc<dyn Clock>,
@@ -84,6 +86,10 @@ impl Services {
             sliding: sliding::Connections::new(clock.now_ms()),
             e2ee: e2ee::E2ee::new(storage.clone(), stream.clone(), clock.as_ref()),
             key_backup: key_backup::KeyBackup::new(storage.clone()),
+            previews: preview::Previews::new(
+                config.media.url_previews,
+                config.media.url_preview_private_addresses,
+            ),
             media: media::Media::new(
                 storage.clone(),
                 &config.data_dir,

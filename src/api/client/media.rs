@@ -120,6 +120,26 @@ pub async fn upload_to(
     Ok(Json(json!({})))
 }
 
+#[derive(Deserialize)]
+pub struct PreviewQuery {
+    url: String,
+}
+
+/// `GET /_matrix/client/v1/media/preview_url`: the OpenGraph data of a
+/// page, when previews are switched on.
+pub async fn preview_url(
+    State(state): State<AppState>,
+    Auth(_): Auth,
+    Query(query): Query<PreviewQuery>,
+) -> ApiResult<Json<Value>> {
+    if !state.previews.enabled() {
+        return Err(MatrixError::unrecognized(StatusCode::NOT_FOUND));
+    }
+    Ok(Json(Value::Object(
+        state.previews.preview(&query.url).await?,
+    )))
+}
+
 /// `GET /_matrix/client/v1/media/config`
 pub async fn config(State(state): State<AppState>, Auth(_): Auth) -> Json<Value> {
     Json(json!({ "m.upload.size": state.media.max_upload_bytes() }))
