@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_error, token, TestServer};
+use common::{assert_error, send_text, token, woken, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -17,17 +17,6 @@ async fn sliding(server: &TestServer, token: &str, pos: Option<&str>, body: Valu
     let (status, answer) = server.post(&path, Some(token), body).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     answer
-}
-
-async fn send_text(server: &TestServer, token: &str, room_id: &str, txn: &str, body: &str) {
-    let (status, answer) = server
-        .put(
-            &format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{txn}"),
-            Some(token),
-            json!({ "msgtype": "m.text", "body": body }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
 }
 
 fn pos(answer: &Value) -> String {
@@ -377,16 +366,6 @@ async fn a_waiting_request_wakes_for_messages_typing_receipts_and_account_data()
         assert!(woken_with_it, "{kind}: {answer}");
         position = pos(&answer);
     }
-}
-
-/// The answer of a waiting request, which a write must have woken: the
-/// request waits up to a minute, so an answer only after half a minute
-/// means the wake-up was lost and the request ran into its timeout.
-async fn woken(waiting: tokio::task::JoinHandle<Value>) -> Value {
-    tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
-        .await
-        .expect("woken by the write, not by the timeout")
-        .unwrap()
 }
 
 #[tokio::test]

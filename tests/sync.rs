@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{assert_error, token, TestServer};
+use common::{assert_error, join, send_text, token, woken, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -32,35 +32,6 @@ async fn sync(
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     answer
-}
-
-async fn send_text(
-    server: &TestServer,
-    token: &str,
-    room_id: &str,
-    txn: &str,
-    body: &str,
-) -> String {
-    let (status, answer) = server
-        .put(
-            &format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{txn}"),
-            Some(token),
-            json!({ "msgtype": "m.text", "body": body }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    answer["event_id"].as_str().unwrap().to_owned()
-}
-
-async fn join(server: &TestServer, token: &str, room_id: &str) {
-    let (status, answer) = server
-        .post(
-            &format!("/_matrix/client/v3/rooms/{room_id}/join"),
-            Some(token),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
 }
 
 fn next_batch(answer: &Value) -> String {
@@ -767,16 +738,6 @@ async fn set_presence_marks_the_user_for_those_who_share_a_room() {
         events.iter().all(|e| e["sender"] != "@carol:localhost"),
         "carol shares no room with bob"
     );
-}
-
-/// The answer of a waiting request, which a write must have woken: the
-/// request waits up to a minute, so an answer only after half a minute
-/// means the wake-up was lost and the request ran into its timeout.
-async fn woken(waiting: tokio::task::JoinHandle<Value>) -> Value {
-    tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
-        .await
-        .expect("woken by the write, not by the timeout")
-        .unwrap()
 }
 
 #[tokio::test]

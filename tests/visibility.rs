@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{assert_error, token, TestServer};
+use common::{assert_error, join, token, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -49,12 +49,6 @@ fn urlencode(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-async fn join(server: &TestServer, token: &str, room: &str) {
-    let path = format!("/_matrix/client/v3/rooms/{room}/join");
-    let (status, answer) = server.post(&path, Some(token), json!({})).await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
 }
 
 #[tokio::test]

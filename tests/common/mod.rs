@@ -179,3 +179,39 @@ pub fn token(answer: &Value) -> String {
         .expect("access_token")
         .to_owned()
 }
+
+/// Sends a text message; returns its event ID.
+pub async fn send_text(
+    server: &TestServer,
+    token: &str,
+    room_id: &str,
+    txn: &str,
+    body: &str,
+) -> String {
+    let (status, answer) = server
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{txn}"),
+            Some(token),
+            json!({ "msgtype": "m.text", "body": body }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer["event_id"].as_str().unwrap().to_owned()
+}
+
+/// Joins a room, which must succeed.
+pub async fn join(server: &TestServer, token: &str, room_id: &str) {
+    let path = format!("/_matrix/client/v3/rooms/{room_id}/join");
+    let (status, answer) = server.post(&path, Some(token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+/// The answer of a waiting request, which a write must have woken: the
+/// request waits up to a minute, so an answer only after half a minute
+/// means the wake-up was lost and the request ran into its timeout.
+pub async fn woken(waiting: tokio::task::JoinHandle<Value>) -> Value {
+    tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("woken by the write, not by the timeout")
+        .unwrap()
+}

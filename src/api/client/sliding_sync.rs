@@ -21,8 +21,8 @@ use serde_json::{json, Map, Value};
 use super::membership::parse_user;
 use super::room_events::render_event;
 use super::sync::{
-    device_lists, receipts_event, room_is_named, room_members, stripped_state, unread_counts,
-    SyncToken,
+    device_lists, receipts_event, register_reader, room_is_named, room_members, stripped_state,
+    unread_counts, wait, SyncToken,
 };
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Query};
@@ -30,9 +30,9 @@ use crate::api::AppState;
 use crate::events::Pdu;
 use crate::services::accounts::Authed;
 use crate::services::e2ee::MAX_TO_DEVICE_PER_SYNC;
-use crate::services::rooms::visibility::{Reader, VisibilityCache};
+use crate::services::rooms::visibility::{Reader, Window};
 use crate::services::sliding::{ConnectionKey, RoomConfigKey, RoomSent, Snapshot};
-use crate::storage::tables::StoredPdu;
+use crate::storage::tables::{StoredPdu, UserRoom};
 use crate::storage::Direction;
 
 /// Longest a sliding sync waits, whatever the client asks.
@@ -143,13 +143,7 @@ pub async fn sliding_sync(
     super::sync::set_presence(&state, &user, query.set_presence.as_deref()).await?;
     let timeout_ms = query.timeout.unwrap_or(0).min(MAX_TIMEOUT_MS);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
-    let rooms: Vec<String> = state
-        .rooms
-        .memberships_of_user(&user)?
-        .into_iter()
-        .map(|(room_id, _)| room_id.to_string())
-        .collect();
-    let registration = state.sync.register(&user, &rooms);
+    let registration = register_reader(&state, &user)?;
     loop {
         let look = Look {
             state: &state,
@@ -169,10 +163,7 @@ pub async fn sliding_sync(
             }
             return Ok(Json(answer));
         }
-        tokio::select! {
-            () = registration.notified() => {}
-            () = tokio::time::sleep_until(deadline) => {}
-        }
+        wait(&registration, deadline).await;
     }
 }
 
@@ -272,16 +263,14 @@ impl Look<'_> {
         let rooms = &self.state.rooms;
         let mut candidates = Vec::new();
         for (room_id, record) in rooms.memberships_of_user(&self.user)? {
-            let (membership, event_id, stream) = if record.stream <= self.upto.stream {
-                (record.membership, record.event_id, record.stream)
-            } else {
-                let Some((membership, event_id)) =
-                    rooms.membership_at(&room_id, &self.user, self.upto.stream)?
-                else {
-                    continue;
-                };
-                let stream = rooms.pdu(&event_id)?.map_or(0, |(_, s)| s.stream);
-                (membership, event_id, stream)
+            let Some(UserRoom {
+                membership,
+                event_id,
+                stream,
+                ..
+            }) = rooms.membership_as_of(&room_id, &self.user, record, self.upto.stream)?
+            else {
+                continue;
             };
             let current = matches!(membership.as_str(), "join" | "invite" | "knock");
             let newly_left = !current
@@ -503,22 +492,6 @@ impl Look<'_> {
         end: u64,
     ) -> ApiResult<Timeline> {
         let limit = config.timeline_limit.min(MAX_TIMELINE_LIMIT) as usize;
-        let room_id = &candidate.room_id;
-        let page = self
-            .state
-            .rooms
-            .page(room_id, end, since, Direction::Backward, limit + 1)?;
-        let limited = page.events.len() > limit;
-        let mut window: Vec<(Pdu, StoredPdu)> = page
-            .events
-            .into_iter()
-            .zip(page.stored)
-            .take(limit)
-            .collect();
-        window.reverse();
-        let prev_batch = window
-            .first()
-            .map_or(end, |(_, stored)| stored.stream.saturating_sub(1));
         let reader = if candidate.membership == "join" {
             Reader::Joined
         } else {
@@ -529,17 +502,18 @@ impl Look<'_> {
                 .map_or(0, |(_, stored)| stored.state_group);
             Reader::Former { state_group }
         };
-        let mut cache = VisibilityCache::new();
-        let mut events = Vec::with_capacity(window.len());
-        for (pdu, stored) in window {
-            if self
-                .state
-                .rooms
-                .may_see_stored(&pdu, &stored, &self.user, reader, &mut cache)?
-            {
-                events.push((pdu, stored));
-            }
-        }
+        let Window {
+            events,
+            limited,
+            prev_batch,
+        } = self.state.rooms.visible_window(
+            &candidate.room_id,
+            &self.user,
+            reader,
+            (since, end),
+            limit,
+            |_| true,
+        )?;
         let rendered = events
             .iter()
             .map(|(pdu, stored)| render_event(self.state, pdu, Some(stored), self.authed))

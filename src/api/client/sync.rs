@@ -29,8 +29,9 @@ use crate::events::Pdu;
 use crate::services::accounts::Authed;
 use crate::services::e2ee::MAX_TO_DEVICE_PER_SYNC;
 use crate::services::filter::{EventFormat, Filter};
-use crate::services::rooms::visibility::{Reader, VisibilityCache};
+use crate::services::rooms::visibility::{Reader, Window};
 use crate::services::rooms::StateIds;
+use crate::services::stream::Registration;
 use crate::services::sync::{Changes, UnreadMemo};
 use crate::storage::tables::{StoredPdu, ToDeviceMessage, UserRoom};
 use crate::storage::Direction;
@@ -114,13 +115,7 @@ pub async fn sync(
     let timeout_ms = query.timeout.unwrap_or(0).min(MAX_TIMEOUT_MS);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
     // Registered before the first look: a write landing after it wakes us.
-    let rooms: Vec<String> = state
-        .rooms
-        .memberships_of_user(&user)?
-        .into_iter()
-        .map(|(room_id, _)| room_id.to_string())
-        .collect();
-    let registration = state.sync.register(&user, &rooms);
+    let registration = register_reader(&state, &user)?;
     if let Some(since) = since {
         // The device has everything up to its token: its to-device
         // messages up to there are delivered.
@@ -154,10 +149,27 @@ pub async fn sync(
         if !empty || since.is_none() || query.full_state || waited_enough {
             return Ok(Json(answer));
         }
-        tokio::select! {
-            () = registration.notified() => {}
-            () = tokio::time::sleep_until(deadline) => {}
-        }
+        wait(&registration, deadline).await;
+    }
+}
+
+/// Registers a waiting reader for the user's rooms (any membership) and
+/// the user; done before the first look, so no write after it is missed.
+pub fn register_reader(state: &AppState, user: &OwnedUserId) -> ApiResult<Registration> {
+    let rooms: Vec<String> = state
+        .rooms
+        .memberships_of_user(user)?
+        .into_iter()
+        .map(|(room_id, _)| room_id.to_string())
+        .collect();
+    Ok(state.sync.register(user, &rooms))
+}
+
+/// Waits for a wake-up or the deadline, whichever comes first.
+pub async fn wait(registration: &Registration, deadline: tokio::time::Instant) {
+    tokio::select! {
+        () = registration.notified() => {}
+        () = tokio::time::sleep_until(deadline) => {}
     }
 }
 
@@ -195,14 +207,6 @@ struct SyncRequest<'a> {
     full_state: bool,
     upto: SyncToken,
     to_device: Vec<ToDeviceMessage>,
-}
-
-/// A user's membership in a room as of the sync's upper bound.
-struct MembershipNow {
-    membership: String,
-    event_id: String,
-    stream: u64,
-    forgotten: bool,
 }
 
 /// A room's timeline and state for one sync.
@@ -285,36 +289,15 @@ impl SyncRequest<'_> {
 
     /// The membership as of `upto`; the index may already hold a later
     /// change whose position is not yet complete.
-    fn membership_now(
-        &self,
-        room_id: &RoomId,
-        record: UserRoom,
-    ) -> ApiResult<Option<MembershipNow>> {
-        if record.stream <= self.upto.stream {
-            return Ok(Some(MembershipNow {
-                membership: record.membership,
-                event_id: record.event_id,
-                stream: record.stream,
-                forgotten: record.forgotten,
-            }));
-        }
-        let rooms = &self.state.rooms;
-        let Some((membership, event_id)) =
-            rooms.membership_at(room_id, &self.user, self.upto.stream)?
-        else {
-            return Ok(None);
-        };
-        let stream = rooms.pdu(&event_id)?.map_or(0, |(_, stored)| stored.stream);
-        Ok(Some(MembershipNow {
-            membership,
-            event_id,
-            stream,
-            forgotten: false,
-        }))
+    fn membership_now(&self, room_id: &RoomId, record: UserRoom) -> ApiResult<Option<UserRoom>> {
+        Ok(self
+            .state
+            .rooms
+            .membership_as_of(room_id, &self.user, record, self.upto.stream)?)
     }
 
     /// Whether the membership changed inside this sync's window.
-    fn changed_in_window(&self, now: &MembershipNow) -> bool {
+    fn changed_in_window(&self, now: &UserRoom) -> bool {
         self.since.is_none_or(|since| now.stream > since.stream)
     }
 
@@ -322,7 +305,7 @@ impl SyncRequest<'_> {
     fn room_entry(
         &self,
         room_id: &RoomId,
-        now: &MembershipNow,
+        now: &UserRoom,
         changes: &Changes,
     ) -> ApiResult<Option<(&'static str, Value)>> {
         match now.membership.as_str() {
@@ -348,7 +331,7 @@ impl SyncRequest<'_> {
     fn joined_room(
         &self,
         room_id: &RoomId,
-        now: &MembershipNow,
+        now: &UserRoom,
         changes: &Changes,
     ) -> ApiResult<Option<Value>> {
         let newly_joined = match self.since {
@@ -411,7 +394,7 @@ impl SyncRequest<'_> {
 
     /// A room the user left (or was kicked or banned from) in the window,
     /// or any they left, for an initial sync that asks with `include_leave`.
-    fn left_room(&self, room_id: &RoomId, now: &MembershipNow) -> ApiResult<Option<Value>> {
+    fn left_room(&self, room_id: &RoomId, now: &UserRoom) -> ApiResult<Option<Value>> {
         if self.since.is_none() {
             let include_leave = self.filter.room.as_ref().is_some_and(|f| f.include_leave);
             if !include_leave {
@@ -458,35 +441,18 @@ impl SyncRequest<'_> {
             .and_then(|f| f.limit)
             .unwrap_or(DEFAULT_TIMELINE_LIMIT)
             .min(MAX_TIMELINE_LIMIT);
-        let page =
-            self.state
-                .rooms
-                .page(room_id, end, since, Direction::Backward, limit.max(1) + 1)?;
-        let limited = page.events.len() > limit;
-        let mut window: Vec<(Pdu, StoredPdu)> = page
-            .events
-            .into_iter()
-            .zip(page.stored)
-            .take(limit)
-            .collect();
-        window.reverse();
-        let first_position = window.first().map(|(_, stored)| stored.stream);
-        let prev_batch = match first_position {
-            Some(first) => first.saturating_sub(1),
-            None => end,
-        };
-        let mut cache = VisibilityCache::new();
-        let mut events = Vec::with_capacity(window.len());
-        for (pdu, stored) in window {
-            let visible = self
-                .state
-                .rooms
-                .may_see_stored(&pdu, &stored, &self.user, reader, &mut cache)?;
-            let wanted = timeline_filter.as_ref().is_none_or(|f| f.matches(&pdu));
-            if visible && wanted {
-                events.push((pdu, stored));
-            }
-        }
+        let Window {
+            events,
+            limited,
+            prev_batch,
+        } = self.state.rooms.visible_window(
+            room_id,
+            &self.user,
+            reader,
+            (since, end),
+            limit,
+            |pdu| timeline_filter.as_ref().is_none_or(|f| f.matches(pdu)),
+        )?;
         let state_ids = self.state_section(room_id, since, limited, prev_batch, &events)?;
         let members_changed = events
             .iter()

@@ -595,6 +595,30 @@ impl Rooms {
         }))
     }
 
+    /// The user's membership as of stream position `position`, given the
+    /// latest one from the index (which may be later than `position`).
+    pub fn membership_as_of(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        latest: UserRoom,
+        position: u64,
+    ) -> Result<Option<UserRoom>> {
+        if latest.stream <= position {
+            return Ok(Some(latest));
+        }
+        let Some((membership, event_id)) = self.membership_at(room_id, user_id, position)? else {
+            return Ok(None);
+        };
+        let stream = self.pdu(&event_id)?.map_or(0, |(_, stored)| stored.stream);
+        Ok(Some(UserRoom {
+            membership,
+            event_id,
+            stream,
+            forgotten: false,
+        }))
+    }
+
     /// Every room the user has or had a membership in, with the latest.
     pub fn memberships_of_user(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, UserRoom)>> {
         let prefix = tables::str_prefix(user_id.as_str());

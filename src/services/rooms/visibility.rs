@@ -15,6 +15,7 @@ use super::Rooms;
 use crate::events::Pdu;
 use crate::services::error::{Error, Result};
 use crate::storage::tables::{self, StoredPdu};
+use crate::storage::Direction;
 
 /// How a user may read a room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,6 +27,13 @@ pub enum Reader {
     },
     /// Never a member, but the room is world-readable.
     Public,
+}
+
+/// A window of a room's timeline, as [`Rooms::visible_window`] gives it.
+pub struct Window {
+    pub events: Vec<(Pdu, StoredPdu)>,
+    pub limited: bool,
+    pub prev_batch: u64,
 }
 
 /// Per-request memo of (history visibility, membership) by state group.
@@ -130,6 +138,45 @@ impl Rooms {
             "shared" => reader == Reader::Joined,
             "invited" => membership == "invite",
             _ => false,
+        })
+    }
+
+    /// The latest `limit` events of the room after `since` up to `end`,
+    /// oldest first, that `user` may see (reading as `reader`) and `keep`
+    /// lets through; whether older events were left out; and the position
+    /// just before the window, from which `/messages` fills the gap.
+    pub fn visible_window(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        reader: Reader,
+        (since, end): (Option<u64>, u64),
+        limit: usize,
+        keep: impl Fn(&Pdu) -> bool,
+    ) -> Result<Window> {
+        let page = self.page(room_id, end, since, Direction::Backward, limit + 1)?;
+        let limited = page.events.len() > limit;
+        let mut window: Vec<(Pdu, StoredPdu)> = page
+            .events
+            .into_iter()
+            .zip(page.stored)
+            .take(limit)
+            .collect();
+        window.reverse();
+        let prev_batch = window
+            .first()
+            .map_or(end, |(_, stored)| stored.stream.saturating_sub(1));
+        let mut cache = VisibilityCache::new();
+        let mut events = Vec::with_capacity(window.len());
+        for (pdu, stored) in window {
+            if self.may_see_stored(&pdu, &stored, user, reader, &mut cache)? && keep(&pdu) {
+                events.push((pdu, stored));
+            }
+        }
+        Ok(Window {
+            events,
+            limited,
+            prev_batch,
         })
     }
 
