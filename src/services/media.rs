@@ -6,7 +6,9 @@
 //! its directory synced before its record is committed, so a crash never
 //! leaves a record naming a missing or partial file. A crash can leave an
 //! unreferenced file or temporary file, which costs space, never data.
-//! The only writer of the media directory and the `media` table.
+//! Thumbnails are stored the same way, in the `media_thumbnails` table,
+//! made once per original content and size.
+//! The only writer of the media directory and the media tables.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,8 +20,9 @@ use sha2::{Digest, Sha256};
 use super::clock::Clock;
 use super::error::{Error, Result};
 use super::locks::StripedLocks;
+use super::thumbnail::{self, Method, Refusal};
 use crate::config::MediaConfig;
-use crate::storage::tables::{self, MediaRecord};
+use crate::storage::tables::{self, MediaRecord, ThumbnailRecord};
 use crate::storage::{Batch, Storage};
 
 pub struct Media {
@@ -29,6 +32,8 @@ pub struct Media {
     config: MediaConfig,
     clock: Arc<dyn Clock>,
     locks: StripedLocks,
+    /// Thumbnails being made at once: each decodes a whole image.
+    thumbnailers: tokio::sync::Semaphore,
 }
 
 /// A file being received: written and hashed as it arrives.
@@ -84,6 +89,7 @@ impl Media {
             config,
             clock,
             locks: StripedLocks::new(64),
+            thumbnailers: tokio::sync::Semaphore::new(2),
         }
     }
 
@@ -97,6 +103,10 @@ impl Media {
 
     /// Starts receiving a file into a temporary name.
     pub fn incoming(&self) -> Result<Incoming> {
+        self.incoming_up_to(self.config.max_upload_bytes)
+    }
+
+    fn incoming_up_to(&self, limit: u64) -> Result<Incoming> {
         let tmp = self.dir.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(io_error)?;
         let name: u64 = rand::thread_rng().gen();
@@ -107,7 +117,7 @@ impl Media {
             path,
             hasher: Sha256::new(),
             size: 0,
-            limit: self.config.max_upload_bytes,
+            limit,
         })
     }
 
@@ -248,8 +258,84 @@ impl Media {
         if hash.len() < 2 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(Error::Internal(format!("media {media_id} has a bad hash")));
         }
-        let path = self.dir.join(&hash[..2]).join(hash);
+        let path = self.path_of(hash);
         Ok(Some((record, path)))
+    }
+
+    /// The thumbnail of a stored image that answers a request for
+    /// `width`×`height` by `method`: made the first time, then read from
+    /// storage. `NotFound` for unknown media and for content that is not a
+    /// PNG, JPEG, GIF or WebP image (a video, say); `TooLarge` for an image
+    /// with more pixels than `max_image_pixels`.
+    pub async fn thumbnail(
+        &self,
+        server: &str,
+        media_id: &str,
+        width: u32,
+        height: u32,
+        method: Method,
+    ) -> Result<(ThumbnailRecord, PathBuf)> {
+        let (record, original) = self
+            .open(server, media_id)?
+            .ok_or_else(|| Error::NotFound("Media not found".to_owned()))?;
+        let hash = record.content_hash.expect("open answers stored media only");
+        let size = thumbnail::choose(width, height, method);
+        let label = format!("{}x{}-{}", size.width, size.height, size.method.as_str());
+        let key = (hash.clone(), label);
+        if let Some(stored) = self.storage.get(tables::MEDIA_THUMBNAILS, &key)? {
+            let path = self.path_of(&stored.content_hash);
+            return Ok((stored, path));
+        }
+        // One request makes it; others for the same thumbnail wait, then
+        // find it stored.
+        let _guard = self.locks.lock(&format!("{}/{}", key.0, key.1)).await;
+        if let Some(stored) = self.storage.get(tables::MEDIA_THUMBNAILS, &key)? {
+            let path = self.path_of(&stored.content_hash);
+            return Ok((stored, path));
+        }
+        let _permit = self
+            .thumbnailers
+            .acquire()
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let max_pixels = self.config.max_image_pixels;
+        let made = tokio::task::spawn_blocking(move || {
+            let bytes = std::fs::read(&original).map_err(io_error)?;
+            Ok::<_, Error>(thumbnail::make(&bytes, size, max_pixels))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+        let made = made.map_err(|refusal| match refusal {
+            Refusal::NotAnImage(why) => Error::NotFound(format!("No thumbnail: {why}")),
+            Refusal::TooManyPixels {
+                width,
+                height,
+                limit,
+            } => Error::TooLarge(format!(
+                "The image is {width}x{height} pixels; thumbnails are made of images \
+                 of at most {limit} pixels"
+            )),
+        })?;
+        let mut incoming = self.incoming_up_to(u64::MAX)?;
+        incoming.write(&made.bytes)?;
+        let size = incoming.size;
+        let content_hash = self.put_in_place(incoming).await?;
+        let stored = ThumbnailRecord {
+            content_hash,
+            content_type: made.content_type.to_owned(),
+            size,
+            width: made.width,
+            height: made.height,
+        };
+        let mut batch = Batch::new();
+        batch.put(tables::MEDIA_THUMBNAILS, &key, &stored);
+        self.storage.commit(batch).await?;
+        let path = self.path_of(&stored.content_hash);
+        Ok((stored, path))
+    }
+
+    fn path_of(&self, hash: &str) -> PathBuf {
+        self.dir.join(&hash[..2]).join(hash)
     }
 
     pub fn server_name(&self) -> &str {

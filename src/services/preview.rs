@@ -20,6 +20,14 @@ const MAX_REDIRECTS: usize = 5;
 /// Longest a fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A fetched resource: where it ended up after redirects, its type and
+/// (the start of) its body.
+struct Fetched {
+    url: reqwest::Url,
+    content_type: String,
+    body: Vec<u8>,
+}
+
 pub struct Previews {
     enabled: bool,
     allow_private: bool,
@@ -37,8 +45,36 @@ impl Previews {
         self.enabled
     }
 
-    /// The OpenGraph data of the page at `url`.
-    pub async fn preview(&self, url: &str) -> Result<Map<String, Value>> {
+    /// The OpenGraph data of the page at `url`, and the absolute URL of
+    /// its `og:image`, if it names one.
+    pub async fn preview(&self, url: &str) -> Result<(Map<String, Value>, Option<String>)> {
+        let page = self.fetch(url, MAX_PAGE_BYTES).await?;
+        let found = open_graph(&String::from_utf8_lossy(&page.body));
+        let image = found
+            .get("og:image")
+            .and_then(Value::as_str)
+            .and_then(|image| page.url.join(image).ok())
+            .map(|image| image.to_string());
+        Ok((found, image))
+    }
+
+    /// Fetches an image a page names: its content type and bytes, at most
+    /// `max_bytes` of them (a larger image is not fetched whole: `None`).
+    pub async fn fetch_image(
+        &self,
+        url: &str,
+        max_bytes: usize,
+    ) -> Result<Option<(String, Vec<u8>)>> {
+        let fetched = self.fetch(url, max_bytes + 1).await?;
+        if fetched.body.len() > max_bytes || !fetched.content_type.starts_with("image/") {
+            return Ok(None);
+        }
+        Ok(Some((fetched.content_type, fetched.body)))
+    }
+
+    /// Fetches `url`, following and checking redirects; reads at most
+    /// `max_bytes` of the body.
+    async fn fetch(&self, url: &str, max_bytes: usize) -> Result<Fetched> {
         let mut url = reqwest::Url::parse(url)
             .map_err(|_| Error::InvalidParam(format!("{url:?} is not a URL")))?;
         for _ in 0..=MAX_REDIRECTS {
@@ -75,6 +111,18 @@ impl Previews {
                     response.status()
                 )));
             }
+            let content_type = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| {
+                    v.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_default();
             let mut body = Vec::new();
             while let Some(chunk) = response
                 .chunk()
@@ -82,12 +130,16 @@ impl Previews {
                 .map_err(|e| Error::NotFound(format!("could not read the page: {e}")))?
             {
                 body.extend_from_slice(&chunk);
-                if body.len() >= MAX_PAGE_BYTES {
-                    body.truncate(MAX_PAGE_BYTES);
+                if body.len() >= max_bytes {
+                    body.truncate(max_bytes);
                     break;
                 }
             }
-            return Ok(open_graph(&String::from_utf8_lossy(&body)));
+            return Ok(Fetched {
+                url,
+                content_type,
+                body,
+            });
         }
         Err(Error::NotFound("too many redirects".to_owned()))
     }
@@ -112,6 +164,43 @@ impl Previews {
             ));
         }
         Ok(first)
+    }
+}
+
+impl super::Services {
+    /// `GET /_matrix/client/v1/media/preview_url`: the page's OpenGraph
+    /// data. Its `og:image` is fetched (with the same address checks) and
+    /// stored as media uploaded by `user`, and named by its `mxc://` URI,
+    /// with `og:image:type`, `matrix:image:size` and its dimensions; an
+    /// image that cannot be fetched or is too large is left out, as
+    /// Synapse does.
+    pub async fn preview_url(&self, user: &str, url: &str) -> Result<Map<String, Value>> {
+        let (mut found, image_url) = self.previews.preview(url).await?;
+        found.remove("og:image");
+        let Some(image_url) = image_url else {
+            return Ok(found);
+        };
+        let limit = usize::try_from(self.media.max_upload_bytes()).unwrap_or(usize::MAX);
+        let Ok(Some((content_type, bytes))) = self.previews.fetch_image(&image_url, limit).await
+        else {
+            return Ok(found);
+        };
+        let mut incoming = self.media.incoming()?;
+        incoming.write(&bytes)?;
+        let description = super::media::Description {
+            content_type: Some(content_type.clone()),
+            filename: None,
+        };
+        let media_id = self.media.store(user, None, incoming, description).await?;
+        let uri = format!("mxc://{}/{media_id}", self.media.server_name());
+        found.insert("og:image".to_owned(), json!(uri));
+        found.insert("og:image:type".to_owned(), json!(content_type));
+        found.insert("matrix:image:size".to_owned(), json!(bytes.len()));
+        if let Some((width, height)) = super::thumbnail::dimensions(&bytes) {
+            found.entry("og:image:width").or_insert(json!(width));
+            found.entry("og:image:height").or_insert(json!(height));
+        }
+        Ok(found)
     }
 }
 

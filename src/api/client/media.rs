@@ -5,7 +5,9 @@
 //!   `PUT /_matrix/media/v3/upload/{serverName}/{mediaId}`
 //! - `GET /_matrix/client/v1/media/config` (and the old `/_matrix/media/v3/config`)
 //! - `GET /_matrix/client/v1/media/download/{serverName}/{mediaId}[/{fileName}]`
-//! - `GET /_matrix/media/v3/download/...`: unauthenticated, frozen by default
+//! - `GET /_matrix/client/v1/media/thumbnail/{serverName}/{mediaId}`
+//! - `GET /_matrix/media/v3/download/...` and `.../thumbnail/...`:
+//!   unauthenticated, frozen by default
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -21,7 +23,7 @@ use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, Path, Query};
 use crate::api::AppState;
 use crate::services::media::Description;
-use crate::storage::tables::MediaRecord;
+use crate::services::thumbnail::Method;
 
 /// Content types a browser may show inline; anything else downloads.
 const INLINE_TYPES: &[&str] = &[
@@ -129,14 +131,15 @@ pub struct PreviewQuery {
 /// page, when previews are switched on.
 pub async fn preview_url(
     State(state): State<AppState>,
-    Auth(_): Auth,
+    Auth(authed): Auth,
     Query(query): Query<PreviewQuery>,
 ) -> ApiResult<Json<Value>> {
     if !state.previews.enabled() {
         return Err(MatrixError::unrecognized(StatusCode::NOT_FOUND));
     }
+    let user = authed.user_id.to_string();
     Ok(Json(Value::Object(
-        state.previews.preview(&query.url).await?,
+        state.preview_url(&user, &query.url).await?,
     )))
 }
 
@@ -226,6 +229,70 @@ pub async fn legacy_download_named(
     serve(&state, &server, &media_id, Some(filename), &headers).await
 }
 
+#[derive(Deserialize)]
+pub struct ThumbnailQuery {
+    width: u32,
+    height: u32,
+    method: Option<String>,
+    /// Asks for an animated thumbnail where possible. Thumbnails here are
+    /// still images (the first frame), which the specification allows.
+    #[allow(dead_code)]
+    animated: Option<bool>,
+    /// For remote media, which this server does not fetch.
+    #[allow(dead_code)]
+    timeout_ms: Option<u64>,
+}
+
+/// `GET /_matrix/client/v1/media/thumbnail/{serverName}/{mediaId}`
+pub async fn thumbnail(
+    State(state): State<AppState>,
+    Auth(_): Auth,
+    Path((server, media_id)): Path<(String, String)>,
+    Query(query): Query<ThumbnailQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    serve_thumbnail(&state, &server, &media_id, query, &headers).await
+}
+
+/// `GET /_matrix/media/v3/thumbnail/{serverName}/{mediaId}`: without
+/// authentication, served only when the configuration allows it.
+pub async fn legacy_thumbnail(
+    State(state): State<AppState>,
+    Path((server, media_id)): Path<(String, String)>,
+    Query(query): Query<ThumbnailQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    legacy(&state)?;
+    serve_thumbnail(&state, &server, &media_id, query, &headers).await
+}
+
+async fn serve_thumbnail(
+    state: &AppState,
+    server: &str,
+    media_id: &str,
+    query: ThumbnailQuery,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
+    let method = match query.method.as_deref() {
+        None => Method::Scale,
+        Some(text) => Method::parse(text)
+            .ok_or_else(|| MatrixError::invalid_param("method must be \"scale\" or \"crop\""))?,
+    };
+    if query.width == 0 || query.height == 0 {
+        return Err(MatrixError::invalid_param(
+            "width and height must be at least 1",
+        ));
+    }
+    let (record, path) = state
+        .media
+        .thumbnail(server, media_id, query.width, query.height, method)
+        .await?;
+    let extension = record.content_type.trim_start_matches("image/");
+    let name = format!("thumbnail.{extension}");
+    let response_headers = media_headers(Some(&record.content_type), Some(&name));
+    serve_file(&path, record.size, response_headers, headers).await
+}
+
 fn legacy(state: &AppState) -> ApiResult<()> {
     if state.media.legacy_downloads() {
         Ok(())
@@ -248,15 +315,28 @@ async fn serve(
 ) -> ApiResult<Response> {
     let not_found = || MatrixError::not_found("Media not found");
     let (record, path) = state.media.open(server, media_id)?.ok_or_else(not_found)?;
-    let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
-        crate::services::error::Error::Internal(format!("media file {media_id}: {e}"))
+    let response_headers = media_headers(
+        record.content_type.as_deref(),
+        filename.as_deref().or(record.filename.as_deref()),
+    );
+    serve_file(&path, record.size, response_headers, headers).await
+}
+
+/// Answers a stored file of `size` bytes, whole or the one byte range the
+/// request asks for.
+async fn serve_file(
+    path: &std::path::Path,
+    size: u64,
+    mut response_headers: HeaderMap,
+    headers: &HeaderMap,
+) -> ApiResult<Response> {
+    let mut file = tokio::fs::File::open(path).await.map_err(|e| {
+        crate::services::error::Error::Internal(format!("media file {}: {e}", path.display()))
     })?;
-    let size = record.size;
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map(|text| parse_range(text, size));
-    let mut response_headers = media_headers(&record, filename.as_deref());
     let (status, start, length) = match range {
         None | Some(Range::Ignored) => (StatusCode::OK, 0, size),
         Some(Range::Unsatisfiable) => {
@@ -285,12 +365,9 @@ async fn serve(
     Ok((status, response_headers, body).into_response())
 }
 
-fn media_headers(record: &MediaRecord, filename: Option<&str>) -> HeaderMap {
+fn media_headers(content_type: Option<&str>, filename: Option<&str>) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    let content_type = record
-        .content_type
-        .clone()
-        .unwrap_or_else(|| "application/octet-stream".to_owned());
+    let content_type = content_type.unwrap_or("application/octet-stream");
     let essence = content_type
         .split(';')
         .next()
@@ -303,7 +380,7 @@ fn media_headers(record: &MediaRecord, filename: Option<&str>) -> HeaderMap {
         "attachment"
     };
     let mut disposition = disposition.to_owned();
-    if let Some(name) = filename.or(record.filename.as_deref()) {
+    if let Some(name) = filename {
         let encoded: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
         disposition += &format!("; filename*=utf-8''{}", encoded.replace('+', "%20"));
     }
@@ -312,7 +389,7 @@ fn media_headers(record: &MediaRecord, filename: Option<&str>) -> HeaderMap {
             headers.insert(name, value);
         }
     };
-    put(&mut headers, header::CONTENT_TYPE, &content_type);
+    put(&mut headers, header::CONTENT_TYPE, content_type);
     put(&mut headers, header::CONTENT_DISPOSITION, &disposition);
     put(&mut headers, header::CONTENT_SECURITY_POLICY, MEDIA_CSP);
     put(
