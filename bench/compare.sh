@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Measures Synapse and Myelin side by side on this machine, in one run, with
+# the same `bench` scenarios, and prints one table of both and their ratio.
+#
+#   bench/compare.sh            # the full run (about an hour on 2 cores)
+#   QUICK=1 bench/compare.sh    # smaller sizes, to try the setup
+#
+# Synapse comes from PyPI into a virtual environment, configured on loopback
+# with SQLite, open registration and no rate limits. Myelin runs its release
+# build with the same. Each server runs alone; the server is pinned to one
+# core and the load generator to the other (taskset) when there are two.
+# Everything is written under $BENCH_DIR (a new temporary directory by
+# default); the results of each server are in $BENCH_DIR/<server>.results.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/myelin-target}"
+work="${BENCH_DIR:-$(mktemp -d)}"
+mkdir -p "$work"
+quick="${QUICK:-0}"
+synapse_venv="${SYNAPSE_VENV:-$HOME/.cache/myelin-synapse-venv}"
+
+echo "bench: building the release binaries"
+cargo build --release --bin myelin --bin bench
+myelin_bin="$CARGO_TARGET_DIR/release/myelin"
+bench_bin="$CARGO_TARGET_DIR/release/bench"
+
+if ! "$synapse_venv/bin/python" -c "import synapse" 2>/dev/null; then
+    echo "bench: installing Synapse from PyPI into $synapse_venv"
+    python3 -m venv "$synapse_venv"
+    "$synapse_venv/bin/pip" install -q matrix-synapse
+fi
+synapse_version=$("$synapse_venv/bin/python" -c "import synapse; print(synapse.__version__)")
+sqlite_sync=$("$synapse_venv/bin/python" -c \
+    "import sqlite3; print(sqlite3.connect(':memory:').execute('pragma synchronous').fetchone()[0])")
+
+# 10,000 connections need more descriptors than the usual soft limit.
+ulimit -n "$(ulimit -Hn)" || true
+if [ "$(nproc)" -ge 2 ]; then
+    server_cpu=(taskset -c 0)
+    load_cpu=(taskset -c 1)
+else
+    server_cpu=()
+    load_cpu=()
+fi
+
+port_free() {
+    python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
+}
+
+wait_for() {
+    local url=$1
+    for _ in $(seq 1 600); do
+        if curl -sf "$url/_matrix/client/versions" >/dev/null; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "bench: $url did not come up" >&2
+    return 1
+}
+
+start_synapse() {
+    local dir="$work/synapse" port=$1
+    rm -rf "$dir" && mkdir -p "$dir"
+    (cd "$dir" && "$synapse_venv/bin/python" -m synapse.app.homeserver \
+        --server-name localhost --config-path "$dir/homeserver.yaml" \
+        --generate-config --report-stats=no >/dev/null)
+    "$synapse_venv/bin/python" - "$dir" "$port" <<'EOF'
+import sys, yaml
+directory, port = sys.argv[1], int(sys.argv[2])
+path = f"{directory}/homeserver.yaml"
+config = yaml.safe_load(open(path))
+config["listeners"] = [{
+    "port": port, "bind_addresses": ["127.0.0.1"], "type": "http", "tls": False,
+    "x_forwarded": False, "resources": [{"names": ["client"], "compress": False}],
+}]
+config["enable_registration"] = True
+config["enable_registration_without_verification"] = True
+# Registration speed is not measured: cheap hashing, as Myelin's run has.
+config["bcrypt_rounds"] = 4
+unlimited = {"per_second": 1000000, "burst_count": 1000000}
+for key in ["rc_message", "rc_registration", "rc_joins_per_room", "rc_invites",
+            "rc_3pid_validation", "rc_presence", "rc_delayed_event_mgmt", "rc_room_creation"]:
+    config[key] = dict(unlimited)
+config["rc_login"] = {k: dict(unlimited) for k in ["address", "account", "failed_attempts"]}
+config["rc_joins"] = {k: dict(unlimited) for k in ["local", "remote"]}
+config["rc_invites"] = {k: dict(unlimited) for k in ["per_room", "per_user", "per_issuer"]}
+config["trusted_key_servers"] = []
+config["suppress_key_server_warning"] = True
+config["report_stats"] = False
+yaml.safe_dump(config, open(path, "w"))
+log = f"{directory}/localhost.log.config"
+text = open(log).read().replace("level: INFO", "level: WARNING")
+open(log, "w").write(text)
+EOF
+    (cd "$dir" && exec "${server_cpu[@]}" "$synapse_venv/bin/python" -m synapse.app.homeserver \
+        --config-path "$dir/homeserver.yaml" >"$dir/stdout.log" 2>&1) &
+    server_pid=$!
+    data_path="$dir/homeserver.db"
+}
+
+start_myelin() {
+    local dir="$work/myelin" port=$1
+    rm -rf "$dir" && mkdir -p "$dir"
+    MYELIN_LISTEN="127.0.0.1:$port" MYELIN_DATA_DIR="$dir/data" \
+        MYELIN_REGISTRATION=open MYELIN_RATE_LIMITS=false \
+        MYELIN_PASSWORD_HASHING__MEMORY_KIB=1024 MYELIN_PASSWORD_HASHING__ITERATIONS=1 \
+        MYELIN_LOG__LEVEL=warn \
+        "${server_cpu[@]}" "$myelin_bin" serve >"$dir/stdout.log" 2>&1 &
+    server_pid=$!
+    data_path="$dir/data"
+}
+
+stop_server() {
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+}
+
+run_server() {
+    local name=$1 port url results
+    port=$(port_free)
+    url="http://127.0.0.1:$port"
+    results="$work/$name.results"
+    : >"$results"
+    "start_$name" "$port"
+    wait_for "$url"
+    echo "bench: $name is up on $url (pid $server_pid)"
+    scenario() {
+        echo "bench: $name: $*"
+        "${load_cpu[@]}" "$bench_bin" --url "$url" --pid "$server_pid" --data-dir "$data_path" "$@" \
+            | grep '^RESULT ' | sed 's/^RESULT //' >>"$results"
+    }
+    if [ "$quick" = 1 ]; then
+        scenario storage --messages 500
+        scenario initial-sync --rooms 10
+        scenario throughput --senders 8 --seconds 5
+        scenario fanout --members 100 --rounds 5
+        scenario latency --clients 100 --messages 50 --rate 10
+        [ "$name" = myelin ] && scenario latency --clients 100 --messages 50 --rate 10 --transport ws
+        scenario memory --connections 1000
+        [ "$name" = myelin ] && scenario memory --connections 1000 --transport ws
+    else
+        scenario storage --messages 5000
+        for rooms in 10 100 1000; do
+            scenario initial-sync --rooms "$rooms"
+        done
+        scenario throughput --senders 1 --seconds 20
+        scenario throughput --senders 16 --seconds 20
+        scenario fanout --members 100 --rounds 20
+        scenario latency --clients 100 --messages 200 --rate 10
+        scenario latency --clients 1000 --messages 200 --rate 10
+        scenario latency --clients 1000 --messages 200 --rate 10 --senders 4
+        if [ "$name" = myelin ]; then
+            scenario latency --clients 1000 --messages 200 --rate 10 --transport ws
+        fi
+        scenario memory --connections 1000
+        scenario memory --connections 10000
+        if [ "$name" = myelin ]; then
+            scenario memory --connections 10000 --transport ws
+        fi
+    fi
+    stop_server
+}
+
+run_server synapse
+run_server myelin
+
+"$synapse_venv/bin/python" - "$work" "$synapse_version" "$sqlite_sync" <<'EOF'
+import json, os, sys
+work, version, sqlite_sync = sys.argv[1], sys.argv[2], sys.argv[3]
+def load(name):
+    rows = [json.loads(line) for line in open(f"{work}/{name}.results") if line.strip()]
+    out = {}
+    for row in rows:
+        key = row["scenario"]
+        if row["scenario"].startswith("latency"):
+            key += f" {row['clients']} clients"
+            if row.get("senders", 1) > 1:
+                key += f", {row['senders']} senders"
+        if row["scenario"] == "throughput":
+            key += f" {row['senders']} senders"
+        if row["scenario"].startswith("memory"):
+            key += f" {row['connections']}"
+        while key in out:
+            key += "'"
+        out[key] = row
+    return out
+synapse, myelin = load("synapse"), load("myelin")
+figures = {
+    "latency": ["p50_ms", "p95_ms", "p99_ms", "max_ms"],
+    "throughput": ["messages_per_s"],
+    "fanout": ["p50_ms", "max_ms"],
+    "memory": ["bytes_per_connection"],
+    "initial-sync": ["median_ms"],
+    "storage": ["bytes_per_message"],
+}
+print(f"Synapse {version} (SQLite, WAL, synchronous={sqlite_sync}); Myelin (RocksDB, WAL synced before every answer)")
+print()
+print("| scenario | figure | Synapse | Myelin | Myelin/Synapse |")
+print("|---|---|---:|---:|---:|")
+for key in list(synapse) + [k for k in myelin if k not in synapse]:
+    kind = next(k for k in figures if key.startswith(k))
+    for figure in figures[kind]:
+        s = synapse.get(key, {}).get(figure)
+        m = myelin.get(key, {}).get(figure)
+        ratio = f"{m / s:.2f}" if isinstance(s, (int, float)) and isinstance(m, (int, float)) and s else "—"
+        show = lambda v: "—" if v is None else (f"{v:,.2f}" if isinstance(v, float) else f"{v:,}")
+        print(f"| {key} | {figure} | {show(s)} | {show(m)} | {ratio} |")
+print()
+for name, rows in [("Synapse", synapse), ("Myelin", myelin)]:
+    for key, row in rows.items():
+        if "expected" in row:
+            print(f"{name} {key}: {row['delivered']} of {row['expected']} deliveries, {row['acknowledged']} of {row['messages']} sends acknowledged")
+        if "incomplete_rounds" in row and row["incomplete_rounds"]:
+            print(f"{name} {key}: {row['incomplete_rounds']} incomplete rounds")
+EOF
+echo "bench: results in $work"

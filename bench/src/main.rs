@@ -1,0 +1,124 @@
+//! `bench`: a load generator that measures any Matrix homeserver over plain
+//! HTTP (and Myelin's WebSocket extension), one scenario per run.
+//!
+//! Each scenario shows its progress on stderr and ends with one line on
+//! stdout, `RESULT {json}`, which `bench/compare.sh` gathers into a table.
+//! The server needs open registration and no rate limits; `--pid` lets the
+//! memory scenario read its resident memory, `--data-dir` lets the storage
+//! scenario measure its database.
+
+mod matrix;
+mod scenarios;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(about = "Measures a Matrix homeserver over plain HTTP")]
+struct Cli {
+    /// The homeserver's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8008")]
+    url: String,
+    /// The server's process ID, for `memory`.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// The server's data directory (or database file), for `storage`.
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// Long-polling `GET /sync`.
+    Sync,
+    /// Myelin's WebSocket push extension.
+    Ws,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// (a) Send → delivery latency with N waiting clients, open loop.
+    Latency {
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        #[arg(long, default_value_t = 200)]
+        messages: u64,
+        /// Messages per second, sent on schedule whether or not earlier
+        /// sends were answered.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 1)]
+        senders: usize,
+        #[arg(long, value_enum, default_value_t = Transport::Sync)]
+        transport: Transport,
+    },
+    /// (b) Acknowledged sends per second with C concurrent senders.
+    Throughput {
+        #[arg(long, default_value_t = 16)]
+        senders: usize,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// (c) One message into a room of M members: time until the last
+    /// member has it.
+    Fanout {
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
+    /// (d) Resident memory of the server per idle waiting connection.
+    Memory {
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        #[arg(long, value_enum, default_value_t = Transport::Sync)]
+        transport: Transport,
+    },
+    /// (e) Initial sync time of an account in N rooms.
+    InitialSync {
+        #[arg(long, default_value_t = 100)]
+        rooms: usize,
+    },
+    /// (f) Database bytes per stored message.
+    Storage {
+        #[arg(long, default_value_t = 5000)]
+        messages: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let (limit, wanted) = matrix::raise_file_limit();
+    if limit < wanted {
+        eprintln!("bench: open files limited to {limit}; large runs may fail");
+    }
+    let server = matrix::Server::new(&cli.url);
+    let result = match cli.scenario {
+        Scenario::Latency {
+            clients,
+            messages,
+            rate,
+            senders,
+            transport,
+        } => scenarios::latency(&server, clients, messages, rate, senders, transport).await,
+        Scenario::Throughput { senders, seconds } => {
+            scenarios::throughput(&server, senders, seconds).await
+        }
+        Scenario::Fanout { members, rounds } => scenarios::fanout(&server, members, rounds).await,
+        Scenario::Memory {
+            connections,
+            transport,
+        } => {
+            let pid = cli.pid.expect("memory needs --pid");
+            scenarios::memory(&server, pid, connections, transport).await
+        }
+        Scenario::InitialSync { rooms } => scenarios::initial_sync(&server, rooms).await,
+        Scenario::Storage { messages } => {
+            let dir = cli.data_dir.expect("storage needs --data-dir");
+            scenarios::storage(&server, &dir, messages).await
+        }
+    };
+    println!("RESULT {result}");
+}

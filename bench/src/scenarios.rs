@@ -1,0 +1,582 @@
+//! The scenarios. Each answers its figures as JSON.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::matrix::{disk_bytes, message_bodies, resident_bytes, Server};
+use crate::Transport;
+
+/// Members per room: rooms hold at most 100 by default.
+const ROOM_LIMIT: usize = 100;
+
+/// When each tagged message reached a recipient: tag → arrival times.
+type Arrivals = Arc<Mutex<HashMap<u64, Vec<Instant>>>>;
+
+fn note_arrivals(arrivals: &Arrivals, prefix: &str, bodies: &[String], at: Instant) {
+    let mut arrivals = arrivals.lock().expect("arrivals");
+    for body in bodies {
+        if let Some(tag) = body.strip_prefix(prefix).and_then(|t| t.parse().ok()) {
+            arrivals.entry(tag).or_default().push(at);
+        }
+    }
+}
+
+/// Keeps a client waiting in `/sync`, noting arrivals of `prefix` tags.
+fn spawn_sync_reader(
+    server: &Server,
+    token: String,
+    mut since: String,
+    prefix: &'static str,
+    arrivals: Arrivals,
+) -> tokio::task::JoinHandle<()> {
+    let server = server.clone();
+    tokio::spawn(async move {
+        loop {
+            let Some(answer) = server.sync(&token, Some(&since), 30_000).await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let at = Instant::now();
+            note_arrivals(&arrivals, prefix, &message_bodies(&answer), at);
+            if let Some(next) = answer["next_batch"].as_str() {
+                since = next.to_owned();
+            }
+        }
+    })
+}
+
+/// Keeps a client connected to the WebSocket extension, noting arrivals.
+async fn spawn_ws_reader(
+    server: &Server,
+    token: String,
+    prefix: &'static str,
+    arrivals: Arrivals,
+) -> tokio::task::JoinHandle<()> {
+    let mut request = server
+        .ws_url()
+        .into_client_request()
+        .expect("WebSocket URL");
+    request.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("WebSocket connection");
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = socket.next().await {
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let at = Instant::now();
+            let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            if frame["type"] == "event" {
+                if let Some(body) = frame["data"]["event"]["content"]["body"].as_str() {
+                    note_arrivals(&arrivals, prefix, &[body.to_owned()], at);
+                }
+            }
+        }
+    })
+}
+
+async fn initial_since(server: &Server, token: &str) -> String {
+    let answer = server.sync(token, None, 0).await.expect("an initial sync");
+    answer["next_batch"]
+        .as_str()
+        .expect("next_batch")
+        .to_owned()
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
+}
+
+fn ms(micros: u64) -> f64 {
+    (micros as f64 / 1000.0 * 100.0).round() / 100.0
+}
+
+fn quantiles(histogram: &Histogram<u64>) -> Value {
+    json!({
+        "p50_ms": ms(histogram.value_at_quantile(0.50)),
+        "p95_ms": ms(histogram.value_at_quantile(0.95)),
+        "p99_ms": ms(histogram.value_at_quantile(0.99)),
+        "max_ms": ms(histogram.max()),
+    })
+}
+
+/// Rooms of the senders plus up to `ROOM_LIMIT - senders` recipients
+/// each: (room ID, recipients in it).
+async fn make_rooms(
+    server: &Server,
+    senders: &[String],
+    recipients: &[String],
+) -> Vec<(String, usize)> {
+    let per_room = ROOM_LIMIT - senders.len();
+    let mut rooms = Vec::new();
+    for group in recipients.chunks(per_room) {
+        let room_id = server
+            .create_room(&senders[0], json!({ "preset": "public_chat" }))
+            .await;
+        for token in senders[1..].iter().chain(group) {
+            server.join(token, &room_id).await;
+        }
+        rooms.push((room_id, group.len()));
+        eprint!("\r  {} rooms made", rooms.len());
+    }
+    eprintln!();
+    rooms
+}
+
+/// (a) Delivery latency: from the sender's acknowledged send to the
+/// recipient reading it, with `clients` recipients waiting.
+pub async fn latency(
+    server: &Server,
+    clients: usize,
+    messages: u64,
+    rate: f64,
+    senders: usize,
+    transport: Transport,
+) -> Value {
+    eprintln!("latency: {clients} clients over {transport:?}, {messages} messages at {rate}/s from {senders} senders");
+    let sender_tokens = server.register_many("sender", senders.max(1)).await;
+    let tokens = server.register_many("client", clients).await;
+    let rooms = make_rooms(server, &sender_tokens, &tokens).await;
+    let arrivals: Arrivals = Arc::default();
+    let mut readers = Vec::new();
+    for (n, token) in tokens.iter().enumerate() {
+        let reader = match transport {
+            Transport::Sync => {
+                let since = initial_since(server, token).await;
+                spawn_sync_reader(server, token.clone(), since, "bench:", arrivals.clone())
+            }
+            Transport::Ws => {
+                spawn_ws_reader(server, token.clone(), "bench:", arrivals.clone()).await
+            }
+        };
+        readers.push(reader);
+        if n % 100 == 99 {
+            eprint!("\r  {} clients waiting", n + 1);
+        }
+    }
+    eprintln!("\r  {clients} clients waiting");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Open loop: each send starts on schedule, answered or not.
+    let answered: Arc<Mutex<HashMap<u64, (Instant, usize)>>> = Arc::default();
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let mut ticker = tokio::time::interval(interval);
+    let mut sends = Vec::new();
+    for seq in 0..messages {
+        ticker.tick().await;
+        let (room_id, recipients) = rooms[seq as usize % rooms.len()].clone();
+        let token = sender_tokens[seq as usize % sender_tokens.len()].clone();
+        let (server, answered) = (server.clone(), answered.clone());
+        sends.push(tokio::spawn(async move {
+            let txn = format!("{}-{seq}", server.run);
+            if server
+                .send(&token, &room_id, &txn, &format!("bench:{seq}"))
+                .await
+            {
+                answered
+                    .lock()
+                    .expect("answered")
+                    .insert(seq, (Instant::now(), recipients));
+            }
+        }));
+        if seq % 10 == 9 {
+            eprint!("\r  {} of {messages} sent", seq + 1);
+        }
+    }
+    for send in sends {
+        let _ = send.await;
+    }
+    eprintln!();
+    let expected: usize = answered
+        .lock()
+        .expect("answered")
+        .values()
+        .map(|(_, r)| r)
+        .sum();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got: usize = arrivals
+            .lock()
+            .expect("arrivals")
+            .values()
+            .map(Vec::len)
+            .sum();
+        eprint!("\r  {got} of {expected} deliveries");
+        if got >= expected || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!();
+    for reader in readers {
+        reader.abort();
+    }
+    let mut histogram = histogram();
+    let (mut delivered, mut early) = (0u64, 0u64);
+    let answered = answered.lock().expect("answered");
+    for (seq, times) in arrivals.lock().expect("arrivals").iter() {
+        let Some((sent_at, _)) = answered.get(seq) else {
+            continue;
+        };
+        for at in times {
+            delivered += 1;
+            let micros = match at.checked_duration_since(*sent_at) {
+                Some(latency) => latency.as_micros() as u64,
+                None => {
+                    early += 1;
+                    0
+                }
+            };
+            histogram.record(micros.max(1)).expect("in bounds");
+        }
+    }
+    let mut result = quantiles(&histogram);
+    result["scenario"] = json!(format!(
+        "latency-{}",
+        match transport {
+            Transport::Sync => "sync",
+            Transport::Ws => "ws",
+        }
+    ));
+    result["clients"] = json!(clients);
+    result["senders"] = json!(senders);
+    result["messages"] = json!(messages);
+    result["acknowledged"] = json!(answered.len());
+    result["expected"] = json!(expected);
+    result["delivered"] = json!(delivered);
+    result["read_before_send_answer"] = json!(early);
+    result
+}
+
+/// (b) Acknowledged sends per second: `senders` senders, each in its own
+/// room, each sending the next message when the last is answered.
+pub async fn throughput(server: &Server, senders: usize, seconds: u64) -> Value {
+    eprintln!("throughput: {senders} senders for {seconds} s");
+    let tokens = server.register_many("writer", senders).await;
+    let mut rooms = Vec::new();
+    for token in &tokens {
+        rooms.push(server.create_room(token, json!({})).await);
+    }
+    let total = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let until = start + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for (n, (token, room_id)) in tokens.into_iter().zip(rooms).enumerate() {
+        let (server, total, failed) = (server.clone(), total.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            while Instant::now() < until {
+                let txn = format!("{}-w{n}-{seq}", server.run);
+                if server.send(&token, &room_id, &txn, "throughput").await {
+                    total.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                seq += 1;
+            }
+        }));
+    }
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        eprint!("\r  {} acknowledged", total.load(Ordering::Relaxed));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    eprintln!();
+    let count = total.load(Ordering::Relaxed);
+    json!({
+        "scenario": "throughput",
+        "senders": senders,
+        "acknowledged": count,
+        "failed": failed.load(Ordering::Relaxed),
+        "seconds": (elapsed * 100.0).round() / 100.0,
+        "messages_per_s": ((count as f64 / elapsed) * 10.0).round() / 10.0,
+    })
+}
+
+/// (c) Fan-out: one message into a room of `members` (the sender among
+/// them), all waiting in `/sync`: time from the acknowledged send until
+/// the last member has read it.
+pub async fn fanout(server: &Server, members: usize, rounds: usize) -> Value {
+    eprintln!("fanout: {members} members, {rounds} rounds");
+    let sender = server.register_many("fansender", 1).await;
+    let tokens = server
+        .register_many("member", members.saturating_sub(1))
+        .await;
+    let rooms = make_rooms(server, &sender, &tokens).await;
+    let (room_id, recipients) = rooms[0].clone();
+    let arrivals: Arrivals = Arc::default();
+    let mut readers = Vec::new();
+    for token in &tokens {
+        let since = initial_since(server, token).await;
+        readers.push(spawn_sync_reader(
+            server,
+            token.clone(),
+            since,
+            "fan:",
+            arrivals.clone(),
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut histogram = histogram();
+    let mut incomplete = 0;
+    for round in 0..rounds as u64 {
+        let txn = format!("{}-fan{round}", server.run);
+        if !server
+            .send(&sender[0], &room_id, &txn, &format!("fan:{round}"))
+            .await
+        {
+            incomplete += 1;
+            continue;
+        }
+        let sent_at = Instant::now();
+        let deadline = sent_at + Duration::from_secs(10);
+        let last = loop {
+            let times = arrivals
+                .lock()
+                .expect("arrivals")
+                .get(&round)
+                .cloned()
+                .unwrap_or_default();
+            if times.len() >= recipients {
+                break times.into_iter().max();
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        match last {
+            Some(last) => {
+                let micros = last
+                    .checked_duration_since(sent_at)
+                    .map_or(0, |d| d.as_micros() as u64);
+                histogram.record(micros.max(1)).expect("in bounds");
+            }
+            None => incomplete += 1,
+        }
+        eprint!("\r  {} of {rounds} rounds", round + 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eprintln!();
+    for reader in readers {
+        reader.abort();
+    }
+    let mut result = quantiles(&histogram);
+    result["scenario"] = json!("fanout");
+    result["members"] = json!(recipients + 1);
+    result["rounds"] = json!(rounds);
+    result["incomplete_rounds"] = json!(incomplete);
+    result
+}
+
+/// (d) The server's resident memory per idle waiting connection: long-
+/// polling `/sync` requests, or WebSocket connections of as many devices.
+pub async fn memory(server: &Server, pid: u32, connections: usize, transport: Transport) -> Value {
+    eprintln!("memory: {connections} idle {transport:?} connections");
+    let users = server
+        .register_many("idle", 10.min(connections).max(1))
+        .await;
+    let tokens: Vec<String> = match transport {
+        Transport::Sync => users.clone(),
+        Transport::Ws => {
+            // One device per connection: a device has one session.
+            let mut tokens = Vec::with_capacity(connections);
+            for chunk in (0..connections).collect::<Vec<_>>().chunks(32) {
+                let tasks: Vec<_> = chunk
+                    .iter()
+                    .map(|n| {
+                        let server = server.clone();
+                        let name = format!("idle{}", n % users.len());
+                        tokio::spawn(async move { server.login(&name).await })
+                    })
+                    .collect();
+                for task in tasks {
+                    tokens.push(task.await.expect("login task"));
+                }
+                eprint!("\r  {} of {connections} devices", tokens.len());
+            }
+            eprintln!();
+            tokens
+        }
+    };
+    let mut sinces = Vec::new();
+    for token in &users {
+        sinces.push(initial_since(server, token).await);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = settled_resident(pid).await;
+    let open = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(connections);
+    for n in 0..connections {
+        let task = match transport {
+            Transport::Sync => {
+                let (server, token) = (server.clone(), users[n % users.len()].clone());
+                let mut since = sinces[n % users.len()].clone();
+                let open = open.clone();
+                tokio::spawn(async move {
+                    open.fetch_add(1, Ordering::Relaxed);
+                    loop {
+                        let url = format!(
+                            "{}/_matrix/client/v3/sync?timeout=3600000&set_presence=offline&since={since}",
+                            server.base
+                        );
+                        let Ok(response) = server.http.get(url).bearer_auth(&token).send().await
+                        else {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        };
+                        if let Ok(answer) = response.json::<Value>().await {
+                            if let Some(next) = answer["next_batch"].as_str() {
+                                since = next.to_owned();
+                            }
+                        }
+                    }
+                })
+            }
+            Transport::Ws => {
+                let mut request = server
+                    .ws_url()
+                    .into_client_request()
+                    .expect("WebSocket URL");
+                request.headers_mut().insert(
+                    "Authorization",
+                    format!("Bearer {}", tokens[n]).parse().expect("header"),
+                );
+                let (mut socket, _) = tokio_tungstenite::connect_async(request)
+                    .await
+                    .expect("WebSocket connection");
+                open.fetch_add(1, Ordering::Relaxed);
+                // Reading answers the server's pings.
+                tokio::spawn(async move { while let Some(Ok(_)) = socket.next().await {} })
+            }
+        };
+        tasks.push(task);
+        if n % 500 == 499 {
+            eprint!("\r  {} connections", n + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    eprintln!("\r  {connections} connections; settling");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = settled_resident(pid).await;
+    for task in tasks {
+        task.abort();
+    }
+    let per = after.saturating_sub(before) as f64 / connections as f64;
+    json!({
+        "scenario": format!("memory-{}", match transport { Transport::Sync => "sync", Transport::Ws => "ws" }),
+        "connections": connections,
+        "rss_before_bytes": before,
+        "rss_after_bytes": after,
+        "bytes_per_connection": per.round(),
+    })
+}
+
+/// The median of three readings a second apart.
+async fn settled_resident(pid: u32) -> u64 {
+    let mut readings = Vec::new();
+    for _ in 0..3 {
+        readings.push(resident_bytes(pid));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    readings.sort_unstable();
+    readings[1]
+}
+
+/// (e) How long the first sync of a new device takes for an account in
+/// `rooms` rooms: the median of three devices, each syncing once (so no
+/// server can answer from a cache of an earlier identical sync).
+pub async fn initial_sync(server: &Server, rooms: usize) -> Value {
+    eprintln!("initial sync: an account in {rooms} rooms");
+    let token = server.register_many("member", 1).await.remove(0);
+    for n in 0..rooms {
+        server
+            .create_room(&token, json!({ "name": format!("room {n}") }))
+            .await;
+        if n % 10 == 9 {
+            eprint!("\r  {} of {rooms} rooms", n + 1);
+        }
+    }
+    eprintln!();
+    let mut timings = Vec::new();
+    for _ in 0..3 {
+        let device = server.login("member0").await;
+        let start = Instant::now();
+        let answer = server
+            .sync(&device, None, 0)
+            .await
+            .expect("an initial sync");
+        timings.push(start.elapsed().as_micros() as u64);
+        let joined = answer["rooms"]["join"].as_object().map_or(0, |r| r.len());
+        assert_eq!(joined, rooms, "the initial sync lists every room");
+    }
+    timings.sort_unstable();
+    json!({
+        "scenario": format!("initial-sync-{rooms}"),
+        "rooms": rooms,
+        "median_ms": ms(timings[1]),
+        "min_ms": ms(timings[0]),
+        "max_ms": ms(timings[2]),
+    })
+}
+
+/// (f) Bytes the database grows by per stored message: `messages`
+/// messages of about 100 bytes of text, sent 8 at a time into one room.
+pub async fn storage(server: &Server, dir: &std::path::Path, messages: usize) -> Value {
+    eprintln!("storage: {messages} messages");
+    let token = server.register_many("writer", 1).await.remove(0);
+    let room_id = server.create_room(&token, json!({})).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = disk_bytes(dir);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (server, token, room_id, next) =
+            (server.clone(), token.clone(), room_id.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= messages as u64 {
+                    break;
+                }
+                let body = format!("message {n:06} of the storage benchmark, about one hundred bytes of plain text.");
+                let txn = format!("{}-s{n}", server.run);
+                assert!(server.send(&token, &room_id, &txn, &body).await, "send {n}");
+                if n % 500 == 499 {
+                    eprint!("\r  {} sent", n + 1);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("sender");
+    }
+    eprintln!();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = disk_bytes(dir);
+    json!({
+        "scenario": "storage",
+        "messages": messages,
+        "bytes_before": before,
+        "bytes_after": after,
+        "bytes_per_message": (after.saturating_sub(before) as f64 / messages as f64).round(),
+    })
+}
