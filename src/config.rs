@@ -53,6 +53,7 @@ pub struct Config {
     pub log: LogConfig,
     pub well_known: WellKnown,
     pub media: MediaConfig,
+    pub websocket: WebSocketConfig,
 }
 
 impl Default for Config {
@@ -74,6 +75,43 @@ impl Default for Config {
             log: LogConfig::default(),
             well_known: WellKnown::default(),
             media: MediaConfig::default(),
+            websocket: WebSocketConfig::default(),
+        }
+    }
+}
+
+/// The WebSocket push extension (`docs/websocket.md`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Largest frame (and message) a client may send, in bytes.
+    pub max_frame_bytes: usize,
+    /// Most requests of one connection waiting or running; more are
+    /// answered `M_LIMIT_EXCEEDED`.
+    pub max_requests_in_flight: usize,
+    /// How often the server pings a connection.
+    pub ping_interval_ms: u64,
+    /// A connection that sends nothing (not even a pong) for this long is
+    /// closed.
+    pub idle_timeout_ms: u64,
+    /// Longest one frame may wait to be written to a client that does not
+    /// read; the connection is closed then, and the client resumes from
+    /// its acknowledgement.
+    pub send_timeout_ms: u64,
+    /// How long a connection without an `Authorization` header has to send
+    /// its `auth` frame.
+    pub auth_timeout_ms: u64,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            max_frame_bytes: 128 * 1024,
+            max_requests_in_flight: 32,
+            ping_interval_ms: 30_000,
+            idle_timeout_ms: 90_000,
+            send_timeout_ms: 10_000,
+            auth_timeout_ms: 10_000,
         }
     }
 }
@@ -96,6 +134,10 @@ pub struct MediaConfig {
     /// Whether previews may fetch private, loopback and link-local
     /// addresses. Off: a page on the server's own network is never fetched.
     pub url_preview_private_addresses: bool,
+    /// The most pixels (width × height) an image may have to be
+    /// thumbnailed. Larger images are refused from their header, before
+    /// decoding, so a decompression bomb cannot exhaust memory.
+    pub max_image_pixels: u64,
 }
 
 impl Default for MediaConfig {
@@ -106,6 +148,7 @@ impl Default for MediaConfig {
             legacy_unauthenticated_downloads: false,
             url_previews: false,
             url_preview_private_addresses: false,
+            max_image_pixels: 32_000_000,
         }
     }
 }
@@ -362,6 +405,32 @@ impl Config {
         }
         if self.media.max_upload_bytes < 1024 {
             return fail("media.max_upload_bytes", "must be at least 1024".to_owned());
+        }
+        let ws = &self.websocket;
+        if ws.max_frame_bytes < 1024 {
+            return fail(
+                "websocket.max_frame_bytes",
+                "must be at least 1024".to_owned(),
+            );
+        }
+        if ws.max_requests_in_flight == 0 {
+            return fail(
+                "websocket.max_requests_in_flight",
+                "must be at least 1".to_owned(),
+            );
+        }
+        for (key, value) in [
+            ("websocket.ping_interval_ms", ws.ping_interval_ms),
+            ("websocket.idle_timeout_ms", ws.idle_timeout_ms),
+            ("websocket.send_timeout_ms", ws.send_timeout_ms),
+            ("websocket.auth_timeout_ms", ws.auth_timeout_ms),
+        ] {
+            if value < 10 {
+                return fail(key, "must be at least 10".to_owned());
+            }
+        }
+        if self.media.max_image_pixels == 0 {
+            return fail("media.max_image_pixels", "must be at least 1".to_owned());
         }
         if self.media.pending_upload_expiry_ms < 1000 {
             return fail(

@@ -114,7 +114,13 @@ async fn serve(
         registration = ?services.config.registration,
         "listening on {addr}"
     );
-    let app = api::router(services);
+    let app = api::router(services.clone());
+    let connections = services.connections.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // WebSocket sessions outlive their HTTP connection: tell them.
+        connections.stop_all().await;
+    };
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -122,6 +128,7 @@ async fn serve(
     .with_graceful_shutdown(shutdown)
     .await
     .map_err(ServerError::Serve)?;
+    services.connections.stop_all().await;
     // Every request has finished, so every write it made is committed; the
     // services (and with them the database) close when dropped here.
     tracing::info!("stopped");

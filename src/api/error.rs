@@ -76,6 +76,18 @@ impl MatrixError {
     pub fn errcode(&self) -> Option<&str> {
         self.body.get("errcode").and_then(Value::as_str)
     }
+
+    /// The `errcode` and `error`, for answers outside HTTP.
+    pub fn parts(&self) -> (String, String) {
+        let text = |name: &str| {
+            self.body
+                .get(name)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        (text("errcode"), text("error"))
+    }
 }
 
 impl From<Error> for MatrixError {

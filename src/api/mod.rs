@@ -20,7 +20,7 @@ use tower_http::trace::TraceLayer;
 use crate::services::Services;
 use client::{
     account, devices, directory, discovery, keys, media, membership, profile, relations,
-    room_events, room_keys, session, sliding_sync, sync, user_data,
+    room_events, room_keys, session, sliding_sync, sync, user_data, websocket,
 };
 use error::MatrixError;
 
@@ -31,8 +31,19 @@ pub type AppState = Arc<Services>;
 /// still used by some clients.
 const CLIENT_PREFIXES: [&str; 2] = ["/_matrix/client/v3", "/_matrix/client/r0"];
 
-/// The whole HTTP application.
+/// The whole HTTP application, with the WebSocket extension beside the
+/// Matrix API; the extension carries out its requests through the API.
 pub fn router(state: AppState) -> Router {
+    let api = matrix_api(state.clone());
+    let ws = websocket::WsState {
+        state,
+        api: api.clone(),
+    };
+    api.route(websocket::PATH, get(websocket::connect).with_state(ws))
+}
+
+/// The Matrix HTTP API.
+fn matrix_api(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/_matrix/client/versions", get(discovery::versions))
         .route("/.well-known/matrix/client", get(discovery::well_known))
@@ -72,6 +83,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/_matrix/client/v1/media/download/{server_name}/{media_id}/{file_name}",
             get(media::download_named),
+        )
+        .route(
+            "/_matrix/client/v1/media/thumbnail/{server_name}/{media_id}",
+            get(media::thumbnail),
+        )
+        .route(
+            "/_matrix/media/v3/thumbnail/{server_name}/{media_id}",
+            get(media::legacy_thumbnail),
         )
         .route(
             "/_matrix/media/v3/download/{server_name}/{media_id}",

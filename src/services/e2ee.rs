@@ -246,18 +246,27 @@ impl E2ee {
         Ok(())
     }
 
-    /// The device's waiting messages up to stream position `upto`, oldest
-    /// first, at most [`MAX_TO_DEVICE_PER_SYNC`]: (position, message).
+    /// The device's waiting messages after stream position `after` and up
+    /// to `upto`, oldest first, at most [`MAX_TO_DEVICE_PER_SYNC`]:
+    /// (position, message).
     pub fn to_device(
         &self,
         user: &UserId,
         device_id: &str,
+        after: u64,
         upto: u64,
     ) -> Result<Vec<(u64, ToDeviceMessage)>> {
         let prefix = tables::str2_prefix(user.as_str(), device_id);
+        let mut range = crate::storage::KeyRange::prefix(&prefix);
+        range.lower = tables::to_device_key_prefix(&prefix, after.saturating_add(1));
         Ok(self
             .storage
-            .scan_prefix(tables::TO_DEVICE, &prefix, MAX_TO_DEVICE_PER_SYNC)?
+            .scan(
+                tables::TO_DEVICE,
+                &range,
+                crate::storage::Direction::Forward,
+                MAX_TO_DEVICE_PER_SYNC,
+            )?
             .into_iter()
             .filter(|((_, _, position), _)| *position <= upto)
             .map(|((_, _, position), message)| (position, message))
@@ -592,6 +601,10 @@ pub fn forget_device_into(
     for (row, _) in storage.scan_prefix(tables::TO_DEVICE, &prefix, MAX_WAITING_TO_DEVICE)? {
         batch.delete(tables::TO_DEVICE, &row);
     }
+    batch.delete(
+        tables::DELIVERY_ACKS,
+        &(user_id.to_owned(), device_id.to_owned()),
+    );
     Ok(())
 }
 

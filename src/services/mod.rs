@@ -5,6 +5,8 @@
 
 pub mod accounts;
 pub mod clock;
+pub mod connections;
+pub mod delivery;
 pub mod directory;
 pub mod e2ee;
 pub mod error;
@@ -20,6 +22,7 @@ pub mod rooms;
 pub mod sliding;
 pub mod stream;
 pub mod sync;
+pub mod thumbnail;
 pub mod uia;
 pub mod user_data;
 
@@ -55,6 +58,8 @@ pub struct Services {
     pub previews: preview::Previews,
     pub uia: Uia,
     pub rate_limiter: RateLimiter,
+    pub connections: Arc<connections::Connections>,
+    storage: Storage,
     clock: Arc<dyn Clock>,
 }
 
@@ -108,7 +113,9 @@ impl Services {
                 clock.clone(),
                 stream.clone(),
             ),
-            profiles: Profiles::new(storage),
+            profiles: Profiles::new(storage.clone()),
+            connections: Arc::default(),
+            storage,
             uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),
             rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock.clone()),
             clock,

@@ -80,11 +80,15 @@ pub enum Cf {
     BackupKeys,
     /// Uploaded media: what each media ID names.
     Media,
+    /// Thumbnails made of uploaded images.
+    MediaThumbnails,
+    /// How far each device acknowledged delivery (WebSocket extension).
+    DeliveryAcks,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 33] = [
+    pub const ALL: [Cf; 35] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -118,6 +122,8 @@ impl Cf {
         Cf::BackupVersions,
         Cf::BackupKeys,
         Cf::Media,
+        Cf::MediaThumbnails,
+        Cf::DeliveryAcks,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -156,6 +162,8 @@ impl Cf {
             Cf::BackupVersions => "backup_versions",
             Cf::BackupKeys => "backup_keys",
             Cf::Media => "media",
+            Cf::MediaThumbnails => "media_thumbnails",
+            Cf::DeliveryAcks => "delivery_acks",
         }
     }
 

@@ -185,6 +185,25 @@ pub struct MediaRecord {
     pub pending_until: Option<u64>,
 }
 
+/// (SHA-256 of the original, size as `{width}x{height}-{method}`) → the
+/// thumbnail made of that content at that size.
+pub const MEDIA_THUMBNAILS: Table<(String, String), ThumbnailRecord> =
+    Table::new(Cf::MediaThumbnails);
+
+/// A stored thumbnail: a file in the media directory like any upload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThumbnailRecord {
+    pub content_hash: String,
+    pub content_type: String,
+    pub size: u64,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// (user ID, device ID) → the stream position up to which the device
+/// acknowledged delivery.
+pub const DELIVERY_ACKS: Table<(String, String), u64> = Table::new(Cf::DeliveryAcks);
+
 /// A room key backup version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupVersion {
@@ -423,6 +442,14 @@ pub fn str_prefix(first: &str) -> Vec<u8> {
 pub fn str2_prefix(first: &str, second: &str) -> Vec<u8> {
     let mut out = str_prefix(first);
     second.to_owned().put(&mut out);
+    out
+}
+
+/// The key of a device's to-device row at `position`, from the device's
+/// prefix ([`str2_prefix`]): where a scan from that position starts.
+pub fn to_device_key_prefix(device_prefix: &[u8], position: u64) -> Vec<u8> {
+    let mut out = device_prefix.to_vec();
+    position.put(&mut out);
     out
 }
 

@@ -15,3 +15,4 @@ pub mod session;
 pub mod sliding_sync;
 pub mod sync;
 pub mod user_data;
+pub mod websocket;

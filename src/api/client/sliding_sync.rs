@@ -585,7 +585,7 @@ impl Look<'_> {
             let waiting = self
                 .state
                 .e2ee
-                .to_device(&self.user, device, self.upto.stream)?;
+                .to_device(&self.user, device, 0, self.upto.stream)?;
             let next_batch = match waiting.last() {
                 // More are waiting: the token goes only as far as these.
                 Some((position, _)) if waiting.len() == MAX_TO_DEVICE_PER_SYNC => *position,

@@ -125,32 +125,49 @@ pub async fn sync(
             .await?;
     }
     loop {
-        let mut upto = SyncToken::now(&state);
-        let to_device = state
-            .e2ee
-            .to_device(&user, &authed.device_id, upto.stream)?;
-        if to_device.len() == MAX_TO_DEVICE_PER_SYNC {
-            // More are waiting: this answer goes only as far as the last
-            // one it carries, and the next sync brings the rest.
-            upto.stream = to_device.last().map_or(upto.stream, |(p, _)| *p);
-        }
-        let request = SyncRequest {
-            state: &state,
-            authed: &authed,
-            user: user.clone(),
-            filter: &filter,
-            since,
-            full_state: query.full_state,
-            upto,
-            to_device: to_device.into_iter().map(|(_, m)| m).collect(),
-        };
-        let (answer, empty) = request.answer()?;
+        let (answer, empty) = look(&state, &authed, &user, &filter, since, query.full_state)?;
         let waited_enough = tokio::time::Instant::now() >= deadline;
         if !empty || since.is_none() || query.full_state || waited_enough {
             return Ok(Json(answer));
         }
         wait(&registration, deadline).await;
     }
+}
+
+/// One look at what a device should be sent after `since`, up to where
+/// every stream stands now: the `/sync` answer, and whether it has nothing
+/// new in it. Reads only; the caller acknowledges to-device messages.
+pub fn look(
+    state: &AppState,
+    authed: &Authed,
+    user: &OwnedUserId,
+    filter: &Filter,
+    since: Option<SyncToken>,
+    full_state: bool,
+) -> ApiResult<(Value, bool)> {
+    let mut upto = SyncToken::now(state);
+    let to_device = state.e2ee.to_device(
+        user,
+        &authed.device_id,
+        since.map_or(0, |s| s.stream),
+        upto.stream,
+    )?;
+    if to_device.len() == MAX_TO_DEVICE_PER_SYNC {
+        // More are waiting: this answer goes only as far as the last one
+        // it carries, and the next sync brings the rest.
+        upto.stream = to_device.last().map_or(upto.stream, |(p, _)| *p);
+    }
+    let request = SyncRequest {
+        state,
+        authed,
+        user: user.clone(),
+        filter,
+        since,
+        full_state,
+        upto,
+        to_device: to_device.into_iter().map(|(_, m)| m).collect(),
+    };
+    request.answer()
 }
 
 /// Registers a waiting reader for the user's rooms (any membership) and

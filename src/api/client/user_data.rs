@@ -21,6 +21,7 @@ use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Path};
 use crate::api::AppState;
 use crate::services::accounts::Authed;
+use crate::services::delivery::DELIVERED_RECEIPT;
 use crate::storage::tables::PresenceRecord;
 
 /// The requester, who must be the user named in the path.
@@ -210,7 +211,7 @@ pub async fn receipt(
     check_event_in_room(&state, &room_id, &event_id)?;
     let thread = body.thread_id.unwrap_or_default();
     match receipt_type.as_str() {
-        "m.read" | "m.read.private" => {}
+        "m.read" | "m.read.private" | DELIVERED_RECEIPT => {}
         "m.fully_read" if thread.is_empty() => {
             set_fully_read(&state, &authed, &room_id, &event_id).await?;
             return Ok(Json(json!({})));
