@@ -230,7 +230,7 @@ pub fn raise_file_limit() -> (u64, u64) {
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
-    (limit.rlim_cur, 20_500)
+    (limit.rlim_cur, 10_500)
 }
 
 /// Bytes under a directory (or of a file), and of a file's SQLite

@@ -11,10 +11,12 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{watch, Notify};
 
+/// (user ID, device ID) → the live session's number and its ender.
+type Live = HashMap<(String, String), (u64, Arc<Notify>)>;
+
 #[derive(Default)]
 pub struct Connections {
-    /// (user ID, device ID) → the live session's number and its ender.
-    live: Mutex<HashMap<(String, String), (u64, Arc<Notify>)>>,
+    live: Mutex<Live>,
     next: AtomicU64,
     /// Sessions not yet finished, replaced ones included.
     open: AtomicU64,
