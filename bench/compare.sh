@@ -2,7 +2,7 @@
 # Measures Synapse and Myelin side by side on this machine, in one run, with
 # the same `bench` scenarios, and prints one table of both and their ratio.
 #
-#   bench/compare.sh            # the full run (about an hour on 2 cores)
+#   bench/compare.sh            # the full run (about half an hour on 2 cores)
 #   QUICK=1 bench/compare.sh    # smaller sizes, to try the setup
 #
 # Synapse comes from PyPI into a virtual environment, configured on loopback
@@ -21,7 +21,7 @@ quick="${QUICK:-0}"
 synapse_venv="${SYNAPSE_VENV:-$HOME/.cache/myelin-synapse-venv}"
 
 echo "bench: building the release binaries"
-cargo build --release --bin myelin --bin bench
+cargo build --release --workspace --bins
 myelin_bin="$CARGO_TARGET_DIR/release/myelin"
 bench_bin="$CARGO_TARGET_DIR/release/bench"
 
@@ -102,7 +102,9 @@ EOF
 
 start_myelin() {
     local dir="$work/myelin" port=$1
-    rm -rf "$dir" && mkdir -p "$dir"
+    if [ "${keep_data:-0}" != 1 ]; then
+        rm -rf "$dir" && mkdir -p "$dir"
+    fi
     MYELIN_LISTEN="127.0.0.1:$port" MYELIN_DATA_DIR="$dir/data" \
         MYELIN_REGISTRATION=open MYELIN_RATE_LIMITS=false \
         MYELIN_PASSWORD_HASHING__MEMORY_KIB=1024 MYELIN_PASSWORD_HASHING__ITERATIONS=1 \
@@ -117,12 +119,17 @@ stop_server() {
     wait "$server_pid" 2>/dev/null || true
 }
 
+# One phase of scenarios against a freshly started server. Memory is
+# measured on a fresh server of its own: after the other scenarios, freed
+# memory the allocator keeps would hide what connections cost.
 run_server() {
-    local name=$1 port url results
+    local name=$1 phase=$2 port url results
     port=$(port_free)
     url="http://127.0.0.1:$port"
     results="$work/$name.results"
-    : >"$results"
+    if [ "$phase" = first ]; then
+        : >"$results"
+    fi
     "start_$name" "$port"
     wait_for "$url"
     echo "bench: $name is up on $url (pid $server_pid)"
@@ -131,15 +138,30 @@ run_server() {
         "${load_cpu[@]}" "$bench_bin" --url "$url" --pid "$server_pid" --data-dir "$data_path" "$@" \
             | grep '^RESULT ' | sed 's/^RESULT //' >>"$results"
     }
-    if [ "$quick" = 1 ]; then
+    if [ "$phase" = memory ]; then
+        if [ "$quick" = 1 ]; then
+            scenario memory --connections 1000
+            [ "$name" = myelin ] && scenario memory --connections 1000 --transport ws
+        else
+            scenario memory --connections 1000
+            scenario memory --connections 10000
+            if [ "$name" = myelin ]; then
+                # The devices are made first, then the server starts afresh
+                # on the same data, so that logging in is not measured.
+                scenario devices --count 10000 --file "$work/devices.txt"
+                stop_server
+                keep_data=1 "start_$name" "$port"
+                wait_for "$url"
+                scenario memory --connections 10000 --transport ws --tokens-file "$work/devices.txt"
+            fi
+        fi
+    elif [ "$quick" = 1 ]; then
         scenario storage --messages 500
         scenario initial-sync --rooms 10
         scenario throughput --senders 8 --seconds 5
         scenario fanout --members 100 --rounds 5
         scenario latency --clients 100 --messages 50 --rate 10
         [ "$name" = myelin ] && scenario latency --clients 100 --messages 50 --rate 10 --transport ws
-        scenario memory --connections 1000
-        [ "$name" = myelin ] && scenario memory --connections 1000 --transport ws
     else
         scenario storage --messages 5000
         for rooms in 10 100 1000; do
@@ -154,23 +176,25 @@ run_server() {
         if [ "$name" = myelin ]; then
             scenario latency --clients 1000 --messages 200 --rate 10 --transport ws
         fi
-        scenario memory --connections 1000
-        scenario memory --connections 10000
-        if [ "$name" = myelin ]; then
-            scenario memory --connections 10000 --transport ws
-        fi
     fi
     stop_server
 }
 
-run_server synapse
-run_server myelin
+# SERVERS and PHASES pick what runs: the servers, and the phases "first"
+# (every scenario but memory) and "memory"; the table is made of whatever
+# the results files hold.
+for server in ${SERVERS:-synapse myelin}; do
+    for phase in ${PHASES:-first memory}; do
+        run_server "$server" "$phase"
+    done
+done
 
 "$synapse_venv/bin/python" - "$work" "$synapse_version" "$sqlite_sync" <<'EOF'
 import json, os, sys
 work, version, sqlite_sync = sys.argv[1], sys.argv[2], sys.argv[3]
 def load(name):
     rows = [json.loads(line) for line in open(f"{work}/{name}.results") if line.strip()]
+    rows = [row for row in rows if row["scenario"] != "devices"]
     out = {}
     for row in rows:
         key = row["scenario"]

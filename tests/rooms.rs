@@ -561,3 +561,20 @@ async fn profile_changes_and_deactivation_reach_the_rooms() {
         .await;
     assert_eq!(members["joined"].as_object().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn rooms_created_in_one_millisecond_get_their_own_ids() {
+    // A stopped clock: every create event would have the same timestamp.
+    let clock = std::sync::Arc::new(myelin::services::clock::ManualClock::new(1_700_000_000_000));
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::test_config(&dir);
+    let server = TestServer::start_in(dir, config, Some(clock)).await;
+    let alice = common::token(&server.register("alice").await);
+    let mut ids = std::collections::BTreeSet::new();
+    for _ in 0..5 {
+        ids.insert(server.create_room(&alice, serde_json::json!({})).await);
+    }
+    assert_eq!(ids.len(), 5, "{ids:?}");
+    let (_, sync) = server.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    assert_eq!(sync["rooms"]["join"].as_object().unwrap().len(), 5);
+}

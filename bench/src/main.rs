@@ -74,6 +74,18 @@ enum Scenario {
         connections: usize,
         #[arg(long, value_enum, default_value_t = Transport::Sync)]
         transport: Transport,
+        /// Access tokens of the devices to connect (one per line, from
+        /// `devices`), so that making them is not part of the measurement.
+        #[arg(long)]
+        tokens_file: Option<std::path::PathBuf>,
+    },
+    /// Makes N devices (logins) and writes their access tokens to a file,
+    /// for `memory --transport ws` on a freshly started server.
+    Devices {
+        #[arg(long, default_value_t = 10000)]
+        count: usize,
+        #[arg(long)]
+        file: std::path::PathBuf,
     },
     /// (e) Initial sync time of an account in N rooms.
     InitialSync {
@@ -110,9 +122,22 @@ async fn main() {
         Scenario::Memory {
             connections,
             transport,
+            tokens_file,
         } => {
             let pid = cli.pid.expect("memory needs --pid");
-            scenarios::memory(&server, pid, connections, transport).await
+            let tokens = tokens_file.map(|file| {
+                std::fs::read_to_string(file)
+                    .expect("the tokens file")
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            });
+            scenarios::memory(&server, pid, connections, transport, tokens).await
+        }
+        Scenario::Devices { count, file } => {
+            let tokens = scenarios::devices(&server, count).await;
+            std::fs::write(&file, tokens.join("\n")).expect("the tokens file");
+            serde_json::json!({ "scenario": "devices", "count": tokens.len() })
         }
         Scenario::InitialSync { rooms } => scenarios::initial_sync(&server, rooms).await,
         Scenario::Storage { messages } => {

@@ -389,33 +389,31 @@ pub async fn fanout(server: &Server, members: usize, rounds: usize) -> Value {
 
 /// (d) The server's resident memory per idle waiting connection: long-
 /// polling `/sync` requests, or WebSocket connections of as many devices.
-pub async fn memory(server: &Server, pid: u32, connections: usize, transport: Transport) -> Value {
+pub async fn memory(
+    server: &Server,
+    pid: u32,
+    connections: usize,
+    transport: Transport,
+    given: Option<Vec<String>>,
+) -> Value {
     eprintln!("memory: {connections} idle {transport:?} connections");
-    let users = server
-        .register_many("idle", 10.min(connections).max(1))
-        .await;
-    let tokens: Vec<String> = match transport {
-        Transport::Sync => users.clone(),
-        Transport::Ws => {
-            // One device per connection: a device has one session.
-            let mut tokens = Vec::with_capacity(connections);
-            for chunk in (0..connections).collect::<Vec<_>>().chunks(32) {
-                let tasks: Vec<_> = chunk
-                    .iter()
-                    .map(|n| {
-                        let server = server.clone();
-                        let name = format!("idle{}", n % users.len());
-                        tokio::spawn(async move { server.login(&name).await })
-                    })
-                    .collect();
-                for task in tasks {
-                    tokens.push(task.await.expect("login task"));
-                }
-                eprint!("\r  {} of {connections} devices", tokens.len());
-            }
-            eprintln!();
+    let users = match (&given, transport) {
+        // Made earlier by `devices`; one of them stands in for the users.
+        (Some(tokens), Transport::Ws) => tokens[..1].to_vec(),
+        _ => {
+            server
+                .register_many("idle", 10.min(connections).max(1))
+                .await
+        }
+    };
+    let tokens: Vec<String> = match (transport, given) {
+        (Transport::Sync, _) => users.clone(),
+        (Transport::Ws, Some(tokens)) => {
+            assert!(tokens.len() >= connections, "too few tokens in the file");
             tokens
         }
+        // One device per connection: a device has one session.
+        (Transport::Ws, None) => devices(server, connections).await,
     };
     let mut sinces = Vec::new();
     for token in &users {
@@ -477,6 +475,17 @@ pub async fn memory(server: &Server, pid: u32, connections: usize, transport: Tr
     eprintln!("\r  {connections} connections; settling");
     tokio::time::sleep(Duration::from_secs(10)).await;
     let after = settled_resident(pid).await;
+    // The connections really are open: this process's sockets.
+    let sockets = std::fs::read_dir("/proc/self/fd")
+        .map(|fds| {
+            fds.flatten()
+                .filter(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0);
     for task in tasks {
         task.abort();
     }
@@ -486,8 +495,34 @@ pub async fn memory(server: &Server, pid: u32, connections: usize, transport: Tr
         "connections": connections,
         "rss_before_bytes": before,
         "rss_after_bytes": after,
+        "client_sockets": sockets,
         "bytes_per_connection": per.round(),
     })
+}
+
+/// Logs in `count` devices of ten users; answers their access tokens.
+pub async fn devices(server: &Server, count: usize) -> Vec<String> {
+    let users = server
+        .register_many("idle", 10.min(count).max(1))
+        .await
+        .len();
+    let mut tokens = Vec::with_capacity(count);
+    for chunk in (0..count).collect::<Vec<_>>().chunks(32) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|n| {
+                let server = server.clone();
+                let name = format!("idle{}", n % users);
+                tokio::spawn(async move { server.login(&name).await })
+            })
+            .collect();
+        for task in tasks {
+            tokens.push(task.await.expect("login task"));
+        }
+        eprint!("\r  {} of {count} devices", tokens.len());
+    }
+    eprintln!();
+    tokens
 }
 
 /// The median of three readings a second apart.
@@ -517,6 +552,7 @@ pub async fn initial_sync(server: &Server, rooms: usize) -> Value {
     }
     eprintln!();
     let mut timings = Vec::new();
+    let mut listed = Vec::new();
     for _ in 0..3 {
         let device = server.login("member0").await;
         let start = Instant::now();
@@ -525,13 +561,15 @@ pub async fn initial_sync(server: &Server, rooms: usize) -> Value {
             .await
             .expect("an initial sync");
         timings.push(start.elapsed().as_micros() as u64);
-        let joined = answer["rooms"]["join"].as_object().map_or(0, |r| r.len());
-        assert_eq!(joined, rooms, "the initial sync lists every room");
+        // Reported, not asserted: a server that leaves rooms out shows it
+        // in the results instead of ending the run.
+        listed.push(answer["rooms"]["join"].as_object().map_or(0, |r| r.len()));
     }
     timings.sort_unstable();
     json!({
         "scenario": format!("initial-sync-{rooms}"),
         "rooms": rooms,
+        "rooms_listed": listed,
         "median_ms": ms(timings[1]),
         "min_ms": ms(timings[0]),
         "max_ms": ms(timings[2]),

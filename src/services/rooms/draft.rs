@@ -314,7 +314,13 @@ impl<'a> Draft<'a> {
             .iter()
             .map(|id| parse_event_id(id))
             .collect::<Result<Vec<_>>>()?;
-        let now = self.rooms.clock.now_ms();
+        // A room whose ID is its create event's hash: the create event
+        // takes a timestamp no other create event here has.
+        let now = if self.room_id.is_none() {
+            self.rooms.create_timestamp()
+        } else {
+            self.rooms.clock.now_ms()
+        };
         let ctx = BuildContext {
             room_id: self.room_id.as_deref(),
             version: &self.version,

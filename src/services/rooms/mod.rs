@@ -48,6 +48,11 @@ pub struct Rooms {
     pub max_members: u64,
     /// (state group, user) → (history visibility, membership) there.
     visibility_memo: BoundedMemo<(u64, String), (String, String)>,
+    /// The timestamp of the last room created here. In room version 12 a
+    /// room's ID is the hash of its create event, so two rooms created with
+    /// the same content in the same millisecond would get one ID; each new
+    /// create event takes a later millisecond than the one before.
+    last_create_ts: AtomicU64,
 }
 
 /// A map that remembers facts that never go stale, up to a bound; when
@@ -120,7 +125,21 @@ impl Rooms {
             default_version,
             max_members,
             visibility_memo: BoundedMemo::new(VISIBILITY_MEMO_ENTRIES),
+            last_create_ts: AtomicU64::new(0),
         })
+    }
+
+    /// A timestamp for a new create event: now, or just after the last
+    /// one handed out, whichever is later.
+    pub(crate) fn create_timestamp(&self) -> u64 {
+        let now = self.clock.now_ms();
+        let previous = self
+            .last_create_ts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                Some(now.max(last + 1))
+            })
+            .unwrap_or(now);
+        now.max(previous + 1)
     }
 
     pub fn server_name(&self) -> &str {
