@@ -29,7 +29,7 @@ async fn every_operation_does_what_its_http_equivalent_does() {
     let (mut a, ready) = WsClient::connect(&server, &alice).await;
     assert_eq!(ready["data"]["user_id"], "@alice:localhost");
     assert_eq!(ready["data"]["resumed"], false);
-    let (mut b, _) = WsClient::connect(&server, &bob).await;
+    let (mut b, b_ready) = WsClient::connect(&server, &bob).await;
 
     // create_chat: a room with a name, the participants invited.
     let chat = a
@@ -182,6 +182,21 @@ async fn every_operation_does_what_its_http_equivalent_does() {
         .find(|e| e["type"] == "m.receipt")
         .expect("a receipt in /sync");
     assert_eq!(newest_delivered(&via_sync["content"]), newest);
+
+    // A to-device message for Bob's device is pushed to it.
+    let device = b_ready["data"]["device_id"].as_str().unwrap().to_owned();
+    let (status, _) = server
+        .put(
+            "/_matrix/client/v3/sendToDevice/m.test/td1",
+            Some(&alice),
+            json!({ "messages": { "@bob:localhost": { device.as_str(): { "secret": 42 } } } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let to_device = b.push_where(|f| f["type"] == "to_device").await;
+    assert_eq!(to_device["data"]["event"]["type"], "m.test");
+    assert_eq!(to_device["data"]["event"]["sender"], "@alice:localhost");
+    assert_eq!(to_device["data"]["event"]["content"]["secret"], 42);
 
     // ping, and sync to move the cursor.
     assert_eq!(a.ok("ping", json!({})).await, json!({}));
