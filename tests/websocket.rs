@@ -350,19 +350,7 @@ async fn bad_requests_get_matrix_errors_and_change_nothing() {
     a.fails("auth", json!({ "access_token": alice }), "M_INVALID_PARAM")
         .await;
     // Nothing of it reached the room.
-    let (_, messages) = server
-        .get(
-            &format!("/_matrix/client/v3/rooms/{room_id}/messages?dir=b&limit=50"),
-            Some(&bob),
-        )
-        .await;
-    let texts = messages["chunk"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"] == "m.room.message")
-        .count();
-    assert_eq!(texts, 0);
+    assert_eq!(messages_in(&server, &bob, &room_id).await, 0);
     // The connection still works; a frame over the limit closes it.
     a.ok("ping", json!({})).await;
     a.send_text("x".repeat(5000)).await;
@@ -662,19 +650,23 @@ async fn requests_past_the_in_flight_limit_are_refused() {
     }
     assert!(limited > 0 && sent > 0, "{sent} sent, {limited} limited");
     // Exactly the accepted ones are in the room.
+    assert_eq!(messages_in(&server, &alice, &room_id).await, sent);
+}
+
+/// How many `m.room.message` events the room has (up to 100).
+async fn messages_in(server: &TestServer, token: &str, room_id: &str) -> usize {
     let (_, messages) = server
         .get(
             &format!("/_matrix/client/v3/rooms/{room_id}/messages?dir=b&limit=100"),
-            Some(&alice),
+            Some(token),
         )
         .await;
-    let texts = messages["chunk"]
+    messages["chunk"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|e| e["type"] == "m.room.message")
-        .count();
-    assert_eq!(texts, sent);
+        .count()
 }
 
 #[tokio::test]
