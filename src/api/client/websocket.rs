@@ -504,115 +504,113 @@ impl Connection {
 /// Cuts a `/sync` answer after `cursor` into push frames, each carrying
 /// the position `next`, and ends them with a `synced` frame.
 async fn frames(caller: &Caller, cursor: SyncToken, answer: Value, next: SyncToken) -> Vec<Value> {
-    {
-        let pos = next.render();
-        let mut frames = Vec::new();
-        let mut frame = |kind: &str, data: Value| {
-            frames.push(json!({ "type": kind, "pos": pos, "data": data }));
+    let pos = next.render();
+    let mut frames = Vec::new();
+    let mut frame = |kind: &str, data: Value| {
+        frames.push(json!({ "type": kind, "pos": pos, "data": data }));
+    };
+    let rooms = &answer["rooms"];
+    for section in ["join", "leave"] {
+        let Some(entries) = rooms[section].as_object() else {
+            continue;
         };
-        let rooms = &answer["rooms"];
-        for section in ["join", "leave"] {
-            let Some(entries) = rooms[section].as_object() else {
-                continue;
-            };
-            for (room_id, body) in entries {
-                let mut timeline: Vec<Value> = body["timeline"]["events"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                if body["timeline"]["limited"] == true {
-                    match fill_gap(caller, cursor, room_id, &body["timeline"]["prev_batch"]).await {
-                        Some(mut earlier) => {
-                            earlier.append(&mut timeline);
-                            timeline = earlier;
-                        }
-                        None => frame(
-                            "gap",
-                            json!({
-                                "room_id": room_id,
-                                "prev_batch": body["timeline"]["prev_batch"],
-                            }),
-                        ),
+        for (room_id, body) in entries {
+            let mut timeline: Vec<Value> = body["timeline"]["events"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if body["timeline"]["limited"] == true {
+                match fill_gap(caller, cursor, room_id, &body["timeline"]["prev_batch"]).await {
+                    Some(mut earlier) => {
+                        earlier.append(&mut timeline);
+                        timeline = earlier;
                     }
-                }
-                let in_timeline: BTreeSet<&str> = timeline
-                    .iter()
-                    .filter_map(|event| event["event_id"].as_str())
-                    .collect();
-                for event in body["state"]["events"].as_array().into_iter().flatten() {
-                    let id = event["event_id"].as_str().unwrap_or_default();
-                    if !in_timeline.contains(id) {
-                        frame("state", json!({ "room_id": room_id, "event": event }));
-                    }
-                }
-                for event in &timeline {
-                    frame("event", json!({ "room_id": room_id, "event": event }));
-                }
-                for event in body["account_data"]["events"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                {
-                    frame(
-                        "account_data",
-                        json!({ "room_id": room_id, "event": event }),
-                    );
-                }
-                for event in body["ephemeral"]["events"].as_array().into_iter().flatten() {
-                    match event["type"].as_str() {
-                        Some("m.typing") => frame(
-                            "typing",
-                            json!({ "room_id": room_id, "user_ids": event["content"]["user_ids"] }),
-                        ),
-                        Some("m.receipt") => frame(
-                            "receipt",
-                            json!({ "room_id": room_id, "content": event["content"] }),
-                        ),
-                        _ => {}
-                    }
+                    None => frame(
+                        "gap",
+                        json!({
+                            "room_id": room_id,
+                            "prev_batch": body["timeline"]["prev_batch"],
+                        }),
+                    ),
                 }
             }
-        }
-        for (section, field) in [("invite", "invite_state"), ("knock", "knock_state")] {
-            for (room_id, body) in rooms[section].as_object().into_iter().flatten() {
+            let in_timeline: BTreeSet<&str> = timeline
+                .iter()
+                .filter_map(|event| event["event_id"].as_str())
+                .collect();
+            for event in body["state"]["events"].as_array().into_iter().flatten() {
+                let id = event["event_id"].as_str().unwrap_or_default();
+                if !in_timeline.contains(id) {
+                    frame("state", json!({ "room_id": room_id, "event": event }));
+                }
+            }
+            for event in &timeline {
+                frame("event", json!({ "room_id": room_id, "event": event }));
+            }
+            for event in body["account_data"]["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
                 frame(
-                    section,
-                    json!({ "room_id": room_id, field: body[field]["events"] }),
+                    "account_data",
+                    json!({ "room_id": room_id, "event": event }),
                 );
             }
+            for event in body["ephemeral"]["events"].as_array().into_iter().flatten() {
+                match event["type"].as_str() {
+                    Some("m.typing") => frame(
+                        "typing",
+                        json!({ "room_id": room_id, "user_ids": event["content"]["user_ids"] }),
+                    ),
+                    Some("m.receipt") => frame(
+                        "receipt",
+                        json!({ "room_id": room_id, "content": event["content"] }),
+                    ),
+                    _ => {}
+                }
+            }
         }
-        for event in answer["account_data"]["events"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            frame("account_data", json!({ "event": event }));
-        }
-        for event in answer["presence"]["events"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            frame("presence", json!({ "event": event }));
-        }
-        for event in answer["to_device"]["events"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            frame("to_device", json!({ "event": event }));
-        }
-        let lists = &answer["device_lists"];
-        let nonempty = |v: &Value| v.as_array().is_some_and(|a| !a.is_empty());
-        if nonempty(&lists["changed"]) || nonempty(&lists["left"]) {
+    }
+    for (section, field) in [("invite", "invite_state"), ("knock", "knock_state")] {
+        for (room_id, body) in rooms[section].as_object().into_iter().flatten() {
             frame(
-                "device_lists",
-                json!({ "changed": lists["changed"], "left": lists["left"] }),
+                section,
+                json!({ "room_id": room_id, field: body[field]["events"] }),
             );
         }
-        frame("synced", json!({}));
-        frames
     }
+    for event in answer["account_data"]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        frame("account_data", json!({ "event": event }));
+    }
+    for event in answer["presence"]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        frame("presence", json!({ "event": event }));
+    }
+    for event in answer["to_device"]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        frame("to_device", json!({ "event": event }));
+    }
+    let lists = &answer["device_lists"];
+    let nonempty = |v: &Value| v.as_array().is_some_and(|a| !a.is_empty());
+    if nonempty(&lists["changed"]) || nonempty(&lists["left"]) {
+        frame(
+            "device_lists",
+            json!({ "changed": lists["changed"], "left": lists["left"] }),
+        );
+    }
+    frame("synced", json!({}));
+    frames
 }
 
 /// The events of a limited timeline between the cursor and the timeline's
@@ -624,32 +622,30 @@ async fn fill_gap(
     room_id: &str,
     prev_batch: &Value,
 ) -> Option<Vec<Value>> {
-    {
-        let mut from = prev_batch.as_str()?.to_owned();
-        let to = cursor.render();
-        let mut earlier = Vec::new();
-        loop {
-            let path = format!(
-                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit={GAP_PAGE}&from={}&to={}",
-                segment(room_id),
-                segment(&from),
-                segment(&to)
-            );
-            let page = caller.call(Method::GET, &path, None).await.ok()?;
-            let chunk = page["chunk"].as_array().cloned().unwrap_or_default();
-            let done = chunk.is_empty() || page["end"].as_str().is_none();
-            earlier.extend(chunk);
-            if earlier.len() > MAX_GAP_EVENTS {
-                return None;
-            }
-            if done {
-                break;
-            }
-            from = page["end"].as_str()?.to_owned();
+    let mut from = prev_batch.as_str()?.to_owned();
+    let to = cursor.render();
+    let mut earlier = Vec::new();
+    loop {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b&limit={GAP_PAGE}&from={}&to={}",
+            segment(room_id),
+            segment(&from),
+            segment(&to)
+        );
+        let page = caller.call(Method::GET, &path, None).await.ok()?;
+        let chunk = page["chunk"].as_array().cloned().unwrap_or_default();
+        let done = chunk.is_empty() || page["end"].as_str().is_none();
+        earlier.extend(chunk);
+        if earlier.len() > MAX_GAP_EVENTS {
+            return None;
         }
-        earlier.reverse();
-        Some(earlier)
+        if done {
+            break;
+        }
+        from = page["end"].as_str()?.to_owned();
     }
+    earlier.reverse();
+    Some(earlier)
 }
 
 /// Splits a request frame into its ID, type and data; an answer for a
