@@ -1,20 +1,27 @@
 //! The WebSocket extension with Python's `websockets` from PyPI: the
 //! scenario in `tests/python/ws_scenario.py`, against a real server.
 //!
-//! The interpreter is `$MYELIN_TEST_PYTHON` (`.ci/run` points it at a
-//! virtual environment with `websockets`), or `python3`. A missing
-//! interpreter or package fails the test: it is never skipped.
+//! The interpreter is `$MYELIN_TEST_PYTHON` when set, else the one of a
+//! virtual environment with `websockets` that the test provisions on first
+//! use (`myelin-testkit`). An interpreter or package that cannot be had
+//! fails the test: it is never skipped.
 
 mod common;
 
 use common::{token, TestServer};
+use myelin_testkit::python_for_tests;
+
+/// The PyPI package the scenario needs, pinned so the environment is the
+/// same everywhere.
+const WEBSOCKETS: &str = "websockets==17.4";
 
 #[tokio::test]
 async fn python_websockets_client_chats_acknowledges_and_resumes() {
+    // Before the server starts, so blocking this thread holds nothing up.
+    let python = python_for_tests(&[WEBSOCKETS]);
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
-    let python = std::env::var("MYELIN_TEST_PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/ws_scenario.py");
     let output = tokio::process::Command::new(&python)
         .arg(script)
@@ -23,7 +30,7 @@ async fn python_websockets_client_chats_acknowledges_and_resumes() {
         .arg(&bob)
         .output()
         .await
-        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
