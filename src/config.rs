@@ -54,6 +54,7 @@ pub struct Config {
     pub well_known: WellKnown,
     pub media: MediaConfig,
     pub websocket: WebSocketConfig,
+    pub federation: FederationConfig,
 }
 
 impl Default for Config {
@@ -76,6 +77,7 @@ impl Default for Config {
             well_known: WellKnown::default(),
             media: MediaConfig::default(),
             websocket: WebSocketConfig::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -113,6 +115,81 @@ impl Default for WebSocketConfig {
             send_timeout_ms: 10_000,
             auth_timeout_ms: 10_000,
         }
+    }
+}
+
+/// Server-server federation (`/_matrix/federation`, `/_matrix/key`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Whether the federation API is served and other servers are spoken
+    /// to. Off, this server is an island.
+    pub enabled: bool,
+    /// A listener of its own for the federation API (by convention port
+    /// 8448). Without it, the federation API is served on `listen`.
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain of the federation listener; with
+    /// `tls_private_key` it serves HTTPS, as other servers expect.
+    pub tls_certificate: Option<PathBuf>,
+    /// PEM private key of `tls_certificate`.
+    pub tls_private_key: Option<PathBuf>,
+    /// What `/.well-known/matrix/server` answers as `m.server`
+    /// (`host[:port]` where the federation API is reached); not served
+    /// when unset.
+    pub well_known_server: Option<String>,
+    /// How long other servers may trust the published signing key
+    /// document, in milliseconds.
+    pub key_valid_for_ms: u64,
+    /// Servers asked for another server's keys when it cannot be asked
+    /// itself (notaries). None by default.
+    pub trusted_key_servers: Vec<String>,
+    /// Whether the TLS certificates of other servers are verified. Turn
+    /// off only in tests.
+    pub verify_certificates: bool,
+    /// PEM file of certificate authorities trusted beside the system's
+    /// (a private CA).
+    pub ca_certificates: Option<PathBuf>,
+    /// Address ranges outbound federation never connects to (CIDR). The
+    /// default is Synapse's list of private, loopback, link-local and
+    /// reserved ranges, so a room cannot make this server probe its own
+    /// network.
+    pub ip_range_denylist: Vec<String>,
+    /// Ranges allowed even though `ip_range_denylist` covers them.
+    pub ip_range_allowlist: Vec<String>,
+    /// Longest wait for another server's answer, in milliseconds.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        FederationConfig {
+            enabled: true,
+            listen: None,
+            tls_certificate: None,
+            tls_private_key: None,
+            well_known_server: None,
+            key_valid_for_ms: 24 * 60 * 60 * 1000,
+            trusted_key_servers: Vec::new(),
+            verify_certificates: true,
+            ca_certificates: None,
+            ip_range_denylist: myelin_federation::ip_ranges::DEFAULT_DENIED
+                .iter()
+                .map(|range| (*range).to_owned())
+                .collect(),
+            ip_range_allowlist: Vec::new(),
+            request_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl FederationConfig {
+    /// The outbound address policy of the two lists (validated at load).
+    pub fn ip_policy(&self) -> myelin_federation::ip_ranges::IpPolicy {
+        let parse = |ranges: &[String]| ranges.iter().filter_map(|r| r.parse().ok()).collect();
+        myelin_federation::ip_ranges::IpPolicy::new(
+            parse(&self.ip_range_denylist),
+            parse(&self.ip_range_allowlist),
+        )
     }
 }
 
@@ -472,6 +549,62 @@ impl Config {
                 }
             }
         }
+        self.validate_federation()
+    }
+
+    fn validate_federation(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, problem: String| Err(ConfigError(format!("{key}: {problem}")));
+        let federation = &self.federation;
+        if federation.tls_certificate.is_some() != federation.tls_private_key.is_some() {
+            return fail(
+                "federation.tls_certificate",
+                "needs federation.tls_private_key, and the other way round".to_owned(),
+            );
+        }
+        if federation.tls_certificate.is_some() && federation.listen.is_none() {
+            return fail(
+                "federation.tls_certificate",
+                "serves HTTPS on federation.listen, which is not set".to_owned(),
+            );
+        }
+        if let Some(server) = &federation.well_known_server {
+            if let Err(problem) = validate_server_name(server) {
+                return fail("federation.well_known_server", problem);
+            }
+        }
+        for server in &federation.trusted_key_servers {
+            if let Err(problem) = validate_server_name(server) {
+                return fail("federation.trusted_key_servers", problem);
+            }
+        }
+        for (key, ranges) in [
+            (
+                "federation.ip_range_denylist",
+                &federation.ip_range_denylist,
+            ),
+            (
+                "federation.ip_range_allowlist",
+                &federation.ip_range_allowlist,
+            ),
+        ] {
+            for range in ranges {
+                if let Err(e) = range.parse::<myelin_federation::ip_ranges::IpRange>() {
+                    return fail(key, e.to_string());
+                }
+            }
+        }
+        if federation.key_valid_for_ms < 60_000 {
+            return fail(
+                "federation.key_valid_for_ms",
+                "must be at least 60000".to_owned(),
+            );
+        }
+        if federation.request_timeout_ms < 100 {
+            return fail(
+                "federation.request_timeout_ms",
+                "must be at least 100".to_owned(),
+            );
+        }
         Ok(())
     }
 }
@@ -680,6 +813,47 @@ mod tests {
             "client_base_url",
         );
         check_error("server_name = ", &[], "line 1");
+    }
+
+    #[test]
+    fn federation_settings_are_checked() {
+        let config = load("[federation]\nip_range_allowlist = [\"127.0.0.0/8\"]", &[]).unwrap();
+        assert!(config.federation.enabled);
+        let policy = config.federation.ip_policy();
+        assert!(policy.permits("127.0.0.2".parse().unwrap()));
+        assert!(!policy.permits("10.0.0.1".parse().unwrap()));
+        check_error(
+            "[federation]\nip_range_denylist = [\"10.0.0.0/99\"]",
+            &[],
+            "federation.ip_range_denylist",
+        );
+        check_error(
+            "[federation]\nlisten = \"127.0.0.1:8448\"\ntls_certificate = \"c.pem\"",
+            &[],
+            "federation.tls_certificate",
+        );
+        check_error(
+            "[federation]\ntls_certificate = \"c.pem\"\ntls_private_key = \"k.pem\"",
+            &[],
+            "federation.listen, which is not set",
+        );
+        check_error(
+            "[federation]\nwell_known_server = \"a b\"",
+            &[],
+            "federation.well_known_server",
+        );
+        check_error(
+            "[federation]\ntrusted_key_servers = [\"host:x\"]",
+            &[],
+            "federation.trusted_key_servers",
+        );
+        check_error(
+            "[federation]\nkey_valid_for_ms = 5",
+            &[],
+            "federation.key_valid_for_ms",
+        );
+        let env = load("", &[("MYELIN_FEDERATION__ENABLED", "false")]).unwrap();
+        assert!(!env.federation.enabled);
     }
 
     #[test]

@@ -11,3 +11,4 @@ pub mod ids;
 pub mod server;
 pub mod services;
 pub mod storage;
+pub mod tls;

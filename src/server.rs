@@ -9,11 +9,14 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::api;
 use crate::config::Config;
 use crate::services::clock::{Clock, SystemClock};
 use crate::services::Services;
 use crate::storage::{Storage, StorageError};
+use crate::tls;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,8 @@ pub enum ServerError {
 pub struct RunningServer {
     /// The address actually bound (useful when the config said port 0).
     pub addr: SocketAddr,
+    /// The federation listener's address, when it has one of its own.
+    pub federation_addr: Option<SocketAddr>,
     pub services: Arc<Services>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServerError>>,
@@ -62,14 +67,16 @@ pub async fn start_with_clock(
     config: Config,
     clock: Arc<dyn Clock>,
 ) -> Result<RunningServer, ServerError> {
-    let (services, listener) = prepare(config, clock).await?;
-    let addr = listener.local_addr().map_err(ServerError::Serve)?;
+    let (services, listeners) = prepare(config, clock).await?;
+    let addr = listeners.main.local_addr().map_err(ServerError::Serve)?;
+    let federation_addr = listeners.federation.as_ref().map(|f| f.addr);
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, services.clone(), async {
+    let task = tokio::spawn(serve(listeners, services.clone(), async {
         let _ = shutdown_rx.await;
     }));
     Ok(RunningServer {
         addr,
+        federation_addr,
         services,
         shutdown: Some(shutdown_tx),
         task,
@@ -79,14 +86,48 @@ pub async fn start_with_clock(
 /// Runs the server until SIGINT or SIGTERM, then shuts down gracefully.
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let shutdown = shutdown_signal()?;
-    let (services, listener) = prepare(config, Arc::new(SystemClock)).await?;
-    serve(listener, services, shutdown).await
+    let (services, listeners) = prepare(config, Arc::new(SystemClock)).await?;
+    serve(listeners, services, shutdown).await
+}
+
+/// The bound listeners: the main one, and the federation API's own.
+struct Listeners {
+    main: TcpListener,
+    federation: Option<FederationListener>,
+}
+
+struct FederationListener {
+    tcp: TcpListener,
+    addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Binds `federation.listen` (with TLS when a certificate is configured).
+async fn bind_federation(config: &Config) -> Result<Option<FederationListener>, ServerError> {
+    let federation = &config.federation;
+    let Some(listen) = federation.listen.filter(|_| federation.enabled) else {
+        return Ok(None);
+    };
+    let tls = match (&federation.tls_certificate, &federation.tls_private_key) {
+        (Some(certificate), Some(key)) => {
+            Some(tls::acceptor(certificate, key).map_err(ServerError::Start)?)
+        }
+        _ => None,
+    };
+    let tcp = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let addr = tcp.local_addr().map_err(ServerError::Serve)?;
+    Ok(Some(FederationListener { tcp, addr, tls }))
 }
 
 async fn prepare(
     config: Config,
     clock: Arc<dyn Clock>,
-) -> Result<(Arc<Services>, TcpListener), ServerError> {
+) -> Result<(Arc<Services>, Listeners), ServerError> {
     let storage = Storage::open(&config.data_dir.join("db"), config.storage.sync_writes)?;
     if !config.storage.sync_writes {
         tracing::warn!("storage.sync_writes is off: a crash may lose acknowledged writes");
@@ -97,18 +138,34 @@ async fn prepare(
             addr: config.listen,
             source,
         })?;
+    let federation = bind_federation(&config).await?;
     let services = Services::new(Arc::new(config), storage, clock)
         .map_err(|e| ServerError::Start(e.to_string()))?;
     let services = Arc::new(services);
-    Ok((services, listener))
+    Ok((
+        services,
+        Listeners {
+            main: listener,
+            federation,
+        },
+    ))
 }
 
 async fn serve(
-    listener: TcpListener,
+    listeners: Listeners,
     services: Arc<Services>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let listener = listeners.main;
     let addr = listener.local_addr().map_err(ServerError::Serve)?;
+    let stop_federation = CancellationToken::new();
+    let federation_task = listeners.federation.map(|federation| {
+        tokio::spawn(serve_federation(
+            federation,
+            services.clone(),
+            stop_federation.clone(),
+        ))
+    });
     tracing::info!(
         %addr,
         server_name = %services.config.server_name,
@@ -117,8 +174,10 @@ async fn serve(
     );
     let app = api::router(services.clone());
     let connections = services.connections.clone();
+    let stopping_federation = stop_federation.clone();
     let shutdown = async move {
         shutdown.await;
+        stopping_federation.cancel();
         // WebSocket sessions outlive their HTTP connection: tell them.
         connections.stop_all().await;
     };
@@ -136,11 +195,45 @@ async fn serve(
     .with_graceful_shutdown(shutdown)
     .await
     .map_err(ServerError::Serve)?;
+    stop_federation.cancel();
+    if let Some(task) = federation_task {
+        task.await
+            .map_err(|e| ServerError::Serve(std::io::Error::other(e)))??;
+    }
     services.connections.stop_all().await;
     // Every request has finished, so every write it made is committed; the
     // services (and with them the database) close when dropped here.
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves the federation API on its own listener until `stop`.
+async fn serve_federation(
+    listener: FederationListener,
+    services: Arc<Services>,
+    stop: CancellationToken,
+) -> Result<(), ServerError> {
+    // No federation handler asks for the peer's address, so the plain
+    // make-service serves both the TCP and the TLS listener.
+    let app = api::federation_router(services).into_make_service();
+    let addr = listener.addr;
+    let shutdown = async move { stop.cancelled().await };
+    match listener.tls {
+        Some(acceptor) => {
+            tracing::info!(%addr, "federation listening on {addr} (HTTPS)");
+            let listener = tls::TlsListener::new(listener.tcp, acceptor);
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            tracing::info!(%addr, "federation listening on {addr} (plain HTTP)");
+            axum::serve(listener.tcp, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+    .map_err(ServerError::Serve)
 }
 
 /// Installs the SIGINT and SIGTERM handlers now (before the server says it

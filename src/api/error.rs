@@ -115,6 +115,8 @@ impl From<Error> for MatrixError {
             Error::InvalidRoomState(_) => plain(StatusCode::BAD_REQUEST, "M_INVALID_ROOM_STATE"),
             Error::BadAlias(_) => plain(StatusCode::BAD_REQUEST, "M_BAD_ALIAS"),
             Error::UnknownPos(_) => plain(StatusCode::BAD_REQUEST, "M_UNKNOWN_POS"),
+            Error::Unauthorized(_) => plain(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"),
+            Error::RemoteUnavailable(_) => plain(StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
             Error::CannotOverwriteMedia(_) => {
                 plain(StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA")
             }

@@ -48,6 +48,46 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
+/// A federation request whose `X-Matrix` signature checked out: the server
+/// that sent it and the body it signed. A missing or wrong signature is 401
+/// `M_UNAUTHORIZED`.
+pub struct Signed {
+    pub origin: ruma::OwnedServerName,
+    pub body: bytes::Bytes,
+}
+
+impl FromRequest<AppState> for Signed {
+    type Rejection = MatrixError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (parts, body) = request.into_parts();
+        let body = read_body(body, state.config.max_request_body_bytes).await?;
+        let uri = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path(), |p| p.as_str());
+        let authorization = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok());
+        let origin = state
+            .federation
+            .authenticate(authorization, &parts.method, uri, &body)
+            .await?;
+        tracing::Span::current().record("origin", tracing::field::display(&origin));
+        Ok(Signed { origin, body })
+    }
+}
+
+impl Signed {
+    /// The body as JSON of type `T` (400 `M_NOT_JSON` or `M_BAD_JSON`).
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, MatrixError> {
+        let value: serde_json::Value = serde_json::from_slice(&self.body)
+            .map_err(|e| MatrixError::not_json(format!("Content not JSON: {e}")))?;
+        serde_json::from_value(value).map_err(|e| MatrixError::bad_json(e.to_string()))
+    }
+}
+
 /// Reads a whole body, refusing one larger than `limit` bytes.
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, MatrixError> {
     axum::body::to_bytes(body, limit).await.map_err(|error| {

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod error;
 pub mod extract;
+pub mod federation;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +43,14 @@ pub fn router(state: AppState) -> Router {
     api.route(websocket::PATH, get(websocket::connect).with_state(ws))
 }
 
-/// The Matrix HTTP API.
+/// The federation API alone, for the federation listener
+/// (`federation.listen`).
+pub fn federation_router(state: AppState) -> Router {
+    finish(federation::routes(), state)
+}
+
+/// The Matrix HTTP API: the client API, and the federation API unless it
+/// has a listener of its own (or is off).
 fn matrix_api(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/_matrix/client/versions", get(discovery::versions))
@@ -111,6 +119,16 @@ fn matrix_api(state: AppState) -> Router {
     for prefix in CLIENT_PREFIXES {
         router = router.merge(client_routes(prefix));
     }
+    let federation = &state.config.federation;
+    if federation.enabled && federation.listen.is_none() {
+        router = router.merge(federation::routes());
+    }
+    finish(router, state)
+}
+
+/// Unknown paths and methods as Matrix errors, CORS, and a tracing span
+/// per request.
+fn finish(router: Router<AppState>, state: AppState) -> Router {
     router
         .fallback(|| async { MatrixError::unrecognized(StatusCode::NOT_FOUND) })
         .method_not_allowed_fallback(|| async {
@@ -126,6 +144,7 @@ fn matrix_api(state: AppState) -> Router {
                     path = %request.uri().path(),
                     user_id = tracing::field::Empty,
                     device_id = tracing::field::Empty,
+                    origin = tracing::field::Empty,
                 )
             }),
         )

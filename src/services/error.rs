@@ -66,6 +66,13 @@ pub enum Error {
     /// User-interactive authentication must continue: the body to answer.
     #[error("additional authentication is required")]
     AuthRequired(Box<serde_json::Value>),
+    /// A federation request whose `X-Matrix` signature is missing or
+    /// wrong.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Another server could not be reached, or gave no usable answer.
+    #[error("{0}")]
+    RemoteUnavailable(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("internal error: {0}")]

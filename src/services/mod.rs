@@ -10,6 +10,7 @@ pub mod delivery;
 pub mod directory;
 pub mod e2ee;
 pub mod error;
+pub mod federation;
 pub mod filter;
 pub mod key_backup;
 pub mod keys;
@@ -59,6 +60,7 @@ pub struct Services {
     pub uia: Uia,
     pub rate_limiter: RateLimiter,
     pub connections: Arc<connections::Connections>,
+    pub federation: federation::Federation,
     storage: Storage,
     clock: Arc<dyn Clock>,
 }
@@ -76,6 +78,13 @@ impl Services {
             clock.clone(),
             wakeups.clone(),
         );
+        let federation = federation::Federation::new(
+            config.federation.clone(),
+            &config.server_name,
+            key.clone(),
+            storage.clone(),
+            clock.clone(),
+        )?;
         let rooms = Rooms::new(
             storage.clone(),
             config.server_name.clone(),
@@ -115,6 +124,7 @@ impl Services {
             ),
             profiles: Profiles::new(storage.clone()),
             connections: Arc::default(),
+            federation,
             storage,
             uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),
             rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock.clone()),

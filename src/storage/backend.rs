@@ -84,11 +84,13 @@ pub enum Cf {
     MediaThumbnails,
     /// How far each device acknowledged delivery (WebSocket extension).
     DeliveryAcks,
+    /// Other servers' signing keys, as fetched and checked.
+    RemoteServerKeys,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 35] = [
+    pub const ALL: [Cf; 36] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -124,6 +126,7 @@ impl Cf {
         Cf::Media,
         Cf::MediaThumbnails,
         Cf::DeliveryAcks,
+        Cf::RemoteServerKeys,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -164,6 +167,7 @@ impl Cf {
             Cf::Media => "media",
             Cf::MediaThumbnails => "media_thumbnails",
             Cf::DeliveryAcks => "delivery_acks",
+            Cf::RemoteServerKeys => "remote_server_keys",
         }
     }
 

@@ -25,6 +25,8 @@ pub const REFRESH_TOKENS: Table<TokenHash, RefreshTokenRecord> = Table::new(Cf::
 
 /// The server's signing keys by name (`current`).
 pub const SERVER_KEYS: Table<String, ServerKeyRecord> = Table::new(Cf::ServerKeys);
+/// Other servers' signing keys by server name, as last fetched and checked.
+pub const REMOTE_SERVER_KEYS: Table<String, RemoteKeysRecord> = Table::new(Cf::RemoteServerKeys);
 /// Events by event ID.
 pub const PDUS: Table<String, StoredPdu> = Table::new(Cf::Pdus);
 /// (room ID, stream position) → event ID.
@@ -62,6 +64,17 @@ pub struct ServerKeyRecord {
     pub version: String,
     pub der_hex: String,
     pub created_ts: u64,
+}
+
+/// Another server's keys: public keys as unpadded base64 by key ID.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteKeysRecord {
+    pub verify_keys: std::collections::BTreeMap<String, String>,
+    /// Former keys: (public key, when it expired).
+    pub old_verify_keys: std::collections::BTreeMap<String, (String, u64)>,
+    /// Until when the current keys may be used (capped at fetch + 7 days).
+    pub valid_until_ts: u64,
+    pub fetched_ts: u64,
 }
 
 /// A stored event: the signed PDU and where it sits.

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod federation;
 pub mod ws;
 
 use std::sync::Arc;

@@ -16,11 +16,19 @@ use crate::ids::UserId;
 use crate::services::accounts::Authed;
 use crate::services::profiles::{self, Profile};
 
-/// `GET /_matrix/client/v3/profile/{userId}`
+/// `GET /_matrix/client/v3/profile/{userId}`: a remote user's profile is
+/// asked of their server.
 pub async fn get_profile(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    if let Some(server) = remote_server(&state, &user_id)? {
+        let profile = state
+            .federation
+            .query_profile(&server, &user_id, None)
+            .await?;
+        return Ok(Json(profile));
+    }
     let profile = local_profile(&state, &user_id)?;
     Ok(Json(Value::Object(profile)))
 }
@@ -30,6 +38,16 @@ pub async fn get_field(
     State(state): State<AppState>,
     Path((user_id, key)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
+    if let Some(server) = remote_server(&state, &user_id)? {
+        let answer = state
+            .federation
+            .query_profile(&server, &user_id, Some(&key))
+            .await?;
+        return match answer.get(&key) {
+            Some(value) => Ok(Json(json!({ key: value }))),
+            None => Err(MatrixError::not_found("Profile field not found")),
+        };
+    }
     let profile = local_profile(&state, &user_id)?;
     let value = profile
         .get(&key)
@@ -67,7 +85,19 @@ pub async fn delete_field(
 
 /// The profile of a local account. Profiles of other servers' users need
 /// federation, which this server does not do yet: they are not found.
-fn local_profile(state: &AppState, user_id: &str) -> ApiResult<Profile> {
+/// The server of a user of another server, when federation is on.
+fn remote_server(state: &AppState, user_id: &str) -> ApiResult<Option<ruma::OwnedServerName>> {
+    let user = UserId::parse(user_id)
+        .ok_or_else(|| MatrixError::invalid_param(format!("{user_id:?} is not a user ID")))?;
+    if user.server_name == state.config.server_name || !state.federation.enabled() {
+        return Ok(None);
+    }
+    ruma::ServerName::parse(&user.server_name)
+        .map(Some)
+        .map_err(|_| MatrixError::invalid_param(format!("{user_id:?} is not a user ID")))
+}
+
+pub(crate) fn local_profile(state: &AppState, user_id: &str) -> ApiResult<Profile> {
     let user = UserId::parse(user_id)
         .ok_or_else(|| MatrixError::invalid_param(format!("{user_id:?} is not a user ID")))?;
     let not_found = || MatrixError::not_found("Profile not found");

@@ -1,0 +1,127 @@
+//! The server-server API: server keys (`/_matrix/key/v2`), the
+//! federation endpoints (`/_matrix/federation`), and server discovery
+//! (`/.well-known/matrix/server`).
+//!
+//! Handlers of `/_matrix/federation` take a [`Signed`] request, whose
+//! `X-Matrix` signature was checked against the origin's keys; the key
+//! endpoints are public, as the spec makes them.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use ruma::OwnedServerName;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::{ApiResult, MatrixError};
+use super::extract::{JsonBody, Path, Query, Signed};
+use super::AppState;
+
+/// The federation API's routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/_matrix/key/v2/server", get(server_keys))
+        .route("/_matrix/key/v2/server/{key_id}", get(server_keys_by_id))
+        .route("/_matrix/key/v2/query", axum::routing::post(query_keys))
+        .route(
+            "/_matrix/key/v2/query/{server_name}",
+            get(query_server_keys),
+        )
+        .route("/_matrix/federation/v1/version", get(version))
+        .route("/_matrix/federation/v1/query/profile", get(query_profile))
+        .route("/.well-known/matrix/server", get(well_known))
+}
+
+/// `GET /_matrix/key/v2/server`: this server's signed key document.
+async fn server_keys(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    Ok(Json(json!(state.federation.own_key_document()?)))
+}
+
+/// `GET /_matrix/key/v2/server/{keyId}`: deprecated; the key ID is ignored
+/// and the whole document answered, as the spec says.
+async fn server_keys_by_id(
+    state: State<AppState>,
+    Path(_key_id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    server_keys(state).await
+}
+
+#[derive(Deserialize)]
+struct KeyQuery {
+    server_keys: BTreeMap<OwnedServerName, Value>,
+}
+
+/// `POST /_matrix/key/v2/query`: other servers' key documents, fetched
+/// and checked by this server (acting as a notary) and countersigned.
+async fn query_keys(
+    State(state): State<AppState>,
+    JsonBody(query): JsonBody<KeyQuery>,
+) -> ApiResult<Json<Value>> {
+    if query.server_keys.len() > MAX_NOTARY_SERVERS {
+        return Err(MatrixError::invalid_param(format!(
+            "at most {MAX_NOTARY_SERVERS} servers per query"
+        )));
+    }
+    Ok(Json(
+        state.federation.notary_query(&query.server_keys).await,
+    ))
+}
+
+/// Most servers one notary query may name, so that one request cannot make
+/// this server fetch from thousands of others.
+const MAX_NOTARY_SERVERS: usize = 50;
+
+/// `GET /_matrix/key/v2/query/{serverName}`
+async fn query_server_keys(
+    State(state): State<AppState>,
+    Path(server_name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let server = ruma::ServerName::parse(&server_name)
+        .map_err(|_| MatrixError::invalid_param(format!("{server_name:?} is not a server name")))?;
+    let wanted = BTreeMap::from([(server, json!({}))]);
+    Ok(Json(state.federation.notary_query(&wanted).await))
+}
+
+/// `GET /_matrix/federation/v1/version`
+async fn version() -> Json<Value> {
+    Json(json!({ "server": { "name": "Myelin", "version": env!("CARGO_PKG_VERSION") } }))
+}
+
+#[derive(Deserialize)]
+struct ProfileQuery {
+    user_id: String,
+    field: Option<String>,
+}
+
+/// `GET /_matrix/federation/v1/query/profile`: a local user's profile, or
+/// one field of it.
+async fn query_profile(
+    State(state): State<AppState>,
+    Query(query): Query<ProfileQuery>,
+    _signed: Signed,
+) -> ApiResult<Json<Value>> {
+    let profile = crate::api::client::profile::local_profile(&state, &query.user_id)?;
+    match query.field {
+        None => Ok(Json(Value::Object(profile))),
+        Some(field) => {
+            let value = profile
+                .get(&field)
+                .ok_or_else(|| MatrixError::not_found("Profile field not found"))?;
+            Ok(Json(json!({ field: value })))
+        }
+    }
+}
+
+/// `GET /.well-known/matrix/server`, when `federation.well_known_server`
+/// is set.
+async fn well_known(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let server = state
+        .config
+        .federation
+        .well_known_server
+        .as_ref()
+        .ok_or_else(|| MatrixError::not_found("No .well-known configured"))?;
+    Ok(Json(json!({ "m.server": server })))
+}
