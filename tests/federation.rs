@@ -165,79 +165,45 @@ async fn unsigned_forged_and_misaddressed_requests_are_refused() {
         one_name.replace(':', "%3A")
     );
     let url = format!("{}{path}", one.federation_base());
-    let status_and_errcode = |response: reqwest::Response| async move {
-        let status = response.status();
-        let body: Value = response.json().await.unwrap();
-        (
-            status,
-            body["errcode"].as_str().unwrap_or_default().to_owned(),
-        )
-    };
-    let unauthorized = (StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED".to_owned());
-
-    let unsigned = http.get(&url).send().await.unwrap();
-    assert_eq!(status_and_errcode(unsigned).await, unauthorized);
-
-    let garbage = http
-        .get(&url)
-        .header("Authorization", "X-Matrix nonsense")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(status_and_errcode(garbage).await, unauthorized);
-
-    // Signed with a key that is not two's, claiming to be two.
     let two_name = two.server_name();
     let impostor = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), "x".to_owned()).unwrap();
-    let forged = SignedRequest {
-        method: "GET",
-        uri: &path,
-        origin: name(&two_name),
-        destination: name(&one_name),
-        content: None,
+    let signed_by_impostor = |origin: &str, destination: &str| {
+        let header = SignedRequest {
+            method: "GET",
+            uri: &path,
+            origin: name(origin),
+            destination: name(destination),
+            content: None,
+        }
+        .authorization(&impostor, "ed25519:x");
+        Some(header.to_string())
+    };
+    let cases = [
+        ("unsigned", None),
+        ("not X-Matrix", Some("X-Matrix nonsense".to_owned())),
+        // Claims to be two, signed with a key that is not two's.
+        ("forged", signed_by_impostor(&two_name, &one_name)),
+        // A server that does not exist has no keys to check with.
+        (
+            "no such server",
+            signed_by_impostor("127.0.0.9:1", &one_name),
+        ),
+        (
+            "addressed elsewhere",
+            signed_by_impostor(&two_name, "127.0.0.5:8448"),
+        ),
+    ];
+    for (case, authorization) in cases {
+        let mut request = http.get(&url);
+        if let Some(authorization) = authorization {
+            request = request.header("Authorization", authorization);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{case}: {body}");
+        assert_eq!(body["errcode"], "M_UNAUTHORIZED", "{case}");
     }
-    .authorization(&impostor, "ed25519:x");
-    let response = http
-        .get(&url)
-        .header("Authorization", forged.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(status_and_errcode(response).await, unauthorized);
-
-    // A server that does not exist has no keys to check with.
-    let ghost = SignedRequest {
-        method: "GET",
-        uri: &path,
-        origin: name("127.0.0.9:1"),
-        destination: name(&one_name),
-        content: None,
-    }
-    .authorization(&impostor, "ed25519:x");
-    let response = http
-        .get(&url)
-        .header("Authorization", ghost.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(status_and_errcode(response).await, unauthorized);
-
-    // Addressed to another server.
-    let elsewhere = SignedRequest {
-        method: "GET",
-        uri: &path,
-        origin: name(&two_name),
-        destination: name("127.0.0.5:8448"),
-        content: None,
-    }
-    .authorization(&impostor, "ed25519:x");
-    let response = http
-        .get(&url)
-        .header("Authorization", elsewhere.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(status_and_errcode(response).await, unauthorized);
 
     // The server still answers a good request afterwards.
     let bob = token(&two.register("bob").await);

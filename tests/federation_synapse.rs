@@ -37,29 +37,18 @@ async fn start_synapse(ca: &TestCa, ip: &str) -> (Synapse, tempfile::TempDir) {
 /// Registers on Synapse through the dummy stage; returns the access token.
 async fn register_on_synapse(http: &reqwest::Client, synapse: &Synapse, username: &str) -> String {
     let url = format!("{}/_matrix/client/v3/register", synapse.client_base);
-    let first: Value = http
-        .post(&url)
-        .json(&json!({ "username": username, "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let post = |body: Value| {
+        let request = http.post(&url).json(&body);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let first = post(json!({ "username": username, "password": PASSWORD })).await;
     let session = first["session"].as_str().expect("a UIA session").to_owned();
-    let registered: Value = http
-        .post(&url)
-        .json(&json!({
-            "username": username,
-            "password": PASSWORD,
-            "auth": { "type": "m.login.dummy", "session": session },
-        }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let registered = post(json!({
+        "username": username,
+        "password": PASSWORD,
+        "auth": { "type": "m.login.dummy", "session": session },
+    }))
+    .await;
     registered["access_token"]
         .as_str()
         .unwrap_or_else(|| panic!("registration failed: {registered}"))
