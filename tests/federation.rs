@@ -298,3 +298,65 @@ async fn denied_address_ranges_are_never_contacted() {
     let error = answer["error"].as_str().unwrap();
     assert!(error.contains("denied IP range"), "{error}");
 }
+
+#[tokio::test]
+async fn aliases_and_public_rooms_of_another_server_are_looked_up() {
+    let ca = TestCa::new();
+    let one = start_federating(&ca, "127.0.0.2", |_| {}).await;
+    let two = start_federating(&ca, "127.0.0.3", |_| {}).await;
+    let alice = token(&one.register("alice").await);
+    let bob = token(&two.register("bob").await);
+    let room_id = one
+        .create_room(
+            &alice,
+            json!({ "visibility": "public", "room_alias_name": "lounge", "name": "The Lounge" }),
+        )
+        .await;
+    one.create_room(
+        &alice,
+        json!({ "visibility": "public", "name": "Workshop" }),
+    )
+    .await;
+    let one_name = one.server_name();
+
+    let alias = format!("%23lounge:{one_name}");
+    let (status, resolved) = two
+        .get(
+            &format!("/_matrix/client/v3/directory/room/{alias}"),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resolved}");
+    assert_eq!(resolved["room_id"], room_id.as_str());
+    assert_eq!(resolved["servers"], json!([one_name]));
+    let missing = two
+        .get(
+            &format!("/_matrix/client/v3/directory/room/%23nothing:{one_name}"),
+            Some(&bob),
+        )
+        .await;
+    assert_error(&missing, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+
+    let (status, listed) = two
+        .get(
+            &format!("/_matrix/client/v3/publicRooms?server={one_name}&limit=1"),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    assert_eq!(listed["chunk"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["total_room_count_estimate"], 2);
+    assert!(listed["next_batch"].is_string());
+
+    let (status, found) = two
+        .post(
+            &format!("/_matrix/client/v3/publicRooms?server={one_name}"),
+            Some(&bob),
+            json!({ "filter": { "generic_search_term": "lounge" } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    let chunk = found["chunk"].as_array().unwrap();
+    assert_eq!(chunk.len(), 1, "{found}");
+    assert_eq!(chunk[0]["room_id"], room_id.as_str());
+}

@@ -7,7 +7,7 @@
 
 use axum::extract::State;
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::membership::{parse_room, parse_user};
@@ -50,6 +50,9 @@ pub async fn resolve_alias(
 ) -> ApiResult<Json<Value>> {
     let alias = ruma::RoomAliasId::parse(&alias)
         .map_err(|_| MatrixError::invalid_param(format!("{alias:?} is not a room alias")))?;
+    if alias.server_name().as_str() != state.config.server_name && state.federation.enabled() {
+        return Ok(Json(state.federation.query_directory(&alias).await?));
+    }
     let room_id = state
         .directory
         .resolve(&alias)?
@@ -153,26 +156,57 @@ pub struct PublicRoomsQuery {
     server: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 pub struct PublicRoomsBody {
-    limit: Option<usize>,
-    since: Option<String>,
-    filter: Option<FilterBody>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<FilterBody>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 pub struct FilterBody {
+    #[serde(skip_serializing_if = "Option::is_none")]
     generic_search_term: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     room_types: Option<Vec<Option<String>>>,
 }
 
-/// `GET /_matrix/client/v3/publicRooms`
+impl PublicRoomsBody {
+    /// The page and filter of a directory search.
+    pub(crate) fn page(self) -> (Option<usize>, Option<String>, RoomFilter) {
+        let filter = self.filter.unwrap_or_default();
+        let filter = RoomFilter {
+            search_term: filter.generic_search_term,
+            room_types: filter.room_types,
+        };
+        (self.limit, self.since, filter)
+    }
+}
+
+/// `GET /_matrix/client/v3/publicRooms`: another server's directory is
+/// asked of that server.
 pub async fn public_rooms(
     State(state): State<AppState>,
     Query(query): Query<PublicRoomsQuery>,
 ) -> ApiResult<Json<Value>> {
-    check_server(&state, query.server.as_deref())?;
-    list(&state, query.limit, query.since, RoomFilter::default())
+    let page = PublicRoomsBody {
+        limit: query.limit,
+        since: query.since,
+        filter: None,
+    };
+    if let Some(server) = remote_server(&state, query.server.as_deref())? {
+        return Ok(Json(
+            state
+                .federation
+                .public_rooms(&server, &json!(page), false)
+                .await?,
+        ));
+    }
+    let (limit, since, filter) = page.page();
+    list(&state, limit, since, filter)
 }
 
 /// `POST /_matrix/client/v3/publicRooms`
@@ -182,27 +216,41 @@ pub async fn search_public_rooms(
     Query(query): Query<PublicRoomsQuery>,
     JsonBody(body): JsonBody<PublicRoomsBody>,
 ) -> ApiResult<Json<Value>> {
-    check_server(&state, query.server.as_deref())?;
-    let filter = body.filter.unwrap_or_default();
-    let filter = RoomFilter {
-        search_term: filter.generic_search_term,
-        room_types: filter.room_types,
-    };
-    list(&state, body.limit, body.since, filter)
+    if let Some(server) = remote_server(&state, query.server.as_deref())? {
+        return Ok(Json(
+            state
+                .federation
+                .public_rooms(&server, &json!(body), true)
+                .await?,
+        ));
+    }
+    let (limit, since, filter) = body.page();
+    list(&state, limit, since, filter)
 }
 
-/// Other servers' directories need federation, which is not there yet.
-fn check_server(state: &AppState, server: Option<&str>) -> ApiResult<()> {
+/// The other server whose directory is asked for, if any; without
+/// federation only this server's directory exists.
+fn remote_server(
+    state: &AppState,
+    server: Option<&str>,
+) -> ApiResult<Option<ruma::OwnedServerName>> {
     match server {
-        Some(server) if server != state.config.server_name => Err(MatrixError::not_found(format!(
-            "The directory of {server} cannot be reached"
-        ))),
-        _ => Ok(()),
+        Some(server) if server != state.config.server_name => {
+            if !state.federation.enabled() {
+                return Err(MatrixError::not_found(format!(
+                    "The directory of {server} cannot be reached"
+                )));
+            }
+            ruma::ServerName::parse(server)
+                .map(Some)
+                .map_err(|_| MatrixError::invalid_param(format!("{server:?} is not a server name")))
+        }
+        _ => Ok(None),
     }
 }
 
 /// One page of the directory; `since` tokens are offsets (`o20`).
-fn list(
+pub(crate) fn list(
     state: &AppState,
     limit: Option<usize>,
     since: Option<String>,

@@ -15,6 +15,7 @@ use ruma::OwnedServerName;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::client::directory;
 use super::error::{ApiResult, MatrixError};
 use super::extract::{JsonBody, Path, Query, Signed};
 use super::AppState;
@@ -31,6 +32,14 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/_matrix/federation/v1/version", get(version))
         .route("/_matrix/federation/v1/query/profile", get(query_profile))
+        .route(
+            "/_matrix/federation/v1/query/directory",
+            get(query_directory),
+        )
+        .route(
+            "/_matrix/federation/v1/publicRooms",
+            get(public_rooms).post(search_public_rooms),
+        )
         .route("/.well-known/matrix/server", get(well_known))
 }
 
@@ -112,6 +121,58 @@ async fn query_profile(
             Ok(Json(json!({ field: value })))
         }
     }
+}
+
+#[derive(Deserialize)]
+struct DirectoryQuery {
+    room_alias: String,
+}
+
+/// `GET /_matrix/federation/v1/query/directory`: the room a local alias
+/// names, and the servers to join it through.
+async fn query_directory(
+    State(state): State<AppState>,
+    Query(query): Query<DirectoryQuery>,
+    _signed: Signed,
+) -> ApiResult<Json<Value>> {
+    let alias = ruma::RoomAliasId::parse(&query.room_alias).map_err(|_| {
+        MatrixError::invalid_param(format!("{:?} is not a room alias", query.room_alias))
+    })?;
+    let not_found = || MatrixError::not_found(format!("Room alias {alias} not found"));
+    if alias.server_name().as_str() != state.config.server_name {
+        return Err(not_found());
+    }
+    let room_id = state.directory.resolve(&alias)?.ok_or_else(not_found)?;
+    Ok(Json(
+        json!({ "room_id": room_id, "servers": [state.config.server_name] }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct PublicRoomsPage {
+    limit: Option<usize>,
+    since: Option<String>,
+}
+
+/// `GET /_matrix/federation/v1/publicRooms`: this server's public rooms.
+async fn public_rooms(
+    State(state): State<AppState>,
+    Query(page): Query<PublicRoomsPage>,
+    _signed: Signed,
+) -> ApiResult<Json<Value>> {
+    let filter = crate::services::directory::RoomFilter::default();
+    directory::list(&state, page.limit, page.since, filter)
+}
+
+/// `POST /_matrix/federation/v1/publicRooms`: a search of this server's
+/// public rooms.
+async fn search_public_rooms(
+    State(state): State<AppState>,
+    signed: Signed,
+) -> ApiResult<Json<Value>> {
+    let body: directory::PublicRoomsBody = signed.json()?;
+    let (limit, since, filter) = body.page();
+    directory::list(&state, limit, since, filter)
 }
 
 /// `GET /.well-known/matrix/server`, when `federation.well_known_server`

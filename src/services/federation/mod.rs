@@ -162,6 +162,69 @@ impl Federation {
         }
     }
 
+    /// The room an alias of another server names, and the servers to
+    /// join it through (`GET /_matrix/federation/v1/query/directory`).
+    pub async fn query_directory(&self, alias: &ruma::RoomAliasId) -> Result<Value> {
+        let query = {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            query.append_pair("room_alias", alias.as_str());
+            query.finish()
+        };
+        let path = format!("/_matrix/federation/v1/query/directory?{query}");
+        match self
+            .client
+            .send(alias.server_name(), Method::GET, &path, None)
+            .await
+        {
+            Ok(answer) if answer["room_id"].is_string() => Ok(answer),
+            Ok(_) => Err(Error::RemoteUnavailable(format!(
+                "{} answered an alias without a room_id",
+                alias.server_name()
+            ))),
+            Err(SendError::Refused { status: 404, .. }) => {
+                Err(Error::NotFound(format!("Room alias {alias} not found")))
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// A page of another server's public room directory
+    /// (`GET`/`POST /_matrix/federation/v1/publicRooms`); `search` sends
+    /// the page and filter as a `POST` body.
+    pub async fn public_rooms(
+        &self,
+        server: &ServerName,
+        page: &Value,
+        search: bool,
+    ) -> Result<Value> {
+        let answer = if search {
+            let path = "/_matrix/federation/v1/publicRooms";
+            self.client
+                .send(server, Method::POST, path, Some(page))
+                .await
+        } else {
+            let query = {
+                let mut query = form_urlencoded::Serializer::new(String::new());
+                if let Some(limit) = page["limit"].as_u64() {
+                    query.append_pair("limit", &limit.to_string());
+                }
+                if let Some(since) = page["since"].as_str() {
+                    query.append_pair("since", since);
+                }
+                query.finish()
+            };
+            let path = format!("/_matrix/federation/v1/publicRooms?{query}");
+            self.client.send(server, Method::GET, &path, None).await
+        };
+        match answer {
+            Ok(rooms) if rooms["chunk"].is_array() => Ok(rooms),
+            Ok(_) => Err(Error::RemoteUnavailable(format!(
+                "{server} answered a directory without a chunk"
+            ))),
+            Err(error) => Err(error.into()),
+        }
+    }
+
     /// Checks an inbound request's `Authorization` header and returns the
     /// server that sent it.
     pub async fn authenticate(
