@@ -7,6 +7,7 @@ pub mod client;
 pub mod error;
 pub mod extract;
 pub mod federation;
+pub mod shared;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -7,14 +7,14 @@
 
 use axum::extract::State;
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::membership::{parse_room, parse_user};
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Path, Query};
+use crate::api::shared::{list, PublicRoomsBody};
 use crate::api::AppState;
-use crate::services::directory::RoomFilter;
 use crate::services::rooms::visibility::Reader;
 
 #[derive(Deserialize)]
@@ -156,36 +156,6 @@ pub struct PublicRoomsQuery {
     server: Option<String>,
 }
 
-#[derive(Deserialize, Serialize, Default)]
-pub struct PublicRoomsBody {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub limit: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub since: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub filter: Option<FilterBody>,
-}
-
-#[derive(Deserialize, Serialize, Default)]
-pub struct FilterBody {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    generic_search_term: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    room_types: Option<Vec<Option<String>>>,
-}
-
-impl PublicRoomsBody {
-    /// The page and filter of a directory search.
-    pub(crate) fn page(self) -> (Option<usize>, Option<String>, RoomFilter) {
-        let filter = self.filter.unwrap_or_default();
-        let filter = RoomFilter {
-            search_term: filter.generic_search_term,
-            room_types: filter.room_types,
-        };
-        (self.limit, self.since, filter)
-    }
-}
-
 /// `GET /_matrix/client/v3/publicRooms`: another server's directory is
 /// asked of that server.
 pub async fn public_rooms(
@@ -247,39 +217,4 @@ fn remote_server(
         }
         _ => Ok(None),
     }
-}
-
-/// One page of the directory; `since` tokens are offsets (`o20`).
-pub(crate) fn list(
-    state: &AppState,
-    limit: Option<usize>,
-    since: Option<String>,
-    filter: RoomFilter,
-) -> ApiResult<Json<Value>> {
-    let offset = match since.as_deref() {
-        Some(token) => token
-            .strip_prefix('o')
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| {
-                MatrixError::invalid_param(format!("{token:?} is not a directory token"))
-            })?,
-        None => 0,
-    };
-    let rooms = state.directory.public_rooms(&state.rooms, &filter)?;
-    let total = rooms.len();
-    let limit = limit.unwrap_or(total).clamp(1, 1000);
-    let chunk: Vec<Value> = rooms
-        .into_iter()
-        .skip(offset)
-        .take(limit)
-        .map(|r| r.summary)
-        .collect();
-    let mut answer = json!({ "chunk": chunk, "total_room_count_estimate": total });
-    if offset + limit < total {
-        answer["next_batch"] = json!(format!("o{}", offset + limit));
-    }
-    if offset > 0 {
-        answer["prev_batch"] = json!(format!("o{}", offset.saturating_sub(limit)));
-    }
-    Ok(Json(answer))
 }

@@ -11,10 +11,11 @@ use serde_json::{json, Value};
 
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Path};
+use crate::api::shared::local_profile;
 use crate::api::AppState;
 use crate::ids::UserId;
 use crate::services::accounts::Authed;
-use crate::services::profiles::{self, Profile};
+use crate::services::profiles;
 
 /// `GET /_matrix/client/v3/profile/{userId}`: a remote user's profile is
 /// asked of their server.
@@ -95,23 +96,6 @@ fn remote_server(state: &AppState, user_id: &str) -> ApiResult<Option<ruma::Owne
     ruma::ServerName::parse(&user.server_name)
         .map(Some)
         .map_err(|_| MatrixError::invalid_param(format!("{user_id:?} is not a user ID")))
-}
-
-pub(crate) fn local_profile(state: &AppState, user_id: &str) -> ApiResult<Profile> {
-    let user = UserId::parse(user_id)
-        .ok_or_else(|| MatrixError::invalid_param(format!("{user_id:?} is not a user ID")))?;
-    let not_found = || MatrixError::not_found("Profile not found");
-    if user.server_name != state.config.server_name {
-        return Err(not_found());
-    }
-    let account = state
-        .accounts
-        .user(&user.localpart)?
-        .ok_or_else(not_found)?;
-    if account.deactivated {
-        return Err(not_found());
-    }
-    Ok(state.profiles.profile(&user.localpart)?.unwrap_or_default())
 }
 
 /// Users change only their own profile.

@@ -15,9 +15,9 @@ use ruma::OwnedServerName;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::client::directory;
 use super::error::{ApiResult, MatrixError};
 use super::extract::{JsonBody, Path, Query, Signed};
+use super::shared::{list, local_profile, PublicRoomsBody};
 use super::AppState;
 
 /// The federation API's routes.
@@ -111,7 +111,7 @@ async fn query_profile(
     Query(query): Query<ProfileQuery>,
     _signed: Signed,
 ) -> ApiResult<Json<Value>> {
-    let profile = crate::api::client::profile::local_profile(&state, &query.user_id)?;
+    let profile = local_profile(&state, &query.user_id)?;
     match query.field {
         None => Ok(Json(Value::Object(profile))),
         Some(field) => {
@@ -161,7 +161,7 @@ async fn public_rooms(
     _signed: Signed,
 ) -> ApiResult<Json<Value>> {
     let filter = crate::services::directory::RoomFilter::default();
-    directory::list(&state, page.limit, page.since, filter)
+    list(&state, page.limit, page.since, filter)
 }
 
 /// `POST /_matrix/federation/v1/publicRooms`: a search of this server's
@@ -170,9 +170,9 @@ async fn search_public_rooms(
     State(state): State<AppState>,
     signed: Signed,
 ) -> ApiResult<Json<Value>> {
-    let body: directory::PublicRoomsBody = signed.json()?;
+    let body: PublicRoomsBody = signed.json()?;
     let (limit, since, filter) = body.page();
-    directory::list(&state, limit, since, filter)
+    list(&state, limit, since, filter)
 }
 
 /// `GET /.well-known/matrix/server`, when `federation.well_known_server`
