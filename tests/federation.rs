@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::federation::{https_client, start_federating, TestCa};
+use common::federation::{https_client, start_federating, two_servers, TestCa};
 use common::{assert_error, token, TestServer};
 use myelin_federation::request_auth::SignedRequest;
 use myelin_federation::server_keys::{to_canonical, verify_key_document};
@@ -86,19 +86,9 @@ async fn without_a_listener_of_its_own_federation_shares_the_main_one() {
 #[tokio::test]
 async fn a_remote_profile_is_read_through_a_signed_request() {
     let ca = TestCa::new();
-    let one = start_federating(&ca, "127.0.0.2", |_| {}).await;
-    let two = start_federating(&ca, "127.0.0.3", |_| {}).await;
-    let alice = token(&one.register("alice").await);
+    let (one, two) = two_servers(&ca).await;
+    let (_, alice_id) = one.register_named("alice", "Alice of One").await;
     let bob = token(&two.register("bob").await);
-    let alice_id = format!("@alice:{}", one.server_name());
-    let (status, _) = one
-        .put(
-            &format!("/_matrix/client/v3/profile/{alice_id}/displayname"),
-            Some(&alice),
-            json!({ "displayname": "Alice of One" }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
 
     let (status, profile) = two
         .get(
@@ -155,8 +145,7 @@ async fn a_remote_profile_is_read_through_a_signed_request() {
 #[tokio::test]
 async fn unsigned_forged_and_misaddressed_requests_are_refused() {
     let ca = TestCa::new();
-    let one = start_federating(&ca, "127.0.0.2", |_| {}).await;
-    let two = start_federating(&ca, "127.0.0.3", |_| {}).await;
+    let (one, two) = two_servers(&ca).await;
     one.register("alice").await;
     let http = https_client(&ca);
     let one_name = one.server_name();
@@ -302,8 +291,7 @@ async fn denied_address_ranges_are_never_contacted() {
 #[tokio::test]
 async fn aliases_and_public_rooms_of_another_server_are_looked_up() {
     let ca = TestCa::new();
-    let one = start_federating(&ca, "127.0.0.2", |_| {}).await;
-    let two = start_federating(&ca, "127.0.0.3", |_| {}).await;
+    let (one, two) = two_servers(&ca).await;
     let alice = token(&one.register("alice").await);
     let bob = token(&two.register("bob").await);
     let room_id = one

@@ -8,7 +8,7 @@ mod common;
 use std::net::IpAddr;
 
 use common::federation::{free_port, start_federating, TestCa};
-use common::{token, PASSWORD};
+use common::PASSWORD;
 use myelin_testkit::synapse::{Synapse, SynapseSetup};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -76,16 +76,7 @@ async fn myelin_and_synapse_read_each_others_profiles() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 
-    let alice = token(&myelin.register("alice").await);
-    let alice_id = format!("@alice:{}", myelin.server_name());
-    let (status, _) = myelin
-        .put(
-            &format!("/_matrix/client/v3/profile/{alice_id}/displayname"),
-            Some(&alice),
-            json!({ "displayname": "Alice of Myelin" }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    let (alice, alice_id) = myelin.register_named("alice", "Alice of Myelin").await;
 
     // Myelin signs; Synapse fetches Myelin's key and checks the signature.
     let (status, profile) = myelin

@@ -235,12 +235,13 @@ fn old_key_map(
     for (key_id, body) in keys.iter().filter(|(id, _)| id.starts_with("ed25519:")) {
         let public_key = public_key_of(key_id, body)?;
         let expired_ts = match body {
-            CanonicalJsonValue::Object(fields) => match fields.get("expired_ts") {
-                Some(CanonicalJsonValue::Integer(ts)) => u64::try_from(i64::from(*ts)).unwrap_or(0),
-                _ => return Err(KeyError::Malformed(format!("{key_id} has no expired_ts"))),
-            },
-            _ => unreachable!("public_key_of accepted an object"),
+            CanonicalJsonValue::Object(fields) => fields.get("expired_ts"),
+            _ => None,
         };
+        let Some(CanonicalJsonValue::Integer(expired_ts)) = expired_ts else {
+            return Err(KeyError::Malformed(format!("{key_id} has no expired_ts")));
+        };
+        let expired_ts = u64::try_from(i64::from(*expired_ts)).unwrap_or(0);
         found.insert(key_id.clone(), (public_key, expired_ts));
     }
     Ok(found)

@@ -12,6 +12,25 @@ use crate::ids::UserId;
 use crate::services::directory::RoomFilter;
 use crate::services::profiles::Profile;
 
+/// The server to ask when `server_name` is not this server: `None` for
+/// this server, 404 when federation is off, 400 for a malformed name.
+pub fn remote_server(
+    state: &AppState,
+    server_name: &str,
+) -> ApiResult<Option<ruma::OwnedServerName>> {
+    if server_name == state.config.server_name {
+        return Ok(None);
+    }
+    if !state.federation.enabled() {
+        return Err(MatrixError::not_found(format!(
+            "{server_name} cannot be reached: federation is off"
+        )));
+    }
+    ruma::ServerName::parse(server_name)
+        .map(Some)
+        .map_err(|_| MatrixError::invalid_param(format!("{server_name:?} is not a server name")))
+}
+
 /// The profile of a local user; 404 for a user of another server, an
 /// unknown one, or a deactivated one.
 pub fn local_profile(state: &AppState, user_id: &str) -> ApiResult<Profile> {

@@ -91,7 +91,30 @@ pub async fn start_federating(
     TestServer::start_in(dir, config, None).await
 }
 
+/// Two federating servers, on 127.0.0.2 and 127.0.0.3.
+pub async fn two_servers(ca: &TestCa) -> (TestServer, TestServer) {
+    let one = start_federating(ca, "127.0.0.2", |_| {}).await;
+    let two = start_federating(ca, "127.0.0.3", |_| {}).await;
+    (one, two)
+}
+
 impl TestServer {
+    /// Registers `username` with a display name; returns the access token
+    /// and the user ID.
+    pub async fn register_named(&self, username: &str, displayname: &str) -> (String, String) {
+        let token = super::token(&self.register(username).await);
+        let user_id = format!("@{username}:{}", self.server_name());
+        let (status, body) = self
+            .put(
+                &format!("/_matrix/client/v3/profile/{user_id}/displayname"),
+                Some(&token),
+                serde_json::json!({ "displayname": displayname }),
+            )
+            .await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+        (token, user_id)
+    }
+
     /// The server's name (`127.0.0.2:PORT` for federating servers).
     pub fn server_name(&self) -> String {
         self.server

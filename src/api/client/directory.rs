@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::membership::{parse_room, parse_user};
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Path, Query};
-use crate::api::shared::{list, PublicRoomsBody};
+use crate::api::shared::{list, remote_server, PublicRoomsBody};
 use crate::api::AppState;
 use crate::services::rooms::visibility::Reader;
 
@@ -50,7 +50,7 @@ pub async fn resolve_alias(
 ) -> ApiResult<Json<Value>> {
     let alias = ruma::RoomAliasId::parse(&alias)
         .map_err(|_| MatrixError::invalid_param(format!("{alias:?} is not a room alias")))?;
-    if alias.server_name().as_str() != state.config.server_name && state.federation.enabled() {
+    if remote_server(&state, alias.server_name().as_str())?.is_some() {
         return Ok(Json(state.federation.query_directory(&alias).await?));
     }
     let room_id = state
@@ -167,7 +167,7 @@ pub async fn public_rooms(
         since: query.since,
         filter: None,
     };
-    if let Some(server) = remote_server(&state, query.server.as_deref())? {
+    if let Some(server) = asked_server(&state, query.server.as_deref())? {
         return Ok(Json(
             state
                 .federation
@@ -186,7 +186,7 @@ pub async fn search_public_rooms(
     Query(query): Query<PublicRoomsQuery>,
     JsonBody(body): JsonBody<PublicRoomsBody>,
 ) -> ApiResult<Json<Value>> {
-    if let Some(server) = remote_server(&state, query.server.as_deref())? {
+    if let Some(server) = asked_server(&state, query.server.as_deref())? {
         return Ok(Json(
             state
                 .federation
@@ -198,23 +198,13 @@ pub async fn search_public_rooms(
     list(&state, limit, since, filter)
 }
 
-/// The other server whose directory is asked for, if any; without
-/// federation only this server's directory exists.
-fn remote_server(
+/// The other server whose directory `?server=` asks for, if any.
+fn asked_server(
     state: &AppState,
     server: Option<&str>,
 ) -> ApiResult<Option<ruma::OwnedServerName>> {
-    match server {
-        Some(server) if server != state.config.server_name => {
-            if !state.federation.enabled() {
-                return Err(MatrixError::not_found(format!(
-                    "The directory of {server} cannot be reached"
-                )));
-            }
-            ruma::ServerName::parse(server)
-                .map(Some)
-                .map_err(|_| MatrixError::invalid_param(format!("{server:?} is not a server name")))
-        }
-        _ => Ok(None),
-    }
+    Ok(server
+        .map(|name| remote_server(state, name))
+        .transpose()?
+        .flatten())
 }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Path};
-use crate::api::shared::local_profile;
+use crate::api::shared::{local_profile, remote_server};
 use crate::api::AppState;
 use crate::ids::UserId;
 use crate::services::accounts::Authed;
@@ -23,7 +23,7 @@ pub async fn get_profile(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    if let Some(server) = remote_server(&state, &user_id)? {
+    if let Some(server) = user_server(&state, &user_id)? {
         let profile = state
             .federation
             .query_profile(&server, &user_id, None)
@@ -39,7 +39,7 @@ pub async fn get_field(
     State(state): State<AppState>,
     Path((user_id, key)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    if let Some(server) = remote_server(&state, &user_id)? {
+    if let Some(server) = user_server(&state, &user_id)? {
         let answer = state
             .federation
             .query_profile(&server, &user_id, Some(&key))
@@ -86,16 +86,11 @@ pub async fn delete_field(
 
 /// The profile of a local account. Profiles of other servers' users need
 /// federation, which this server does not do yet: they are not found.
-/// The server of a user of another server, when federation is on.
-fn remote_server(state: &AppState, user_id: &str) -> ApiResult<Option<ruma::OwnedServerName>> {
+/// The server of a user of another server.
+fn user_server(state: &AppState, user_id: &str) -> ApiResult<Option<ruma::OwnedServerName>> {
     let user = UserId::parse(user_id)
         .ok_or_else(|| MatrixError::invalid_param(format!("{user_id:?} is not a user ID")))?;
-    if user.server_name == state.config.server_name || !state.federation.enabled() {
-        return Ok(None);
-    }
-    ruma::ServerName::parse(&user.server_name)
-        .map(Some)
-        .map_err(|_| MatrixError::invalid_param(format!("{user_id:?} is not a user ID")))
+    remote_server(state, &user.server_name)
 }
 
 /// Users change only their own profile.

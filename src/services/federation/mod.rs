@@ -140,15 +140,9 @@ impl Federation {
         user_id: &str,
         field: Option<&str>,
     ) -> Result<Value> {
-        // The serializer is not `Send`: it must be gone before any await.
-        let query = {
-            let mut query = form_urlencoded::Serializer::new(String::new());
-            query.append_pair("user_id", user_id);
-            if let Some(field) = field {
-                query.append_pair("field", field);
-            }
-            query.finish()
-        };
+        let mut pairs = vec![("user_id", user_id)];
+        pairs.extend(field.map(|field| ("field", field)));
+        let query = query_string(&pairs);
         let path = format!("/_matrix/federation/v1/query/profile?{query}");
         match self.client.send(server, Method::GET, &path, None).await {
             Ok(profile) if profile.is_object() => Ok(profile),
@@ -165,11 +159,7 @@ impl Federation {
     /// The room an alias of another server names, and the servers to
     /// join it through (`GET /_matrix/federation/v1/query/directory`).
     pub async fn query_directory(&self, alias: &ruma::RoomAliasId) -> Result<Value> {
-        let query = {
-            let mut query = form_urlencoded::Serializer::new(String::new());
-            query.append_pair("room_alias", alias.as_str());
-            query.finish()
-        };
+        let query = query_string(&[("room_alias", alias.as_str())]);
         let path = format!("/_matrix/federation/v1/query/directory?{query}");
         match self
             .client
@@ -203,16 +193,11 @@ impl Federation {
                 .send(server, Method::POST, path, Some(page))
                 .await
         } else {
-            let query = {
-                let mut query = form_urlencoded::Serializer::new(String::new());
-                if let Some(limit) = page["limit"].as_u64() {
-                    query.append_pair("limit", &limit.to_string());
-                }
-                if let Some(since) = page["since"].as_str() {
-                    query.append_pair("since", since);
-                }
-                query.finish()
-            };
+            let limit = page["limit"].as_u64().map(|limit| limit.to_string());
+            let mut pairs = Vec::new();
+            pairs.extend(limit.as_deref().map(|limit| ("limit", limit)));
+            pairs.extend(page["since"].as_str().map(|since| ("since", since)));
+            let query = query_string(&pairs);
             let path = format!("/_matrix/federation/v1/publicRooms?{query}");
             self.client.send(server, Method::GET, &path, None).await
         };
@@ -291,21 +276,22 @@ impl Federation {
     /// `server`'s own key document, freshly fetched and checked,
     /// countersigned by this server.
     async fn notarised_document(&self, server: &ServerName) -> Result<CanonicalJsonObject> {
-        let fetched = self
-            .client
-            .get_public(server, "/_matrix/key/v2/server")
-            .await?;
-        let mut document =
-            to_canonical(fetched).map_err(|e| Error::RemoteUnavailable(e.to_string()))?;
-        let keys = verify_key_document(&document, server, None, self.clock.now_ms())
-            .map_err(|e| Error::RemoteUnavailable(format!("{server}: {e}")))?;
-        self.remember(server, &keys).await?;
+        let (mut document, _) = self.fetch_key_document(server).await?;
         ruma::signatures::sign_json(self.server_name.as_str(), self.key.as_ref(), &mut document)
             .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(document)
     }
 
     async fn fetch_keys_directly(&self, server: &ServerName) -> Result<VerifiedKeys> {
+        Ok(self.fetch_key_document(server).await?.1)
+    }
+
+    /// `server`'s own key document, fetched from it, checked and
+    /// remembered.
+    async fn fetch_key_document(
+        &self,
+        server: &ServerName,
+    ) -> Result<(CanonicalJsonObject, VerifiedKeys)> {
         let fetched = self
             .client
             .get_public(server, "/_matrix/key/v2/server")
@@ -314,7 +300,7 @@ impl Federation {
         let keys = verify_key_document(&document, server, None, self.clock.now_ms())
             .map_err(|e| key_problem(server, e))?;
         self.remember(server, &keys).await?;
-        Ok(keys)
+        Ok((document, keys))
     }
 
     async fn fetch_keys_from_notary(
@@ -405,6 +391,14 @@ impl Federation {
         }
         cache.insert(server.to_owned(), keys.clone());
     }
+}
+
+/// A URL query string of `pairs`, encoded. (The encoder is not `Send`,
+/// so it lives only inside this function, never across an await.)
+fn query_string(pairs: &[(&str, &str)]) -> String {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.extend_pairs(pairs);
+    query.finish()
 }
 
 fn key_problem(server: &ServerName, error: KeyError) -> Error {

@@ -25,13 +25,10 @@ use crate::storage::tables::{
     self, Relation, RoomRecord, StateGroup, StoredPdu, StreamEntry, ThreadRecord, UserRoom,
 };
 use crate::storage::{Batch, StorageError};
+use myelin_federation::pdu::{MAX_ID_BYTES, MAX_PDU_BYTES};
 
 /// Deltas after which a state group is stored as a full snapshot again.
 const MAX_STATE_CHAIN: u32 = 32;
-/// The largest PDU, signatures and hashes included (the spec's limit).
-const MAX_PDU_BYTES: usize = 65_536;
-/// The longest event type and state key, in bytes (the spec's limit).
-const MAX_ID_BYTES: usize = 255;
 
 /// The spec's size limits on an event's type and state key.
 fn check_limits(new: &NewEvent) -> Result<()> {
