@@ -158,6 +158,12 @@ pub struct FederationConfig {
     pub ip_range_allowlist: Vec<String>,
     /// Longest wait for another server's answer, in milliseconds.
     pub request_timeout_ms: u64,
+    /// First wait before sending again to a server that failed, in
+    /// milliseconds; it doubles with each failure in a row.
+    pub retry_base_ms: u64,
+    /// Longest wait between attempts to a failing server, in milliseconds.
+    /// A server that contacts this one is tried again at once.
+    pub retry_max_ms: u64,
 }
 
 impl Default for FederationConfig {
@@ -178,6 +184,8 @@ impl Default for FederationConfig {
                 .collect(),
             ip_range_allowlist: Vec::new(),
             request_timeout_ms: 30_000,
+            retry_base_ms: 2_000,
+            retry_max_ms: 10 * 60 * 1000,
         }
     }
 }
@@ -603,6 +611,12 @@ impl Config {
             return fail(
                 "federation.request_timeout_ms",
                 "must be at least 100".to_owned(),
+            );
+        }
+        if federation.retry_base_ms == 0 || federation.retry_max_ms < federation.retry_base_ms {
+            return fail(
+                "federation.retry_max_ms",
+                "retry_base_ms must be above 0 and retry_max_ms at least retry_base_ms".to_owned(),
             );
         }
         Ok(())

@@ -166,6 +166,12 @@ async fn serve(
             stop_federation.clone(),
         ))
     });
+    let sender_task = services.federation.enabled().then(|| {
+        tokio::spawn(crate::services::federation::sender::run(
+            services.clone(),
+            stop_federation.clone(),
+        ))
+    });
     tracing::info!(
         %addr,
         server_name = %services.config.server_name,
@@ -196,6 +202,9 @@ async fn serve(
     .await
     .map_err(ServerError::Serve)?;
     stop_federation.cancel();
+    if let Some(task) = sender_task {
+        let _ = task.await;
+    }
     if let Some(task) = federation_task {
         task.await
             .map_err(|e| ServerError::Serve(std::io::Error::other(e)))??;

@@ -128,6 +128,11 @@ impl From<Error> for MatrixError {
             Error::UnsupportedRoomVersion(_) => {
                 plain(StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION")
             }
+            Error::IncompatibleRoomVersion(version) => {
+                let mut error = plain(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION");
+                error.body["room_version"] = json!(version);
+                error
+            }
             Error::UnknownToken { soft_logout } => {
                 let mut error = plain(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN");
                 error.body["soft_logout"] = json!(soft_logout);

@@ -144,18 +144,26 @@ impl Pdu {
         let Value::Object(map) = object else {
             unreachable!("built as an object")
         };
+        Pdu::sign_object(map, ctx.room_id, ctx.rules, ctx.server_name, ctx.key)
+    }
+
+    /// Hashes and signs an event made of `object` (a new event, or another
+    /// server's membership template filled in), and reads it. Without a
+    /// room ID (a version 12 create event), the room ID is derived.
+    pub fn sign_object(
+        map: serde_json::Map<String, Value>,
+        room_id: Option<&RoomId>,
+        rules: &RoomVersionRules,
+        server_name: &str,
+        key: &SigningKey,
+    ) -> Result<Pdu, EventError> {
         let mut canonical =
             try_from_json_map(map).map_err(|e| EventError::Invalid(e.to_string()))?;
-        hash_and_sign_event(
-            ctx.server_name,
-            ctx.key,
-            &mut canonical,
-            &ctx.rules.redaction,
-        )?;
-        let hash = reference_hash(&canonical, ctx.rules)?;
+        hash_and_sign_event(server_name, key, &mut canonical, &rules.redaction)?;
+        let hash = reference_hash(&canonical, rules)?;
         let event_id =
             EventId::new_v2_or_v3(&hash).map_err(|e| EventError::Invalid(e.to_string()))?;
-        let room_id = match ctx.room_id {
+        let room_id = match room_id {
             Some(room_id) => room_id.to_owned(),
             None => RoomId::new_v2(&hash).map_err(|e| EventError::Invalid(e.to_string()))?,
         };

@@ -63,6 +63,10 @@ pub enum Error {
     UnknownPos(String),
     #[error("room version {0} is not supported by this server")]
     UnsupportedRoomVersion(String),
+    /// A server asked to take part in a room of a version it does not
+    /// list as supported (federation).
+    #[error("the room's version {0} is not among the versions offered")]
+    IncompatibleRoomVersion(String),
     /// User-interactive authentication must continue: the body to answer.
     #[error("additional authentication is required")]
     AuthRequired(Box<serde_json::Value>),

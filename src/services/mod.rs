@@ -16,6 +16,7 @@ pub mod key_backup;
 pub mod keys;
 mod locks;
 pub mod media;
+pub mod outbox;
 pub mod preview;
 pub mod profiles;
 pub mod rate_limit;

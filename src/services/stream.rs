@@ -139,6 +139,11 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// The stream position held.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
     /// Wakes readers of `topic` too once the write is visible (a member
     /// event wakes the user it names, who may not be in the room yet).
     pub fn also_wake(&mut self, topic: &str) {

@@ -86,11 +86,19 @@ pub enum Cf {
     DeliveryAcks,
     /// Other servers' signing keys, as fetched and checked.
     RemoteServerKeys,
+    /// Events and EDUs waiting to go to each other server.
+    FederationOutbox,
+    /// The transaction in flight to each other server, kept for retries.
+    FederationTxns,
+    /// Transactions received from other servers, with their answers.
+    FederationInbound,
+    /// The stripped room state that came with an invite from another server.
+    InviteState,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 36] = [
+    pub const ALL: [Cf; 40] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -127,6 +135,10 @@ impl Cf {
         Cf::MediaThumbnails,
         Cf::DeliveryAcks,
         Cf::RemoteServerKeys,
+        Cf::FederationOutbox,
+        Cf::FederationTxns,
+        Cf::FederationInbound,
+        Cf::InviteState,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -168,6 +180,10 @@ impl Cf {
             Cf::MediaThumbnails => "media_thumbnails",
             Cf::DeliveryAcks => "delivery_acks",
             Cf::RemoteServerKeys => "remote_server_keys",
+            Cf::FederationOutbox => "federation_outbox",
+            Cf::FederationTxns => "federation_txns",
+            Cf::FederationInbound => "federation_inbound",
+            Cf::InviteState => "invite_state",
         }
     }
 

@@ -27,6 +27,15 @@ pub const REFRESH_TOKENS: Table<TokenHash, RefreshTokenRecord> = Table::new(Cf::
 pub const SERVER_KEYS: Table<String, ServerKeyRecord> = Table::new(Cf::ServerKeys);
 /// Other servers' signing keys by server name, as last fetched and checked.
 pub const REMOTE_SERVER_KEYS: Table<String, RemoteKeysRecord> = Table::new(Cf::RemoteServerKeys);
+/// (destination server, queue position) → what goes there next.
+pub const FEDERATION_OUTBOX: Table<(String, u64), OutboxItem> = Table::new(Cf::FederationOutbox);
+/// Destination server → the transaction in flight to it.
+pub const FEDERATION_TXNS: Table<String, OutboundTxn> = Table::new(Cf::FederationTxns);
+/// (origin server, transaction ID) → the answer given to it.
+pub const FEDERATION_INBOUND: Table<(String, String), serde_json::Value> =
+    Table::new(Cf::FederationInbound);
+/// Invite event ID → the stripped state its (remote) room sent with it.
+pub const INVITE_STATE: Table<String, Vec<serde_json::Value>> = Table::new(Cf::InviteState);
 /// Events by event ID.
 pub const PDUS: Table<String, StoredPdu> = Table::new(Cf::Pdus);
 /// (room ID, stream position) → event ID.
@@ -94,6 +103,33 @@ pub struct StoredPdu {
     /// For a state event: the event it replaced in the room's state.
     #[serde(default)]
     pub replaces_state: Option<String>,
+    /// Known only as part of another event's state or auth chain: not in
+    /// the timeline, no state of its own here.
+    #[serde(default)]
+    pub outlier: bool,
+    /// Accepted into the graph but failing the room's current state: kept
+    /// out of the timeline and of the current state.
+    #[serde(default)]
+    pub soft_failed: bool,
+}
+
+/// One item of a destination's federation queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutboxItem {
+    /// A PDU, by event ID (its JSON is read when the transaction is made).
+    Pdu(String),
+    /// An EDU, whole.
+    Edu(serde_json::Value),
+}
+
+/// A transaction made for a destination and not yet acknowledged: a retry
+/// sends the same ID and body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboundTxn {
+    pub txn_id: String,
+    pub body: serde_json::Value,
+    /// The queue positions it carries, deleted once it is acknowledged.
+    pub positions: Vec<u64>,
 }
 
 /// One entry of the global stream: what was written at a position.
@@ -305,6 +341,9 @@ pub struct RoomRecord {
     /// Members whose current membership is `join`, and `invite`.
     pub joined_members: u64,
     pub invited_members: u64,
+    /// Other servers with a joined member: where this room's events go.
+    #[serde(default)]
+    pub remote_servers: Vec<String>,
 }
 
 /// A user's membership in a room.

@@ -126,6 +126,11 @@ impl TestServer {
             .clone()
     }
 
+    /// The running server's services, for tests that act as the server.
+    pub fn services(&self) -> std::sync::Arc<myelin::services::Services> {
+        self.server.as_ref().unwrap().services.clone()
+    }
+
     /// The base URL of the federation listener.
     pub fn federation_base(&self) -> String {
         let addr = self.server.as_ref().unwrap().federation_addr.unwrap();

@@ -5,15 +5,16 @@
 //! - `POST /_matrix/client/v3/rooms/{roomId}/{invite,leave,kick,ban,unban,forget}`
 //! - `GET /_matrix/client/v3/joined_rooms`
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::Json;
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
+use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, ServerName, UserId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Path};
 use crate::api::AppState;
+use crate::services::federation::membership as federated;
 use crate::services::rooms::create::CreateRoom;
 
 #[derive(Deserialize)]
@@ -114,7 +115,7 @@ pub async fn join(
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    enter_room(&state, &authed, &room_id, "join", body.reason).await
+    enter_room(&state, &authed, &room_id, Vec::new(), "join", body.reason).await
 }
 
 /// `POST /_matrix/client/v3/join/{roomIdOrAlias}`
@@ -122,10 +123,20 @@ pub async fn join_by_id_or_alias(
     State(state): State<AppState>,
     Auth(authed): Auth,
     Path(target): Path<String>,
+    RawQuery(query): RawQuery,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = resolve_target(&state, &target)?;
-    enter_room(&state, &authed, &room_id, "join", body.reason).await
+    let (room_id, mut servers) = resolve_target(&state, &target).await?;
+    servers.extend(via_servers(&query));
+    enter_room(&state, &authed, &room_id, servers, "join", body.reason).await
+}
+
+/// The `via` (and the older `server_name`) query parameters.
+fn via_servers(query: &Option<String>) -> Vec<OwnedServerName> {
+    form_urlencoded::parse(query.as_deref().unwrap_or_default().as_bytes())
+        .filter(|(key, _)| key == "via" || key == "server_name")
+        .filter_map(|(_, value)| ServerName::parse(value.as_ref()).ok())
+        .collect()
 }
 
 /// Joins or knocks on a room this server knows, with the user's profile in
@@ -134,10 +145,39 @@ async fn enter_room(
     state: &AppState,
     authed: &crate::services::accounts::Authed,
     room_id: &RoomId,
+    mut servers: Vec<OwnedServerName>,
     membership: &str,
     reason: Option<String>,
 ) -> ApiResult<Json<Value>> {
     let user = parse_user(&authed.user_id.to_string())?;
+    if membership == "join" && !state.rooms.server_in_room(room_id)? {
+        if let Some(server) = federated::inviting_server(state, room_id, &user)? {
+            servers.push(server);
+        }
+        if let Some(server) = room_id.server_name() {
+            servers.push(server.to_owned());
+        }
+        let own = state.federation.server_name();
+        servers.retain(|server| server != own);
+        let mut unique = Vec::new();
+        for server in servers {
+            if !unique.contains(&server) {
+                unique.push(server);
+            }
+        }
+        if !unique.is_empty() && state.federation.enabled() {
+            let mut content = reason_content(reason);
+            if let Some(profile) = state.profiles.profile(authed.localpart())? {
+                for key in ["displayname", "avatar_url"] {
+                    if let Some(value) = profile.get(key) {
+                        content[key] = value.clone();
+                    }
+                }
+            }
+            federated::join_remote(state, room_id, &user, &unique, content).await?;
+            return Ok(Json(json!({ "room_id": room_id })));
+        }
+    }
     if state.rooms.room(room_id)?.is_none() {
         let action = if membership == "knock" {
             "knock on"
@@ -170,6 +210,18 @@ pub async fn leave(
     let room_id = parse_room(&room_id)?;
     let user = parse_user(&authed.user_id.to_string())?;
     let content = reason_content(body.reason);
+    let pending = matches!(
+        state.rooms.membership(&room_id, &user)?.as_str(),
+        "invite" | "knock"
+    );
+    if pending && !state.rooms.server_in_room(&room_id)? {
+        if let Some(server) = federated::inviting_server(&state, &room_id, &user)? {
+            if server != state.federation.server_name() {
+                federated::leave_remote(&state, &room_id, &user, &server, content).await?;
+                return Ok(Json(json!({})));
+            }
+        }
+    }
     state
         .rooms
         .set_membership(&room_id, &user, &user, "leave", content, None)
@@ -219,6 +271,18 @@ pub async fn moderate(
                 "{target} is already in the room"
             )));
         }
+    }
+    let remote = target.server_name() != state.federation.server_name();
+    if membership == "invite" && remote {
+        federated::invite_remote(
+            &state,
+            &room_id,
+            &sender,
+            &target,
+            reason_content(body.reason),
+        )
+        .await?;
+        return Ok(Json(json!({})));
     }
     state
         .rooms
@@ -288,22 +352,40 @@ pub async fn knock(
     Path(target): Path<String>,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    let room_id = resolve_target(&state, &target)?;
-    enter_room(&state, &authed, &room_id, "knock", body.reason).await
+    let (room_id, servers) = resolve_target(&state, &target).await?;
+    enter_room(&state, &authed, &room_id, servers, "knock", body.reason).await
 }
 
-/// A room ID, or the room a local alias points to.
-fn resolve_target(state: &AppState, target: &str) -> ApiResult<OwnedRoomId> {
-    if target.starts_with('#') {
-        let alias = ruma::RoomAliasId::parse(target)
-            .map_err(|_| MatrixError::invalid_param(format!("{target:?} is not a room alias")))?;
-        state
+/// A room ID, or the room an alias points to (asked of the alias's
+/// server when it is another), with the servers to join it through.
+async fn resolve_target(
+    state: &AppState,
+    target: &str,
+) -> ApiResult<(OwnedRoomId, Vec<OwnedServerName>)> {
+    if !target.starts_with('#') {
+        return Ok((parse_room(target)?, Vec::new()));
+    }
+    let alias = ruma::RoomAliasId::parse(target)
+        .map_err(|_| MatrixError::invalid_param(format!("{target:?} is not a room alias")))?;
+    if alias.server_name() == state.federation.server_name() {
+        let room_id = state
             .directory
             .resolve(&alias)?
-            .ok_or_else(|| MatrixError::not_found(format!("Room alias {target} not found")))
-    } else {
-        parse_room(target)
+            .ok_or_else(|| MatrixError::not_found(format!("Room alias {target} not found")))?;
+        return Ok((room_id, Vec::new()));
     }
+    let answer = state.federation.query_directory(&alias).await?;
+    let room_id = answer["room_id"]
+        .as_str()
+        .and_then(|id| RoomId::parse(id).ok())
+        .ok_or_else(|| MatrixError::not_found(format!("Room alias {target} not found")))?;
+    let servers = answer["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().and_then(|s| ServerName::parse(s).ok()))
+        .collect();
+    Ok((room_id, servers))
 }
 
 #[derive(Deserialize)]

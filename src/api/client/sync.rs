@@ -48,16 +48,6 @@ const MAX_HEROES: usize = 5;
 /// scratch; the counts stop there. Later syncs add the new events to the
 /// remembered counts.
 const MAX_UNREAD_SCAN: usize = 1000;
-/// The state events an invited or knocking user is shown.
-const STRIPPED_STATE_TYPES: [&str; 7] = [
-    "m.room.create",
-    "m.room.join_rules",
-    "m.room.name",
-    "m.room.avatar",
-    "m.room.canonical_alias",
-    "m.room.encryption",
-    "m.room.topic",
-];
 
 #[derive(Deserialize, Default)]
 pub struct SyncQuery {
@@ -998,31 +988,7 @@ pub fn room_is_named(state: &AppState, room_id: &RoomId) -> ApiResult<bool> {
 /// they were at the membership, stripped to type, key, sender and content,
 /// and the membership event itself.
 pub fn stripped_state(state: &AppState, member_event_id: &str) -> ApiResult<Vec<Value>> {
-    let rooms = &state.rooms;
-    let Some((member, stored)) = rooms.pdu(member_event_id)? else {
-        return Ok(Vec::new());
-    };
-    let ids = rooms.state_ids_at_group(stored.state_group)?;
-    let mut events = Vec::new();
-    for kind in STRIPPED_STATE_TYPES {
-        let Some(event_id) = ids.get(&(kind.to_owned(), String::new())) else {
-            continue;
-        };
-        if let Some((pdu, _)) = rooms.pdu(event_id)? {
-            events.push(stripped(&pdu));
-        }
-    }
-    events.push(stripped(&member));
-    Ok(events)
-}
-
-fn stripped(pdu: &Pdu) -> Value {
-    json!({
-        "type": pdu.kind.to_string(),
-        "state_key": pdu.state_key,
-        "sender": pdu.sender,
-        "content": pdu.content_value(),
-    })
+    Ok(state.rooms.stripped_state(member_event_id)?)
 }
 
 /// Whether a message mentions `user_id`: by `m.mentions`, or, for clients

@@ -6,6 +6,8 @@
 //! `X-Matrix` signature was checked against the origin's keys; the key
 //! endpoints are public, as the spec makes them.
 
+mod rooms;
+
 use std::collections::BTreeMap;
 
 use axum::extract::State;
@@ -41,6 +43,7 @@ pub fn routes() -> Router<AppState> {
             get(public_rooms).post(search_public_rooms),
         )
         .route("/.well-known/matrix/server", get(well_known))
+        .merge(rooms::routes())
 }
 
 /// `GET /_matrix/key/v2/server`: this server's signed key document.

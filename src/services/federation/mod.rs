@@ -4,6 +4,9 @@
 //! this service gives them storage, time and the network.
 
 pub mod client;
+pub mod inbound;
+pub mod membership;
+pub mod sender;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -38,6 +41,8 @@ pub struct Federation {
     pub client: FederationClient,
     /// Checked keys of other servers by name.
     keys: Mutex<HashMap<OwnedServerName, VerifiedKeys>>,
+    /// The sender's workers, one per destination.
+    pub destinations: sender::Destinations,
 }
 
 impl Federation {
@@ -60,6 +65,7 @@ impl Federation {
             clock,
             client,
             keys: Mutex::default(),
+            destinations: sender::Destinations::default(),
         })
     }
 
@@ -250,6 +256,7 @@ impl Federation {
         }
         .verify(&header, &public_key)
         .map_err(unauthorized)?;
+        self.destinations.peer_alive(header.origin.as_str());
         Ok(header.origin)
     }
 

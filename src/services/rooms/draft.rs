@@ -17,12 +17,14 @@ use ruma::{EventId, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, UserId};
 use serde_json::Value;
 
 use super::power::PowerView;
-use super::Rooms;
+use super::{Rooms, StateIds};
 use crate::events::{self, BuildContext, EventError, NewEvent, Pdu};
 use crate::services::error::{Error, Result};
+use crate::services::outbox::PendingWakeups;
 use crate::services::stream::Reservation;
 use crate::storage::tables::{
-    self, Relation, RoomRecord, StateGroup, StoredPdu, StreamEntry, ThreadRecord, UserRoom,
+    self, OutboxItem, Relation, RoomRecord, StateGroup, StoredPdu, StreamEntry, ThreadRecord,
+    UserRoom,
 };
 use crate::storage::{Batch, StorageError};
 use myelin_federation::pdu::{MAX_ID_BYTES, MAX_PDU_BYTES};
@@ -63,8 +65,9 @@ pub struct Draft<'a> {
     pub record: RoomRecord,
     pub version: RoomVersionId,
     pub rules: RoomVersionRules,
-    /// Current-state changes made by this draft: (type, state key) → ID.
-    state: HashMap<(String, String), String>,
+    /// Current-state changes made by this draft: (type, state key) → ID,
+    /// `None` for an entry that state resolution took out.
+    state: HashMap<(String, String), Option<String>>,
     pdus: HashMap<OwnedEventId, Arc<Pdu>>,
     state_chain_length: u32,
     pub batch: Batch,
@@ -72,6 +75,21 @@ pub struct Draft<'a> {
     /// The stream positions of this draft's events, held until the caller
     /// has committed the batch (see `services::stream`).
     reservations: Vec<Reservation>,
+    /// Other servers this draft queued events for.
+    pub wakeups: PendingWakeups,
+    /// (destination, event ID) pairs queued by this draft.
+    queued_now: std::collections::HashSet<(String, String)>,
+}
+
+/// What became of an event another server sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// In the timeline and (a state event) the state.
+    Timeline,
+    /// Stored, but the room's current state does not allow it.
+    SoftFailed,
+    /// Known before.
+    AlreadyKnown,
 }
 
 impl<'a> Draft<'a> {
@@ -99,6 +117,7 @@ impl<'a> Draft<'a> {
             state_group: 0,
             joined_members: 0,
             invited_members: 0,
+            remote_servers: Vec::new(),
         };
         Ok(Draft::with(rooms, room_id, record, version, rules))
     }
@@ -137,13 +156,15 @@ impl<'a> Draft<'a> {
             batch: Batch::new(),
             appended: Vec::new(),
             reservations: Vec::new(),
+            wakeups: PendingWakeups::new(rooms.outbox.clone()),
+            queued_now: Default::default(),
         }
     }
 
     /// The event ID of a current state entry, seeing this draft's changes.
     pub fn state_id(&self, kind: &str, state_key: &str) -> Result<Option<String>> {
         if let Some(id) = self.state.get(&(kind.to_owned(), state_key.to_owned())) {
-            return Ok(Some(id.clone()));
+            return Ok(id.clone());
         }
         let Some(room_id) = &self.room_id else {
             return Ok(None);
@@ -292,13 +313,19 @@ impl<'a> Draft<'a> {
 
     /// Builds, checks and records one event.
     pub fn append(&mut self, sender: &UserId, new: NewEvent, origin: Origin) -> Result<Arc<Pdu>> {
-        check_limits(&new)?;
+        let pdu = self.build(sender, &new)?;
+        self.append_built_with(Arc::new(pdu), origin)
+    }
+
+    /// Builds and checks one event without recording it.
+    pub fn build(&mut self, sender: &UserId, new: &NewEvent) -> Result<Pdu> {
+        check_limits(new)?;
         if new.kind == "m.room.member" {
-            self.check_member_cap(&new)?;
+            self.check_member_cap(new)?;
         }
-        self.check_thread(&new)?;
+        self.check_thread(new)?;
         let auth_types =
-            events::auth_types(&new, sender, &self.rules.authorization).map_err(Error::BadJson)?;
+            events::auth_types(new, sender, &self.rules.authorization).map_err(Error::BadJson)?;
         let mut auth_events = Vec::new();
         for (kind, state_key) in auth_types {
             if let Some(id) = self.state_id(&kind.to_string(), &state_key)? {
@@ -330,7 +357,7 @@ impl<'a> Draft<'a> {
             server_name: &self.rooms.server_name,
             key: &self.rooms.key,
         };
-        let pdu = Pdu::build(&new, &ctx).map_err(|e| match e {
+        let pdu = Pdu::build(new, &ctx).map_err(|e| match e {
             EventError::TooLarge => Error::TooLarge(e.to_string()),
             EventError::Invalid(message) => Error::BadJson(message),
         })?;
@@ -340,11 +367,25 @@ impl<'a> Draft<'a> {
             )));
         }
         self.check_auth(&pdu)?;
+        Ok(pdu)
+    }
+
+    /// Records an event built by [`Draft::build`] (and perhaps signed by
+    /// another server too) and queues it for the room's other servers.
+    pub fn append_built(&mut self, pdu: Arc<Pdu>) -> Result<Arc<Pdu>> {
+        self.append_built_with(pdu, Origin::default())
+    }
+
+    fn append_built_with(&mut self, pdu: Arc<Pdu>, origin: Origin) -> Result<Arc<Pdu>> {
         if self.room_id.is_none() {
             self.room_id = Some(pdu.room_id.clone());
         }
-        let pdu = Arc::new(pdu);
+        // A member event goes to the servers in the room before it too: a
+        // kicked user's server learns of the kick.
+        let mut destinations = self.record.remote_servers.clone();
         self.record(pdu.clone(), origin)?;
+        destinations.extend(self.record.remote_servers.iter().cloned());
+        self.queue_out(&pdu, &destinations, None);
         Ok(pdu)
     }
 
@@ -374,10 +415,59 @@ impl<'a> Draft<'a> {
         outcome.map_err(Error::Forbidden)
     }
 
-    /// Adds the event's writes to the batch and its state to the overlay.
-    fn record(&mut self, pdu: Arc<Pdu>, origin: Origin) -> Result<()> {
+    /// Adds the event's writes to the batch and its state to the overlay,
+    /// for an event that follows all of the room's forward extremities.
+    pub(super) fn record(&mut self, pdu: Arc<Pdu>, origin: Origin) -> Result<()> {
         let room_id = pdu.room_id.to_string();
         let event_id = pdu.event_id.to_string();
+        // Visible to this draft before its state is recorded: the state
+        // bookkeeping reads the event through the draft.
+        self.pdus.insert(pdu.event_id.clone(), pdu.clone());
+        let replaces_state = match &pdu.state_key {
+            Some(state_key) => {
+                let previous = self.state_id(&pdu.kind.to_string(), state_key)?;
+                self.record_state(&room_id, &pdu, state_key)?;
+                previous
+            }
+            None => None,
+        };
+        let group = self.record.state_group;
+        self.record_event(pdu.clone(), origin, replaces_state, group, false)?;
+        self.record.forward_extremities = vec![event_id];
+        self.record.depth = self.record.depth.max(pdu.depth);
+        self.batch.put(tables::ROOMS, &room_id, &self.record);
+        Ok(())
+    }
+
+    /// Writes one event: the PDU, and unless soft-failed its stream
+    /// position, timeline entry, membership index and relation.
+    pub(super) fn record_event(
+        &mut self,
+        pdu: Arc<Pdu>,
+        origin: Origin,
+        replaces_state: Option<String>,
+        state_group: u64,
+        soft_failed: bool,
+    ) -> Result<()> {
+        let room_id = pdu.room_id.to_string();
+        let event_id = pdu.event_id.to_string();
+        if soft_failed {
+            let stored = StoredPdu {
+                replaces_state,
+                room_id,
+                json: pdu.json_text(),
+                stream: 0,
+                state_group,
+                txn_id: None,
+                sender_device: None,
+                redacted_because: None,
+                outlier: false,
+                soft_failed: true,
+            };
+            self.batch.put(tables::PDUS, &event_id, &stored);
+            self.pdus.insert(pdu.event_id.clone(), pdu);
+            return Ok(());
+        }
         let member = match pdu.kind.to_string().as_str() {
             "m.room.member" => pdu.state_key.clone(),
             _ => None,
@@ -394,23 +484,17 @@ impl<'a> Draft<'a> {
             }
         }
         self.reservations.push(reservation);
-        let replaces_state = match &pdu.state_key {
-            Some(state_key) => {
-                let previous = self.state_id(&pdu.kind.to_string(), state_key)?;
-                self.record_state(&room_id, &pdu, state_key)?;
-                previous
-            }
-            None => None,
-        };
         let stored = StoredPdu {
             replaces_state,
             room_id: room_id.clone(),
             json: pdu.json_text(),
             stream,
-            state_group: self.record.state_group,
+            state_group,
             txn_id: origin.txn.as_ref().map(|(_, txn)| txn.clone()),
             sender_device: origin.device_id.clone(),
             redacted_because: None,
+            outlier: false,
+            soft_failed: false,
         };
         self.batch.put(tables::PDUS, &event_id, &stored);
         self.batch
@@ -435,9 +519,6 @@ impl<'a> Draft<'a> {
             }
         }
         self.record_relation(&pdu, stream)?;
-        self.record.forward_extremities = vec![event_id];
-        self.record.depth = pdu.depth;
-        self.batch.put(tables::ROOMS, &room_id, &self.record);
         self.pdus.insert(pdu.event_id.clone(), pdu.clone());
         self.appended.push(pdu);
         Ok(())
@@ -539,7 +620,13 @@ impl<'a> Draft<'a> {
         self.record.state_group = group_id;
         let key = (room_id.to_owned(), kind.clone(), state_key.to_owned());
         self.batch.put(tables::ROOM_STATE, &key, &entry.2);
-        self.state.insert((kind, state_key.to_owned()), entry.2);
+        self.state
+            .insert((kind.clone(), state_key.to_owned()), Some(entry.2));
+        if kind == "m.room.member" {
+            if let Some(server) = server_of(state_key) {
+                self.refresh_remote_server(server)?;
+            }
+        }
         Ok(())
     }
 
@@ -565,8 +652,348 @@ impl<'a> Draft<'a> {
                 .collect(),
             None => HashMap::new(),
         };
-        state.extend(self.state.clone());
+        for (key, id) in &self.state {
+            match id {
+                Some(id) => state.insert(key.clone(), id.clone()),
+                None => state.remove(key),
+            };
+        }
         Ok(state.into_iter().map(|((k, s), id)| (k, s, id)).collect())
+    }
+
+    /// Queues `pdu` for each of `destinations` but this server and
+    /// `except` (the server it came from), in this draft's batch.
+    pub fn queue_out(&mut self, pdu: &Pdu, destinations: &[String], except: Option<&str>) {
+        let own = self.rooms.server_name.as_str();
+        for destination in destinations {
+            if destination == own
+                || Some(destination.as_str()) == except
+                || self
+                    .queued_now
+                    .contains(&(destination.clone(), pdu.event_id.to_string()))
+            {
+                continue;
+            }
+            let position = self.rooms.outbox.next_position();
+            self.batch.put(
+                tables::FEDERATION_OUTBOX,
+                &(destination.clone(), position),
+                &OutboxItem::Pdu(pdu.event_id.to_string()),
+            );
+            self.queued_now
+                .insert((destination.clone(), pdu.event_id.to_string()));
+            self.wakeups.destinations.insert(destination.clone());
+        }
+    }
+
+    /// Whether `server` still has a joined member, kept in the room record.
+    fn refresh_remote_server(&mut self, server: &str) -> Result<()> {
+        if server == self.rooms.server_name {
+            return Ok(());
+        }
+        let suffix = format!(":{server}");
+        let mut joined = false;
+        for (kind, state_key, event_id) in self.full_state()? {
+            if kind != "m.room.member" || !state_key.ends_with(&suffix) {
+                continue;
+            }
+            if server_of(&state_key) != Some(server) {
+                continue;
+            }
+            if let Some(pdu) = self.fetch(&event_id)? {
+                if membership_of(&pdu.content_value()) == "join" {
+                    joined = true;
+                    break;
+                }
+            }
+        }
+        let servers = &mut self.record.remote_servers;
+        let known = servers.iter().position(|s| s == server);
+        match (joined, known) {
+            (true, None) => servers.push(server.to_owned()),
+            (false, Some(index)) => {
+                servers.remove(index);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Accepts an event another server made, after its signatures and hash
+    /// were checked: authorized by its own auth events and by the state
+    /// before it (`state_before`, resolved from its prev events), it joins
+    /// the room's graph; if the room's current state would not allow it,
+    /// it is soft-failed (stored, but kept out of the timeline and state).
+    pub fn append_remote(&mut self, pdu: Arc<Pdu>, state_before: &StateIds) -> Result<Accepted> {
+        self.check_by_auth_events(&pdu)?;
+        self.check_auth_with(&pdu, |kind, state_key| {
+            match state_before.get(&(kind.to_owned(), state_key.to_owned())) {
+                Some(id) => self.fetch(id),
+                None => Ok(None),
+            }
+        })
+        .map_err(|e| match e {
+            Error::Forbidden(why) => Error::Forbidden(format!("by the state before it: {why}")),
+            other => other,
+        })?;
+        let soft_failed = match self.check_auth(&pdu) {
+            Ok(()) => false,
+            Err(Error::Forbidden(_)) => true,
+            Err(other) => return Err(other),
+        };
+        let prevs: std::collections::BTreeSet<String> =
+            pdu.prev_events.iter().map(|id| id.to_string()).collect();
+        let extremities: std::collections::BTreeSet<String> =
+            self.record.forward_extremities.iter().cloned().collect();
+        if !soft_failed && prevs == extremities {
+            self.record(pdu, Origin::default())?;
+            return Ok(Accepted::Timeline);
+        }
+        self.record_forked(pdu, state_before, soft_failed)?;
+        Ok(if soft_failed {
+            Accepted::SoftFailed
+        } else {
+            Accepted::Timeline
+        })
+    }
+
+    /// Checks `pdu` against the authorization rules with its own auth
+    /// events as the state before it (all of which must be here).
+    pub fn check_by_auth_events(&self, pdu: &Pdu) -> Result<()> {
+        let mut by_auth: HashMap<(String, String), Arc<Pdu>> = HashMap::new();
+        for id in &pdu.auth_events {
+            let event = self
+                .fetch(id.as_str())?
+                .ok_or_else(|| Error::Forbidden(format!("auth event {id} is unknown")))?;
+            if event.room_id != pdu.room_id {
+                return Err(Error::Forbidden(format!(
+                    "auth event {id} belongs to another room"
+                )));
+            }
+            let key = (
+                event.kind.to_string(),
+                event.state_key.clone().unwrap_or_default(),
+            );
+            by_auth.insert(key, event);
+        }
+        // From version 12 the create event is no auth event: the room ID
+        // names it.
+        if self.rules.authorization.room_create_event_id_as_room_id
+            && pdu.kind.to_string() != "m.room.create"
+        {
+            let create_id = format!("${}", &pdu.room_id.as_str()[1..]);
+            if let Some(create) = self.fetch(&create_id)? {
+                by_auth.insert(("m.room.create".to_owned(), String::new()), create);
+            }
+        }
+        self.check_auth_with(pdu, |kind, state_key| {
+            Ok(by_auth
+                .get(&(kind.to_owned(), state_key.to_owned()))
+                .cloned())
+        })
+        .map_err(|e| match e {
+            Error::Forbidden(why) => Error::Forbidden(format!("by its auth events: {why}")),
+            other => other,
+        })
+    }
+
+    /// Stores an event as an outlier (unless it is stored already) and
+    /// makes it visible to this draft.
+    pub fn add_outlier(&mut self, pdu: Arc<Pdu>) -> Result<()> {
+        if self.fetch(pdu.event_id.as_str())?.is_none() {
+            self.batch.put(
+                tables::PDUS,
+                &pdu.event_id.to_string(),
+                &Rooms::outlier_record(&pdu),
+            );
+        }
+        self.pdus.insert(pdu.event_id.clone(), pdu);
+        Ok(())
+    }
+
+    /// Checks `pdu` against the authorization rules with `state` as the
+    /// state before it.
+    fn check_auth_with(
+        &self,
+        pdu: &Pdu,
+        state: impl Fn(&str, &str) -> Result<Option<Arc<Pdu>>>,
+    ) -> Result<()> {
+        let failure: RefCell<Option<StorageError>> = RefCell::new(None);
+        let keep = |result: Result<Option<Arc<Pdu>>>| match result {
+            Ok(found) => found,
+            Err(Error::Storage(error)) => {
+                failure.borrow_mut().get_or_insert(error);
+                None
+            }
+            Err(_) => None,
+        };
+        let outcome = events::check_auth(
+            pdu,
+            &self.rules.authorization,
+            |kind: &StateEventType, state_key: &str| keep(state(&kind.to_string(), state_key)),
+            |event_id: &EventId| keep(self.fetch(event_id.as_str())),
+        );
+        if let Some(error) = failure.into_inner() {
+            return Err(error.into());
+        }
+        outcome.map_err(Error::Forbidden)
+    }
+
+    /// Records an event that does not simply follow the room's forward
+    /// extremities: its own state is a snapshot of the state before it
+    /// plus itself, and (unless soft-failed) the room's current state
+    /// becomes the resolution of the current state and that.
+    fn record_forked(
+        &mut self,
+        pdu: Arc<Pdu>,
+        state_before: &StateIds,
+        soft_failed: bool,
+    ) -> Result<()> {
+        let room_id = pdu.room_id.to_string();
+        let mut after = state_before.clone();
+        let replaces_state = match &pdu.state_key {
+            Some(state_key) => after.insert(
+                (pdu.kind.to_string(), state_key.clone()),
+                pdu.event_id.to_string(),
+            ),
+            None => None,
+        };
+        let group = self.write_snapshot(&after);
+        if soft_failed {
+            return self.record_event(pdu, Origin::default(), replaces_state, group, true);
+        }
+        let prevs: std::collections::BTreeSet<String> =
+            pdu.prev_events.iter().map(|id| id.to_string()).collect();
+        let mut extremities: Vec<String> = self
+            .record
+            .forward_extremities
+            .iter()
+            .filter(|id| !prevs.contains(*id))
+            .cloned()
+            .collect();
+        self.pdus.insert(pdu.event_id.clone(), pdu.clone());
+        let current = if extremities.is_empty() {
+            after
+        } else {
+            let now: StateIds = self
+                .full_state()?
+                .into_iter()
+                .map(|(k, s, id)| ((k, s), id))
+                .collect();
+            let pdus = self.pdus.clone();
+            self.rooms
+                .resolve_state(&self.rules, &[now, after], &|id: &EventId| {
+                    pdus.get(id).map(|pdu| (**pdu).clone())
+                })?
+        };
+        self.record_event(pdu.clone(), Origin::default(), replaces_state, group, false)?;
+        self.set_current_state(&room_id, current)?;
+        extremities.push(pdu.event_id.to_string());
+        self.record.forward_extremities = extremities;
+        self.record.depth = self.record.depth.max(pdu.depth);
+        self.batch.put(tables::ROOMS, &room_id, &self.record);
+        Ok(())
+    }
+
+    /// A state group holding all of `state`.
+    pub(super) fn write_snapshot(&mut self, state: &StateIds) -> u64 {
+        let group_id = self.rooms.next_state_group();
+        let group = StateGroup {
+            prev: None,
+            chain_length: 0,
+            entries: state
+                .iter()
+                .map(|((kind, key), id)| (kind.clone(), key.clone(), id.clone()))
+                .collect(),
+        };
+        self.batch.put(tables::STATE_GROUPS, &group_id, &group);
+        group_id
+    }
+
+    /// Makes `state` the room's current state: the state index, member
+    /// counts, memberships and servers of every entry that changed, and a
+    /// snapshot state group.
+    pub(super) fn set_current_state(&mut self, room_id: &str, state: StateIds) -> Result<()> {
+        let before: StateIds = self
+            .full_state()?
+            .into_iter()
+            .map(|(k, s, id)| ((k, s), id))
+            .collect();
+        let mut changed: Vec<(String, String)> = Vec::new();
+        for (key, id) in &state {
+            if before.get(key) != Some(id) {
+                changed.push(key.clone());
+            }
+        }
+        for key in before.keys() {
+            if !state.contains_key(key) {
+                changed.push(key.clone());
+            }
+        }
+        let stream = self
+            .appended
+            .last()
+            .map_or(0, |pdu| self.stream_of(pdu.event_id.as_str()));
+        let mut servers = std::collections::BTreeSet::new();
+        for (kind, state_key) in changed {
+            let old = match before.get(&(kind.clone(), state_key.clone())) {
+                Some(id) => self.fetch(id)?,
+                None => None,
+            };
+            let new_id = state.get(&(kind.clone(), state_key.clone())).cloned();
+            let new = match &new_id {
+                Some(id) => self.fetch(id)?,
+                None => None,
+            };
+            let index_key = (room_id.to_owned(), kind.clone(), state_key.clone());
+            match &new_id {
+                Some(id) => self.batch.put(tables::ROOM_STATE, &index_key, id),
+                None => self.batch.delete(tables::ROOM_STATE, &index_key),
+            }
+            self.state
+                .insert((kind.clone(), state_key.clone()), new_id.clone());
+            if kind != "m.room.member" {
+                continue;
+            }
+            let membership = |pdu: &Option<Arc<Pdu>>| {
+                pdu.as_ref()
+                    .map_or("leave".to_owned(), |p| membership_of(&p.content_value()))
+            };
+            let (was, is) = (membership(&old), membership(&new));
+            self.count_membership(&was, -1);
+            self.count_membership(&is, 1);
+            if let Some(id) = new_id {
+                let entry = UserRoom {
+                    membership: is,
+                    event_id: id,
+                    stream,
+                    forgotten: false,
+                };
+                self.batch.put(
+                    tables::USER_ROOMS,
+                    &(state_key.clone(), room_id.to_owned()),
+                    &entry,
+                );
+            }
+            if let Some(server) = server_of(&state_key) {
+                servers.insert(server.to_owned());
+            }
+        }
+        for server in servers {
+            self.refresh_remote_server(&server)?;
+        }
+        self.record.state_group = self.write_snapshot(&state);
+        self.state_chain_length = 0;
+        Ok(())
+    }
+
+    /// The stream position this draft gave an event (0 if none).
+    fn stream_of(&self, event_id: &str) -> u64 {
+        self.reservations
+            .iter()
+            .zip(&self.appended)
+            .find(|(_, pdu)| pdu.event_id.as_str() == event_id)
+            .map_or(0, |(reservation, _)| reservation.position())
     }
 
     fn count_membership(&mut self, membership: &str, change: i64) {
@@ -577,6 +1004,15 @@ impl<'a> Draft<'a> {
         };
         *counter = counter.saturating_add_signed(change);
     }
+}
+
+/// The server part of a user ID (`@local:server`, the server possibly with
+/// a port), `None` for anything else.
+pub fn server_of(user_id: &str) -> Option<&str> {
+    user_id
+        .strip_prefix('@')?
+        .split_once(':')
+        .map(|(_, server)| server)
 }
 
 /// The `membership` of a member event's content.

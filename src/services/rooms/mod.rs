@@ -8,6 +8,7 @@ pub mod create;
 pub mod draft;
 pub mod power;
 pub mod relations;
+pub mod remote;
 pub mod upgrade;
 pub mod visibility;
 
@@ -20,6 +21,7 @@ use serde_json::{json, Value};
 use super::clock::Clock;
 use super::error::{Error, Result};
 use super::locks::StripedLocks;
+use super::outbox::Outbox;
 use super::stream::StreamCounter;
 use crate::events::{NewEvent, Pdu, SigningKey};
 use crate::storage::tables::{self, RoomRecord, StoredPdu, UserRoom};
@@ -53,6 +55,8 @@ pub struct Rooms {
     /// the same content in the same millisecond would get one ID; each new
     /// create event takes a later millisecond than the one before.
     last_create_ts: AtomicU64,
+    /// Where events for other servers are queued.
+    pub outbox: Arc<Outbox>,
 }
 
 /// A map that remembers facts that never go stale, up to a bound; when
@@ -126,6 +130,7 @@ impl Rooms {
             max_members,
             visibility_memo: BoundedMemo::new(VISIBILITY_MEMO_ENTRIES),
             last_create_ts: AtomicU64::new(0),
+            outbox: Outbox::new(),
         })
     }
 

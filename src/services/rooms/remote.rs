@@ -1,0 +1,583 @@
+//! Rooms shared with other servers: the state before an event from its
+//! prev events, state resolution (version 2, by ruma), events other
+//! servers made entering the graph, and a room joined on another server
+//! entering this one.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use ruma::events::StateEventType;
+use ruma::room_version_rules::{RoomVersionRules, StateResolutionVersion};
+use ruma::state_res::{self, utils::event_id_set::EventIdSet, StateMap};
+use ruma::{EventId, OwnedEventId, RoomId, RoomVersionId, UserId};
+use serde_json::{json, Value};
+
+use super::draft::{Accepted, Draft};
+use super::{Rooms, StateIds};
+use crate::events::{self, NewEvent, Pdu};
+use crate::services::error::{Error, Result};
+use crate::storage::tables::{self, RoomRecord, StoredPdu};
+
+/// The state events an invited or knocking user is shown.
+pub const STRIPPED_STATE_TYPES: [&str; 7] = [
+    "m.room.create",
+    "m.room.join_rules",
+    "m.room.name",
+    "m.room.avatar",
+    "m.room.canonical_alias",
+    "m.room.encryption",
+    "m.room.topic",
+];
+
+/// Most events an auth chain walk visits.
+const MAX_AUTH_CHAIN: usize = 100_000;
+
+/// What became of an event offered to a room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Offered {
+    Accepted(Accepted),
+    /// Some of its prev events are not here yet.
+    MissingPrevEvents(Vec<OwnedEventId>),
+}
+
+impl Rooms {
+    /// The version and rules of a room this server knows.
+    pub fn version_of(&self, room_id: &RoomId) -> Result<(RoomVersionId, RoomVersionRules)> {
+        let record = self
+            .room(room_id)?
+            .ok_or_else(|| Error::NotFound(format!("unknown room {room_id}")))?;
+        let version = RoomVersionId::try_from(record.version.as_str())
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let rules = events::room_version_rules(&version)
+            .ok_or_else(|| Error::UnsupportedRoomVersion(version.to_string()))?;
+        Ok((version, rules))
+    }
+
+    /// The state after an event that has state here (not an outlier).
+    pub fn state_after_event(&self, event_id: &str) -> Result<Option<StateIds>> {
+        match self.storage.get(tables::PDUS, &event_id.to_owned())? {
+            Some(stored) if !stored.outlier => {
+                Ok(Some(self.state_ids_at_group(stored.state_group)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The state before `pdu`: the state after its prev events, resolved
+    /// when there are several; `Err` with the prev events that are not
+    /// here (or have no state here).
+    pub fn state_before(
+        &self,
+        pdu: &Pdu,
+        rules: &RoomVersionRules,
+    ) -> Result<std::result::Result<StateIds, Vec<OwnedEventId>>> {
+        let mut maps = Vec::new();
+        let mut missing = Vec::new();
+        for prev in &pdu.prev_events {
+            match self.state_after_event(prev.as_str())? {
+                Some(state) => maps.push(state),
+                None => missing.push(prev.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            return Ok(Err(missing));
+        }
+        match maps.len() {
+            0 => Ok(Ok(StateIds::new())),
+            1 => Ok(Ok(maps.pop().expect("one map"))),
+            _ => Ok(Ok(self.resolve_state(rules, &maps, &|_| None)?)),
+        }
+    }
+
+    /// State resolution (version 2) of several states of one room.
+    /// `extra` finds events not yet stored.
+    pub fn resolve_state(
+        &self,
+        rules: &RoomVersionRules,
+        maps: &[StateIds],
+        extra: &dyn Fn(&EventId) -> Option<Pdu>,
+    ) -> Result<StateIds> {
+        let StateResolutionVersion::V2(v2_rules) = &rules.state_res else {
+            return Err(Error::UnsupportedRoomVersion(
+                "rooms with state resolution version 1".to_owned(),
+            ));
+        };
+        let fetch = |id: &EventId| -> Option<Pdu> {
+            extra(id).or_else(|| self.pdu(id.as_str()).ok().flatten().map(|(pdu, _)| pdu))
+        };
+        let state_maps: Vec<StateMap<OwnedEventId>> = maps
+            .iter()
+            .map(|map| {
+                map.iter()
+                    .filter_map(|((kind, key), id)| {
+                        let id = EventId::parse(id).ok()?;
+                        Some(((StateEventType::from(kind.as_str()), key.clone()), id))
+                    })
+                    .collect()
+            })
+            .collect();
+        let auth_chains: Vec<EventIdSet<OwnedEventId>> = state_maps
+            .iter()
+            .map(|map| {
+                auth_chain_of(map.values().cloned(), &fetch)
+                    .into_iter()
+                    .collect()
+            })
+            .collect();
+        let resolved = state_res::resolve(
+            &rules.authorization,
+            v2_rules,
+            &state_maps,
+            auth_chains,
+            fetch,
+            |conflicted| Some(conflicted_subgraph(conflicted, &fetch)),
+        )
+        .map_err(|e| Error::Internal(format!("state resolution failed: {e}")))?;
+        Ok(resolved
+            .into_iter()
+            .map(|((kind, key), id)| ((kind.to_string(), key), id.to_string()))
+            .collect())
+    }
+
+    /// The events of the auth chains of `ids` (not `ids` themselves unless
+    /// one is in another's chain), stored ones only.
+    pub fn auth_chain(&self, ids: impl IntoIterator<Item = OwnedEventId>) -> Result<Vec<Pdu>> {
+        let fetch = |id: &EventId| self.pdu(id.as_str()).ok().flatten().map(|(pdu, _)| pdu);
+        let starts: Vec<OwnedEventId> = ids.into_iter().collect();
+        let mut chain = Vec::new();
+        for id in auth_chain_of(
+            starts
+                .iter()
+                .filter_map(|id| fetch(id))
+                .flat_map(|pdu| pdu.auth_events),
+            &fetch,
+        ) {
+            if let Some(pdu) = fetch(&id) {
+                chain.push(pdu);
+            }
+        }
+        chain.sort_by_key(|pdu| pdu.depth);
+        Ok(chain)
+    }
+
+    /// Offers an event another server made (its signatures and hash already
+    /// checked) to its room, under the room's lock. With `broadcast`, it is
+    /// queued for the room's other servers but `from` (a join a server made
+    /// through this one is for everyone to see).
+    pub async fn offer_remote(
+        &self,
+        pdu: Pdu,
+        from: Option<&str>,
+        broadcast: bool,
+    ) -> Result<Offered> {
+        let room_id = pdu.room_id.clone();
+        let _guard = self.locks.lock(room_id.as_str()).await;
+        if let Some((_, stored)) = self.pdu(pdu.event_id.as_str())? {
+            if !stored.outlier {
+                return Ok(Offered::Accepted(Accepted::AlreadyKnown));
+            }
+        }
+        let record = self
+            .room(&room_id)?
+            .ok_or_else(|| Error::NotFound(format!("unknown room {room_id}")))?;
+        let mut draft = Draft::existing(self, &room_id, record)?;
+        let state_before = match self.state_before(&pdu, &draft.rules)? {
+            Ok(state) => state,
+            Err(missing) => return Ok(Offered::MissingPrevEvents(missing)),
+        };
+        let pdu = Arc::new(pdu);
+        let outcome = draft.append_remote(pdu.clone(), &state_before)?;
+        if outcome == Accepted::Timeline && pdu.kind.to_string() == "m.room.redaction" {
+            self.apply_remote_redaction(&mut draft, &pdu)?;
+        }
+        if broadcast && outcome == Accepted::Timeline {
+            let servers = draft.record.remote_servers.clone();
+            draft.queue_out(&pdu, &servers, from);
+        }
+        self.storage.commit(draft.batch).await?;
+        Ok(Offered::Accepted(outcome))
+    }
+
+    /// Applies a redaction from another server when its sender may redact
+    /// the target: its own event, or one of its server's, or with the
+    /// redact power level.
+    fn apply_remote_redaction(&self, draft: &mut Draft<'_>, redaction: &Pdu) -> Result<()> {
+        let top_level = redaction.redacts.as_ref().map(|id| id.as_str());
+        let Some(target_id) = Self::redaction_target(draft, top_level, &redaction.content_value())
+        else {
+            return Ok(());
+        };
+        let Some((target, _)) = self.pdu(&target_id)? else {
+            return Ok(());
+        };
+        let same_server = target.sender.server_name() == redaction.sender.server_name();
+        if !same_server && !self.has_redact_power(draft, &redaction.sender)? {
+            return Ok(());
+        }
+        self.apply_redaction(draft, redaction)
+    }
+
+    /// The membership event another server's user would send to join (or
+    /// leave, or knock): the fields that server signs, with this room's
+    /// current auth events and forward extremities.
+    pub fn membership_template(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        membership: &str,
+    ) -> Result<(RoomVersionId, Value)> {
+        let record = self
+            .room(room_id)?
+            .ok_or_else(|| Error::NotFound(format!("unknown room {room_id}")))?;
+        let (version, rules) = self.version_of(room_id)?;
+        let new = NewEvent::state(
+            "m.room.member",
+            user_id.as_str(),
+            json!({ "membership": membership }),
+        );
+        let auth_types =
+            events::auth_types(&new, user_id, &rules.authorization).map_err(Error::BadJson)?;
+        let mut auth_events = Vec::new();
+        for (kind, state_key) in auth_types {
+            let key = (room_id.to_string(), kind.to_string(), state_key);
+            if let Some(id) = self.storage.get(tables::ROOM_STATE, &key)? {
+                auth_events.push(id);
+            }
+        }
+        let template = json!({
+            "room_id": room_id,
+            "sender": user_id,
+            "state_key": user_id,
+            "type": "m.room.member",
+            "content": { "membership": membership },
+            "origin": user_id.server_name(),
+            "origin_server_ts": self.clock.now_ms(),
+            "depth": record.depth + 1,
+            "prev_events": record.forward_extremities,
+            "auth_events": auth_events,
+        });
+        Ok((version, template))
+    }
+
+    /// Enters a room joined through another server: its state and auth
+    /// chain (signatures and hashes already checked) as outliers, each
+    /// checked against its own auth events, the state as the room's
+    /// current state, then the join event itself.
+    pub async fn import_joined_room(
+        &self,
+        version: &RoomVersionId,
+        join: Pdu,
+        state: Vec<Pdu>,
+        auth_chain: Vec<Pdu>,
+    ) -> Result<Accepted> {
+        let room_id = join.room_id.clone();
+        let _guard = self.locks.lock(room_id.as_str()).await;
+        let record = match self.room(&room_id)? {
+            Some(record) => record,
+            None => RoomRecord {
+                version: version.to_string(),
+                created_ts: self.clock.now_ms(),
+                forward_extremities: join.prev_events.iter().map(|id| id.to_string()).collect(),
+                depth: join.depth.saturating_sub(1),
+                state_group: 0,
+                joined_members: 0,
+                invited_members: 0,
+                remote_servers: Vec::new(),
+            },
+        };
+        let mut draft = Draft::existing(self, &room_id, record)?;
+        let mut events: Vec<Pdu> = auth_chain
+            .into_iter()
+            .chain(state.iter().cloned())
+            .collect();
+        events.sort_by_key(|pdu| pdu.depth);
+        let mut refused = HashSet::new();
+        for pdu in events {
+            if pdu.room_id != room_id || refused.contains(&pdu.event_id) {
+                continue;
+            }
+            let pdu = Arc::new(pdu);
+            match draft.check_by_auth_events(&pdu) {
+                Ok(()) => draft.add_outlier(pdu)?,
+                Err(Error::Forbidden(why)) => {
+                    tracing::warn!(event = %pdu.event_id, %why, "state from a join refused");
+                    refused.insert(pdu.event_id.clone());
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        let state: StateIds = state
+            .iter()
+            .filter(|pdu| !refused.contains(&pdu.event_id))
+            .filter_map(|pdu| {
+                let key = pdu.state_key.clone()?;
+                Some(((pdu.kind.to_string(), key), pdu.event_id.to_string()))
+            })
+            .collect();
+        let joined_before = draft.record.state_group != 0;
+        if !joined_before {
+            draft.set_current_state(room_id.as_str(), state.clone())?;
+        }
+        let outcome = draft.append_remote(Arc::new(join), &state)?;
+        if outcome != Accepted::Timeline {
+            return Err(Error::Forbidden(
+                "the room's state does not allow this join".to_owned(),
+            ));
+        }
+        self.storage.commit(draft.batch).await?;
+        Ok(outcome)
+    }
+
+    /// What an invited or knocking user sees of a room: a few state events
+    /// as they were at the membership (or as the inviting server sent them),
+    /// stripped to type, key, sender and content, and the membership event.
+    pub fn stripped_state(&self, member_event_id: &str) -> Result<Vec<Value>> {
+        let Some((member, stored)) = self.pdu(member_event_id)? else {
+            return Ok(Vec::new());
+        };
+        let mut events = Vec::new();
+        if let Some(sent) = self
+            .storage
+            .get(tables::INVITE_STATE, &member_event_id.to_owned())?
+        {
+            let own = member.state_key.clone().unwrap_or_default();
+            events.extend(sent.into_iter().filter(|event| {
+                !(event["type"] == "m.room.member" && event["state_key"] == own.as_str())
+            }));
+        } else {
+            let ids = self.state_ids_at_group(stored.state_group)?;
+            for kind in STRIPPED_STATE_TYPES {
+                let Some(event_id) = ids.get(&(kind.to_owned(), String::new())) else {
+                    continue;
+                };
+                if let Some((pdu, _)) = self.pdu(event_id)? {
+                    events.push(stripped(&pdu));
+                }
+            }
+        }
+        events.push(stripped(&member));
+        Ok(events)
+    }
+
+    /// The stripped current state sent with an invite to another server:
+    /// the usual types and the inviting user's membership.
+    pub fn invite_room_state(&self, room_id: &RoomId, sender: &UserId) -> Result<Vec<Value>> {
+        let mut events = Vec::new();
+        for kind in STRIPPED_STATE_TYPES {
+            if let Some(pdu) = self.state_event(room_id, kind, "")? {
+                events.push(stripped(&pdu));
+            }
+        }
+        if let Some(pdu) = self.state_event(room_id, "m.room.member", sender.as_str())? {
+            events.push(stripped(&pdu));
+        }
+        Ok(events)
+    }
+
+    /// Whether a local user is joined to the room: this server is in it
+    /// and makes its own events there.
+    pub fn server_in_room(&self, room_id: &RoomId) -> Result<bool> {
+        let suffix = format!(":{}", self.server_name);
+        let prefix = tables::str2_prefix(room_id.as_str(), "m.room.member");
+        for ((_, _, state_key), event_id) in
+            self.storage
+                .scan_prefix(tables::ROOM_STATE, &prefix, super::MAX_STATE_ENTRIES)?
+        {
+            if !state_key.ends_with(&suffix)
+                || super::draft::server_of(&state_key) != Some(&self.server_name)
+            {
+                continue;
+            }
+            if let Some((pdu, _)) = self.pdu(&event_id)? {
+                if pdu.content_value()["membership"] == "join" {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Records a local user's membership in a room this server is not in
+    /// (an invite from another server, or the leave that rejects it): the
+    /// event as an outlier, the user's membership and a stream position
+    /// that wakes their syncs. `stripped` is the room state the inviting
+    /// server sent.
+    pub async fn record_outside_membership(
+        &self,
+        pdu: &Pdu,
+        stripped: Option<Vec<Value>>,
+    ) -> Result<()> {
+        let target = pdu
+            .state_key
+            .clone()
+            .ok_or_else(|| Error::BadJson("a member event needs a state key".to_owned()))?;
+        let _guard = self.locks.lock(pdu.room_id.as_str()).await;
+        let room_id = pdu.room_id.to_string();
+        let event_id = pdu.event_id.to_string();
+        let mut batch = crate::storage::Batch::new();
+        let entry = tables::StreamEntry::Event {
+            room_id: room_id.clone(),
+            event_id: event_id.clone(),
+            member: Some(target.clone()),
+        };
+        let (stream, mut reservation) = self.stream.next_into(&mut batch, &entry);
+        reservation.also_wake(&target);
+        let mut stored = Self::outlier_record(pdu);
+        stored.stream = stream;
+        batch.put(tables::PDUS, &event_id, &stored);
+        if let Some(stripped) = stripped {
+            batch.put(tables::INVITE_STATE, &event_id, &stripped);
+        }
+        let membership = tables::UserRoom {
+            membership: super::draft::membership_of(&pdu.content_value()),
+            event_id,
+            stream,
+            forgotten: false,
+        };
+        batch.put(tables::USER_ROOMS, &(target, room_id), &membership);
+        self.storage.commit(batch).await?;
+        drop(reservation);
+        Ok(())
+    }
+
+    /// Builds a local user's event, checks it against the room's rules and
+    /// lets `countersign` have another server sign it (an invite of that
+    /// server's user) before it is recorded and sent to the room.
+    pub async fn append_countersigned<F, Fut>(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        new: NewEvent,
+        countersign: F,
+    ) -> Result<OwnedEventId>
+    where
+        F: FnOnce(Pdu, RoomVersionId) -> Fut,
+        Fut: std::future::Future<Output = Result<Pdu>>,
+    {
+        let _guard = self.locks.lock(room_id.as_str()).await;
+        let record = self
+            .room(room_id)?
+            .ok_or_else(|| Error::Forbidden(format!("{sender} is not in room {room_id}")))?;
+        let mut draft = Draft::existing(self, room_id, record)?;
+        let built = draft.build(sender, &new)?;
+        let version = draft.version.clone();
+        let signed = countersign(built.clone(), version).await?;
+        if signed.event_id != built.event_id {
+            return Err(Error::RemoteUnavailable(
+                "the other server changed the event it was asked to sign".to_owned(),
+            ));
+        }
+        let pdu = draft.append_built(Arc::new(signed))?;
+        self.storage.commit(draft.batch).await?;
+        Ok(pdu.event_id.clone())
+    }
+
+    /// Adds this server's signature to another server's event (an invite
+    /// of a local user).
+    pub fn countersign(&self, pdu: &Pdu, rules: &RoomVersionRules) -> Result<Pdu> {
+        let mut json = pdu.json.clone();
+        ruma::signatures::hash_and_sign_event(
+            &self.server_name,
+            &*self.key,
+            &mut json,
+            &rules.redaction,
+        )
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        Pdu::from_canonical(pdu.event_id.clone(), pdu.room_id.clone(), json)
+            .map_err(|e| Error::Internal(e.to_string()))
+    }
+
+    /// Signs another server's membership template for a local user.
+    pub fn sign_template(&self, template: Value, rules: &RoomVersionRules) -> Result<Pdu> {
+        let Value::Object(map) = template else {
+            return Err(Error::BadJson(
+                "the event template is not an object".to_owned(),
+            ));
+        };
+        let room_id = map
+            .get("room_id")
+            .and_then(Value::as_str)
+            .and_then(|id| RoomId::parse(id).ok())
+            .ok_or_else(|| Error::BadJson("the event template has no room ID".to_owned()))?;
+        Pdu::sign_object(map, Some(&room_id), rules, &self.server_name, &self.key)
+            .map_err(|e| Error::BadJson(e.to_string()))
+    }
+
+    /// An event stored as an outlier (known, but without state here).
+    pub(super) fn outlier_record(pdu: &Pdu) -> StoredPdu {
+        StoredPdu {
+            room_id: pdu.room_id.to_string(),
+            json: pdu.json_text(),
+            stream: 0,
+            state_group: 0,
+            txn_id: None,
+            sender_device: None,
+            redacted_because: None,
+            replaces_state: None,
+            outlier: true,
+            soft_failed: false,
+        }
+    }
+}
+
+fn stripped(pdu: &Pdu) -> Value {
+    json!({
+        "type": pdu.kind.to_string(),
+        "state_key": pdu.state_key,
+        "sender": pdu.sender,
+        "content": pdu.content_value(),
+    })
+}
+
+/// The IDs of every event reachable from `start` through auth events
+/// (`start` included), as far as `fetch` finds them.
+fn auth_chain_of(
+    start: impl IntoIterator<Item = OwnedEventId>,
+    fetch: &dyn Fn(&EventId) -> Option<Pdu>,
+) -> HashSet<OwnedEventId> {
+    let mut seen: HashSet<OwnedEventId> = HashSet::new();
+    let mut queue: VecDeque<OwnedEventId> = start.into_iter().collect();
+    while let Some(id) = queue.pop_front() {
+        if seen.len() >= MAX_AUTH_CHAIN || !seen.insert(id.clone()) {
+            continue;
+        }
+        if let Some(pdu) = fetch(&id) {
+            queue.extend(pdu.auth_events.iter().cloned());
+        }
+    }
+    seen
+}
+
+/// The conflicted state subgraph (room version 12's state resolution):
+/// the events on auth-event paths from one conflicted event to another.
+fn conflicted_subgraph(
+    conflicted: &StateMap<Vec<OwnedEventId>>,
+    fetch: &dyn Fn(&EventId) -> Option<Pdu>,
+) -> EventIdSet<OwnedEventId> {
+    let targets: HashSet<OwnedEventId> = conflicted.values().flatten().cloned().collect();
+    let reachable = auth_chain_of(targets.iter().cloned(), fetch);
+    // Reverse edges inside the reachable part: auth event → events citing it.
+    let mut cited_by: HashMap<OwnedEventId, Vec<OwnedEventId>> = HashMap::new();
+    for id in &reachable {
+        if let Some(pdu) = fetch(id) {
+            for auth in pdu.auth_events {
+                cited_by.entry(auth).or_default().push(id.clone());
+            }
+        }
+    }
+    // Events from which a conflicted event can be reached.
+    let mut reaching: HashSet<OwnedEventId> = HashSet::new();
+    let mut queue: VecDeque<OwnedEventId> = targets.iter().cloned().collect();
+    while let Some(id) = queue.pop_front() {
+        if !reaching.insert(id.clone()) {
+            continue;
+        }
+        if let Some(citing) = cited_by.get(&id) {
+            queue.extend(citing.iter().cloned());
+        }
+    }
+    reachable
+        .into_iter()
+        .filter(|id| reaching.contains(id))
+        .collect()
+}

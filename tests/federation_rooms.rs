@@ -1,0 +1,463 @@
+//! Rooms shared by two Myelin servers on loopback (HTTPS, a CA the test
+//! makes): invites, joins, messages both ways, leaving, rejoining, bans,
+//! delivery to a server that was down, concurrent state changes, and the
+//! refusal of bad events.
+
+mod common;
+
+use std::time::Duration;
+
+use common::federation::{federating_config, TestCa};
+use common::{send_text, token, TestServer};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// Starts a federating server on `ip` with quick retries.
+async fn start(ca: &TestCa, ip: &str) -> (TestServer, myelin::config::Config) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into()))
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = federating_config(&dir, ca, ip.parse().unwrap());
+    config.federation.retry_base_ms = 200;
+    config.federation.retry_max_ms = 1_000;
+    let server = TestServer::start_in(dir, config.clone(), None).await;
+    (server, config)
+}
+
+/// Polls `check` every 100 ms for up to 30 s until it returns `Some`.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..300 {
+        if let Some(found) = check().await {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// The message bodies of a room's timeline as `server` has it, oldest
+/// first.
+async fn bodies(server: &TestServer, token: &str, room_id: &str) -> Vec<String> {
+    let (status, page) = server
+        .get(
+            &format!("/_matrix/client/v3/rooms/{room_id}/messages?dir=b&limit=1000"),
+            Some(token),
+        )
+        .await;
+    if status != StatusCode::OK {
+        return Vec::new();
+    }
+    let mut bodies: Vec<String> = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|event| event["type"] == "m.room.message")
+        .map(|event| event["content"]["body"].as_str().unwrap().to_owned())
+        .collect();
+    bodies.reverse();
+    bodies
+}
+
+async fn membership(server: &TestServer, token: &str, room_id: &str, user: &str) -> Option<String> {
+    let (status, event) = server
+        .get(
+            &format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.member/{user}"),
+            Some(token),
+        )
+        .await;
+    (status == StatusCode::OK).then(|| event["membership"].as_str().unwrap().to_owned())
+}
+
+async fn create_public_room(server: &TestServer, token: &str) -> String {
+    let (status, room) = server
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(token),
+            json!({ "preset": "public_chat", "name": "Across" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{room}");
+    room["room_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn two_servers_share_a_room_from_invite_to_ban() {
+    let ca = TestCa::new();
+    let (one, _) = start(&ca, "127.0.0.2").await;
+    let (two, _) = start(&ca, "127.0.0.3").await;
+    let (alice, _) = one.register_named("alice", "Alice").await;
+    let (bob, bob_id) = two.register_named("bob", "Bob").await;
+    let room_id = create_public_room(&one, &alice).await;
+
+    // An invite across servers reaches Bob's sync with the room's name.
+    let (status, answer) = one
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/invite"),
+            Some(&alice),
+            json!({ "user_id": bob_id }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, sync) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
+    assert_eq!(status, StatusCode::OK);
+    let invite = &sync["rooms"]["invite"][&room_id]["invite_state"]["events"];
+    let events = invite.as_array().expect("the invite is in Bob's sync");
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Across"));
+    assert!(events
+        .iter()
+        .any(|e| e["type"] == "m.room.member" && e["content"]["membership"] == "invite"));
+
+    // Bob accepts: his server joins through Alice's.
+    let (status, answer) = two
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/join"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("Bob's join on Alice's server", || async {
+        (membership(&one, &alice, &room_id, &bob_id).await.as_deref() == Some("join")).then_some(())
+    })
+    .await;
+    // Bob's server has the room's state: its name and Alice's membership.
+    let (status, name) = two
+        .get(
+            &format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.name"),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{name}");
+    assert_eq!(name["name"], "Across");
+
+    // Messages both ways.
+    send_text(&one, &alice, &room_id, "a1", "hello from one").await;
+    eventually("Alice's message on Bob's server", || async {
+        bodies(&two, &bob, &room_id)
+            .await
+            .contains(&"hello from one".to_owned())
+            .then_some(())
+    })
+    .await;
+    send_text(&two, &bob, &room_id, "b1", "hello from two").await;
+    eventually("Bob's message on Alice's server", || async {
+        (bodies(&one, &alice, &room_id).await == ["hello from one", "hello from two"]).then_some(())
+    })
+    .await;
+    // Bob's own sync sees Alice's message in his timeline.
+    let (_, sync) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
+    let timeline = sync["rooms"]["join"][&room_id]["timeline"]["events"].to_string();
+    assert!(timeline.contains("hello from one"), "{timeline}");
+
+    // Bob leaves; Alice's server sees it.
+    let (status, _) = two
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/leave"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually("Bob's leave on Alice's server", || async {
+        (membership(&one, &alice, &room_id, &bob_id).await.as_deref() == Some("leave"))
+            .then_some(())
+    })
+    .await;
+
+    // Bob rejoins by room ID through Alice's server (the room is public),
+    // and catches what was said while he was away.
+    send_text(&one, &alice, &room_id, "a2", "while you were out").await;
+    let (status, answer) = two
+        .post(
+            &format!(
+                "/_matrix/client/v3/join/{}?via={}",
+                room_id.replace('!', "%21"),
+                one.server_name()
+            ),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("Bob's rejoin on Alice's server", || async {
+        (membership(&one, &alice, &room_id, &bob_id).await.as_deref() == Some("join")).then_some(())
+    })
+    .await;
+    send_text(&one, &alice, &room_id, "a3", "welcome back").await;
+    eventually("messages after the rejoin", || async {
+        bodies(&two, &bob, &room_id)
+            .await
+            .contains(&"welcome back".to_owned())
+            .then_some(())
+    })
+    .await;
+
+    // Alice bans Bob: both servers agree, and Bob cannot come back.
+    let (status, answer) = one
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/ban"),
+            Some(&alice),
+            json!({ "user_id": bob_id, "reason": "enough" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("the ban on Bob's server", || async {
+        (membership(&two, &bob, &room_id, &bob_id).await.as_deref() == Some("ban")).then_some(())
+    })
+    .await;
+    let (status, _) = two
+        .post(
+            &format!(
+                "/_matrix/client/v3/join/{}?via={}",
+                room_id.replace('!', "%21"),
+                one.server_name()
+            ),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn a_server_that_was_down_receives_every_message_once_in_order() {
+    let ca = TestCa::new();
+    let (one, _) = start(&ca, "127.0.0.2").await;
+    let (two, two_config) = start(&ca, "127.0.0.3").await;
+    let (alice, _) = one.register_named("alice", "Alice").await;
+    let (bob, bob_id) = two.register_named("bob", "Bob").await;
+    let room_id = create_public_room(&one, &alice).await;
+    let (status, answer) = two
+        .post(
+            &format!(
+                "/_matrix/client/v3/join/{}?via={}",
+                room_id.replace('!', "%21"),
+                one.server_name()
+            ),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("Bob's join on Alice's server", || async {
+        (membership(&one, &alice, &room_id, &bob_id).await.as_deref() == Some("join")).then_some(())
+    })
+    .await;
+
+    let dir = two.stop().await;
+    let expected: Vec<String> = (0..100).map(|i| format!("message {i}")).collect();
+    for (i, body) in expected.iter().enumerate() {
+        send_text(&one, &alice, &room_id, &format!("t{i}"), body).await;
+    }
+    let two = TestServer::start_in(dir, two_config, None).await;
+    let bob = token(&two.login("bob", None).await);
+    let _ = bob_id;
+    eventually("all 100 messages on the restarted server", || async {
+        let got = bodies(&two, &bob, &room_id).await;
+        (got.len() >= expected.len()).then_some(())
+    })
+    .await;
+    assert_eq!(bodies(&two, &bob, &room_id).await, expected);
+}
+
+#[tokio::test]
+async fn concurrent_state_changes_on_both_servers_converge() {
+    let ca = TestCa::new();
+    let (one, _) = start(&ca, "127.0.0.2").await;
+    let (two, _) = start(&ca, "127.0.0.3").await;
+    let (alice, _) = one.register_named("alice", "Alice").await;
+    let (bob, bob_id) = two.register_named("bob", "Bob").await;
+    let (status, room) = one
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            json!({ "preset": "public_chat", "power_level_content_override": { "state_default": 0 } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{room}");
+    let room_id = room["room_id"].as_str().unwrap().to_owned();
+    let (status, answer) = two
+        .post(
+            &format!(
+                "/_matrix/client/v3/join/{}?via={}",
+                room_id.replace('!', "%21"),
+                one.server_name()
+            ),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("Bob's join on Alice's server", || async {
+        (membership(&one, &alice, &room_id, &bob_id).await.as_deref() == Some("join")).then_some(())
+    })
+    .await;
+
+    let topic_path = format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.topic");
+    let (a, b) = tokio::join!(
+        one.put(&topic_path, Some(&alice), json!({ "topic": "from one" })),
+        two.put(&topic_path, Some(&bob), json!({ "topic": "from two" })),
+    );
+    assert_eq!(a.0, StatusCode::OK, "{}", a.1);
+    assert_eq!(b.0, StatusCode::OK, "{}", b.1);
+    // Then a message from each, so that each server's graph has the other's
+    // events after its own.
+    send_text(&one, &alice, &room_id, "m1", "after one").await;
+    send_text(&two, &bob, &room_id, "m2", "after two").await;
+    let topic = |server: &'static str| {
+        let (srv, tok) = if server == "one" {
+            (&one, &alice)
+        } else {
+            (&two, &bob)
+        };
+        let path = topic_path.clone();
+        async move {
+            let (_, body) = srv.get(&path, Some(tok)).await;
+            body["topic"].as_str().map(str::to_owned)
+        }
+    };
+    eventually("the same topic on both servers", || async {
+        let (a, b) = (topic("one").await, topic("two").await);
+        let both_seen = bodies(&one, &alice, &room_id).await.len() == 2
+            && bodies(&two, &bob, &room_id).await.len() == 2;
+        (both_seen && a.is_some() && a == b).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_events_are_refused_and_change_nothing() {
+    let ca = TestCa::new();
+    let (one, _) = start(&ca, "127.0.0.2").await;
+    let (two, _) = start(&ca, "127.0.0.3").await;
+    let (alice, _) = one.register_named("alice", "Alice").await;
+    let (bob, bob_id) = two.register_named("bob", "Bob").await;
+    let room_id = create_public_room(&one, &alice).await;
+    let (status, answer) = two
+        .post(
+            &format!(
+                "/_matrix/client/v3/join/{}?via={}",
+                room_id.replace('!', "%21"),
+                one.server_name()
+            ),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("Bob's join on Alice's server", || async {
+        (membership(&one, &alice, &room_id, &bob_id).await.as_deref() == Some("join")).then_some(())
+    })
+    .await;
+    send_text(&two, &bob, &room_id, "ok", "a real message").await;
+    eventually("Bob's message on Alice's server", || async {
+        (bodies(&one, &alice, &room_id).await == ["a real message"]).then_some(())
+    })
+    .await;
+
+    // Server two's own client makes signed requests to server one, with
+    // events it tampers with.
+    let two_services = &two.services();
+    let client = &two_services.federation.client;
+    let one_name = ruma::ServerName::parse(one.server_name()).unwrap();
+    let (_, latest) = one
+        .get(
+            &format!("/_matrix/client/v3/rooms/{room_id}/messages?dir=b&limit=1"),
+            Some(&alice),
+        )
+        .await;
+    let latest_id = latest["chunk"][0]["event_id"].as_str().unwrap().to_owned();
+    let (_, original) = {
+        let path = format!(
+            "/_matrix/federation/v1/event/{}",
+            latest_id.replace('$', "%24")
+        );
+        (
+            (),
+            client
+                .send(&one_name, reqwest::Method::GET, &path, None)
+                .await
+                .unwrap(),
+        )
+    };
+    let good: Value = original["pdus"][0].clone();
+
+    let mut forged = good.clone();
+    forged["content"]["body"] = json!("forged words");
+    forged["origin_server_ts"] = json!(good["origin_server_ts"].as_u64().unwrap() + 1);
+    let mut impersonating = good.clone();
+    impersonating["sender"] = json!(format!("@alice:{}", one.server_name()));
+    impersonating["origin_server_ts"] = json!(good["origin_server_ts"].as_u64().unwrap() + 2);
+    let mut oversized = good.clone();
+    oversized["content"]["body"] = json!("x".repeat(70_000));
+    let mut unknown_room = good.clone();
+    unknown_room["room_id"] = json!(format!("!nowhere:{}", one.server_name()));
+    // Signed by Bob's server, but Carol never joined: it fails the
+    // authorization rules.
+    let carol = format!("@carol:{}", two.server_name());
+    let mut template = good.clone();
+    let template_object = template.as_object_mut().unwrap();
+    for field in ["signatures", "hashes", "unsigned", "event_id"] {
+        template_object.remove(field);
+    }
+    template["sender"] = json!(carol);
+    template["content"]["body"] = json!("an outsider speaks");
+    let rules = ruma::RoomVersionId::V12.rules().unwrap();
+    let unauthorized = two_services.rooms.sign_template(template, &rules).unwrap();
+    let unauthorized: Value = serde_json::from_str(&unauthorized.json_text()).unwrap();
+    let body = json!({
+        "origin": two.server_name(),
+        "origin_server_ts": 0,
+        "pdus": [forged, impersonating, oversized, unknown_room, unauthorized],
+        "edus": [],
+    });
+    let answer = client
+        .send(
+            &one_name,
+            reqwest::Method::PUT,
+            "/_matrix/federation/v1/send/bad1",
+            Some(&body),
+        )
+        .await
+        .unwrap();
+    let results = answer["pdus"].as_object().unwrap();
+    assert!(results.len() >= 3, "{answer}");
+    for (event_id, result) in results {
+        assert!(result["error"].is_string(), "{event_id} accepted: {answer}");
+    }
+    // A replayed transaction ID gets the first answer again.
+    let again = client
+        .send(
+            &one_name,
+            reqwest::Method::PUT,
+            "/_matrix/federation/v1/send/bad1",
+            Some(&json!({"origin": two.server_name(), "origin_server_ts": 0, "pdus": []})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, answer);
+    // Malformed JSON is refused outright.
+    let url = format!("{}/_matrix/federation/v1/send/bad2", one.federation_base());
+    let response = common::federation::https_client(&ca)
+        .put(&url)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(response.status(), StatusCode::OK);
+
+    // Nothing of it reached Alice's timeline, and the server still works.
+    assert_eq!(bodies(&one, &alice, &room_id).await, ["a real message"]);
+    send_text(&two, &bob, &room_id, "ok2", "still talking").await;
+    eventually("a good message after the bad ones", || async {
+        (bodies(&one, &alice, &room_id).await == ["a real message", "still talking"]).then_some(())
+    })
+    .await;
+}
