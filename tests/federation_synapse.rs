@@ -236,13 +236,16 @@ async fn myelin_and_synapse_share_rooms_both_ways() {
         .await;
     assert_eq!(status, StatusCode::OK, "{room}");
     let synapse_room = room["room_id"].as_str().unwrap().to_owned();
-    let (status, _) = sam
-        .post(
-            &format!("/_matrix/client/v3/rooms/{synapse_room}/send/m.room.message"),
-            json!({ "msgtype": "m.text", "body": "before you came" }),
-        )
-        .await;
-    assert!(status == StatusCode::OK || status == StatusCode::METHOD_NOT_ALLOWED);
+    for (txn, body) in [("s0", "before you came"), ("s00", "and some more")] {
+        let (status, _) = sam
+            .call(
+                reqwest::Method::PUT,
+                &format!("/_matrix/client/v3/rooms/{synapse_room}/send/m.room.message/{txn}"),
+                Some(json!({ "msgtype": "m.text", "body": body })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
     let alias = format!("#lobby:{}", synapse.server_name);
     let (status, answer) = myelin
         .post(
@@ -261,6 +264,14 @@ async fn myelin_and_synapse_share_rooms_both_ways() {
         .await;
     assert_eq!(status, StatusCode::OK, "{name}");
     assert_eq!(name["name"], "Synapse lobby");
+    // History from before the join is fetched from Synapse (backfill) when
+    // Alice pages back past her join.
+    assert_eq!(
+        myelin_bodies(&myelin, &alice, &synapse_room).await,
+        ["before you came", "and some more"],
+        "{}",
+        synapse.log_tail(20)
+    );
 
     // Messages both ways, each seen by the other side's sync.
     common::send_text(&myelin, &alice, &synapse_room, "m1", "hello Synapse").await;

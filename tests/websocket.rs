@@ -313,7 +313,7 @@ async fn bad_requests_get_matrix_errors_and_change_nothing() {
     assert_eq!(partial["data"]["done"], json!([]));
     a.fails(
         "ack_message",
-        json!({ "pos": "s999999999_0" }),
+        json!({ "pos": "s999999999999999_0" }),
         "M_INVALID_PARAM",
     )
     .await;
@@ -325,7 +325,7 @@ async fn bad_requests_get_matrix_errors_and_change_nothing() {
     .await;
     a.fails(
         "sync",
-        json!({ "since": "s999999999_0" }),
+        json!({ "since": "s999999999999999_0" }),
         "M_INVALID_PARAM",
     )
     .await;

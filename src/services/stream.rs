@@ -29,6 +29,11 @@ use crate::storage::{Batch, Direction, KeyRange, Storage, StorageError};
 /// The topic that wakes every reader (presence, which any room may show).
 pub const EVERYONE: &str = "*";
 
+/// The first stream position of a new database. The positions below it
+/// are left to history backfilled from other servers, which sits in a
+/// room's timeline before everything this server saw live.
+pub const FIRST_POSITION: u64 = 1 << 32;
+
 pub struct StreamCounter {
     last: AtomicU64,
     positions: Mutex<Positions>,
@@ -194,12 +199,14 @@ impl Drop for Reservation {
 
 impl StreamCounter {
     /// Continues after the last position recorded in the `stream` table.
+    /// Loads the last position written; a new database starts at
+    /// [`FIRST_POSITION`].
     pub fn load(storage: &Storage, wakeups: Arc<Wakeups>) -> Result<Self, StorageError> {
         let everything = KeyRange::prefix(b"");
         let last = storage
             .scan(tables::STREAM, &everything, Direction::Backward, 1)?
             .first()
-            .map_or(0, |(position, _)| *position);
+            .map_or(FIRST_POSITION - 1, |(position, _)| *position);
         Ok(StreamCounter {
             last: AtomicU64::new(last),
             positions: Mutex::new(Positions {
@@ -272,20 +279,21 @@ mod tests {
         let mut batch = Batch::new();
         let (first, first_reservation) = counter.next_into(&mut batch, &entry);
         let (second, second_reservation) = counter.next_into(&mut batch, &entry);
-        assert_eq!((first, second), (1, 2));
+        let base = FIRST_POSITION - 1;
+        assert_eq!((first, second), (base + 1, base + 2));
         storage.commit(batch).await.unwrap();
-        assert_eq!(counter.current(), 0);
+        assert_eq!(counter.current(), base);
         drop(second_reservation);
-        assert_eq!(counter.current(), 0, "1 is still in flight");
+        assert_eq!(counter.current(), base, "the first is still in flight");
         drop(first_reservation);
-        assert_eq!(counter.current(), 2);
+        assert_eq!(counter.current(), base + 2);
         // A write that never commits moves nothing: readers are not told of
         // a position that a restart would hand out again.
         let (_, failed) = counter.next_into(&mut Batch::new(), &entry);
         drop(failed);
-        assert_eq!(counter.current(), 2);
+        assert_eq!(counter.current(), base + 2);
         let restarted = StreamCounter::load(&storage, Arc::default()).unwrap();
-        assert_eq!(restarted.current(), 2);
+        assert_eq!(restarted.current(), base + 2);
     }
 
     #[tokio::test]

@@ -478,7 +478,17 @@ pub async fn messages(
     };
     let to = query.to.as_deref().map(parse_token).transpose()?;
     let limit = query.limit.unwrap_or(10);
-    let page = state.rooms.page(&room_id, from, to, direction, limit)?;
+    let mut page = state.rooms.page(&room_id, from, to, direction, limit)?;
+    // Past the oldest event here: the rest of the history may be on the
+    // servers that were in the room before this one.
+    if direction == Direction::Backward && page.next.is_none() && to.is_none() {
+        let wanted = limit.saturating_sub(page.events.len()).max(1);
+        match crate::services::federation::backfill::backfill(&state, &room_id, wanted).await {
+            Ok(0) => {}
+            Ok(_) => page = state.rooms.page(&room_id, from, to, direction, limit)?,
+            Err(error) => tracing::info!(%room_id, %error, "no history from other servers"),
+        }
+    }
     let events = access.visible(&state, page.events)?;
     let filter = RoomEventFilter::parse(query.filter.as_deref())?;
     let events = filter.apply(events);

@@ -3,6 +3,7 @@
 //! the outbound client. The protocol rules live in `myelin-federation`;
 //! this service gives them storage, time and the network.
 
+pub mod backfill;
 pub mod client;
 pub mod inbound;
 pub mod membership;

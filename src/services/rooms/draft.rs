@@ -797,6 +797,11 @@ impl<'a> Draft<'a> {
         })
     }
 
+    /// Makes an event visible to this draft's checks without writing it.
+    pub fn add_outlier_visible(&mut self, pdu: Arc<Pdu>) {
+        self.pdus.insert(pdu.event_id.clone(), pdu);
+    }
+
     /// Stores an event as an outlier (unless it is stored already) and
     /// makes it visible to this draft.
     pub fn add_outlier(&mut self, pdu: Arc<Pdu>) -> Result<()> {

@@ -503,6 +503,100 @@ impl Rooms {
             .map_err(|e| Error::BadJson(e.to_string()))
     }
 
+    /// The room's first timeline entry: its position and event.
+    pub fn oldest_timeline_event(&self, room_id: &RoomId) -> Result<Option<(u64, Pdu)>> {
+        let first = self.storage.scan(
+            tables::TIMELINE,
+            &crate::storage::KeyRange::prefix(&tables::str_prefix(room_id.as_str())),
+            crate::storage::Direction::Forward,
+            1,
+        )?;
+        let Some(((_, position), event_id)) = first.into_iter().next() else {
+            return Ok(None);
+        };
+        Ok(self.pdu(&event_id)?.map(|(pdu, _)| (position, pdu)))
+    }
+
+    /// Stores events of the room's history fetched from another server:
+    /// newest first, below the room's oldest timeline entry, each checked
+    /// against its own auth events, with the state before that entry as
+    /// their state. Events known already, or with no position left below,
+    /// are skipped. Returns how many were stored.
+    pub async fn store_backfilled(
+        &self,
+        room_id: &RoomId,
+        mut events: Vec<Arc<Pdu>>,
+    ) -> Result<usize> {
+        let _guard = self.locks.lock(room_id.as_str()).await;
+        let Some(record) = self.room(room_id)? else {
+            return Ok(0);
+        };
+        let Some((mut position, oldest)) = self.oldest_timeline_event(room_id)? else {
+            return Ok(0);
+        };
+        let Some(oldest_stored) = self
+            .storage
+            .get(tables::PDUS, &oldest.event_id.to_string())?
+        else {
+            return Ok(0);
+        };
+        // The state before the oldest event: its group's base when the
+        // event itself set state (a delta on the state before it).
+        let group = match (
+            &oldest.state_key,
+            self.storage
+                .get(tables::STATE_GROUPS, &oldest_stored.state_group)?,
+        ) {
+            (Some(_), Some(group)) => group.prev.unwrap_or(oldest_stored.state_group),
+            _ => oldest_stored.state_group,
+        };
+        let mut draft = Draft::existing(self, room_id, record)?;
+        events.sort_by_key(|pdu| std::cmp::Reverse(pdu.depth));
+        let mut stored = 0;
+        for pdu in events {
+            if pdu.depth >= oldest.depth {
+                continue;
+            }
+            if let Some((_, known)) = self.pdu(pdu.event_id.as_str())? {
+                if !known.outlier {
+                    continue;
+                }
+            }
+            if position <= 1 {
+                break;
+            }
+            if let Err(error) = draft.check_by_auth_events(&pdu) {
+                tracing::info!(event = %pdu.event_id, %error, "a backfilled event failed authorization");
+                continue;
+            }
+            position -= 1;
+            let record = StoredPdu {
+                room_id: room_id.to_string(),
+                json: pdu.json_text(),
+                stream: position,
+                state_group: group,
+                txn_id: None,
+                sender_device: None,
+                redacted_because: None,
+                replaces_state: None,
+                outlier: false,
+                soft_failed: false,
+            };
+            draft
+                .batch
+                .put(tables::PDUS, &pdu.event_id.to_string(), &record);
+            draft.batch.put(
+                tables::TIMELINE,
+                &(room_id.to_string(), position),
+                &pdu.event_id.to_string(),
+            );
+            draft.add_outlier_visible(pdu);
+            stored += 1;
+        }
+        self.storage.commit(draft.batch).await?;
+        Ok(stored)
+    }
+
     /// An event stored as an outlier (known, but without state here).
     pub(super) fn outlier_record(pdu: &Pdu) -> StoredPdu {
         StoredPdu {
