@@ -32,11 +32,11 @@ pub async fn backfill(services: &Services, room_id: &RoomId, limit: usize) -> Re
         .prev_events
         .iter()
         .filter(|id| {
-            !rooms
+            rooms
                 .pdu(id.as_str())
                 .ok()
                 .flatten()
-                .is_some_and(|(_, stored)| !stored.outlier)
+                .is_none_or(|(_, stored)| stored.outlier)
         })
         .cloned()
         .collect();
