@@ -151,6 +151,31 @@ async fn two_servers_share_a_room_from_invite_to_ban() {
         (bodies(&one, &alice, &room_id).await == ["hello from one", "hello from two"]).then_some(())
     })
     .await;
+    // Bob's server asks Alice's which event was the last before now.
+    let one_name = ruma::ServerName::parse(one.server_name()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let path = format!(
+        "/_matrix/federation/v1/timestamp_to_event/{}?ts={now}&dir=b",
+        room_id.replace('!', "%21")
+    );
+    let found = two
+        .services()
+        .federation
+        .client
+        .send(&one_name, reqwest::Method::GET, &path, None)
+        .await
+        .unwrap();
+    let (_, last) = one
+        .get(
+            &format!("/_matrix/client/v3/rooms/{room_id}/messages?dir=b&limit=1"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(found["event_id"], last["chunk"][0]["event_id"], "{found}");
+
     // Bob's own sync sees Alice's message in his timeline.
     let (_, sync) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
     let timeline = sync["rooms"]["join"][&room_id]["timeline"]["events"].to_string();
@@ -458,6 +483,76 @@ async fn bad_events_are_refused_and_change_nothing() {
     send_text(&two, &bob, &room_id, "ok2", "still talking").await;
     eventually("a good message after the bad ones", || async {
         (bodies(&one, &alice, &room_id).await == ["a real message", "still talking"]).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_user_knocks_on_a_room_of_another_server_and_is_let_in() {
+    let ca = TestCa::new();
+    let (one, _) = start(&ca, "127.0.0.2").await;
+    let (two, _) = start(&ca, "127.0.0.3").await;
+    let (alice, _) = one.register_named("alice", "Alice").await;
+    let (bob, bob_id) = two.register_named("bob", "Bob").await;
+    let (status, room) = one
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            json!({
+                "preset": "private_chat",
+                "name": "Knock first",
+                "initial_state": [{ "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": "knock" } }],
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{room}");
+    let room_id = room["room_id"].as_str().unwrap().to_owned();
+
+    let (status, answer) = two
+        .post(
+            &format!(
+                "/_matrix/client/v3/knock/{}?via={}",
+                room_id.replace('!', "%21"),
+                one.server_name()
+            ),
+            Some(&bob),
+            json!({ "reason": "let me in" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // Bob's sync shows the knock with the room's name; Alice's server has it.
+    let (_, sync) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
+    let knock_state = &sync["rooms"]["knock"][&room_id]["knock_state"]["events"];
+    assert!(
+        knock_state
+            .as_array()
+            .is_some_and(|events| events.iter().any(|e| e["content"]["name"] == "Knock first")),
+        "{sync}"
+    );
+    assert_eq!(
+        membership(&one, &alice, &room_id, &bob_id).await.as_deref(),
+        Some("knock")
+    );
+
+    // Alice lets him in with an invite; Bob joins.
+    let (status, answer) = one
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/invite"),
+            Some(&alice),
+            json!({ "user_id": bob_id }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, answer) = two
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/join"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("Bob's join on Alice's server", || async {
+        (membership(&one, &alice, &room_id, &bob_id).await.as_deref() == Some("join")).then_some(())
     })
     .await;
 }

@@ -150,7 +150,7 @@ async fn enter_room(
     reason: Option<String>,
 ) -> ApiResult<Json<Value>> {
     let user = parse_user(&authed.user_id.to_string())?;
-    if membership == "join" && !state.rooms.server_in_room(room_id)? {
+    if !state.rooms.server_in_room(room_id)? {
         if let Some(server) = federated::inviting_server(state, room_id, &user)? {
             servers.push(server);
         }
@@ -174,7 +174,11 @@ async fn enter_room(
                     }
                 }
             }
-            federated::join_remote(state, room_id, &user, &unique, content).await?;
+            if membership == "knock" {
+                federated::knock_remote(state, room_id, &user, &unique, content).await?;
+            } else {
+                federated::join_remote(state, room_id, &user, &unique, content).await?;
+            }
             return Ok(Json(json!({ "room_id": room_id })));
         }
     }
@@ -350,9 +354,11 @@ pub async fn knock(
     State(state): State<AppState>,
     Auth(authed): Auth,
     Path(target): Path<String>,
+    RawQuery(query): RawQuery,
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
-    let (room_id, servers) = resolve_target(&state, &target).await?;
+    let (room_id, mut servers) = resolve_target(&state, &target).await?;
+    servers.extend(via_servers(&query));
     enter_room(&state, &authed, &room_id, servers, "knock", body.reason).await
 }
 

@@ -22,6 +22,8 @@ pub fn routes() -> Router<AppState> {
         .route(&v1("/send/{txn_id}"), put(send_transaction))
         .route(&v1("/make_join/{room_id}/{user_id}"), get(make_join))
         .route(&v1("/make_leave/{room_id}/{user_id}"), get(make_leave))
+        .route(&v1("/make_knock/{room_id}/{user_id}"), get(make_knock))
+        .route(&v1("/send_knock/{room_id}/{event_id}"), put(send_knock))
         .route(&v2("/send_join/{room_id}/{event_id}"), put(send_join))
         .route(&v2("/send_leave/{room_id}/{event_id}"), put(send_leave))
         .route(&v2("/invite/{room_id}/{event_id}"), put(invite))
@@ -34,6 +36,21 @@ pub fn routes() -> Router<AppState> {
             &v1("/get_missing_events/{room_id}"),
             post(get_missing_events),
         )
+        .route(
+            &v1("/timestamp_to_event/{room_id}"),
+            get(timestamp_to_event),
+        )
+}
+
+/// Refuses a server the room's `m.room.server_acl` denies.
+fn check_acl(state: &AppState, room_id: &RoomId, origin: &ServerName) -> ApiResult<()> {
+    if inbound::acl_allows(state, room_id, origin)? {
+        Ok(())
+    } else {
+        Err(MatrixError::forbidden(format!(
+            "{origin} is denied by the room's server ACL"
+        )))
+    }
 }
 
 fn room(id: &str) -> ApiResult<ruma::OwnedRoomId> {
@@ -106,6 +123,30 @@ async fn make_leave(
     signed: Signed,
 ) -> ApiResult<Json<Value>> {
     make(state, signed, room_id, user_id, None, "leave").await
+}
+
+/// `GET /_matrix/federation/v1/make_knock/{roomId}/{userId}`
+async fn make_knock(
+    State(state): State<AppState>,
+    Path((room_id, user_id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    signed: Signed,
+) -> ApiResult<Json<Value>> {
+    make(state, signed, room_id, user_id, query, "knock").await
+}
+
+/// `PUT /_matrix/federation/v1/send_knock/{roomId}/{eventId}`
+async fn send_knock(
+    State(state): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    signed: Signed,
+) -> ApiResult<Json<Value>> {
+    let room_id = room(&room_id)?;
+    let body: Value = signed.json()?;
+    Ok(Json(
+        membership::send_membership(&state, &signed.origin, &room_id, &event_id, "knock", &body)
+            .await?,
+    ))
 }
 
 /// `PUT /_matrix/federation/v2/send_join/{roomId}/{eventId}`
@@ -213,6 +254,7 @@ fn visible_state(
     room_id: &RoomId,
     event_id: &str,
 ) -> ApiResult<StateIds> {
+    check_acl(state, room_id, origin)?;
     let rooms = &state.rooms;
     let Some((pdu, _)) = rooms.pdu(event_id)? else {
         return Err(MatrixError::not_found(format!("unknown event {event_id}")));
@@ -241,7 +283,9 @@ async fn event(
     let Some((pdu, stored)) = state.rooms.pdu(&id)? else {
         return Err(MatrixError::not_found(format!("unknown event {id}")));
     };
-    if !stored.outlier {
+    if stored.outlier {
+        check_acl(&state, &pdu.room_id, &signed.origin)?;
+    } else {
         visible_state(&state, &signed.origin, &pdu.room_id, &id)?;
     }
     Ok(Json(json!({
@@ -353,6 +397,7 @@ fn walk_back(
     limit: usize,
     min_depth: u64,
 ) -> ApiResult<Vec<crate::events::Pdu>> {
+    check_acl(app, room_id, origin)?;
     let mut seen = std::collections::HashSet::new();
     let mut frontier = start;
     let mut found = Vec::new();
@@ -471,4 +516,42 @@ async fn get_missing_events(
         .map(membership::pdu_value)
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({ "events": values })))
+}
+
+/// `GET /_matrix/federation/v1/timestamp_to_event/{roomId}?ts=&dir=`: the
+/// event closest to a time, in one direction, that the server may see.
+async fn timestamp_to_event(
+    State(app): State<AppState>,
+    Path(room_id): Path<String>,
+    RawQuery(query): RawQuery,
+    signed: Signed,
+) -> ApiResult<Json<Value>> {
+    let room_id = room(&room_id)?;
+    check_acl(&app, &room_id, &signed.origin)?;
+    let ts = query_values(&query, "ts")
+        .pop()
+        .and_then(|ts| ts.parse::<u64>().ok())
+        .ok_or_else(|| MatrixError::missing_param("ts is required"))?;
+    let direction = match query_values(&query, "dir").pop().as_deref() {
+        Some("f") => crate::storage::Direction::Forward,
+        Some("b") => crate::storage::Direction::Backward,
+        _ => return Err(MatrixError::invalid_param("dir must be f or b")),
+    };
+    let found = app.rooms.event_near_timestamp(&room_id, ts, direction)?;
+    let visible = match &found {
+        Some(pdu) => match app.rooms.state_after_event(pdu.event_id.as_str())? {
+            Some(at) => server_may_see(&app, &room_id, &signed.origin, &at)?,
+            None => false,
+        },
+        None => false,
+    };
+    match found {
+        Some(pdu) if visible => Ok(Json(json!({
+            "event_id": pdu.event_id,
+            "origin_server_ts": pdu.origin_server_ts,
+        }))),
+        _ => Err(MatrixError::not_found(format!(
+            "No event found near {ts} in {room_id}"
+        ))),
+    }
 }

@@ -232,6 +232,69 @@ pub async fn leave_remote(
     Ok(pdu.event_id.clone())
 }
 
+/// Knocks on a room this server is not in, through the first of
+/// `servers` that takes the knock; the room's stripped state that comes
+/// back is what the user's syncs show.
+pub async fn knock_remote(
+    services: &Services,
+    room_id: &RoomId,
+    user: &UserId,
+    servers: &[OwnedServerName],
+    content: Value,
+) -> Result<OwnedEventId> {
+    let mut last = Error::NotFound("No known servers to knock on this room through".to_owned());
+    for server in servers {
+        if server.as_str() == services.federation.server_name().as_str() {
+            continue;
+        }
+        let attempt = async {
+            let (_, pdu) = template(
+                services,
+                server,
+                "make_knock",
+                room_id,
+                user,
+                content.clone(),
+            )
+            .await?;
+            let path = format!(
+                "/_matrix/federation/v1/send_knock/{}/{}",
+                urlencode(room_id.as_str()),
+                urlencode(pdu.event_id.as_str())
+            );
+            let body: Value = serde_json::from_str(&pdu.json_text())
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            let answer = services
+                .federation
+                .client
+                .send(server, Method::PUT, &path, Some(&body))
+                .await
+                .map_err(|e| refused(server, e))?;
+            let stripped: Vec<Value> = answer["knock_room_state"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|event| event["type"].is_string())
+                .take(50)
+                .collect();
+            services
+                .rooms
+                .record_outside_membership(&pdu, Some(stripped))
+                .await?;
+            Ok::<_, Error>(pdu.event_id.clone())
+        };
+        match attempt.await {
+            Ok(event_id) => return Ok(event_id),
+            Err(error) => {
+                tracing::info!(%server, %room_id, %error, "knock through this server failed");
+                last = error;
+            }
+        }
+    }
+    Err(last)
+}
+
 /// Invites another server's user: the invite is built here, signed by the
 /// invitee's server through `/invite` v2, then recorded and sent to the
 /// room.
@@ -311,7 +374,7 @@ pub fn make_membership(
     let (version, template) = services
         .rooms
         .membership_template(room_id, user, membership)?;
-    if membership == "join" && !versions.iter().any(|v| v == version.as_str()) {
+    if membership != "leave" && !versions.iter().any(|v| v == version.as_str()) {
         return Err(Error::IncompatibleRoomVersion(version.to_string()));
     }
     if membership == "join" {
@@ -400,6 +463,10 @@ pub async fn send_membership(
             ))
         }
     };
+    if membership == "knock" {
+        let stripped = services.rooms.invite_room_state(room_id, &pdu.sender)?;
+        return Ok(json!({ "knock_room_state": stripped }));
+    }
     if membership != "join" {
         return Ok(json!({}));
     }
