@@ -92,6 +92,21 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         rooms: usize,
     },
+    /// (g) Federation: events a second from the `--url` server to
+    /// `--peer-url`'s, and send → remote `/sync` latency.
+    Federation {
+        /// The receiving server's base URL.
+        #[arg(long)]
+        peer_url: String,
+        #[arg(long, default_value_t = 2000)]
+        messages: u64,
+        #[arg(long, default_value_t = 16)]
+        senders: usize,
+        #[arg(long, default_value_t = 200)]
+        latency_messages: u64,
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+    },
     /// (f) Database bytes per stored message.
     Storage {
         #[arg(long, default_value_t = 5000)]
@@ -138,6 +153,16 @@ async fn main() {
             let tokens = scenarios::devices(&server, count).await;
             std::fs::write(&file, tokens.join("\n")).expect("the tokens file");
             serde_json::json!({ "scenario": "devices", "count": tokens.len() })
+        }
+        Scenario::Federation {
+            peer_url,
+            messages,
+            senders,
+            latency_messages,
+            rate,
+        } => {
+            let peer = matrix::Server::new(&peer_url);
+            scenarios::federation(&server, &peer, messages, senders, latency_messages, rate).await
         }
         Scenario::InitialSync { rooms } => scenarios::initial_sync(&server, rooms).await,
         Scenario::Storage { messages } => {

@@ -140,6 +140,35 @@ impl Server {
         assert!(answer["room_id"].is_string(), "join refused: {answer}");
     }
 
+    /// The server name in the user ID of `token`'s user.
+    pub async fn server_name_of(&self, token: &str) -> String {
+        let answer: Value = self
+            .http
+            .get(self.url("/_matrix/client/v3/account/whoami"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("whoami")
+            .json()
+            .await
+            .expect("whoami answers JSON");
+        let user_id = answer["user_id"].as_str().expect("a user ID");
+        user_id
+            .split_once(':')
+            .map(|(_, server)| server.to_owned())
+            .expect("a server name")
+    }
+
+    /// Joins a room of another server through `via`.
+    pub async fn join_via(&self, token: &str, room_id: &str, via: &str) {
+        let url = self.url(&format!(
+            "/_matrix/client/v3/join/{}?via={via}",
+            room_id.replace('!', "%21")
+        ));
+        let answer = self.retrying_post(&url, Some(token), &json!({})).await;
+        assert!(answer["room_id"].is_string(), "join refused: {answer}");
+    }
+
     /// Sends a text message; true once the server acknowledged it.
     pub async fn send(&self, token: &str, room_id: &str, txn: &str, body: &str) -> bool {
         let url = self.url(&format!(

@@ -618,3 +618,138 @@ pub async fn storage(server: &Server, dir: &std::path::Path, messages: usize) ->
         "bytes_per_message": (after.saturating_sub(before) as f64 / messages as f64).round(),
     })
 }
+
+/// (g) Federation: events a second from a server (`origin`) to another
+/// (`peer`) whose user reads them through `/sync`, and the latency from
+/// the send's acknowledgement to the peer's `/sync`.
+///
+/// A user of `origin` makes a public room and a user of `peer` joins it
+/// through `origin`'s server name. Throughput: `messages` sends from
+/// `senders` concurrent senders as fast as they are answered, timed from
+/// the first send to the last arrival on `peer`. Latency: then
+/// `latency_messages` more, open loop at `rate` a second.
+pub async fn federation(
+    origin: &Server,
+    peer: &Server,
+    messages: u64,
+    senders: usize,
+    latency_messages: u64,
+    rate: f64,
+) -> Value {
+    eprintln!("federation: {messages} messages from {senders} senders, then {latency_messages} at {rate}/s");
+    let alice = origin.register("fedsender").await;
+    let bob = peer.register("fedreader").await;
+    let origin_name = origin.server_name_of(&alice).await;
+    let room_id = origin
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    peer.join_via(&bob, &room_id, &origin_name).await;
+    let since = initial_since(peer, &bob).await;
+    let arrivals: Arrivals = Arc::default();
+    let reader = spawn_sync_reader(peer, bob.clone(), since, "fed:", arrivals.clone());
+    let wait_for = |count: usize, seconds: u64| {
+        let arrivals = arrivals.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            loop {
+                let got = arrivals.lock().expect("arrivals").len();
+                eprint!("\r  {got} of {count} arrived");
+                if got >= count || Instant::now() > deadline {
+                    eprintln!();
+                    return got;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    // Throughput.
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..senders.max(1) {
+        let (origin, alice, room_id, next) =
+            (origin.clone(), alice.clone(), room_id.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let seq = next.fetch_add(1, Ordering::SeqCst);
+                if seq >= messages {
+                    return;
+                }
+                let txn = format!("{}-fed-{seq}", origin.run);
+                while !origin
+                    .send(&alice, &room_id, &txn, &format!("fed:{seq}"))
+                    .await
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let sent_in = started.elapsed();
+    let arrived = wait_for(messages as usize, 300).await;
+    let last_arrival = arrivals
+        .lock()
+        .expect("arrivals")
+        .values()
+        .flatten()
+        .max()
+        .copied()
+        .unwrap_or_else(Instant::now);
+    let delivered_in = last_arrival.duration_since(started);
+    let events_per_second = arrived as f64 / delivered_in.as_secs_f64();
+
+    // Latency, open loop.
+    let answered: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+    let mut sends = Vec::new();
+    let base = 1_000_000;
+    for seq in base..base + latency_messages {
+        ticker.tick().await;
+        let (origin, alice, room_id, answered) = (
+            origin.clone(),
+            alice.clone(),
+            room_id.clone(),
+            answered.clone(),
+        );
+        sends.push(tokio::spawn(async move {
+            let txn = format!("{}-fed-{seq}", origin.run);
+            if origin
+                .send(&alice, &room_id, &txn, &format!("fed:{seq}"))
+                .await
+            {
+                answered
+                    .lock()
+                    .expect("answered")
+                    .insert(seq, Instant::now());
+            }
+        }));
+    }
+    for send in sends {
+        let _ = send.await;
+    }
+    wait_for(arrived + latency_messages as usize, 60).await;
+    reader.abort();
+    let mut latency = histogram();
+    let arrivals = arrivals.lock().expect("arrivals");
+    for (seq, sent) in answered.lock().expect("answered").iter() {
+        if let Some(at) = arrivals.get(seq).and_then(|times| times.first()) {
+            let micros = at.saturating_duration_since(*sent).as_micros() as u64;
+            latency.record(micros.max(1)).expect("in bounds");
+        }
+    }
+    json!({
+        "scenario": "federation",
+        "messages": messages,
+        "senders": senders,
+        "arrived": arrived,
+        "sent_seconds": sent_in.as_secs_f64(),
+        "events_per_second": (events_per_second * 10.0).round() / 10.0,
+        "latency_messages": latency_messages,
+        "latency_delivered": latency.len(),
+        "latency": quantiles(&latency),
+    })
+}
