@@ -556,3 +556,102 @@ async fn a_user_knocks_on_a_room_of_another_server_and_is_let_in() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_server_the_room_acl_denies_is_refused() {
+    let ca = TestCa::new();
+    let (one, _) = start(&ca, "127.0.0.2").await;
+    let (two, _) = start(&ca, "127.0.0.3").await;
+    let (alice, _) = one.register_named("alice", "Alice").await;
+    let (bob, bob_id) = two.register_named("bob", "Bob").await;
+    let room_id = create_public_room(&one, &alice).await;
+    let (status, answer) = two
+        .post(
+            &format!(
+                "/_matrix/client/v3/join/{}?via={}",
+                room_id.replace('!', "%21"),
+                one.server_name()
+            ),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("Bob's join on Alice's server", || async {
+        (membership(&one, &alice, &room_id, &bob_id).await.as_deref() == Some("join")).then_some(())
+    })
+    .await;
+
+    // Alice's server denies Bob's; its later events are refused, and its
+    // reading requests too.
+    let (status, answer) = one
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.server_acl"),
+            Some(&alice),
+            json!({ "allow": ["*"], "deny": [two.server_name().split(':').next().unwrap()], "allow_ip_literals": true }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    send_text(&two, &bob, &room_id, "denied", "can you hear me").await;
+    for i in 0..25 {
+        send_text(
+            &two,
+            &bob,
+            &room_id,
+            &format!("gap{i}"),
+            &format!("gap {i}"),
+        )
+        .await;
+    }
+    send_text(&one, &alice, &room_id, "after", "after the acl").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(bodies(&one, &alice, &room_id).await, ["after the acl"]);
+    let one_name = ruma::ServerName::parse(one.server_name()).unwrap();
+    let path = format!(
+        "/_matrix/federation/v1/state_ids/{}?event_id={}",
+        room_id.replace('!', "%21"),
+        answer["event_id"].as_str().unwrap().replace('$', "%24")
+    );
+    let refused = two
+        .services()
+        .federation
+        .client
+        .send(&one_name, reqwest::Method::GET, &path, None)
+        .await;
+    match refused {
+        Err(myelin::services::federation::SendError::Refused { status, .. }) => {
+            assert_eq!(status, 403)
+        }
+        other => panic!("the denied server read the state: {other:?}"),
+    }
+
+    // The ACL lifted, Bob's next event names prev events Alice's server
+    // never took (25 of them, more than get_missing_events fetches): the
+    // state at its prev event is fetched instead, and the event accepted.
+    let (status, _) = one
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.server_acl"),
+            Some(&alice),
+            json!({ "allow": ["*"], "deny": [], "allow_ip_literals": true }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually("the lifted ACL on Bob's server", || async {
+        let (_, acl) = two
+            .get(
+                &format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.server_acl"),
+                Some(&bob),
+            )
+            .await;
+        (acl["deny"] == json!([])).then_some(())
+    })
+    .await;
+    send_text(&two, &bob, &room_id, "back", "back again").await;
+    eventually("Bob's message after the gap", || async {
+        bodies(&one, &alice, &room_id)
+            .await
+            .contains(&"back again".to_owned())
+            .then_some(())
+    })
+    .await;
+}

@@ -201,6 +201,21 @@ impl Server {
         response.json().await.ok()
     }
 
+    /// `GET /sync` with a timeline long enough for a burst (1,000 events
+    /// a room); the answer, or `None` on a failed request.
+    pub async fn sync_all(&self, token: &str, since: &str, timeout_ms: u64) -> Option<Value> {
+        let filter = "%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A1000%7D%7D%7D";
+        let url = format!(
+            "{}/_matrix/client/v3/sync?timeout={timeout_ms}&since={since}&filter={filter}",
+            self.base
+        );
+        let response = self.http.get(url).bearer_auth(token).send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.json().await.ok()
+    }
+
     /// The WebSocket URL of Myelin's push extension.
     pub fn ws_url(&self) -> String {
         format!(

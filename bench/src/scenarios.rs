@@ -646,14 +646,35 @@ pub async fn federation(
     peer.join_via(&bob, &room_id, &origin_name).await;
     let since = initial_since(peer, &bob).await;
     let arrivals: Arrivals = Arc::default();
-    let reader = spawn_sync_reader(peer, bob.clone(), since, "fed:", arrivals.clone());
+    // A burst is more than a default sync timeline holds (a server then
+    // answers only the latest events, `limited`): ask for all of them.
+    let reader = {
+        let (peer, bob, arrivals) = (peer.clone(), bob.clone(), arrivals.clone());
+        tokio::spawn(async move {
+            let mut since = since;
+            loop {
+                let Some(answer) = peer.sync_all(&bob, &since, 30_000).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                note_arrivals(&arrivals, "fed:", &message_bodies(&answer), Instant::now());
+                if let Some(next) = answer["next_batch"].as_str() {
+                    since = next.to_owned();
+                }
+            }
+        })
+    };
     let wait_for = |count: usize, seconds: u64| {
         let arrivals = arrivals.clone();
         async move {
             let deadline = Instant::now() + Duration::from_secs(seconds);
+            let mut shown = usize::MAX;
             loop {
                 let got = arrivals.lock().expect("arrivals").len();
-                eprint!("\r  {got} of {count} arrived");
+                if got != shown {
+                    eprint!("\r  {got} of {count} arrived");
+                    shown = got;
+                }
                 if got >= count || Instant::now() > deadline {
                     eprintln!();
                     return got;

@@ -284,7 +284,21 @@ async fn event(
         return Err(MatrixError::not_found(format!("unknown event {id}")));
     };
     if stored.outlier {
+        // Known here without state of its own: the room as it is now says
+        // whether the server may see it.
         check_acl(&state, &pdu.room_id, &signed.origin)?;
+        let now: StateIds = state
+            .rooms
+            .current_state_ids(&pdu.room_id)?
+            .into_iter()
+            .map(|(kind, key, id)| ((kind, key), id))
+            .collect();
+        if !server_may_see(&state, &pdu.room_id, &signed.origin, &now)? {
+            return Err(MatrixError::forbidden(format!(
+                "{} may not see this event",
+                signed.origin
+            )));
+        }
     } else {
         visible_state(&state, &signed.origin, &pdu.room_id, &id)?;
     }

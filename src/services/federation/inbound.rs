@@ -14,12 +14,15 @@ use myelin_federation::pdu::{
 use myelin_federation::server_acl;
 use myelin_federation::transaction::{MAX_EDUS, MAX_PDUS};
 use ruma::room_version_rules::RoomVersionRules;
-use ruma::{CanonicalJsonObject, CanonicalJsonValue, OwnedRoomId, RoomId, ServerName};
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, EventId, OwnedEventId, OwnedRoomId, RoomId, ServerName,
+};
 use serde_json::{json, Value};
 
 use crate::events::Pdu;
 use crate::services::error::{Error, Result};
 use crate::services::rooms::remote::Offered;
+use crate::services::rooms::StateIds;
 use crate::services::Services;
 use crate::storage::tables;
 use crate::storage::Batch;
@@ -228,6 +231,17 @@ pub async fn accept(
         Offered::MissingPrevEvents(_) => {}
     }
     fetch_missing_events(services, origin, &pdu, rules).await?;
+    if let Offered::MissingPrevEvents(missing) = services
+        .rooms
+        .offer_remote(pdu.clone(), Some(origin.as_str()), false)
+        .await?
+    {
+        // The gap is wider than get_missing_events reaches: take the state
+        // at each missing prev event from the origin instead.
+        for prev in missing {
+            fetch_state_at(services, origin, &pdu.room_id, &prev, rules).await?;
+        }
+    }
     match services
         .rooms
         .offer_remote(pdu, Some(origin.as_str()), false)
@@ -291,6 +305,122 @@ async fn fetch_missing_events(
         }
     }
     Ok(())
+}
+
+/// Most events fetched one by one to fill in the state at a prev event.
+const MAX_STATE_FETCH: usize = 1_000;
+/// Events fetched at once.
+const FETCH_CONCURRENCY: usize = 20;
+
+/// Takes the state at a prev event this server lacks from `origin`
+/// (`/state_ids`, then `/event` for each event not here), checks every
+/// event, and stores the prev event with that state (no timeline entry),
+/// so that the events after it can be authorized.
+async fn fetch_state_at(
+    services: &Services,
+    origin: &ServerName,
+    room_id: &RoomId,
+    event_id: &EventId,
+    rules: &RoomVersionRules,
+) -> Result<()> {
+    let path = format!(
+        "/_matrix/federation/v1/state_ids/{}?event_id={}",
+        urlencode(room_id.as_str()),
+        urlencode(event_id.as_str())
+    );
+    let answer = services
+        .federation
+        .client
+        .send(origin, Method::GET, &path, None)
+        .await?;
+    let ids = |field: &str| -> Vec<OwnedEventId> {
+        answer[field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter_map(|id| EventId::parse(id).ok())
+            .collect()
+    };
+    let state_ids = ids("pdu_ids");
+    let mut wanted: Vec<OwnedEventId> = Vec::new();
+    for id in state_ids
+        .iter()
+        .chain(ids("auth_chain_ids").iter())
+        .chain(std::iter::once(&event_id.to_owned()))
+    {
+        if !wanted.contains(id) && services.rooms.pdu(id.as_str())?.is_none() {
+            wanted.push(id.clone());
+        }
+    }
+    if wanted.len() > MAX_STATE_FETCH {
+        return Err(Error::RemoteUnavailable(format!(
+            "the state at {event_id} needs {} events, more than {MAX_STATE_FETCH}",
+            wanted.len()
+        )));
+    }
+    let mut events: Vec<Pdu> = Vec::new();
+    for chunk in wanted.chunks(FETCH_CONCURRENCY) {
+        for result in join_all(
+            chunk
+                .iter()
+                .map(|id| fetch_event(services, origin, id, rules)),
+        )
+        .await
+        {
+            match result {
+                Ok(pdu) if pdu.room_id == room_id => events.push(pdu),
+                Ok(_) => {}
+                Err(error) => tracing::info!(%error, "an event of the state failed its checks"),
+            }
+        }
+    }
+    let find = |id: &EventId| -> Result<Option<Pdu>> {
+        if let Some(pdu) = events.iter().find(|pdu| pdu.event_id == id) {
+            return Ok(Some(pdu.clone()));
+        }
+        Ok(services.rooms.pdu(id.as_str())?.map(|(pdu, _)| pdu))
+    };
+    let mut state = StateIds::new();
+    for id in &state_ids {
+        if let Some(pdu) = find(id)? {
+            if let Some(key) = &pdu.state_key {
+                state.insert((pdu.kind.to_string(), key.clone()), id.to_string());
+            }
+        }
+    }
+    let prev = find(event_id)?
+        .ok_or_else(|| Error::NotFound(format!("{origin} did not give {event_id}")))?;
+    events.retain(|pdu| pdu.event_id != event_id);
+    services.rooms.store_with_state(prev, state, events).await
+}
+
+/// One event from `origin` (`GET /event`), checked.
+async fn fetch_event(
+    services: &Services,
+    origin: &ServerName,
+    event_id: &EventId,
+    rules: &RoomVersionRules,
+) -> Result<Pdu> {
+    let path = format!(
+        "/_matrix/federation/v1/event/{}",
+        urlencode(event_id.as_str())
+    );
+    let answer = services
+        .federation
+        .client
+        .send(origin, Method::GET, &path, None)
+        .await?;
+    let value = answer["pdus"]
+        .get(0)
+        .ok_or_else(|| Error::NotFound(format!("{origin} did not give {event_id}")))?;
+    let pdu = check_pdu(services, value, rules).await?;
+    if pdu.event_id != event_id {
+        return Err(Error::RemoteUnavailable(format!(
+            "{origin} answered {event_id} with another event"
+        )));
+    }
+    Ok(pdu)
 }
 
 /// Percent-encodes a path segment.

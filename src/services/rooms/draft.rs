@@ -641,6 +641,37 @@ impl<'a> Draft<'a> {
         Ok(self.state_chain_length)
     }
 
+    /// The current `m.room.member` entries, seeing this draft's changes.
+    fn member_state(&self) -> Result<Vec<(String, String, String)>> {
+        let mut members: HashMap<String, String> = match &self.room_id {
+            Some(room_id) => self
+                .rooms
+                .storage
+                .scan_prefix(
+                    tables::ROOM_STATE,
+                    &tables::str2_prefix(room_id.as_str(), "m.room.member"),
+                    usize::MAX,
+                )?
+                .into_iter()
+                .map(|((_, _, state_key), id)| (state_key, id))
+                .collect(),
+            None => HashMap::new(),
+        };
+        for ((kind, state_key), id) in &self.state {
+            if kind != "m.room.member" {
+                continue;
+            }
+            match id {
+                Some(id) => members.insert(state_key.clone(), id.clone()),
+                None => members.remove(state_key),
+            };
+        }
+        Ok(members
+            .into_iter()
+            .map(|(key, id)| ("m.room.member".to_owned(), key, id))
+            .collect())
+    }
+
     /// The whole current state, seeing this draft's changes.
     fn full_state(&self) -> Result<Vec<(String, String, String)>> {
         let mut state: HashMap<(String, String), String> = match &self.room_id {
@@ -693,7 +724,7 @@ impl<'a> Draft<'a> {
         }
         let suffix = format!(":{server}");
         let mut joined = false;
-        for (kind, state_key, event_id) in self.full_state()? {
+        for (kind, state_key, event_id) in self.member_state()? {
             if kind != "m.room.member" || !state_key.ends_with(&suffix) {
                 continue;
             }
@@ -797,6 +828,17 @@ impl<'a> Draft<'a> {
         })
     }
 
+    /// Checks `pdu` against the authorization rules with `state` as the
+    /// state before it.
+    pub fn check_against(&self, pdu: &Pdu, state: &StateIds) -> Result<()> {
+        self.check_auth_with(pdu, |kind, state_key| {
+            match state.get(&(kind.to_owned(), state_key.to_owned())) {
+                Some(id) => self.fetch(id),
+                None => Ok(None),
+            }
+        })
+    }
+
     /// Makes an event visible to this draft's checks without writing it.
     pub fn add_outlier_visible(&mut self, pdu: Arc<Pdu>) {
         self.pdus.insert(pdu.event_id.clone(), pdu);
@@ -892,7 +934,28 @@ impl<'a> Draft<'a> {
                 })?
         };
         self.record_event(pdu.clone(), Origin::default(), replaces_state, group, false)?;
+        let own_key = pdu
+            .state_key
+            .as_ref()
+            .map(|key| (pdu.kind.to_string(), key.clone()));
+        let winner = own_key.as_ref().and_then(|key| current.get(key).cloned());
         self.set_current_state(&room_id, current)?;
+        // A member event that lost the resolution does not set the
+        // membership: the winner of its key does.
+        if let (Some((kind, target)), Some(winner)) = (own_key, winner) {
+            if kind == "m.room.member" && winner != pdu.event_id.as_str() {
+                if let Some(event) = self.fetch(&winner)? {
+                    let entry = UserRoom {
+                        membership: membership_of(&event.content_value()),
+                        event_id: winner,
+                        stream: self.stream_of(pdu.event_id.as_str()),
+                        forgotten: false,
+                    };
+                    self.batch
+                        .put(tables::USER_ROOMS, &(target, room_id.clone()), &entry);
+                }
+            }
+        }
         extremities.push(pdu.event_id.to_string());
         self.record.forward_extremities = extremities;
         self.record.depth = self.record.depth.max(pdu.depth);

@@ -314,8 +314,13 @@ impl Rooms {
                 Some(((pdu.kind.to_string(), key), pdu.event_id.to_string()))
             })
             .collect();
-        let joined_before = draft.record.state_group != 0;
-        if !joined_before {
+        // This server is not in the room (a first join, or one after its
+        // users left): the state the resident server gave is the room's
+        // state now, and the join follows its prev events.
+        if !self.server_in_room(&room_id)? {
+            draft.record.forward_extremities =
+                join.prev_events.iter().map(|id| id.to_string()).collect();
+            draft.record.depth = draft.record.depth.max(join.depth.saturating_sub(1));
             draft.set_current_state(room_id.as_str(), state.clone())?;
         }
         let outcome = draft.append_remote(Arc::new(join), &state)?;
@@ -503,6 +508,67 @@ impl Rooms {
             .map_err(|e| Error::BadJson(e.to_string()))
     }
 
+    /// Stores an event this server lacked with the state before it as
+    /// another server gave it: the events of that state and its auth chain
+    /// (`events`) as outliers, each checked against its own auth events,
+    /// then the event itself, checked against them and that state, with a
+    /// snapshot state group but no timeline entry.
+    pub async fn store_with_state(
+        &self,
+        pdu: Pdu,
+        state_before: StateIds,
+        mut events: Vec<Pdu>,
+    ) -> Result<()> {
+        let room_id = pdu.room_id.clone();
+        let _guard = self.locks.lock(room_id.as_str()).await;
+        let record = self
+            .room(&room_id)?
+            .ok_or_else(|| Error::NotFound(format!("unknown room {room_id}")))?;
+        if let Some((_, stored)) = self.pdu(pdu.event_id.as_str())? {
+            if !stored.outlier {
+                return Ok(());
+            }
+        }
+        let mut draft = Draft::existing(self, &room_id, record)?;
+        events.sort_by_key(|event| event.depth);
+        let mut state_before = state_before;
+        for event in events {
+            if self.pdu(event.event_id.as_str())?.is_some() {
+                continue;
+            }
+            let event = Arc::new(event);
+            match draft.check_by_auth_events(&event) {
+                Ok(()) => draft.add_outlier(event)?,
+                Err(Error::Forbidden(why)) => {
+                    tracing::info!(event = %event.event_id, %why, "an event of a fetched state refused");
+                    state_before.retain(|_, id| id != event.event_id.as_str());
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        let pdu = Arc::new(pdu);
+        draft.check_by_auth_events(&pdu)?;
+        draft.check_against(&pdu, &state_before)?;
+        let mut after = state_before;
+        if let Some(key) = &pdu.state_key {
+            after.insert(
+                (pdu.kind.to_string(), key.clone()),
+                pdu.event_id.to_string(),
+            );
+        }
+        let group = draft.write_snapshot(&after);
+        let stored = StoredPdu {
+            state_group: group,
+            outlier: false,
+            ..Self::outlier_record(&pdu)
+        };
+        draft
+            .batch
+            .put(tables::PDUS, &pdu.event_id.to_string(), &stored);
+        self.storage.commit(draft.batch).await?;
+        Ok(())
+    }
+
     /// The room's first timeline entry: its position and event.
     pub fn oldest_timeline_event(&self, room_id: &RoomId) -> Result<Option<(u64, Pdu)>> {
         let first = self.storage.scan(
@@ -551,6 +617,24 @@ impl Rooms {
             _ => oldest_stored.state_group,
         };
         let mut draft = Draft::existing(self, room_id, record)?;
+        // Only ancestors of the oldest event, each once.
+        let by_id: HashMap<OwnedEventId, Arc<Pdu>> = events
+            .drain(..)
+            .map(|pdu| (pdu.event_id.clone(), pdu))
+            .collect();
+        let mut reachable: Vec<Arc<Pdu>> = Vec::new();
+        let mut seen: HashSet<OwnedEventId> = HashSet::new();
+        let mut queue: VecDeque<OwnedEventId> = oldest.prev_events.iter().cloned().collect();
+        while let Some(id) = queue.pop_front() {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            if let Some(pdu) = by_id.get(&id) {
+                queue.extend(pdu.prev_events.iter().cloned());
+                reachable.push(pdu.clone());
+            }
+        }
+        let mut events = reachable;
         events.sort_by_key(|pdu| std::cmp::Reverse(pdu.depth));
         let mut stored = 0;
         for pdu in events {
