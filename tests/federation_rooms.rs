@@ -468,7 +468,7 @@ async fn bad_events_are_refused_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(again, answer);
-    // Malformed JSON is refused outright.
+    // A body that is not JSON is refused outright with a Matrix error.
     let url = format!("{}/_matrix/federation/v1/send/bad2", one.federation_base());
     let response = common::federation::https_client(&ca)
         .put(&url)
@@ -476,7 +476,28 @@ async fn bad_events_are_refused_and_change_nothing() {
         .send()
         .await
         .unwrap();
-    assert_ne!(response.status(), StatusCode::OK);
+    assert!(response.status().is_client_error());
+    let error: Value = response.json().await.unwrap();
+    assert!(error["errcode"].is_string(), "{error}");
+    // A PDU that is no event at all gets an error of its own, if any, and
+    // changes nothing.
+    let malformed = json!({
+        "origin": two.server_name(),
+        "origin_server_ts": 0,
+        "pdus": [{ "room_id": room_id, "type": 7 }, "not an object"],
+    });
+    let answer = client
+        .send(
+            &one_name,
+            reqwest::Method::PUT,
+            "/_matrix/federation/v1/send/bad3",
+            Some(&malformed),
+        )
+        .await
+        .unwrap();
+    for (event_id, result) in answer["pdus"].as_object().unwrap() {
+        assert!(result["error"].is_string(), "{event_id} accepted: {answer}");
+    }
 
     // Nothing of it reached Alice's timeline, and the server still works.
     assert_eq!(bodies(&one, &alice, &room_id).await, ["a real message"]);
@@ -654,4 +675,74 @@ async fn a_server_the_room_acl_denies_is_refused() {
             .then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_remote_invite_can_be_rejected_and_a_full_room_refuses_a_remote_join() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = federating_config(&dir, &ca, "127.0.0.2".parse().unwrap());
+    config.max_room_members = 2;
+    let one = TestServer::start_in(dir, config, None).await;
+    let (two, _) = start(&ca, "127.0.0.3").await;
+    let (alice, _) = one.register_named("alice", "Alice").await;
+    let (bob, bob_id) = two.register_named("bob", "Bob").await;
+    let room_id = create_public_room(&one, &alice).await;
+
+    // Bob is invited and says no: his server leaves through Alice's.
+    let (status, answer) = one
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/invite"),
+            Some(&alice),
+            json!({ "user_id": bob_id }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, before) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
+    assert!(before["rooms"]["invite"][&room_id].is_object(), "{before}");
+    let since = before["next_batch"].as_str().unwrap().to_owned();
+    let (status, answer) = two
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/leave"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        membership(&one, &alice, &room_id, &bob_id).await.as_deref(),
+        Some("leave")
+    );
+    let (_, sync) = two
+        .get(
+            &format!("/_matrix/client/v3/sync?since={since}"),
+            Some(&bob),
+        )
+        .await;
+    assert!(sync["rooms"]["invite"][&room_id].is_null(), "{sync}");
+    assert!(sync["rooms"]["leave"][&room_id].is_object(), "{sync}");
+
+    // Dave, of Alice's server, joins: the room now has its two members.
+    let (dave, _) = one.register_named("dave", "Dave").await;
+    common::join(&one, &dave, &room_id).await;
+    let join = |token: String| {
+        let two = &two;
+        let path = format!(
+            "/_matrix/client/v3/join/{}?via={}",
+            room_id.replace('!', "%21"),
+            one.server_name()
+        );
+        async move { two.post(&path, Some(&token), json!({})).await }
+    };
+    // A third member is one too many, also through federation.
+    let (status, answer) = join(bob.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("The room is full"),
+        "{answer}"
+    );
+    assert_eq!(
+        membership(&one, &alice, &room_id, &bob_id).await.as_deref(),
+        Some("leave")
+    );
 }
