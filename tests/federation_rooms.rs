@@ -738,7 +738,10 @@ async fn a_remote_invite_can_be_rejected_and_a_full_room_refuses_a_remote_join()
     let (status, answer) = join(bob.clone()).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
     assert!(
-        answer["error"].as_str().unwrap().contains("The room is full"),
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("The room is full"),
         "{answer}"
     );
     assert_eq!(
