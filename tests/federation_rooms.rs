@@ -748,4 +748,64 @@ async fn a_remote_invite_can_be_rejected_and_a_full_room_refuses_a_remote_join()
         membership(&one, &alice, &room_id, &bob_id).await.as_deref(),
         Some("leave")
     );
+
+    // Dave leaves and Bob gets in through federation. A join that Bob's
+    // server then makes on its own (Carol's; its cap is its own) would
+    // take the room past Alice's server's cap: there it is kept out of
+    // the room's state.
+    let (status, _) = one
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/leave"),
+            Some(&dave),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, answer) = join(bob.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (carol, carol_id) = two.register_named("carol", "Carol").await;
+    common::join(&two, &carol, &room_id).await;
+    let (_, event) = two
+        .get(
+            &format!(
+                "/_matrix/client/v3/rooms/{room_id}/state/m.room.member/{carol_id}?format=event"
+            ),
+            Some(&carol),
+        )
+        .await;
+    let carol_join = event["event_id"]
+        .as_str()
+        .expect("Carol's join event")
+        .to_owned();
+    // Once Alice's server has the event, it is there but not in the state.
+    let one_name = ruma::ServerName::parse(one.server_name()).unwrap();
+    let two_services = two.services();
+    eventually("Carol's join on Alice's server", || {
+        let path = format!(
+            "/_matrix/federation/v1/event/{}",
+            carol_join.replace('$', "%24")
+        );
+        let (client, one_name) = (&two_services.federation.client, &one_name);
+        async move {
+            client
+                .send(one_name, reqwest::Method::GET, &path, None)
+                .await
+                .ok()
+                .map(|_| ())
+        }
+    })
+    .await;
+    assert_ne!(
+        membership(&one, &alice, &room_id, &carol_id)
+            .await
+            .as_deref(),
+        Some("join")
+    );
+    let (_, members) = one
+        .get(
+            &format!("/_matrix/client/v3/rooms/{room_id}/joined_members"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(members["joined"].as_object().unwrap().len(), 2, "{members}");
 }

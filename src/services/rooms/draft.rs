@@ -220,6 +220,32 @@ impl<'a> Draft<'a> {
         Ok(())
     }
 
+    /// Whether another server's member event would take a room this
+    /// server created past its member cap: such an event is soft-failed
+    /// (kept in the graph, out of the state), as the cap is this server's
+    /// rule, not the room version's.
+    fn over_member_cap(&self, pdu: &Pdu) -> Result<bool> {
+        if pdu.kind.to_string() != "m.room.member" {
+            return Ok(false);
+        }
+        let created_here = self
+            .state_event("m.room.create", "")?
+            .is_some_and(|create| create.sender.server_name().as_str() == self.rooms.server_name);
+        if !created_here {
+            return Ok(false);
+        }
+        let new = NewEvent::state(
+            "m.room.member",
+            pdu.state_key.as_deref().unwrap_or_default(),
+            pdu.content_value(),
+        );
+        match self.check_member_cap(&new) {
+            Ok(()) => Ok(false),
+            Err(Error::RoomFull(_)) => Ok(true),
+            Err(other) => Err(other),
+        }
+    }
+
     /// A thread reply must answer an event of this room that is not itself
     /// part of a relation (the spec's rule for thread roots).
     fn check_thread(&self, new: &NewEvent) -> Result<()> {
@@ -768,7 +794,7 @@ impl<'a> Draft<'a> {
             other => other,
         })?;
         let soft_failed = match self.check_auth(&pdu) {
-            Ok(()) => false,
+            Ok(()) => self.over_member_cap(&pdu)?,
             Err(Error::Forbidden(_)) => true,
             Err(other) => return Err(other),
         };
