@@ -459,20 +459,41 @@ impl Rooms {
         F: FnOnce(Pdu, RoomVersionId) -> Fut,
         Fut: std::future::Future<Output = Result<Pdu>>,
     {
-        let _guard = self.locks.lock(room_id.as_str()).await;
-        let record = self
-            .room(room_id)?
-            .ok_or_else(|| Error::Forbidden(format!("{sender} is not in room {room_id}")))?;
-        let mut draft = Draft::existing(self, room_id, record)?;
-        let built = draft.build(sender, &new)?;
-        let version = draft.version.clone();
+        // The room is not held while the other server answers: the event
+        // is built under the lock, then recorded under it again, as a
+        // fork if the room moved on meanwhile.
+        let (built, version) = {
+            let _guard = self.locks.lock(room_id.as_str()).await;
+            let record = self
+                .room(room_id)?
+                .ok_or_else(|| Error::Forbidden(format!("{sender} is not in room {room_id}")))?;
+            let mut draft = Draft::existing(self, room_id, record)?;
+            let built = draft.build(sender, &new)?;
+            (built, draft.version.clone())
+        };
         let signed = countersign(built.clone(), version).await?;
         if signed.event_id != built.event_id {
             return Err(Error::RemoteUnavailable(
                 "the other server changed the event it was asked to sign".to_owned(),
             ));
         }
-        let pdu = draft.append_built(Arc::new(signed))?;
+        let _guard = self.locks.lock(room_id.as_str()).await;
+        let record = self
+            .room(room_id)?
+            .ok_or_else(|| Error::Forbidden(format!("{sender} is not in room {room_id}")))?;
+        let mut draft = Draft::existing(self, room_id, record)?;
+        let state_before = self
+            .state_before(&signed, &draft.rules)?
+            .map_err(|_| Error::Internal("the invite's prev events are gone".to_owned()))?;
+        let mut destinations = draft.record.remote_servers.clone();
+        let pdu = Arc::new(signed);
+        if draft.append_remote(pdu.clone(), &state_before)? != Accepted::Timeline {
+            return Err(Error::Forbidden(
+                "the room changed while the invite was signed; it no longer allows it".to_owned(),
+            ));
+        }
+        destinations.extend(draft.record.remote_servers.iter().cloned());
+        draft.queue_out(&pdu, &destinations, None);
         self.storage.commit(draft.batch).await?;
         Ok(pdu.event_id.clone())
     }
