@@ -809,3 +809,43 @@ async fn a_remote_invite_can_be_rejected_and_a_full_room_refuses_a_remote_join()
         .await;
     assert_eq!(members["joined"].as_object().unwrap().len(), 2, "{members}");
 }
+
+#[tokio::test]
+async fn an_invite_from_a_server_that_went_away_can_still_be_rejected() {
+    let ca = TestCa::new();
+    let (one, _) = start(&ca, "127.0.0.2").await;
+    let (two, _) = start(&ca, "127.0.0.3").await;
+    let (alice, _) = one.register_named("alice", "Alice").await;
+    let (bob, bob_id) = two.register_named("bob", "Bob").await;
+    let room_id = create_public_room(&one, &alice).await;
+    let (status, answer) = one
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/invite"),
+            Some(&alice),
+            json!({ "user_id": bob_id }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, before) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
+    assert!(before["rooms"]["invite"][&room_id].is_object(), "{before}");
+    let since = before["next_batch"].as_str().unwrap().to_owned();
+
+    // Alice's server is gone; Bob still gets rid of the invite.
+    one.stop().await;
+    let (status, answer) = two
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/leave"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, sync) = two
+        .get(
+            &format!("/_matrix/client/v3/sync?since={since}"),
+            Some(&bob),
+        )
+        .await;
+    assert!(sync["rooms"]["invite"][&room_id].is_null(), "{sync}");
+    assert!(sync["rooms"]["leave"][&room_id].is_object(), "{sync}");
+}

@@ -221,10 +221,21 @@ pub async fn leave(
     if pending && !state.rooms.server_in_room(&room_id)? {
         if let Some(server) = federated::inviting_server(&state, &room_id, &user)? {
             if server != state.federation.server_name() {
-                federated::leave_remote(&state, &room_id, &user, &server, content).await?;
-                return Ok(Json(json!({})));
+                match federated::leave_remote(&state, &room_id, &user, &server, content.clone())
+                    .await
+                {
+                    Ok(_) => return Ok(Json(json!({}))),
+                    Err(error) => tracing::info!(
+                        %room_id, %server, %error,
+                        "the room's server did not take the leave; leaving here only"
+                    ),
+                }
             }
         }
+        // The inviting server cannot be reached (or a knock is withdrawn):
+        // the invite or knock is set aside here with a leave of our own.
+        federated::leave_locally(&state, &room_id, &user, content).await?;
+        return Ok(Json(json!({})));
     }
     state
         .rooms

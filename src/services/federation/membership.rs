@@ -295,6 +295,72 @@ pub async fn knock_remote(
     Err(last)
 }
 
+/// Sets aside a pending invite or knock of a room this server is not in
+/// when the room's servers cannot be told: a leave event made and signed
+/// here after the user's membership event, kept outside the room like
+/// the invite was. The room's servers never see it; the user's syncs do.
+pub async fn leave_locally(
+    services: &Services,
+    room_id: &RoomId,
+    user: &UserId,
+    content: Value,
+) -> Result<OwnedEventId> {
+    let key = (user.to_string(), room_id.to_string());
+    let entry = services
+        .storage
+        .get(crate::storage::tables::USER_ROOMS, &key)?
+        .ok_or_else(|| Error::Forbidden(format!("{user} has nothing to leave in {room_id}")))?;
+    let (pending, _) = services
+        .rooms
+        .pdu(&entry.event_id)?
+        .ok_or_else(|| Error::NotFound(format!("{} is not stored", entry.event_id)))?;
+    let mut content = content;
+    content["membership"] = json!("leave");
+    let template = json!({
+        "room_id": room_id,
+        "sender": user,
+        "state_key": user,
+        "type": "m.room.member",
+        "content": content,
+        "origin_server_ts": services.now_ms(),
+        "depth": pending.depth + 1,
+        "prev_events": [pending.event_id],
+        "auth_events": [pending.event_id],
+    });
+    let rules = pending_rules(services, &pending)?;
+    let leave = services.rooms.sign_template(template, &rules)?;
+    services
+        .rooms
+        .record_outside_membership(&leave, None)
+        .await?;
+    Ok(leave.event_id.clone())
+}
+
+/// The rules of the room version an event outside a room was made for: the
+/// room's own when this server knows it, else the version whose event IDs
+/// match the event (every supported version hashes the same way).
+fn pending_rules(
+    services: &Services,
+    pending: &Pdu,
+) -> Result<ruma::room_version_rules::RoomVersionRules> {
+    if let Ok((_, rules)) = services.rooms.version_of(&pending.room_id) {
+        return Ok(rules);
+    }
+    for version in SUPPORTED_ROOM_VERSIONS.iter().rev() {
+        let Some(rules) = events::room_version_rules(version) else {
+            continue;
+        };
+        if myelin_federation::pdu::event_id(&pending.json, &rules)
+            .is_ok_and(|id| id == pending.event_id)
+        {
+            return Ok(rules);
+        }
+    }
+    Err(Error::Internal(
+        "the room version of the invite is unknown".to_owned(),
+    ))
+}
+
 /// Invites another server's user: the invite is built here, signed by the
 /// invitee's server through `/invite` v2, then recorded and sent to the
 /// room.
