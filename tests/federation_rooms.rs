@@ -73,6 +73,38 @@ async fn membership(server: &TestServer, token: &str, room_id: &str, user: &str)
     (status == StatusCode::OK).then(|| event["membership"].as_str().unwrap().to_owned())
 }
 
+/// `user` of `server` joins `room_id` through `resident`, which then has
+/// the join (seen by `resident_token`'s user).
+async fn join_through(
+    server: &TestServer,
+    token: &str,
+    room_id: &str,
+    resident: &TestServer,
+    resident_token: &str,
+    user_id: &str,
+) {
+    let (status, answer) = server
+        .post(
+            &format!(
+                "/_matrix/client/v3/join/{}?via={}",
+                room_id.replace('!', "%21"),
+                resident.server_name()
+            ),
+            Some(token),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("the join on the resident server", || async {
+        (membership(resident, resident_token, room_id, user_id)
+            .await
+            .as_deref()
+            == Some("join"))
+        .then_some(())
+    })
+    .await;
+}
+
 async fn create_public_room(server: &TestServer, token: &str) -> String {
     let (status, room) = server
         .post(
@@ -259,22 +291,7 @@ async fn a_server_that_was_down_receives_every_message_once_in_order() {
     let (alice, _) = one.register_named("alice", "Alice").await;
     let (bob, bob_id) = two.register_named("bob", "Bob").await;
     let room_id = create_public_room(&one, &alice).await;
-    let (status, answer) = two
-        .post(
-            &format!(
-                "/_matrix/client/v3/join/{}?via={}",
-                room_id.replace('!', "%21"),
-                one.server_name()
-            ),
-            Some(&bob),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    eventually("Bob's join on Alice's server", || async {
-        (membership(&one, &alice, &room_id, &bob_id).await.as_deref() == Some("join")).then_some(())
-    })
-    .await;
+    join_through(&two, &bob, &room_id, &one, &alice, &bob_id).await;
 
     let dir = two.stop().await;
     let expected: Vec<String> = (0..100).map(|i| format!("message {i}")).collect();
@@ -308,22 +325,7 @@ async fn concurrent_state_changes_on_both_servers_converge() {
         .await;
     assert_eq!(status, StatusCode::OK, "{room}");
     let room_id = room["room_id"].as_str().unwrap().to_owned();
-    let (status, answer) = two
-        .post(
-            &format!(
-                "/_matrix/client/v3/join/{}?via={}",
-                room_id.replace('!', "%21"),
-                one.server_name()
-            ),
-            Some(&bob),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    eventually("Bob's join on Alice's server", || async {
-        (membership(&one, &alice, &room_id, &bob_id).await.as_deref() == Some("join")).then_some(())
-    })
-    .await;
+    join_through(&two, &bob, &room_id, &one, &alice, &bob_id).await;
 
     let topic_path = format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.topic");
     let (a, b) = tokio::join!(
@@ -365,22 +367,7 @@ async fn bad_events_are_refused_and_change_nothing() {
     let (alice, _) = one.register_named("alice", "Alice").await;
     let (bob, bob_id) = two.register_named("bob", "Bob").await;
     let room_id = create_public_room(&one, &alice).await;
-    let (status, answer) = two
-        .post(
-            &format!(
-                "/_matrix/client/v3/join/{}?via={}",
-                room_id.replace('!', "%21"),
-                one.server_name()
-            ),
-            Some(&bob),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    eventually("Bob's join on Alice's server", || async {
-        (membership(&one, &alice, &room_id, &bob_id).await.as_deref() == Some("join")).then_some(())
-    })
-    .await;
+    join_through(&two, &bob, &room_id, &one, &alice, &bob_id).await;
     send_text(&two, &bob, &room_id, "ok", "a real message").await;
     eventually("Bob's message on Alice's server", || async {
         (bodies(&one, &alice, &room_id).await == ["a real message"]).then_some(())
@@ -586,22 +573,7 @@ async fn a_server_the_room_acl_denies_is_refused() {
     let (alice, _) = one.register_named("alice", "Alice").await;
     let (bob, bob_id) = two.register_named("bob", "Bob").await;
     let room_id = create_public_room(&one, &alice).await;
-    let (status, answer) = two
-        .post(
-            &format!(
-                "/_matrix/client/v3/join/{}?via={}",
-                room_id.replace('!', "%21"),
-                one.server_name()
-            ),
-            Some(&bob),
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    eventually("Bob's join on Alice's server", || async {
-        (membership(&one, &alice, &room_id, &bob_id).await.as_deref() == Some("join")).then_some(())
-    })
-    .await;
+    join_through(&two, &bob, &room_id, &one, &alice, &bob_id).await;
 
     // Alice's server denies Bob's; its later events are refused, and its
     // reading requests too.

@@ -135,47 +135,58 @@ async fn make_knock(
     make(state, signed, room_id, user_id, query, "knock").await
 }
 
-/// `PUT /_matrix/federation/v1/send_knock/{roomId}/{eventId}`
-async fn send_knock(
-    State(state): State<AppState>,
-    Path((room_id, event_id)): Path<(String, String)>,
+/// `PUT /send_join` (v2), `/send_leave` (v2) and `/send_knock` (v1):
+/// another server's user's signed membership event.
+async fn send_membership(
+    state: AppState,
+    room_id: String,
+    event_id: String,
     signed: Signed,
+    membership: &str,
 ) -> ApiResult<Json<Value>> {
     let room_id = room(&room_id)?;
     let body: Value = signed.json()?;
     Ok(Json(
-        membership::send_membership(&state, &signed.origin, &room_id, &event_id, "knock", &body)
-            .await?,
+        membership::send_membership(
+            &state,
+            &signed.origin,
+            &room_id,
+            &event_id,
+            membership,
+            &body,
+        )
+        .await?,
     ))
 }
 
-/// `PUT /_matrix/federation/v2/send_join/{roomId}/{eventId}`
-async fn send_join(
-    State(state): State<AppState>,
-    Path((room_id, event_id)): Path<(String, String)>,
-    signed: Signed,
-) -> ApiResult<Json<Value>> {
-    let room_id = room(&room_id)?;
-    let body: Value = signed.json()?;
-    Ok(Json(
-        membership::send_membership(&state, &signed.origin, &room_id, &event_id, "join", &body)
-            .await?,
-    ))
+macro_rules! send_membership_handler {
+    ($name:ident, $membership:literal, $doc:literal) => {
+        #[doc = $doc]
+        async fn $name(
+            State(state): State<AppState>,
+            Path((room_id, event_id)): Path<(String, String)>,
+            signed: Signed,
+        ) -> ApiResult<Json<Value>> {
+            send_membership(state, room_id, event_id, signed, $membership).await
+        }
+    };
 }
 
-/// `PUT /_matrix/federation/v2/send_leave/{roomId}/{eventId}`
-async fn send_leave(
-    State(state): State<AppState>,
-    Path((room_id, event_id)): Path<(String, String)>,
-    signed: Signed,
-) -> ApiResult<Json<Value>> {
-    let room_id = room(&room_id)?;
-    let body: Value = signed.json()?;
-    Ok(Json(
-        membership::send_membership(&state, &signed.origin, &room_id, &event_id, "leave", &body)
-            .await?,
-    ))
-}
+send_membership_handler!(
+    send_join,
+    "join",
+    "`PUT /_matrix/federation/v2/send_join/{roomId}/{eventId}`"
+);
+send_membership_handler!(
+    send_leave,
+    "leave",
+    "`PUT /_matrix/federation/v2/send_leave/{roomId}/{eventId}`"
+);
+send_membership_handler!(
+    send_knock,
+    "knock",
+    "`PUT /_matrix/federation/v1/send_knock/{roomId}/{eventId}`"
+);
 
 /// `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}`
 async fn invite(

@@ -415,30 +415,10 @@ impl<'a> Draft<'a> {
         Ok(pdu)
     }
 
+    /// Checks `pdu` against the authorization rules with the current state
+    /// (this draft's changes included) as the state before it.
     fn check_auth(&self, pdu: &Pdu) -> Result<()> {
-        // The closures cannot fail, so a storage error is kept aside and
-        // reported instead of the (then meaningless) auth result.
-        let failure: RefCell<Option<StorageError>> = RefCell::new(None);
-        let keep = |result: Result<Option<Arc<Pdu>>>| match result {
-            Ok(found) => found,
-            Err(Error::Storage(error)) => {
-                failure.borrow_mut().get_or_insert(error);
-                None
-            }
-            Err(_) => None,
-        };
-        let outcome = events::check_auth(
-            pdu,
-            &self.rules.authorization,
-            |kind: &StateEventType, state_key: &str| {
-                keep(self.state_event(&kind.to_string(), state_key))
-            },
-            |event_id: &EventId| keep(self.fetch(event_id.as_str())),
-        );
-        if let Some(error) = failure.into_inner() {
-            return Err(error.into());
-        }
-        outcome.map_err(Error::Forbidden)
+        self.check_auth_with(pdu, |kind, state_key| self.state_event(kind, state_key))
     }
 
     /// Adds the event's writes to the batch and its state to the overlay,
@@ -891,6 +871,8 @@ impl<'a> Draft<'a> {
         pdu: &Pdu,
         state: impl Fn(&str, &str) -> Result<Option<Arc<Pdu>>>,
     ) -> Result<()> {
+        // The closures cannot fail, so a storage error is kept aside and
+        // reported instead of the (then meaningless) auth result.
         let failure: RefCell<Option<StorageError>> = RefCell::new(None);
         let keep = |result: Result<Option<Arc<Pdu>>>| match result {
             Ok(found) => found,
