@@ -53,15 +53,34 @@ pub async fn join_remote(
     servers: &[OwnedServerName],
     content: Value,
 ) -> Result<OwnedEventId> {
-    let mut last = Error::NotFound("No known servers to join this room through".to_owned());
+    first_of(services, servers, room_id, "join", |server| {
+        join_through(services, server, room_id, user, content.clone())
+    })
+    .await
+}
+
+/// Tries `attempt` through each of `servers` (but this one) in turn, until
+/// one succeeds; the last error otherwise.
+async fn first_of<'a, F, Fut>(
+    services: &Services,
+    servers: &'a [OwnedServerName],
+    room_id: &RoomId,
+    action: &str,
+    attempt: F,
+) -> Result<OwnedEventId>
+where
+    F: Fn(&'a ServerName) -> Fut,
+    Fut: std::future::Future<Output = Result<OwnedEventId>>,
+{
+    let mut last = Error::NotFound(format!("No known servers to {action} this room through"));
     for server in servers {
         if server.as_str() == services.federation.server_name().as_str() {
             continue;
         }
-        match join_through(services, server, room_id, user, content.clone()).await {
+        match attempt(server).await {
             Ok(event_id) => return Ok(event_id),
             Err(error) => {
-                tracing::info!(%server, %room_id, %error, "join through this server failed");
+                tracing::info!(%server, %room_id, %error, action, "failed through this server");
                 last = error;
             }
         }
@@ -242,21 +261,10 @@ pub async fn knock_remote(
     servers: &[OwnedServerName],
     content: Value,
 ) -> Result<OwnedEventId> {
-    let mut last = Error::NotFound("No known servers to knock on this room through".to_owned());
-    for server in servers {
-        if server.as_str() == services.federation.server_name().as_str() {
-            continue;
-        }
-        let attempt = async {
-            let (_, pdu) = template(
-                services,
-                server,
-                "make_knock",
-                room_id,
-                user,
-                content.clone(),
-            )
-            .await?;
+    first_of(services, servers, room_id, "knock on", |server| {
+        let content = content.clone();
+        async move {
+            let (_, pdu) = template(services, server, "make_knock", room_id, user, content).await?;
             let path = format!(
                 "/_matrix/federation/v1/send_knock/{}/{}",
                 urlencode(room_id.as_str()),
@@ -282,17 +290,10 @@ pub async fn knock_remote(
                 .rooms
                 .record_outside_membership(&pdu, Some(stripped))
                 .await?;
-            Ok::<_, Error>(pdu.event_id.clone())
-        };
-        match attempt.await {
-            Ok(event_id) => return Ok(event_id),
-            Err(error) => {
-                tracing::info!(%server, %room_id, %error, "knock through this server failed");
-                last = error;
-            }
+            Ok(pdu.event_id.clone())
         }
-    }
-    Err(last)
+    })
+    .await
 }
 
 /// Sets aside a pending invite or knock of a room this server is not in
