@@ -821,3 +821,75 @@ async fn an_invite_from_a_server_that_went_away_can_still_be_rejected() {
     assert!(sync["rooms"]["invite"][&room_id].is_null(), "{sync}");
     assert!(sync["rooms"]["leave"][&room_id].is_object(), "{sync}");
 }
+
+#[tokio::test]
+async fn typing_and_read_receipts_cross_servers() {
+    let ca = TestCa::new();
+    let (one, _) = start(&ca, "127.0.0.2").await;
+    let (two, _) = start(&ca, "127.0.0.3").await;
+    let (alice, alice_id) = one.register_named("alice", "Alice").await;
+    let (bob, bob_id) = two.register_named("bob", "Bob").await;
+    let room_id = create_public_room(&one, &alice).await;
+    join_through(&two, &bob, &room_id, &one, &alice, &bob_id).await;
+
+    // Bob types; Alice's sync shows it.
+    let (status, _) = two
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room_id}/typing/{bob_id}"),
+            Some(&bob),
+            json!({ "typing": true, "timeout": 20000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually("Bob typing in Alice's sync", || async {
+        let (_, sync) = one.get("/_matrix/client/v3/sync", Some(&alice)).await;
+        sync["rooms"]["join"][&room_id]["ephemeral"]["events"]
+            .as_array()
+            .is_some_and(|events| {
+                events.iter().any(|e| {
+                    e["type"] == "m.typing"
+                        && e["content"]["user_ids"]
+                            .as_array()
+                            .is_some_and(|ids| ids.iter().any(|id| id == bob_id.as_str()))
+                })
+            })
+            .then_some(())
+    })
+    .await;
+
+    // Alice reads Bob's message: a private receipt stays home, the public
+    // one reaches Bob's sync.
+    let event_id = send_text(&two, &bob, &room_id, "r1", "read me").await;
+    eventually("Bob's message on Alice's server", || async {
+        (bodies(&one, &alice, &room_id).await == ["read me"]).then_some(())
+    })
+    .await;
+    for receipt_type in ["m.read.private", "m.read"] {
+        let (status, answer) = one
+            .post(
+                &format!("/_matrix/client/v3/rooms/{room_id}/receipt/{receipt_type}/{event_id}"),
+                Some(&alice),
+                json!({}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    let receipts = eventually("Alice's receipt in Bob's sync", || async {
+        let (_, sync) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
+        let events = sync["rooms"]["join"][&room_id]["ephemeral"]["events"].clone();
+        events
+            .as_array()
+            .is_some_and(|events| {
+                events.iter().any(|e| {
+                    e["type"] == "m.receipt"
+                        && e["content"][&event_id]["m.read"][&alice_id].is_object()
+                })
+            })
+            .then_some(events)
+    })
+    .await;
+    assert!(
+        !receipts.to_string().contains("m.read.private"),
+        "{receipts}"
+    );
+}

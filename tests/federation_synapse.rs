@@ -374,6 +374,50 @@ async fn myelin_and_synapse_share_rooms_both_ways() {
     })
     .await;
 
+    // Typing and read receipts cross both ways.
+    let (status, _) = sam
+        .call(
+            reqwest::Method::PUT,
+            &format!("/_matrix/client/v3/rooms/{myelin_room}/typing/{sam_id}"),
+            Some(json!({ "typing": true, "timeout": 20000 })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually("Sam typing in Alice's sync", &synapse, || async {
+        let (_, sync) = myelin.get("/_matrix/client/v3/sync", Some(&alice)).await;
+        sync["rooms"]["join"][&myelin_room]["ephemeral"]["events"]
+            .to_string()
+            .contains(&sam_id)
+            .then_some(())
+    })
+    .await;
+    let (_, page) = myelin
+        .get(
+            &format!("/_matrix/client/v3/rooms/{myelin_room}/messages?dir=b&limit=1"),
+            Some(&alice),
+        )
+        .await;
+    let latest = page["chunk"][0]["event_id"].as_str().unwrap().to_owned();
+    let (status, _) = myelin
+        .post(
+            &format!("/_matrix/client/v3/rooms/{myelin_room}/receipt/m.read/{latest}"),
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    sam.sync_until("Alice's receipt in Sam's sync", |sync| {
+        sync["rooms"]["join"][&myelin_room]["ephemeral"]["events"]
+            .as_array()
+            .is_some_and(|events| {
+                events.iter().any(|e| {
+                    e["type"] == "m.receipt"
+                        && e["content"][&latest]["m.read"][&alice_id].is_object()
+                })
+            })
+    })
+    .await;
+
     // Sam invites Alice to a Synapse room; Alice sees it and joins.
     let (status, room) = sam
         .post(

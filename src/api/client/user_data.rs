@@ -237,7 +237,36 @@ pub async fn receipt(
         .user_data
         .set_receipt(&room_id, &user, &receipt_type, &thread, &event_id)
         .await?;
+    share_receipt(&state, &room_id, &user, &receipt_type, &thread, &event_id).await?;
     Ok(Json(json!({})))
+}
+
+/// Sends a public read receipt to the room's other servers (`m.receipt`);
+/// private receipts never leave this server.
+async fn share_receipt(
+    state: &AppState,
+    room_id: &OwnedRoomId,
+    user: &ruma::UserId,
+    receipt_type: &str,
+    thread: &str,
+    event_id: &str,
+) -> ApiResult<()> {
+    if receipt_type != "m.read" {
+        return Ok(());
+    }
+    let mut data = json!({ "ts": state.now_ms() });
+    if !thread.is_empty() {
+        data["thread_id"] = json!(thread);
+    }
+    let edu = json!({
+        "edu_type": "m.receipt",
+        "content": { room_id.as_str(): { "m.read": { user.as_str(): {
+            "event_ids": [event_id],
+            "data": data,
+        } } } },
+    });
+    state.rooms.queue_edu(room_id, edu).await?;
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -277,6 +306,7 @@ pub async fn read_markers(
                 .user_data
                 .set_receipt(&room_id, &user, receipt_type, "", event_id)
                 .await?;
+            share_receipt(&state, &room_id, &user, receipt_type, "", event_id).await?;
         }
     }
     Ok(Json(json!({})))
@@ -333,6 +363,11 @@ pub async fn typing(
     state
         .user_data
         .set_typing(&room_id, &user, body.typing, timeout);
+    let edu = json!({
+        "edu_type": "m.typing",
+        "content": { "room_id": room_id, "user_id": user, "typing": body.typing },
+    });
+    state.rooms.queue_edu(&room_id, edu).await?;
     Ok(Json(json!({})))
 }
 

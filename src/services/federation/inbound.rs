@@ -159,6 +159,16 @@ pub async fn receive_transaction(
         results
     }))
     .await;
+    for edu in body
+        .get("edus")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Err(error) = receive_edu(services, origin, edu).await {
+            tracing::info!(%origin, %error, "an EDU was refused");
+        }
+    }
     let mut answers = serde_json::Map::new();
     for (event_id, result) in rooms.into_iter().flatten() {
         let Some(event_id) = event_id else { continue };
@@ -173,6 +183,77 @@ pub async fn receive_transaction(
     batch.put(tables::FEDERATION_INBOUND, &key, &answer);
     services.storage.commit(batch).await?;
     Ok(answer)
+}
+
+/// Typing notices from another server last this long unless renewed.
+const REMOTE_TYPING_MS: u64 = 30_000;
+
+/// One EDU of a transaction. Typing notices and read receipts are taken
+/// when they speak for a user of the origin who is joined to the room;
+/// other kinds are left to the parts that use them.
+async fn receive_edu(services: &Services, origin: &ServerName, edu: &Value) -> Result<()> {
+    let joined_user = |user: &str, room: &RoomId| -> Result<Option<ruma::OwnedUserId>> {
+        let Ok(user) = ruma::UserId::parse(user) else {
+            return Ok(None);
+        };
+        if user.server_name() != origin
+            || !acl_allows(services, room, origin)?
+            || services.rooms.membership(room, &user)? != "join"
+        {
+            return Ok(None);
+        }
+        Ok(Some(user))
+    };
+    let content = &edu["content"];
+    match edu["edu_type"].as_str() {
+        Some("m.typing") => {
+            let Some(room) = content["room_id"]
+                .as_str()
+                .and_then(|r| RoomId::parse(r).ok())
+            else {
+                return Err(Error::BadJson("m.typing without a room".to_owned()));
+            };
+            let Some(user) = joined_user(content["user_id"].as_str().unwrap_or_default(), &room)?
+            else {
+                return Err(Error::Forbidden(
+                    "m.typing for a user the origin may not speak for".to_owned(),
+                ));
+            };
+            let typing = content["typing"].as_bool().unwrap_or(false);
+            services
+                .user_data
+                .set_typing(&room, &user, typing, REMOTE_TYPING_MS);
+        }
+        Some("m.receipt") => {
+            for (room, types) in content.as_object().into_iter().flatten() {
+                let Ok(room) = RoomId::parse(room) else {
+                    continue;
+                };
+                for (user, receipt) in types["m.read"].as_object().into_iter().flatten() {
+                    let Some(user) = joined_user(user, &room)? else {
+                        continue;
+                    };
+                    let Some(event_id) = receipt["event_ids"][0].as_str() else {
+                        continue;
+                    };
+                    let in_room = services
+                        .rooms
+                        .pdu(event_id)?
+                        .is_some_and(|(pdu, _)| pdu.room_id == room);
+                    if !in_room {
+                        continue;
+                    }
+                    let thread = receipt["data"]["thread_id"].as_str().unwrap_or_default();
+                    services
+                        .user_data
+                        .set_receipt(&room, &user, "m.read", thread, event_id)
+                        .await?;
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// One PDU of a transaction: its event ID when it could be computed, and

@@ -590,6 +590,31 @@ impl Rooms {
         Ok(())
     }
 
+    /// Queues an EDU about a room (typing, a receipt) for every other
+    /// server with a joined member.
+    pub async fn queue_edu(&self, room_id: &RoomId, edu: Value) -> Result<()> {
+        let Some(record) = self.room(room_id)? else {
+            return Ok(());
+        };
+        if record.remote_servers.is_empty() {
+            return Ok(());
+        }
+        let mut batch = crate::storage::Batch::new();
+        for destination in &record.remote_servers {
+            let position = self.outbox.next_position();
+            batch.put(
+                tables::FEDERATION_OUTBOX,
+                &(destination.clone(), position),
+                &tables::OutboxItem::Edu(edu.clone()),
+            );
+        }
+        self.storage.commit(batch).await?;
+        for destination in &record.remote_servers {
+            self.outbox.wake(destination);
+        }
+        Ok(())
+    }
+
     /// The room's first timeline entry: its position and event.
     pub fn oldest_timeline_event(&self, room_id: &RoomId) -> Result<Option<(u64, Pdu)>> {
         let first = self.storage.scan(
