@@ -893,3 +893,93 @@ async fn typing_and_read_receipts_cross_servers() {
         "{receipts}"
     );
 }
+
+#[tokio::test]
+async fn to_device_messages_cross_servers_once() {
+    let ca = TestCa::new();
+    let (one, _) = start(&ca, "127.0.0.2").await;
+    let (two, _) = start(&ca, "127.0.0.3").await;
+    let (alice, alice_id) = one.register_named("alice", "Alice").await;
+    let bob = two.register_device("bob", "BOBPHONE").await;
+    let bob = token(&bob);
+    let bob_id = format!("@bob:{}", two.server_name());
+
+    // Through the client API: Alice's server queues it for Bob's.
+    let (status, answer) = one
+        .put(
+            "/_matrix/client/v3/sendToDevice/m.room_key_request/t1",
+            Some(&alice),
+            json!({ "messages": { &bob_id: { "BOBPHONE": { "hello": "bob" } } } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let to_device = |bob: String| {
+        let two = &two;
+        async move {
+            let (_, sync) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
+            sync["to_device"]["events"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        }
+    };
+    let events = eventually("Alice's to-device message on Bob's phone", || async {
+        let events = to_device(bob.clone()).await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["sender"], alice_id.as_str());
+    assert_eq!(events[0]["type"], "m.room_key_request");
+    assert_eq!(events[0]["content"]["hello"], "bob");
+
+    // The same EDU in two transactions (a retry) arrives once; one that
+    // speaks for another server's user does not arrive at all.
+    let client = &one.services().federation.client;
+    let two_name = ruma::ServerName::parse(two.server_name()).unwrap();
+    let edu = |sender: &str, body: &str| {
+        json!({
+            "edu_type": "m.direct_to_device",
+            "content": {
+                "sender": sender,
+                "type": "org.example.test",
+                "message_id": format!("id-{body}"),
+                "messages": { &bob_id: { "*": { "body": body } } },
+            },
+        })
+    };
+    let forged_sender = format!("@mallory:{}", two.server_name());
+    for (txn, edu) in [
+        ("e1", edu(&alice_id, "once")),
+        ("e2", edu(&alice_id, "once")),
+        ("e3", edu(&forged_sender, "forged")),
+        ("e4", edu(&alice_id, "last")),
+    ] {
+        let body = json!({ "origin": one.server_name(), "origin_server_ts": 0, "pdus": [], "edus": [edu] });
+        client
+            .send(
+                &two_name,
+                reqwest::Method::PUT,
+                &format!("/_matrix/federation/v1/send/{txn}"),
+                Some(&body),
+            )
+            .await
+            .unwrap();
+    }
+    let (_, first) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
+    let since = first["next_batch"].as_str().unwrap();
+    let (_, sync) = two
+        .get(
+            &format!("/_matrix/client/v3/sync?since={since}"),
+            Some(&bob),
+        )
+        .await;
+    let _ = sync;
+    let bodies: Vec<String> = first["to_device"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(bodies, ["once", "last"], "{first}");
+}

@@ -202,7 +202,9 @@ impl E2ee {
 
     /// `PUT /sendToDevice`: queues each message for its device (every
     /// device of the user for `*`), each at its own stream position, in one
-    /// batch; `devices_of` lists a user's devices.
+    /// batch; `devices_of` lists a user's devices. `also` adds to the same
+    /// batch (the messages for other servers); a transaction seen before
+    /// writes nothing, and the answer says whether anything was written.
     pub async fn send_to_device(
         &self,
         sender: &UserId,
@@ -210,14 +212,16 @@ impl E2ee {
         messages: Vec<(String, String, Value)>,
         devices_of: impl Fn(&str) -> Result<Vec<String>>,
         txn: Option<(String, String, String)>,
-    ) -> Result<()> {
+        also: impl FnOnce(&mut Batch),
+    ) -> Result<bool> {
         let mut batch = Batch::new();
         if let Some(key) = &txn {
             if self.storage.get(tables::TRANSACTIONS, key)?.is_some() {
-                return Ok(());
+                return Ok(false);
             }
             batch.put(tables::TRANSACTIONS, key, &String::new());
         }
+        also(&mut batch);
         let mut reservations = Vec::new();
         for (user_id, device, content) in messages {
             let devices = if device == "*" {
@@ -243,7 +247,7 @@ impl E2ee {
         }
         self.storage.commit(batch).await?;
         drop(reservations);
-        Ok(())
+        Ok(true)
     }
 
     /// The device's waiting messages after stream position `after` and up

@@ -285,17 +285,24 @@ pub async fn send_to_device(
 ) -> ApiResult<Json<Value>> {
     let sender = parse_user(&authed.user_id.to_string())?;
     let mut messages = Vec::new();
+    // Messages for other servers' users, by server: one m.direct_to_device
+    // EDU each, queued with the local messages.
+    let mut remote: std::collections::BTreeMap<String, Map<String, Value>> = Default::default();
     for (user_id, devices) in &body.messages {
         let user = parse_user(user_id)?;
-        if user.server_name().as_str() != state.config.server_name {
-            // No federation yet: messages for other servers are dropped,
-            // as for a server that cannot be reached.
-            tracing::debug!(%user, "to-device message for a remote user dropped");
-            continue;
-        }
         let Some(devices) = devices.as_object() else {
             return Err(MatrixError::bad_json("messages values must be objects"));
         };
+        if user.server_name().as_str() != state.config.server_name {
+            if devices.values().any(|content| !content.is_object()) {
+                return Err(MatrixError::bad_json("message contents must be objects"));
+            }
+            remote
+                .entry(user.server_name().to_string())
+                .or_default()
+                .insert(user_id.clone(), Value::Object(devices.clone()));
+            continue;
+        }
         for (device_id, content) in devices {
             if !content.is_object() {
                 return Err(MatrixError::bad_json("message contents must be objects"));
@@ -318,9 +325,53 @@ pub async fn send_to_device(
             .map(|d| d.device_id)
             .collect())
     };
-    state
+    // The message ID names the request, so that a retried EDU is
+    // recognised by the receiving server.
+    let message_id = |destination: &str| {
+        use sha2::Digest;
+        let digest =
+            sha2::Sha256::digest(format!("{}\n{}\n{}\n{destination}", txn.0, txn.1, txn.2));
+        digest[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let edus: Vec<(String, Value)> = remote
+        .into_iter()
+        .map(|(destination, messages)| {
+            let edu = json!({
+                "edu_type": "m.direct_to_device",
+                "content": {
+                    "sender": sender,
+                    "type": kind,
+                    "message_id": message_id(&destination),
+                    "messages": messages,
+                },
+            });
+            (destination, edu)
+        })
+        .collect();
+    let destinations: Vec<String> = edus.iter().map(|(d, _)| d.clone()).collect();
+    let rooms = &state.rooms;
+    let written = state
         .e2ee
-        .send_to_device(&sender, &kind, messages, devices_of, Some(txn))
+        .send_to_device(
+            &sender,
+            &kind,
+            messages,
+            devices_of,
+            Some(txn.clone()),
+            |batch| {
+                for (destination, edu) in edus {
+                    rooms.queue_edu_into(batch, &destination, edu);
+                }
+            },
+        )
         .await?;
+    if written {
+        for destination in destinations {
+            rooms.outbox.wake(&destination);
+        }
+    }
     Ok(Json(json!({})))
 }

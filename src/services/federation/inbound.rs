@@ -251,6 +251,57 @@ async fn receive_edu(services: &Services, origin: &ServerName, edu: &Value) -> R
                 }
             }
         }
+        Some("m.direct_to_device") => {
+            let sender = content["sender"]
+                .as_str()
+                .and_then(|s| ruma::UserId::parse(s).ok())
+                .filter(|sender| sender.server_name() == origin)
+                .ok_or_else(|| {
+                    Error::Forbidden("m.direct_to_device from a user of another server".to_owned())
+                })?;
+            let (Some(kind), Some(message_id)) =
+                (content["type"].as_str(), content["message_id"].as_str())
+            else {
+                return Err(Error::BadJson(
+                    "m.direct_to_device without type or message_id".to_owned(),
+                ));
+            };
+            let own = services.federation.server_name();
+            let mut messages = Vec::new();
+            for (user, devices) in content["messages"].as_object().into_iter().flatten() {
+                let Ok(user) = ruma::UserId::parse(user) else {
+                    continue;
+                };
+                if user.server_name() != own {
+                    continue;
+                }
+                for (device, message) in devices.as_object().into_iter().flatten() {
+                    if message.is_object() {
+                        messages.push((user.to_string(), device.clone(), message.clone()));
+                    }
+                }
+            }
+            let devices_of = |user_id: &str| -> Result<Vec<String>> {
+                let user =
+                    ruma::UserId::parse(user_id).map_err(|e| Error::Internal(e.to_string()))?;
+                Ok(services
+                    .accounts
+                    .devices(user.localpart())?
+                    .into_iter()
+                    .map(|d| d.device_id)
+                    .collect())
+            };
+            // The message ID makes a retried EDU a repeat: written once.
+            let seen = (
+                origin.to_string(),
+                String::new(),
+                format!("m.direct_to_device {message_id}"),
+            );
+            services
+                .e2ee
+                .send_to_device(&sender, kind, messages, devices_of, Some(seen), |_| {})
+                .await?;
+        }
         _ => {}
     }
     Ok(())

@@ -590,6 +590,17 @@ impl Rooms {
         Ok(())
     }
 
+    /// Adds an EDU for `destination` to `batch`; the caller wakes the
+    /// destination (`outbox.wake`) once the batch committed.
+    pub fn queue_edu_into(&self, batch: &mut crate::storage::Batch, destination: &str, edu: Value) {
+        let position = self.outbox.next_position();
+        batch.put(
+            tables::FEDERATION_OUTBOX,
+            &(destination.to_owned(), position),
+            &tables::OutboxItem::Edu(edu),
+        );
+    }
+
     /// Queues an EDU about a room (typing, a receipt) for every other
     /// server with a joined member.
     pub async fn queue_edu(&self, room_id: &RoomId, edu: Value) -> Result<()> {
