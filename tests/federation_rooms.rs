@@ -975,3 +975,79 @@ async fn to_device_messages_cross_servers_once() {
         .collect();
     assert_eq!(bodies, ["once", "last"], "{first}");
 }
+
+#[tokio::test]
+async fn device_keys_are_queried_and_claimed_across_servers() {
+    let ca = TestCa::new();
+    let (one, _) = start(&ca, "127.0.0.2").await;
+    let (two, _) = start(&ca, "127.0.0.3").await;
+    let (alice, _) = one.register_named("alice", "Alice").await;
+    let bob = token(&two.register_device("bob", "BOBPHONE").await);
+    let bob_id = format!("@bob:{}", two.server_name());
+    let (status, answer) = two
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            Some(&bob),
+            json!({
+                "device_keys": {
+                    "user_id": bob_id,
+                    "device_id": "BOBPHONE",
+                    "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+                    "keys": { "curve25519:BOBPHONE": "curve-key", "ed25519:BOBPHONE": "ed-key" },
+                    "signatures": { &bob_id: { "ed25519:BOBPHONE": "signature" } },
+                },
+                "one_time_keys": { "signed_curve25519:AAAA": { "key": "otk-1" } },
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+
+    // Alice's server asks Bob's; a server that is not there is a failure.
+    let nowhere = "@ghost:127.0.0.9:1";
+    let (status, keys) = one
+        .post(
+            "/_matrix/client/v3/keys/query",
+            Some(&alice),
+            json!({ "device_keys": { &bob_id: [], nowhere: [] }, "timeout": 5000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{keys}");
+    assert_eq!(
+        keys["device_keys"][&bob_id]["BOBPHONE"]["keys"]["ed25519:BOBPHONE"], "ed-key",
+        "{keys}"
+    );
+    assert!(keys["failures"]["127.0.0.9:1"].is_object(), "{keys}");
+
+    // The one-time key is claimed once.
+    let claim = || {
+        one.post(
+            "/_matrix/client/v3/keys/claim",
+            Some(&alice),
+            json!({ "one_time_keys": { &bob_id: { "BOBPHONE": "signed_curve25519" } } }),
+        )
+    };
+    let (status, first) = claim().await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(
+        first["one_time_keys"][&bob_id]["BOBPHONE"]["signed_curve25519:AAAA"]["key"], "otk-1",
+        "{first}"
+    );
+    let (_, second) = claim().await;
+    assert!(second["one_time_keys"][&bob_id].is_null(), "{second}");
+
+    // The device list as other servers read it.
+    let two_name = ruma::ServerName::parse(two.server_name()).unwrap();
+    let path = format!(
+        "/_matrix/federation/v1/user/devices/{}",
+        bob_id.replace('@', "%40").replace(':', "%3A")
+    );
+    let devices = one
+        .services()
+        .federation
+        .client
+        .send(&two_name, reqwest::Method::GET, &path, None)
+        .await
+        .unwrap();
+    assert_eq!(devices["user_id"], bob_id.as_str());
+    assert_eq!(devices["devices"][0]["device_id"], "BOBPHONE", "{devices}");
+}

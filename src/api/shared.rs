@@ -116,3 +116,50 @@ pub fn list(
     }
     Ok(Json(answer))
 }
+
+/// A local user's device identity keys (the `wanted` devices, every one
+/// when empty), each with its display name in `unsigned`.
+pub fn local_device_keys(
+    state: &AppState,
+    user: &ruma::UserId,
+    wanted: &[String],
+) -> ApiResult<serde_json::Map<String, Value>> {
+    let mut devices = serde_json::Map::new();
+    for device in state.accounts.devices(user.localpart())? {
+        if !wanted.is_empty() && !wanted.contains(&device.device_id) {
+            continue;
+        }
+        let Some(mut keys) = state.e2ee.device_keys(user, &device.device_id)? else {
+            continue;
+        };
+        if let Some(name) = &device.record.display_name {
+            if let Some(fields) = keys.as_object_mut() {
+                fields.insert(
+                    "unsigned".to_owned(),
+                    serde_json::json!({ "device_display_name": name }),
+                );
+            }
+        }
+        devices.insert(device.device_id.clone(), keys);
+    }
+    Ok(devices)
+}
+
+/// Claims one one-time key (or the fallback key) of each of a local user's
+/// devices named in `devices` (device ID → algorithm).
+pub async fn local_claim(
+    state: &AppState,
+    user: &ruma::UserId,
+    devices: &serde_json::Map<String, Value>,
+) -> ApiResult<serde_json::Map<String, Value>> {
+    let mut keys = serde_json::Map::new();
+    for (device_id, algorithm) in devices {
+        let Some(algorithm) = algorithm.as_str() else {
+            return Err(MatrixError::bad_json("algorithms must be strings"));
+        };
+        if let Some((key_id, key)) = state.e2ee.claim(user, device_id, algorithm).await? {
+            keys.insert(device_id.clone(), serde_json::json!({ key_id: key }));
+        }
+    }
+    Ok(keys)
+}

@@ -20,6 +20,7 @@ use super::membership::parse_user;
 use super::sync::{device_lists, SyncToken};
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Path, Query};
+use crate::api::shared::{local_claim, local_device_keys};
 use crate::api::AppState;
 use crate::services::e2ee::CROSS_SIGNING_USAGES;
 use crate::services::uia::{Flows, STAGE_PASSWORD};
@@ -59,12 +60,12 @@ pub async fn upload(
 #[serde(default)]
 pub struct QueryBody {
     device_keys: Map<String, Value>,
+    timeout: Option<u64>,
 }
 
 /// `POST /_matrix/client/v3/keys/query`: the identity keys of the devices
 /// asked for (every device of a user given an empty list), with their
-/// display names. Users of other servers are reported as failures until
-/// federation exists.
+/// display names; other servers' users are asked of their servers.
 pub async fn query(
     State(state): State<AppState>,
     Auth(authed): Auth,
@@ -79,32 +80,19 @@ pub async fn query(
     let mut device_keys = Map::new();
     let mut failures = Map::new();
     let mut cross_signing: [Map<String, Value>; 3] = Default::default();
+    let mut remote: std::collections::BTreeMap<String, Map<String, Value>> = Default::default();
     for (user_id, wanted) in &body.device_keys {
         let user = parse_user(user_id)?;
-        if user.server_name().as_str() != state.config.server_name {
-            failures.insert(user.server_name().to_string(), json!({}));
-            continue;
-        }
         let wanted: Vec<String> = serde_json::from_value(wanted.clone())
             .map_err(|_| MatrixError::bad_json("device_keys values must be lists of device IDs"))?;
-        let mut devices = Map::new();
-        for device in state.accounts.devices(user.localpart())? {
-            if !wanted.is_empty() && !wanted.contains(&device.device_id) {
-                continue;
-            }
-            let Some(mut keys) = state.e2ee.device_keys(&user, &device.device_id)? else {
-                continue;
-            };
-            if let Some(name) = &device.record.display_name {
-                if let Some(fields) = keys.as_object_mut() {
-                    fields.insert(
-                        "unsigned".to_owned(),
-                        json!({ "device_display_name": name }),
-                    );
-                }
-            }
-            devices.insert(device.device_id.clone(), keys);
+        if user.server_name().as_str() != state.config.server_name {
+            remote
+                .entry(user.server_name().to_string())
+                .or_default()
+                .insert(user_id.clone(), json!(wanted));
+            continue;
         }
+        let devices = local_device_keys(&state, &user, &wanted)?;
         device_keys.insert(user_id.clone(), Value::Object(devices));
         for (slot, usage) in CROSS_SIGNING_USAGES.iter().enumerate() {
             // A user-signing key is shown to its owner only.
@@ -116,6 +104,46 @@ pub async fn query(
             }
         }
     }
+    // Other servers' users: asked of their servers at once, each within
+    // the request's timeout; one that does not answer is a failure.
+    let timeout = std::time::Duration::from_millis(body.timeout.unwrap_or(10_000).min(60_000));
+    let asked = remote.into_iter().map(|(server, users)| {
+        let state = state.clone();
+        async move {
+            let answer = ask_server(
+                &state,
+                &server,
+                "/_matrix/federation/v1/user/keys/query",
+                json!({ "device_keys": users }),
+                timeout,
+            )
+            .await;
+            (server, answer)
+        }
+    });
+    for (server, answer) in futures_util::future::join_all(asked).await {
+        match answer {
+            Some(answer) => {
+                for (field, into) in [("device_keys", &mut device_keys)] {
+                    for (user, devices) in answer[field].as_object().into_iter().flatten() {
+                        if from_server(user, &server) {
+                            into.insert(user.clone(), devices.clone());
+                        }
+                    }
+                }
+                for (slot, field) in ["master_keys", "self_signing_keys"].iter().enumerate() {
+                    for (user, key) in answer[*field].as_object().into_iter().flatten() {
+                        if from_server(user, &server) {
+                            cross_signing[slot].insert(user.clone(), key.clone());
+                        }
+                    }
+                }
+            }
+            None => {
+                failures.insert(server, json!({}));
+            }
+        }
+    }
     let [master_keys, self_signing_keys, user_signing_keys] = cross_signing;
     Ok(Json(json!({
         "device_keys": device_keys,
@@ -124,6 +152,38 @@ pub async fn query(
         "user_signing_keys": user_signing_keys,
         "failures": failures,
     })))
+}
+
+/// Whether `user` is a user of `server`: what another server answers for
+/// its own users only.
+fn from_server(user: &str, server: &str) -> bool {
+    UserId::parse(user).is_ok_and(|user| user.server_name().as_str() == server)
+}
+
+/// A signed POST to another server, its answer within `timeout`, or
+/// `None`.
+async fn ask_server(
+    state: &AppState,
+    server: &str,
+    path: &str,
+    body: Value,
+    timeout: std::time::Duration,
+) -> Option<Value> {
+    let server = ruma::ServerName::parse(server).ok()?;
+    let request =
+        state
+            .federation
+            .client
+            .send(&server, axum::http::Method::POST, path, Some(&body));
+    match tokio::time::timeout(timeout, request).await {
+        Ok(Ok(answer)) => Some(answer),
+        Ok(Err(error)) => {
+            let error: crate::services::error::Error = error.into();
+            tracing::info!(%server, %error, "keys request to another server failed");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -203,6 +263,7 @@ pub async fn signatures_upload(
 #[serde(default)]
 pub struct ClaimBody {
     one_time_keys: Map<String, Value>,
+    timeout: Option<u64>,
 }
 
 /// `POST /_matrix/client/v3/keys/claim`
@@ -218,25 +279,50 @@ pub async fn claim(
     }
     let mut claimed = Map::new();
     let mut failures = Map::new();
+    let mut remote: std::collections::BTreeMap<String, Map<String, Value>> = Default::default();
     for (user_id, devices) in &body.one_time_keys {
         let user = parse_user(user_id)?;
-        if user.server_name().as_str() != state.config.server_name {
-            failures.insert(user.server_name().to_string(), json!({}));
-            continue;
-        }
         let devices: Map<String, Value> = serde_json::from_value(devices.clone())
             .map_err(|_| MatrixError::bad_json("one_time_keys values must be objects"))?;
-        let mut keys = Map::new();
-        for (device_id, algorithm) in devices {
-            let Some(algorithm) = algorithm.as_str() else {
-                return Err(MatrixError::bad_json("algorithms must be strings"));
-            };
-            if let Some((key_id, key)) = state.e2ee.claim(&user, &device_id, algorithm).await? {
-                keys.insert(device_id, json!({ key_id: key }));
-            }
+        if user.server_name().as_str() != state.config.server_name {
+            remote
+                .entry(user.server_name().to_string())
+                .or_default()
+                .insert(user_id.clone(), Value::Object(devices));
+            continue;
         }
+        let keys = local_claim(&state, &user, &devices).await?;
         if !keys.is_empty() {
             claimed.insert(user_id.clone(), Value::Object(keys));
+        }
+    }
+    let timeout = std::time::Duration::from_millis(body.timeout.unwrap_or(10_000).min(60_000));
+    let asked = remote.into_iter().map(|(server, users)| {
+        let state = state.clone();
+        async move {
+            let answer = ask_server(
+                &state,
+                &server,
+                "/_matrix/federation/v1/user/keys/claim",
+                json!({ "one_time_keys": users }),
+                timeout,
+            )
+            .await;
+            (server, answer)
+        }
+    });
+    for (server, answer) in futures_util::future::join_all(asked).await {
+        match answer {
+            Some(answer) => {
+                for (user, keys) in answer["one_time_keys"].as_object().into_iter().flatten() {
+                    if from_server(user, &server) {
+                        claimed.insert(user.clone(), keys.clone());
+                    }
+                }
+            }
+            None => {
+                failures.insert(server, json!({}));
+            }
         }
     }
     Ok(Json(

@@ -6,6 +6,7 @@
 //! `X-Matrix` signature was checked against the origin's keys; the key
 //! endpoints are public, as the spec makes them.
 
+mod keys;
 mod rooms;
 
 use std::collections::BTreeMap;
@@ -44,6 +45,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/.well-known/matrix/server", get(well_known))
         .merge(rooms::routes())
+        .merge(keys::routes())
 }
 
 /// `GET /_matrix/key/v2/server`: this server's signed key document.
