@@ -418,6 +418,37 @@ async fn myelin_and_synapse_share_rooms_both_ways() {
     })
     .await;
 
+    // Device keys: Alice's server asks Synapse for Sam's.
+    let (_, whoami) = sam.get("/_matrix/client/v3/account/whoami").await;
+    let sam_device = whoami["device_id"].as_str().unwrap().to_owned();
+    let (status, answer) = sam
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            json!({ "device_keys": {
+                "user_id": sam_id,
+                "device_id": sam_device,
+                "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+                "keys": { format!("curve25519:{sam_device}"): "sam-curve", format!("ed25519:{sam_device}"): "sam-ed" },
+                "signatures": { &sam_id: { format!("ed25519:{sam_device}"): "signature" } },
+            } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, keys) = myelin
+        .post(
+            "/_matrix/client/v3/keys/query",
+            Some(&alice),
+            json!({ "device_keys": { &sam_id: [] } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{keys}");
+    assert_eq!(
+        keys["device_keys"][&sam_id][&sam_device]["keys"][format!("ed25519:{sam_device}")],
+        "sam-ed",
+        "{keys}\n{}",
+        synapse.log_tail(20)
+    );
+
     // Sam invites Alice to a Synapse room; Alice sees it and joins.
     let (status, room) = sam
         .post(
