@@ -117,24 +117,62 @@ async fn create_public_room(server: &TestServer, token: &str) -> String {
     room["room_id"].as_str().unwrap().to_owned()
 }
 
-#[tokio::test]
-async fn two_servers_share_a_room_from_invite_to_ban() {
-    let ca = TestCa::new();
-    let (one, _) = start(&ca, "127.0.0.2").await;
-    let (two, _) = start(&ca, "127.0.0.3").await;
-    let (alice, _) = one.register_named("alice", "Alice").await;
+/// Two servers, Alice of the first, Bob of the second, and a public room
+/// Alice made (Bob not in it yet).
+struct Shared {
+    one: TestServer,
+    two: TestServer,
+    alice: String,
+    alice_id: String,
+    bob: String,
+    bob_id: String,
+    room_id: String,
+}
+
+async fn shared_room(ca: &TestCa) -> Shared {
+    let (one, _) = start(ca, "127.0.0.2").await;
+    let (two, _) = start(ca, "127.0.0.3").await;
+    let (alice, alice_id) = one.register_named("alice", "Alice").await;
     let (bob, bob_id) = two.register_named("bob", "Bob").await;
     let room_id = create_public_room(&one, &alice).await;
+    Shared {
+        one,
+        two,
+        alice,
+        alice_id,
+        bob,
+        bob_id,
+        room_id,
+    }
+}
 
-    // An invite across servers reaches Bob's sync with the room's name.
-    let (status, answer) = one
+/// `inviter` on `server` invites `user_id`, which must succeed.
+async fn invite(server: &TestServer, inviter: &str, room_id: &str, user_id: &str) {
+    let (status, answer) = server
         .post(
             &format!("/_matrix/client/v3/rooms/{room_id}/invite"),
-            Some(&alice),
-            json!({ "user_id": bob_id }),
+            Some(inviter),
+            json!({ "user_id": user_id }),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+#[tokio::test]
+async fn two_servers_share_a_room_from_invite_to_ban() {
+    let ca = TestCa::new();
+    let Shared {
+        one,
+        two,
+        alice,
+        bob,
+        bob_id,
+        room_id,
+        ..
+    } = shared_room(&ca).await;
+
+    // An invite across servers reaches Bob's sync with the room's name.
+    invite(&one, &alice, &room_id, &bob_id).await;
     let (status, sync) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
     assert_eq!(status, StatusCode::OK);
     let invite = &sync["rooms"]["invite"][&room_id]["invite_state"]["events"];
@@ -362,11 +400,15 @@ async fn concurrent_state_changes_on_both_servers_converge() {
 #[tokio::test]
 async fn bad_events_are_refused_and_change_nothing() {
     let ca = TestCa::new();
-    let (one, _) = start(&ca, "127.0.0.2").await;
-    let (two, _) = start(&ca, "127.0.0.3").await;
-    let (alice, _) = one.register_named("alice", "Alice").await;
-    let (bob, bob_id) = two.register_named("bob", "Bob").await;
-    let room_id = create_public_room(&one, &alice).await;
+    let Shared {
+        one,
+        two,
+        alice,
+        bob,
+        bob_id,
+        room_id,
+        ..
+    } = shared_room(&ca).await;
     join_through(&two, &bob, &room_id, &one, &alice, &bob_id).await;
     send_text(&two, &bob, &room_id, "ok", "a real message").await;
     eventually("Bob's message on Alice's server", || async {
@@ -543,14 +585,7 @@ async fn a_user_knocks_on_a_room_of_another_server_and_is_let_in() {
     );
 
     // Alice lets him in with an invite; Bob joins.
-    let (status, answer) = one
-        .post(
-            &format!("/_matrix/client/v3/rooms/{room_id}/invite"),
-            Some(&alice),
-            json!({ "user_id": bob_id }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
+    invite(&one, &alice, &room_id, &bob_id).await;
     let (status, answer) = two
         .post(
             &format!("/_matrix/client/v3/rooms/{room_id}/join"),
@@ -568,11 +603,15 @@ async fn a_user_knocks_on_a_room_of_another_server_and_is_let_in() {
 #[tokio::test]
 async fn a_server_the_room_acl_denies_is_refused() {
     let ca = TestCa::new();
-    let (one, _) = start(&ca, "127.0.0.2").await;
-    let (two, _) = start(&ca, "127.0.0.3").await;
-    let (alice, _) = one.register_named("alice", "Alice").await;
-    let (bob, bob_id) = two.register_named("bob", "Bob").await;
-    let room_id = create_public_room(&one, &alice).await;
+    let Shared {
+        one,
+        two,
+        alice,
+        bob,
+        bob_id,
+        room_id,
+        ..
+    } = shared_room(&ca).await;
     join_through(&two, &bob, &room_id, &one, &alice, &bob_id).await;
 
     // Alice's server denies Bob's; its later events are refused, and its
@@ -662,14 +701,7 @@ async fn a_remote_invite_can_be_rejected_and_a_full_room_refuses_a_remote_join()
     let room_id = create_public_room(&one, &alice).await;
 
     // Bob is invited and says no: his server leaves through Alice's.
-    let (status, answer) = one
-        .post(
-            &format!("/_matrix/client/v3/rooms/{room_id}/invite"),
-            Some(&alice),
-            json!({ "user_id": bob_id }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
+    invite(&one, &alice, &room_id, &bob_id).await;
     let (_, before) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
     assert!(before["rooms"]["invite"][&room_id].is_object(), "{before}");
     let since = before["next_batch"].as_str().unwrap().to_owned();
@@ -785,19 +817,16 @@ async fn a_remote_invite_can_be_rejected_and_a_full_room_refuses_a_remote_join()
 #[tokio::test]
 async fn an_invite_from_a_server_that_went_away_can_still_be_rejected() {
     let ca = TestCa::new();
-    let (one, _) = start(&ca, "127.0.0.2").await;
-    let (two, _) = start(&ca, "127.0.0.3").await;
-    let (alice, _) = one.register_named("alice", "Alice").await;
-    let (bob, bob_id) = two.register_named("bob", "Bob").await;
-    let room_id = create_public_room(&one, &alice).await;
-    let (status, answer) = one
-        .post(
-            &format!("/_matrix/client/v3/rooms/{room_id}/invite"),
-            Some(&alice),
-            json!({ "user_id": bob_id }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
+    let Shared {
+        one,
+        two,
+        alice,
+        bob,
+        bob_id,
+        room_id,
+        ..
+    } = shared_room(&ca).await;
+    invite(&one, &alice, &room_id, &bob_id).await;
     let (_, before) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
     assert!(before["rooms"]["invite"][&room_id].is_object(), "{before}");
     let since = before["next_batch"].as_str().unwrap().to_owned();
@@ -825,11 +854,15 @@ async fn an_invite_from_a_server_that_went_away_can_still_be_rejected() {
 #[tokio::test]
 async fn typing_and_read_receipts_cross_servers() {
     let ca = TestCa::new();
-    let (one, _) = start(&ca, "127.0.0.2").await;
-    let (two, _) = start(&ca, "127.0.0.3").await;
-    let (alice, alice_id) = one.register_named("alice", "Alice").await;
-    let (bob, bob_id) = two.register_named("bob", "Bob").await;
-    let room_id = create_public_room(&one, &alice).await;
+    let Shared {
+        one,
+        two,
+        alice,
+        alice_id,
+        bob,
+        bob_id,
+        room_id,
+    } = shared_room(&ca).await;
     join_through(&two, &bob, &room_id, &one, &alice, &bob_id).await;
 
     // Bob types; Alice's sync shows it.

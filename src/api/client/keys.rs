@@ -104,45 +104,19 @@ pub async fn query(
             }
         }
     }
-    // Other servers' users: asked of their servers at once, each within
-    // the request's timeout; one that does not answer is a failure.
-    let timeout = std::time::Duration::from_millis(body.timeout.unwrap_or(10_000).min(60_000));
-    let asked = remote.into_iter().map(|(server, users)| {
-        let state = state.clone();
-        async move {
-            let answer = ask_server(
-                &state,
-                &server,
-                "/_matrix/federation/v1/user/keys/query",
-                json!({ "device_keys": users }),
-                timeout,
-            )
-            .await;
-            (server, answer)
-        }
-    });
-    for (server, answer) in futures_util::future::join_all(asked).await {
-        match answer {
-            Some(answer) => {
-                for (field, into) in [("device_keys", &mut device_keys)] {
-                    for (user, devices) in answer[field].as_object().into_iter().flatten() {
-                        if from_server(user, &server) {
-                            into.insert(user.clone(), devices.clone());
-                        }
-                    }
-                }
-                for (slot, field) in ["master_keys", "self_signing_keys"].iter().enumerate() {
-                    for (user, key) in answer[*field].as_object().into_iter().flatten() {
-                        if from_server(user, &server) {
-                            cross_signing[slot].insert(user.clone(), key.clone());
-                        }
-                    }
-                }
-            }
-            None => {
-                failures.insert(server, json!({}));
-            }
-        }
+    let answers = ask_servers(
+        &state,
+        remote,
+        "/_matrix/federation/v1/user/keys/query",
+        "device_keys",
+        body.timeout,
+        &mut failures,
+    )
+    .await;
+    for (server, answer) in answers {
+        merge_own(&answer["device_keys"], &server, &mut device_keys);
+        merge_own(&answer["master_keys"], &server, &mut cross_signing[0]);
+        merge_own(&answer["self_signing_keys"], &server, &mut cross_signing[1]);
     }
     let [master_keys, self_signing_keys, user_signing_keys] = cross_signing;
     Ok(Json(json!({
@@ -154,36 +128,63 @@ pub async fn query(
     })))
 }
 
-/// Whether `user` is a user of `server`: what another server answers for
-/// its own users only.
-fn from_server(user: &str, server: &str) -> bool {
-    UserId::parse(user).is_ok_and(|user| user.server_name().as_str() == server)
+/// Copies into `into` the entries of `answer` (by user ID) that belong
+/// to `server`: another server answers for its own users only.
+fn merge_own(answer: &Value, server: &str, into: &mut Map<String, Value>) {
+    for (user, value) in answer.as_object().into_iter().flatten() {
+        if UserId::parse(user).is_ok_and(|user| user.server_name().as_str() == server) {
+            into.insert(user.clone(), value.clone());
+        }
+    }
 }
 
-/// A signed POST to another server, its answer within `timeout`, or
-/// `None`.
-async fn ask_server(
+/// Asks each server, all at once, for its users in `remote` (server →
+/// users, sent as `field`) with a signed POST to `path`, each within the
+/// request's timeout (10 s by default, at most 60 s). The answers by
+/// server; a server that gives none is added to `failures`.
+async fn ask_servers(
     state: &AppState,
-    server: &str,
+    remote: std::collections::BTreeMap<String, Map<String, Value>>,
     path: &str,
-    body: Value,
-    timeout: std::time::Duration,
-) -> Option<Value> {
-    let server = ruma::ServerName::parse(server).ok()?;
-    let request =
-        state
-            .federation
-            .client
-            .send(&server, axum::http::Method::POST, path, Some(&body));
-    match tokio::time::timeout(timeout, request).await {
-        Ok(Ok(answer)) => Some(answer),
-        Ok(Err(error)) => {
-            let error: crate::services::error::Error = error.into();
-            tracing::info!(%server, %error, "keys request to another server failed");
-            None
+    field: &str,
+    timeout_ms: Option<u64>,
+    failures: &mut Map<String, Value>,
+) -> Vec<(String, Value)> {
+    let timeout = std::time::Duration::from_millis(timeout_ms.unwrap_or(10_000).min(60_000));
+    let asked = remote.into_iter().map(|(server, users)| async move {
+        let body = json!({ field: users });
+        let answer = match ruma::ServerName::parse(&server) {
+            Ok(name) => {
+                let request = state.federation.client.send(
+                    &name,
+                    axum::http::Method::POST,
+                    path,
+                    Some(&body),
+                );
+                match tokio::time::timeout(timeout, request).await {
+                    Ok(Ok(answer)) => Some(answer),
+                    Ok(Err(error)) => {
+                        let error: crate::services::error::Error = error.into();
+                        tracing::info!(%server, %error, "keys request to another server failed");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+            Err(_) => None,
+        };
+        (server, answer)
+    });
+    let mut answered = Vec::new();
+    for (server, answer) in futures_util::future::join_all(asked).await {
+        match answer {
+            Some(answer) => answered.push((server, answer)),
+            None => {
+                failures.insert(server, json!({}));
+            }
         }
-        Err(_) => None,
     }
+    answered
 }
 
 #[derive(Deserialize, Default)]
@@ -296,34 +297,17 @@ pub async fn claim(
             claimed.insert(user_id.clone(), Value::Object(keys));
         }
     }
-    let timeout = std::time::Duration::from_millis(body.timeout.unwrap_or(10_000).min(60_000));
-    let asked = remote.into_iter().map(|(server, users)| {
-        let state = state.clone();
-        async move {
-            let answer = ask_server(
-                &state,
-                &server,
-                "/_matrix/federation/v1/user/keys/claim",
-                json!({ "one_time_keys": users }),
-                timeout,
-            )
-            .await;
-            (server, answer)
-        }
-    });
-    for (server, answer) in futures_util::future::join_all(asked).await {
-        match answer {
-            Some(answer) => {
-                for (user, keys) in answer["one_time_keys"].as_object().into_iter().flatten() {
-                    if from_server(user, &server) {
-                        claimed.insert(user.clone(), keys.clone());
-                    }
-                }
-            }
-            None => {
-                failures.insert(server, json!({}));
-            }
-        }
+    let answers = ask_servers(
+        &state,
+        remote,
+        "/_matrix/federation/v1/user/keys/claim",
+        "one_time_keys",
+        body.timeout,
+        &mut failures,
+    )
+    .await;
+    for (server, answer) in answers {
+        merge_own(&answer["one_time_keys"], &server, &mut claimed);
     }
     Ok(Json(
         json!({ "one_time_keys": claimed, "failures": failures }),

@@ -44,13 +44,7 @@ pub fn routes() -> Router<AppState> {
 
 /// Refuses a server the room's `m.room.server_acl` denies.
 fn check_acl(state: &AppState, room_id: &RoomId, origin: &ServerName) -> ApiResult<()> {
-    if inbound::acl_allows(state, room_id, origin)? {
-        Ok(())
-    } else {
-        Err(MatrixError::forbidden(format!(
-            "{origin} is denied by the room's server ACL"
-        )))
-    }
+    Ok(inbound::require_acl(state, room_id, origin)?)
 }
 
 fn room(id: &str) -> ApiResult<ruma::OwnedRoomId> {

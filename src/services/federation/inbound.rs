@@ -109,6 +109,17 @@ pub fn acl_allows(services: &Services, room_id: &RoomId, server: &ServerName) ->
     )
 }
 
+/// Refuses a server the room's `m.room.server_acl` denies (403).
+pub fn require_acl(services: &Services, room_id: &RoomId, server: &ServerName) -> Result<()> {
+    if acl_allows(services, room_id, server)? {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(format!(
+            "{server} is denied by the room's server ACL"
+        )))
+    }
+}
+
 /// `PUT /_matrix/federation/v1/send/{txnId}`: each PDU checked and offered
 /// to its room (rooms concurrently, each room's PDUs in order), and the
 /// answer with each PDU's result. A transaction seen before gets the
@@ -348,11 +359,7 @@ pub async fn accept(
     rules: &RoomVersionRules,
 ) -> Result<()> {
     for server in [origin, pdu.sender.server_name()] {
-        if !acl_allows(services, &pdu.room_id, server)? {
-            return Err(Error::Forbidden(format!(
-                "{server} is denied by the room's server ACL"
-            )));
-        }
+        require_acl(services, &pdu.room_id, server)?;
     }
     match services
         .rooms

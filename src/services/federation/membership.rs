@@ -9,7 +9,7 @@ use futures_util::future::join_all;
 use ruma::{OwnedEventId, OwnedServerName, RoomId, RoomVersionId, ServerName, UserId};
 use serde_json::{json, Value};
 
-use super::inbound::{acl_allows, check_pdu, urlencode};
+use super::inbound::{check_pdu, require_acl, urlencode};
 use super::SendError;
 use crate::events::{self, NewEvent, Pdu, SUPPORTED_ROOM_VERSIONS};
 use crate::services::error::{Error, Result};
@@ -433,11 +433,7 @@ pub fn make_membership(
     if !services.rooms.server_in_room(room_id)? {
         return Err(Error::NotFound(format!("this server is not in {room_id}")));
     }
-    if !acl_allows(services, room_id, origin)? {
-        return Err(Error::Forbidden(format!(
-            "{origin} is denied by the room's server ACL"
-        )));
-    }
+    require_acl(services, room_id, origin)?;
     let (version, template) = services
         .rooms
         .membership_template(room_id, user, membership)?;
@@ -445,18 +441,7 @@ pub fn make_membership(
         return Err(Error::IncompatibleRoomVersion(version.to_string()));
     }
     if membership == "join" {
-        let current = services.rooms.membership(room_id, user)?;
-        let record = services
-            .rooms
-            .room(room_id)?
-            .ok_or_else(|| Error::NotFound(format!("unknown room {room_id}")))?;
-        let already = current == "join" || current == "invite";
-        if !already && record.joined_members + record.invited_members >= services.rooms.max_members
-        {
-            return Err(crate::services::rooms::room_full(
-                services.rooms.max_members,
-            ));
-        }
+        services.rooms.require_room_for(room_id, user)?;
     }
     Ok(json!({ "room_version": version, "event": template }))
 }
@@ -474,11 +459,7 @@ pub async fn send_membership(
     body: &Value,
 ) -> Result<Value> {
     let (_, rules) = services.rooms.version_of(room_id)?;
-    if !acl_allows(services, room_id, origin)? {
-        return Err(Error::Forbidden(format!(
-            "{origin} is denied by the room's server ACL"
-        )));
-    }
+    require_acl(services, room_id, origin)?;
     let pdu = check_pdu(services, body, &rules).await?;
     if pdu.event_id.as_str() != event_id || pdu.room_id != room_id {
         return Err(Error::BadJson(
@@ -500,18 +481,7 @@ pub async fn send_membership(
         )));
     }
     if membership == "join" {
-        let current = services.rooms.membership(room_id, &pdu.sender)?;
-        let record = services
-            .rooms
-            .room(room_id)?
-            .ok_or_else(|| Error::NotFound(format!("unknown room {room_id}")))?;
-        let already = current == "join" || current == "invite";
-        if !already && record.joined_members + record.invited_members >= services.rooms.max_members
-        {
-            return Err(crate::services::rooms::room_full(
-                services.rooms.max_members,
-            ));
-        }
+        services.rooms.require_room_for(room_id, &pdu.sender)?;
     }
     let state_before = match services
         .rooms

@@ -51,17 +51,6 @@ impl Destinations {
             }
         }
     }
-
-    /// How many destinations have a worker, and how many of them are
-    /// failing.
-    pub fn counts(&self) -> (usize, usize) {
-        let workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        let failing = workers
-            .values()
-            .filter(|s| s.failures.load(Ordering::SeqCst) > 0)
-            .count();
-        (workers.len(), failing)
-    }
 }
 
 /// Runs the sender until `stop`: starts a worker for every destination

@@ -202,7 +202,7 @@ impl<'a> Draft<'a> {
     /// Refuses a join or invite that would take the room past its cap of
     /// joined plus invited members. Every membership change passes here,
     /// whichever endpoint (or createRoom's initial state) it came from.
-    fn check_member_cap(&self, new: &NewEvent) -> Result<()> {
+    pub(super) fn check_member_cap(&self, new: &NewEvent) -> Result<()> {
         let after = membership_of(&new.content);
         if after != "join" && after != "invite" {
             return Ok(());

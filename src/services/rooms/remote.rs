@@ -217,6 +217,20 @@ impl Rooms {
         self.apply_redaction(draft, redaction)
     }
 
+    /// Refuses (403, the room is full) a join of `user` that would take
+    /// the room past its member cap: the check every local join passes.
+    pub fn require_room_for(&self, room_id: &RoomId, user: &UserId) -> Result<()> {
+        let record = self
+            .room(room_id)?
+            .ok_or_else(|| Error::NotFound(format!("unknown room {room_id}")))?;
+        let join = NewEvent::state(
+            "m.room.member",
+            user.as_str(),
+            json!({ "membership": "join" }),
+        );
+        Draft::existing(self, room_id, record)?.check_member_cap(&join)
+    }
+
     /// The membership event another server's user would send to join (or
     /// leave, or knock): the fields that server signs, with this room's
     /// current auth events and forward extremities.
@@ -612,12 +626,7 @@ impl Rooms {
         }
         let mut batch = crate::storage::Batch::new();
         for destination in &record.remote_servers {
-            let position = self.outbox.next_position();
-            batch.put(
-                tables::FEDERATION_OUTBOX,
-                &(destination.clone(), position),
-                &tables::OutboxItem::Edu(edu.clone()),
-            );
+            self.queue_edu_into(&mut batch, destination, edu.clone());
         }
         self.storage.commit(batch).await?;
         for destination in &record.remote_servers {
