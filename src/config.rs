@@ -164,6 +164,10 @@ pub struct FederationConfig {
     /// Longest wait between attempts to a failing server, in milliseconds.
     /// A server that contacts this one is tried again at once.
     pub retry_max_ms: u64,
+    /// Whether presence (online, idle, offline, status messages) is shared
+    /// with other servers: sent as `m.presence` to the servers that share
+    /// a room with the user, and taken from them. Off, neither.
+    pub presence: bool,
 }
 
 impl Default for FederationConfig {
@@ -186,6 +190,7 @@ impl Default for FederationConfig {
             request_timeout_ms: 30_000,
             retry_base_ms: 2_000,
             retry_max_ms: 10 * 60 * 1000,
+            presence: true,
         }
     }
 }

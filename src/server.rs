@@ -172,6 +172,12 @@ async fn serve(
             stop_federation.clone(),
         ))
     });
+    let announcer_task = services.federation.enabled().then(|| {
+        tokio::spawn(crate::services::federation::announce::run(
+            services.clone(),
+            stop_federation.clone(),
+        ))
+    });
     tracing::info!(
         %addr,
         server_name = %services.config.server_name,
@@ -202,7 +208,7 @@ async fn serve(
     .await
     .map_err(ServerError::Serve)?;
     stop_federation.cancel();
-    if let Some(task) = sender_task {
+    for task in [sender_task, announcer_task].into_iter().flatten() {
         let _ = task.await;
     }
     if let Some(task) = federation_task {

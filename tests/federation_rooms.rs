@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::federation::{federating_config, TestCa};
 use common::{send_text, token, TestServer};
+use myelin::services::federation::devices;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -1083,4 +1084,264 @@ async fn device_keys_are_queried_and_claimed_across_servers() {
         .unwrap();
     assert_eq!(devices["user_id"], bob_id.as_str());
     assert_eq!(devices["devices"][0]["device_id"], "BOBPHONE", "{devices}");
+}
+
+/// What `server` says of `user_id`'s devices and master key to `token`.
+async fn query_keys(server: &TestServer, token: &str, user_id: &str) -> Value {
+    let (status, keys) = server
+        .post(
+            "/_matrix/client/v3/keys/query",
+            Some(token),
+            json!({ "device_keys": { user_id: [] }, "timeout": 5000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{keys}");
+    keys
+}
+
+/// The device IDs with keys in a `/keys/query` answer for `user_id`.
+fn device_ids(keys: &Value, user_id: &str) -> Vec<String> {
+    keys["device_keys"][user_id]
+        .as_object()
+        .map(|devices| devices.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Identity keys of a device as a client uploads them.
+fn device_keys(user_id: &str, device_id: &str) -> Value {
+    json!({
+        "user_id": user_id,
+        "device_id": device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {
+            format!("curve25519:{device_id}"): format!("curve-{device_id}"),
+            format!("ed25519:{device_id}"): format!("ed-{device_id}"),
+        },
+        "signatures": { user_id: { format!("ed25519:{device_id}"): "signature" } },
+    })
+}
+
+/// Sends one EDU to `to` as the server of `from`, in a transaction of its own.
+async fn send_edu(from: &TestServer, to: &TestServer, txn: &str, edu: Value) {
+    let to_name = ruma::ServerName::parse(to.server_name()).unwrap();
+    let body = json!({
+        "origin": from.server_name(),
+        "origin_server_ts": 0,
+        "pdus": [],
+        "edus": [edu],
+    });
+    from.services()
+        .federation
+        .client
+        .send(
+            &to_name,
+            reqwest::Method::PUT,
+            &format!("/_matrix/federation/v1/send/{txn}"),
+            Some(&body),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn remote_device_lists_are_tracked_and_a_gap_is_healed() {
+    let ca = TestCa::new();
+    let Shared {
+        one,
+        two,
+        alice,
+        alice_id,
+        bob,
+        bob_id,
+        room_id,
+    } = shared_room(&ca).await;
+    join_through(&two, &bob, &room_id, &one, &alice, &bob_id).await;
+    let (_, first) = one.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+
+    // Bob signs in on a tablet and uploads its keys: Alice's sync says his
+    // devices changed, and her server keeps his list.
+    let tablet = token(&two.login("bob", Some("BOBTAB")).await);
+    let (status, answer) = two
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            Some(&tablet),
+            json!({ "device_keys": device_keys(&bob_id, "BOBTAB") }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let bob_user = ruma::UserId::parse(&bob_id).unwrap();
+    eventually("Bob's tablet kept by Alice's server", || async {
+        let list = devices::current_list(&one.services(), &bob_user).unwrap()?;
+        list.devices["BOBTAB"].is_object().then_some(())
+    })
+    .await;
+    let (_, sync) = one
+        .get(
+            &format!("/_matrix/client/v3/sync?since={since}&timeout=0"),
+            Some(&alice),
+        )
+        .await;
+    let changed = &sync["device_lists"]["changed"];
+    assert!(
+        changed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u == bob_id.as_str()),
+        "{sync}"
+    );
+
+    // Bob's new cross-signing keys follow.
+    let master = json!({
+        "user_id": bob_id,
+        "usage": ["master"],
+        "keys": { "ed25519:bobmaster": "bobmaster" },
+    });
+    let (status, answer) = two
+        .post(
+            "/_matrix/client/v3/keys/device_signing/upload",
+            Some(&bob),
+            json!({ "master_key": master }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("Bob's master key on Alice's server", || async {
+        let list = devices::current_list(&one.services(), &bob_user).unwrap()?;
+        list.master_key.filter(|key| *key == master).map(|_| ())
+    })
+    .await;
+
+    // An update that follows on from the last one is applied as it is...
+    let known = devices::current_list(&one.services(), &bob_user)
+        .unwrap()
+        .unwrap();
+    let update = |device_id: &str, stream_id: u64, prev_id: u64| {
+        json!({
+            "edu_type": "m.device_list_update",
+            "content": {
+                "user_id": bob_id,
+                "device_id": device_id,
+                "stream_id": stream_id,
+                "prev_id": [prev_id],
+                "keys": device_keys(&bob_id, device_id),
+            },
+        })
+    };
+    let next = known.stream_id + 1;
+    send_edu(&two, &one, "d1", update("EXTRA", next, known.stream_id)).await;
+    let keys = query_keys(&one, &alice, &bob_id).await;
+    assert!(
+        device_ids(&keys, &bob_id).contains(&"EXTRA".to_owned()),
+        "{keys}"
+    );
+    // ...one after a gap makes Alice's server fetch Bob's whole list,
+    // which has neither device.
+    send_edu(&two, &one, "d2", update("AFTERGAP", next + 5, next + 4)).await;
+    let keys = query_keys(&one, &alice, &bob_id).await;
+    assert_eq!(device_ids(&keys, &bob_id), ["BOBTAB"], "{keys}");
+    let healed = devices::current_list(&one.services(), &bob_user)
+        .unwrap()
+        .unwrap();
+    let announced =
+        myelin::services::federation::announce::announced_stream_id(&two.services(), &bob_user)
+            .unwrap();
+    assert_eq!(healed.stream_id, announced);
+
+    // Updates about a user of another server, about a user who shares no
+    // room, or without a stream ID change nothing.
+    let stranger = format!("@stranger:{}", two.server_name());
+    let mut no_stream = update("NOSTREAM", announced + 1, announced);
+    no_stream["content"]
+        .as_object_mut()
+        .unwrap()
+        .remove("stream_id");
+    let mut forged = update("FORGED", 1, 0);
+    forged["content"]["user_id"] = json!(alice_id);
+    let mut unrelated = update("UNRELATED", 1, 0);
+    unrelated["content"]["user_id"] = json!(stranger);
+    for (txn, edu) in [("d3", forged), ("d4", unrelated), ("d5", no_stream)] {
+        send_edu(&two, &one, txn, edu).await;
+    }
+    let keys = query_keys(&one, &alice, &bob_id).await;
+    assert_eq!(device_ids(&keys, &bob_id), ["BOBTAB"], "{keys}");
+    let stranger = ruma::UserId::parse(&stranger).unwrap();
+    assert!(devices::current_list(&one.services(), &stranger)
+        .unwrap()
+        .is_none());
+    let keys = query_keys(&one, &alice, &alice_id).await;
+    assert!(device_ids(&keys, &alice_id).is_empty(), "{keys}");
+
+    // The list is kept: with Bob's server gone, Alice's still answers.
+    drop(two.stop().await);
+    let keys = query_keys(&one, &alice, &bob_id).await;
+    assert_eq!(device_ids(&keys, &bob_id), ["BOBTAB"], "{keys}");
+    assert_eq!(keys["master_keys"][&bob_id], master, "{keys}");
+    assert_eq!(keys["failures"], json!({}), "{keys}");
+}
+
+#[tokio::test]
+async fn presence_crosses_servers_unless_turned_off() {
+    let ca = TestCa::new();
+    let Shared {
+        one,
+        two,
+        alice,
+        alice_id: _,
+        bob,
+        bob_id,
+        room_id,
+    } = shared_room(&ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = federating_config(&dir, &ca, "127.0.0.4".parse().unwrap());
+    config.federation.presence = false;
+    let three = TestServer::start_in(dir, config, None).await;
+    let (carol, carol_id) = three.register_named("carol", "Carol").await;
+    join_through(&two, &bob, &room_id, &one, &alice, &bob_id).await;
+    join_through(&three, &carol, &room_id, &one, &alice, &carol_id).await;
+
+    let presence_of = |sync: &Value, user: &str| -> Option<Value> {
+        sync["presence"]["events"]
+            .as_array()?
+            .iter()
+            .find(|event| event["sender"] == user)
+            .map(|event| event["content"].clone())
+    };
+    let (status, answer) = two
+        .put(
+            &format!("/_matrix/client/v3/presence/{bob_id}/status"),
+            Some(&bob),
+            json!({ "presence": "online", "status_msg": "on the train" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("Bob's presence in Alice's sync", || async {
+        let (_, sync) = one.get("/_matrix/client/v3/sync", Some(&alice)).await;
+        let content = presence_of(&sync, &bob_id)?;
+        (content["status_msg"] == "on the train").then_some(())
+    })
+    .await;
+
+    // Carol's server shares no presence: it neither takes Bob's (which
+    // arrived with the message that follows it) nor sends Carol's.
+    let (status, _) = three
+        .put(
+            &format!("/_matrix/client/v3/presence/{carol_id}/status"),
+            Some(&carol),
+            json!({ "presence": "online", "status_msg": "at home" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    send_text(&two, &bob, &room_id, "p1", "after presence").await;
+    send_text(&three, &carol, &room_id, "p2", "after Carol's presence").await;
+    eventually("both messages on Alice's and Carol's servers", || async {
+        let on_one = bodies(&one, &alice, &room_id).await;
+        let on_three = bodies(&three, &carol, &room_id).await;
+        (on_one.len() == 2 && on_three.len() == 2).then_some(())
+    })
+    .await;
+    let (_, sync) = three.get("/_matrix/client/v3/sync", Some(&carol)).await;
+    assert_eq!(presence_of(&sync, &bob_id), None, "{sync}");
+    let (_, sync) = one.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    assert_eq!(presence_of(&sync, &carol_id), None, "{sync}");
 }

@@ -97,6 +97,12 @@ impl SyncStream {
 
     /// Registers a reader for the user's own writes and those of the
     /// rooms given; register before reading, so no wake-up is lost.
+    /// A registration woken only by changes that concern everyone
+    /// (presence, device lists).
+    pub fn register_everyone(&self) -> Registration {
+        self.wakeups.register(Vec::new())
+    }
+
     pub fn register(&self, user: &UserId, rooms: &[String]) -> Registration {
         let mut topics = rooms.to_vec();
         topics.push(user.to_string());

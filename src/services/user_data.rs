@@ -241,6 +241,19 @@ impl UserData {
         presence: &str,
         status_msg: Option<String>,
     ) -> Result<()> {
+        let now = self.clock.now_ms();
+        self.set_presence_at(user, presence, status_msg, now).await
+    }
+
+    /// Sets a presence last active at `last_active_ts` (another server's
+    /// user, as their server reported it).
+    pub async fn set_presence_at(
+        &self,
+        user: &UserId,
+        presence: &str,
+        status_msg: Option<String>,
+        last_active_ts: u64,
+    ) -> Result<()> {
         if !matches!(presence, "online" | "offline" | "unavailable") {
             return Err(Error::InvalidParam(format!(
                 "unknown presence {presence:?}"
@@ -254,7 +267,7 @@ impl UserData {
         let record = PresenceRecord {
             presence: presence.to_owned(),
             status_msg,
-            last_active_ts: self.clock.now_ms(),
+            last_active_ts,
             stream,
         };
         batch.put(tables::PRESENCE, &user.to_string(), &record);

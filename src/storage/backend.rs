@@ -94,11 +94,16 @@ pub enum Cf {
     FederationInbound,
     /// The stripped room state that came with an invite from another server.
     InviteState,
+    /// Other servers' users' device lists, as last heard of.
+    RemoteDevices,
+    /// What other servers were last told of each local user's devices and
+    /// cross-signing keys, and how far the stream has been announced.
+    DeviceAnnouncements,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 40] = [
+    pub const ALL: [Cf; 42] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -139,6 +144,8 @@ impl Cf {
         Cf::FederationTxns,
         Cf::FederationInbound,
         Cf::InviteState,
+        Cf::RemoteDevices,
+        Cf::DeviceAnnouncements,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -184,6 +191,8 @@ impl Cf {
             Cf::FederationTxns => "federation_txns",
             Cf::FederationInbound => "federation_inbound",
             Cf::InviteState => "invite_state",
+            Cf::RemoteDevices => "remote_devices",
+            Cf::DeviceAnnouncements => "device_announcements",
         }
     }
 

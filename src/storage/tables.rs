@@ -36,6 +36,15 @@ pub const FEDERATION_INBOUND: Table<(String, String), serde_json::Value> =
     Table::new(Cf::FederationInbound);
 /// Invite event ID → the stripped state its (remote) room sent with it.
 pub const INVITE_STATE: Table<String, Vec<serde_json::Value>> = Table::new(Cf::InviteState);
+/// Another server's user → their device list as last heard of.
+pub const REMOTE_DEVICES: Table<String, RemoteDeviceList> = Table::new(Cf::RemoteDevices);
+/// Local user → what other servers were last told of their devices.
+pub const DEVICE_ANNOUNCEMENTS: Table<String, Announced> = Table::new(Cf::DeviceAnnouncements);
+/// The stream position up to which local users' device, key and presence
+/// changes were announced to other servers, under the key
+/// [`ANNOUNCED_UPTO`] (user IDs, the other keys, start with `@`).
+pub const ANNOUNCED_POSITION: Table<String, u64> = Table::new(Cf::DeviceAnnouncements);
+pub const ANNOUNCED_UPTO: &str = "upto";
 /// Events by event ID.
 pub const PDUS: Table<String, StoredPdu> = Table::new(Cf::Pdus);
 /// (room ID, stream position) → event ID.
@@ -652,4 +661,29 @@ mod tests {
         assert_eq!(serde_json::from_str::<TokenHash>(&json).unwrap(), hash);
         assert!(serde_json::from_str::<TokenHash>("\"abc\"").is_err());
     }
+}
+
+/// Another server's user's devices and cross-signing keys, kept current
+/// by `m.device_list_update` and `m.signing_key_update` and refetched
+/// whole (`/user/devices`) when an update shows a gap.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RemoteDeviceList {
+    /// The `stream_id` of the last update applied.
+    pub stream_id: u64,
+    /// Device ID → its signed identity keys (`null` before it uploads any).
+    pub devices: std::collections::BTreeMap<String, serde_json::Value>,
+    pub master_key: Option<serde_json::Value>,
+    pub self_signing_key: Option<serde_json::Value>,
+}
+
+/// What other servers were last told of a local user's devices: the
+/// `stream_id` of the last `m.device_list_update` (one per device
+/// change) and what each device and cross-signing key looked like.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Announced {
+    pub stream_id: u64,
+    /// Device ID → `{"keys": ..., "display_name": ...}` as announced.
+    pub devices: std::collections::BTreeMap<String, serde_json::Value>,
+    pub master_key: Option<serde_json::Value>,
+    pub self_signing_key: Option<serde_json::Value>,
 }

@@ -23,6 +23,7 @@ use crate::api::extract::{Auth, JsonBody, Path, Query};
 use crate::api::shared::{local_claim, local_device_keys};
 use crate::api::AppState;
 use crate::services::e2ee::CROSS_SIGNING_USAGES;
+use crate::services::federation::devices as remote_devices;
 use crate::services::uia::{Flows, STAGE_PASSWORD};
 
 /// Most users one query or claim may name.
@@ -86,6 +87,30 @@ pub async fn query(
         let wanted: Vec<String> = serde_json::from_value(wanted.clone())
             .map_err(|_| MatrixError::bad_json("device_keys values must be lists of device IDs"))?;
         if user.server_name().as_str() != state.config.server_name {
+            if let Some(list) = remote_devices::current_list(&state, &user)? {
+                let devices: Map<String, Value> = list
+                    .devices
+                    .into_iter()
+                    .filter(|(id, keys)| {
+                        keys.is_object() && (wanted.is_empty() || wanted.contains(id))
+                    })
+                    .collect();
+                device_keys.insert(user_id.clone(), Value::Object(devices));
+                let keys = [list.master_key, list.self_signing_key];
+                for (slot, key) in keys.into_iter().enumerate() {
+                    if let Some(key) = key {
+                        cross_signing[slot].insert(user_id.clone(), key);
+                    }
+                }
+                continue;
+            }
+            if remote_devices::shares_room_with_local(&state, &user)? {
+                // Kept from now on, so later queries need not ask.
+                let (state, user) = (state.clone(), user.clone());
+                tokio::spawn(async move {
+                    let _ = remote_devices::resync(&state, &user).await;
+                });
+            }
             remote
                 .entry(user.server_name().to_string())
                 .or_default()

@@ -11,6 +11,7 @@ use super::super::error::{ApiResult, MatrixError};
 use super::super::extract::{Path, Signed};
 use super::super::shared::{local_claim, local_device_keys};
 use super::super::AppState;
+use crate::services::federation::announce;
 
 /// Most users one request may name.
 const MAX_USERS: usize = 1000;
@@ -116,7 +117,7 @@ async fn devices(
     }
     let mut answer = json!({
         "user_id": user,
-        "stream_id": state.rooms.current_stream_position(),
+        "stream_id": announce::announced_stream_id(&state, &user)?,
         "devices": devices,
     });
     if let Some(key) = state.e2ee.cross_signing_key(&user, "master")? {

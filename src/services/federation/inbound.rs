@@ -313,6 +313,15 @@ async fn receive_edu(services: &Services, origin: &ServerName, edu: &Value) -> R
                 .send_to_device(&sender, kind, messages, devices_of, Some(seen), |_| {})
                 .await?;
         }
+        Some("m.device_list_update") => {
+            super::devices::receive_device_update(services, origin, content).await?;
+        }
+        Some("m.signing_key_update") => {
+            super::devices::receive_signing_key_update(services, origin, content).await?;
+        }
+        Some("m.presence") => {
+            super::devices::receive_presence(services, origin, content).await?;
+        }
         _ => {}
     }
     Ok(())

@@ -3,8 +3,10 @@
 //! the outbound client. The protocol rules live in `myelin-federation`;
 //! this service gives them storage, time and the network.
 
+pub mod announce;
 pub mod backfill;
 pub mod client;
+pub mod devices;
 pub mod inbound;
 pub mod membership;
 pub mod sender;
@@ -44,6 +46,8 @@ pub struct Federation {
     keys: Mutex<HashMap<OwnedServerName, VerifiedKeys>>,
     /// The sender's workers, one per destination.
     pub destinations: sender::Destinations,
+    /// Serialize the changes to each remote user's device list.
+    pub device_locks: super::locks::StripedLocks,
 }
 
 impl Federation {
@@ -67,6 +71,7 @@ impl Federation {
             client,
             keys: Mutex::default(),
             destinations: sender::Destinations::default(),
+            device_locks: super::locks::StripedLocks::new(64),
         })
     }
 

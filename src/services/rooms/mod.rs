@@ -156,6 +156,11 @@ impl Rooms {
     }
 
     /// The latest stream position handed out.
+    /// The stream counter, for writes about rooms' members made elsewhere.
+    pub fn stream(&self) -> &Arc<StreamCounter> {
+        &self.stream
+    }
+
     pub fn current_stream_position(&self) -> u64 {
         self.stream.current()
     }
