@@ -1345,3 +1345,139 @@ async fn presence_crosses_servers_unless_turned_off() {
     let (_, sync) = one.get("/_matrix/client/v3/sync", Some(&alice)).await;
     assert_eq!(presence_of(&sync, &carol_id), None, "{sync}");
 }
+
+/// A `width`×`height` PNG gradient.
+fn png(width: u32, height: u32) -> Vec<u8> {
+    let pixels = image::RgbaImage::from_fn(width, height, |x, y| {
+        image::Rgba([(x * 255 / width) as u8, (y * 255 / height) as u8, 90, 255])
+    });
+    let mut bytes = Vec::new();
+    image::DynamicImage::ImageRgba8(pixels)
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    bytes
+}
+
+/// `GET path` on `server` as `token`, with an optional `Range`.
+async fn get_media(
+    server: &TestServer,
+    path: &str,
+    token: &str,
+    range: Option<&str>,
+) -> reqwest::Response {
+    let mut request = server.http.get(server.url(path)).bearer_auth(token);
+    if let Some(range) = range {
+        request = request.header("Range", range);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn media_of_another_server_is_fetched_kept_and_capped() {
+    let ca = TestCa::new();
+    let (one, _) = start(&ca, "127.0.0.2").await;
+    let (two, _) = start(&ca, "127.0.0.3").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = federating_config(&dir, &ca, "127.0.0.4".parse().unwrap());
+    config.media.max_upload_bytes = 1_000;
+    let small = TestServer::start_in(dir, config, None).await;
+    let (alice, _) = one.register_named("alice", "Alice").await;
+    let (bob, _) = two.register_named("bob", "Bob").await;
+    let (sam, _) = small.register_named("sam", "Sam").await;
+
+    let image = png(300, 200);
+    assert!(image.len() > 1_000);
+    let response = two
+        .http
+        .post(two.url("/_matrix/media/v3/upload?filename=photo.png"))
+        .bearer_auth(&bob)
+        .header("Content-Type", "image/png")
+        .body(image.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let uri: Value = response.json().await.unwrap();
+    let rest = uri["content_uri"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("mxc://")
+        .unwrap()
+        .to_owned();
+    let download = format!("/_matrix/client/v1/media/download/{rest}");
+    let thumbnail = format!("/_matrix/client/v1/media/thumbnail/{rest}?width=32&height=32");
+
+    // Alice's server fetches Bob's image from his server: the same bytes,
+    // type and name, in byte ranges too; the thumbnail is the one Bob's
+    // server makes.
+    let response = get_media(&one, &download, &alice, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "image/png");
+    let disposition = response.headers()["content-disposition"].to_str().unwrap();
+    assert!(disposition.contains("photo.png"), "{disposition}");
+    assert_eq!(response.bytes().await.unwrap().as_ref(), image.as_slice());
+    let response = get_media(&one, &download, &alice, Some("bytes=10-19")).await;
+    assert_eq!(response.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(response.bytes().await.unwrap().as_ref(), &image[10..20]);
+    let at_home = get_media(&two, &thumbnail, &bob, None).await;
+    assert_eq!(at_home.status(), StatusCode::OK);
+    let at_home = at_home.bytes().await.unwrap();
+    let fetched = get_media(&one, &thumbnail, &alice, None).await;
+    assert_eq!(fetched.status(), StatusCode::OK);
+    assert!(fetched.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("image/"));
+    assert_eq!(fetched.bytes().await.unwrap(), at_home);
+
+    // Unknown media of another server is not found; the federation
+    // endpoints want a signed request.
+    let (status, answer) = one
+        .get(
+            &format!(
+                "/_matrix/client/v1/media/download/{}/nosuchmedia",
+                two.server_name()
+            ),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    assert_eq!(answer["errcode"], "M_NOT_FOUND");
+    let media_id = rest.rsplit('/').next().unwrap();
+    let unsigned = common::federation::https_client(&ca)
+        .get(format!(
+            "{}/_matrix/federation/v1/media/download/{media_id}",
+            two.federation_base()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED);
+
+    // A server whose limit the image exceeds refuses it and keeps nothing.
+    for _ in 0..2 {
+        let response = get_media(&small, &download, &sam, None).await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["errcode"], "M_TOO_LARGE", "{answer}");
+    }
+    let (server, media_id) = rest.split_once('/').unwrap();
+    assert!(small
+        .services()
+        .media
+        .open(server, media_id)
+        .unwrap()
+        .is_none());
+
+    // Kept: with Bob's server gone, Alice's still serves both.
+    drop(two.stop().await);
+    let response = get_media(&one, &download, &alice, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.bytes().await.unwrap().as_ref(), image.as_slice());
+    let response = get_media(&one, &thumbnail, &alice, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.bytes().await.unwrap(), at_home);
+}

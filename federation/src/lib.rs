@@ -9,6 +9,7 @@
 
 pub mod discovery;
 pub mod ip_ranges;
+pub mod media;
 pub mod pdu;
 pub mod request_auth;
 pub mod server_acl;

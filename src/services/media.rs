@@ -334,6 +334,109 @@ impl Media {
         Ok((stored, path))
     }
 
+    /// Serializes the fetching of one piece of another server's media.
+    pub async fn lock(&self, key: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        self.locks.lock(key).await
+    }
+
+    /// Keeps a file fetched from the server it belongs to under its own
+    /// name (`server`, `media_id`), as uploads are kept.
+    pub async fn store_remote(
+        &self,
+        server: &str,
+        media_id: &str,
+        description: Description,
+        bytes: &[u8],
+    ) -> Result<(MediaRecord, PathBuf)> {
+        let mut incoming = self.incoming_up_to(self.config.max_upload_bytes)?;
+        incoming.write(bytes)?;
+        let size = incoming.size;
+        let hash = self.put_in_place(incoming).await?;
+        let record = MediaRecord {
+            uploader: String::new(),
+            created_ts: self.clock.now_ms(),
+            content_hash: Some(hash.clone()),
+            content_type: description.content_type,
+            filename: description.filename,
+            size,
+            pending_until: None,
+        };
+        let mut batch = Batch::new();
+        batch.put(
+            tables::MEDIA,
+            &(server.to_owned(), media_id.to_owned()),
+            &record,
+        );
+        self.storage.commit(batch).await?;
+        Ok((record, self.path_of(&hash)))
+    }
+
+    /// The key of a thumbnail of another server's media, fetched from it:
+    /// (`mxc://server/media_id`, the size asked for).
+    fn remote_thumbnail_key(
+        server: &str,
+        media_id: &str,
+        width: u32,
+        height: u32,
+        method: Method,
+    ) -> (String, String) {
+        (
+            format!("mxc://{server}/{media_id}"),
+            format!("{width}x{height}-{}", method.as_str()),
+        )
+    }
+
+    /// A thumbnail of another server's media fetched before.
+    pub fn remote_thumbnail(
+        &self,
+        server: &str,
+        media_id: &str,
+        width: u32,
+        height: u32,
+        method: Method,
+    ) -> Result<Option<(ThumbnailRecord, PathBuf)>> {
+        let key = Self::remote_thumbnail_key(server, media_id, width, height, method);
+        Ok(self
+            .storage
+            .get(tables::MEDIA_THUMBNAILS, &key)?
+            .map(|stored| {
+                let path = self.path_of(&stored.content_hash);
+                (stored, path)
+            }))
+    }
+
+    /// Keeps a thumbnail fetched from the server of the media. Its size is
+    /// recorded as asked for: the server chose the pixels.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn store_remote_thumbnail(
+        &self,
+        server: &str,
+        media_id: &str,
+        width: u32,
+        height: u32,
+        method: Method,
+        content_type: String,
+        bytes: &[u8],
+    ) -> Result<(ThumbnailRecord, PathBuf)> {
+        let mut incoming = self.incoming_up_to(self.config.max_upload_bytes)?;
+        incoming.write(bytes)?;
+        let size = incoming.size;
+        let content_hash = self.put_in_place(incoming).await?;
+        let stored = ThumbnailRecord {
+            content_hash,
+            content_type,
+            size,
+            width,
+            height,
+        };
+        let key = Self::remote_thumbnail_key(server, media_id, width, height, method);
+        let mut batch = Batch::new();
+        batch.put(tables::MEDIA_THUMBNAILS, &key, &stored);
+        self.storage.commit(batch).await?;
+        let path = self.path_of(&stored.content_hash);
+        Ok((stored, path))
+    }
+
     fn path_of(&self, hash: &str) -> PathBuf {
         self.dir.join(&hash[..2]).join(hash)
     }

@@ -22,8 +22,10 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, Path, Query};
 use crate::api::AppState;
+use crate::services::federation::media as remote_media;
 use crate::services::media::Description;
 use crate::services::thumbnail::Method;
+use ruma::{OwnedServerName, ServerName};
 
 /// Content types a browser may show inline; anything else downloads.
 const INLINE_TYPES: &[&str] = &[
@@ -193,9 +195,10 @@ pub async fn download(
     State(state): State<AppState>,
     Auth(_): Auth,
     Path((server, media_id)): Path<(String, String)>,
+    Query(query): Query<DownloadQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    serve(&state, &server, &media_id, None, &headers).await
+    serve(&state, &server, &media_id, None, query.remote(), &headers).await
 }
 
 /// `GET /_matrix/client/v1/media/download/{serverName}/{mediaId}/{fileName}`
@@ -203,9 +206,18 @@ pub async fn download_named(
     State(state): State<AppState>,
     Auth(_): Auth,
     Path((server, media_id, filename)): Path<(String, String, String)>,
+    Query(query): Query<DownloadQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    serve(&state, &server, &media_id, Some(filename), &headers).await
+    serve(
+        &state,
+        &server,
+        &media_id,
+        Some(filename),
+        query.remote(),
+        &headers,
+    )
+    .await
 }
 
 /// `GET /_matrix/media/v3/download/{serverName}/{mediaId}`: without
@@ -213,20 +225,30 @@ pub async fn download_named(
 pub async fn legacy_download(
     State(state): State<AppState>,
     Path((server, media_id)): Path<(String, String)>,
+    Query(query): Query<DownloadQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     legacy(&state)?;
-    serve(&state, &server, &media_id, None, &headers).await
+    serve(&state, &server, &media_id, None, query.remote(), &headers).await
 }
 
 /// `GET /_matrix/media/v3/download/{serverName}/{mediaId}/{fileName}`
 pub async fn legacy_download_named(
     State(state): State<AppState>,
     Path((server, media_id, filename)): Path<(String, String, String)>,
+    Query(query): Query<DownloadQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     legacy(&state)?;
-    serve(&state, &server, &media_id, Some(filename), &headers).await
+    serve(
+        &state,
+        &server,
+        &media_id,
+        Some(filename),
+        query.remote(),
+        &headers,
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -238,9 +260,54 @@ pub struct ThumbnailQuery {
     /// still images (the first frame), which the specification allows.
     #[allow(dead_code)]
     animated: Option<bool>,
-    /// For remote media, which this server does not fetch.
-    #[allow(dead_code)]
+    /// How long to wait for another server's media.
     timeout_ms: Option<u64>,
+    /// `false`: answer only what this server has (the legacy endpoints).
+    allow_remote: Option<bool>,
+}
+
+/// What a download may say of other servers' media.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct DownloadQuery {
+    /// How long to wait for another server's media.
+    timeout_ms: Option<u64>,
+    /// `false`: answer only what this server has (the legacy endpoints).
+    allow_remote: Option<bool>,
+}
+
+impl DownloadQuery {
+    fn remote(&self) -> Remote {
+        Remote {
+            allowed: self.allow_remote.unwrap_or(true),
+            timeout_ms: self.timeout_ms,
+        }
+    }
+}
+
+/// Whether and how long to fetch media of another server.
+#[derive(Clone, Copy)]
+struct Remote {
+    allowed: bool,
+    timeout_ms: Option<u64>,
+}
+
+/// The server of an `mxc://` URI when it is another server, whose media
+/// is then fetched from it; `None` for this server.
+fn other_server(
+    state: &AppState,
+    server: &str,
+    remote: Remote,
+) -> ApiResult<Option<OwnedServerName>> {
+    if server == state.media.server_name() {
+        return Ok(None);
+    }
+    let not_found = || MatrixError::not_found("Media not found");
+    let name = ServerName::parse(server).map_err(|_| not_found())?;
+    if !remote.allowed || !state.federation.enabled() {
+        return Err(not_found());
+    }
+    Ok(Some(name))
 }
 
 /// `GET /_matrix/client/v1/media/thumbnail/{serverName}/{mediaId}`
@@ -273,24 +340,43 @@ async fn serve_thumbnail(
     query: ThumbnailQuery,
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
-    let method = match query.method.as_deref() {
-        None => Method::Scale,
-        Some(text) => Method::parse(text)
-            .ok_or_else(|| MatrixError::invalid_param("method must be \"scale\" or \"crop\""))?,
+    let method = requested_method(query.method.as_deref(), query.width, query.height)?;
+    let remote = Remote {
+        allowed: query.allow_remote.unwrap_or(true),
+        timeout_ms: query.timeout_ms,
     };
-    if query.width == 0 || query.height == 0 {
-        return Err(MatrixError::invalid_param(
-            "width and height must be at least 1",
-        ));
-    }
-    let (record, path) = state
-        .media
-        .thumbnail(server, media_id, query.width, query.height, method)
-        .await?;
+    let (record, path) = match other_server(state, server, remote)? {
+        Some(name) => {
+            let size = (query.width, query.height, method);
+            remote_media::thumbnail(state, &name, media_id, size, remote.timeout_ms).await?
+        }
+        None => {
+            state
+                .media
+                .thumbnail(server, media_id, query.width, query.height, method)
+                .await?
+        }
+    };
     let extension = record.content_type.trim_start_matches("image/");
     let name = format!("thumbnail.{extension}");
     let response_headers = media_headers(Some(&record.content_type), Some(&name));
     serve_file(&path, record.size, response_headers, headers).await
+}
+
+/// The thumbnail method asked for (`scale` by default), for a size of at
+/// least one pixel each way.
+pub(crate) fn requested_method(method: Option<&str>, width: u32, height: u32) -> ApiResult<Method> {
+    let method = match method {
+        None => Method::Scale,
+        Some(text) => Method::parse(text)
+            .ok_or_else(|| MatrixError::invalid_param("method must be \"scale\" or \"crop\""))?,
+    };
+    if width == 0 || height == 0 {
+        return Err(MatrixError::invalid_param(
+            "width and height must be at least 1",
+        ));
+    }
+    Ok(method)
 }
 
 fn legacy(state: &AppState) -> ApiResult<()> {
@@ -311,10 +397,14 @@ async fn serve(
     server: &str,
     media_id: &str,
     filename: Option<String>,
+    remote: Remote,
     headers: &HeaderMap,
 ) -> ApiResult<Response> {
     let not_found = || MatrixError::not_found("Media not found");
-    let (record, path) = state.media.open(server, media_id)?.ok_or_else(not_found)?;
+    let (record, path) = match other_server(state, server, remote)? {
+        Some(name) => remote_media::download(state, &name, media_id, remote.timeout_ms).await?,
+        None => state.media.open(server, media_id)?.ok_or_else(not_found)?,
+    };
     let response_headers = media_headers(
         record.content_type.as_deref(),
         filename.as_deref().or(record.filename.as_deref()),
@@ -365,7 +455,7 @@ async fn serve_file(
     Ok((status, response_headers, body).into_response())
 }
 
-fn media_headers(content_type: Option<&str>, filename: Option<&str>) -> HeaderMap {
+pub(crate) fn media_headers(content_type: Option<&str>, filename: Option<&str>) -> HeaderMap {
     let mut headers = HeaderMap::new();
     let content_type = content_type.unwrap_or("application/octet-stream");
     let essence = content_type

@@ -7,6 +7,7 @@
 //! endpoints are public, as the spec makes them.
 
 mod keys;
+mod media;
 mod rooms;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,7 @@ pub fn routes() -> Router<AppState> {
         .route("/.well-known/matrix/server", get(well_known))
         .merge(rooms::routes())
         .merge(keys::routes())
+        .merge(media::routes())
 }
 
 /// `GET /_matrix/key/v2/server`: this server's signed key document.

@@ -27,6 +27,19 @@ const MAX_WELL_KNOWN_BYTES: usize = 64 * 1024;
 /// Most well-known answers remembered.
 const MAX_WELL_KNOWN_CACHED: usize = 10_000;
 
+/// Largest error answer read.
+const MAX_ERROR_BYTES: usize = 64 * 1024;
+
+/// An answer of any content (media), as read.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub content_type: Option<String>,
+    pub content_disposition: Option<String>,
+    /// Where a redirect pointed.
+    pub location: Option<String>,
+    pub body: Vec<u8>,
+}
+
 /// Signs and sends requests to other servers.
 pub struct FederationClient {
     http: reqwest::Client,
@@ -189,6 +202,120 @@ impl FederationClient {
             .await
             .map_err(unavailable)?;
         serde_json::from_slice(&bytes).map_err(|_| unavailable("answered with non-JSON".to_owned()))
+    }
+
+    /// A `GET` of `path` on `destination` whose answer may be any bytes
+    /// (media), signed with `X-Matrix` when `signed`; at most `limit`
+    /// bytes are read. Answers that are not a success are `Refused`, with
+    /// their body as JSON when it is.
+    pub async fn get_bytes(
+        &self,
+        destination: &ServerName,
+        path: &str,
+        signed: bool,
+        limit: usize,
+    ) -> std::result::Result<RawAnswer, SendError> {
+        let place = self.locate(destination).await.map_err(SendError::Failed)?;
+        let url = format!("https://{}:{}{path}", url_host(&place.tls_name), place.port);
+        let mut request = self.http.get(&url).header(header::HOST, &place.host_header);
+        if signed {
+            let authorization = SignedRequest {
+                method: "GET",
+                uri: path,
+                origin: &self.origin,
+                destination,
+                content: None,
+            }
+            .authorization(self.key.as_ref(), &self.key.key_id());
+            request = request.header(header::AUTHORIZATION, authorization.to_string());
+        }
+        self.raw_answer(request, destination.as_str(), limit).await
+    }
+
+    /// An unsigned `GET` of a URL another server pointed to (a media
+    /// `Location`), under the same address policy.
+    pub async fn get_url(
+        &self,
+        url: &str,
+        limit: usize,
+    ) -> std::result::Result<RawAnswer, SendError> {
+        let failed = |why: String| SendError::Failed(Error::RemoteUnavailable(why));
+        let parsed = reqwest::Url::parse(url).map_err(|e| failed(format!("{url}: {e}")))?;
+        if parsed.scheme() != "https" && parsed.scheme() != "http" {
+            return Err(failed(format!("{url} is not an HTTP URL")));
+        }
+        let Some(host) = parsed.host_str() else {
+            return Err(failed(format!("{url} names no host")));
+        };
+        let literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok();
+        if literal.is_some_and(|ip| !self.policy.permits(ip)) {
+            return Err(failed(format!("{url} is in a denied IP range")));
+        }
+        self.raw_answer(self.http.get(parsed), url, limit).await
+    }
+
+    async fn raw_answer(
+        &self,
+        request: reqwest::RequestBuilder,
+        whom: &str,
+        limit: usize,
+    ) -> std::result::Result<RawAnswer, SendError> {
+        let unavailable =
+            |why: String| SendError::Failed(Error::RemoteUnavailable(format!("{whom}: {why}")));
+        let response = request
+            .send()
+            .await
+            .map_err(|e| unavailable(error_chain(&e)))?;
+        let status = response.status().as_u16();
+        let header_text = |name: header::HeaderName| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        let content_type = header_text(header::CONTENT_TYPE);
+        let content_disposition = header_text(header::CONTENT_DISPOSITION);
+        let location = header_text(header::LOCATION);
+        if !(200..300).contains(&status) {
+            let body = read_limited(response, MAX_ERROR_BYTES)
+                .await
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                .unwrap_or(Value::Null);
+            if (300..400).contains(&status) {
+                if let Some(location) = location {
+                    return Ok(RawAnswer {
+                        content_type: None,
+                        content_disposition: None,
+                        location: Some(location),
+                        body: Vec::new(),
+                    });
+                }
+            }
+            return Err(SendError::Refused { status, body });
+        }
+        if response
+            .content_length()
+            .is_some_and(|length| length > limit as u64)
+        {
+            return Err(SendError::Failed(Error::TooLarge(format!(
+                "{whom} answered more than {limit} bytes"
+            ))));
+        }
+        let body = read_limited(response, limit)
+            .await
+            .map_err(|why| SendError::Failed(Error::TooLarge(format!("{whom}: {why}"))))?;
+        Ok(RawAnswer {
+            content_type,
+            content_disposition,
+            location: None,
+            body,
+        })
     }
 
     /// Where `destination` is reached, refusing denied addresses.

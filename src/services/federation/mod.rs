@@ -8,6 +8,7 @@ pub mod backfill;
 pub mod client;
 pub mod devices;
 pub mod inbound;
+pub mod media;
 pub mod membership;
 pub mod sender;
 
