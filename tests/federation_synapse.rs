@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::net::IpAddr;
-
-use common::federation::{free_port, start_federating, TestCa};
+use common::federation::{start_federating, TestCa};
 use common::PASSWORD;
 use myelin_testkit::synapse::{Synapse, SynapseSetup};
 use reqwest::StatusCode;
@@ -15,16 +13,7 @@ use serde_json::{json, Value};
 
 /// Starts Synapse on `ip` with a certificate of `ca`.
 async fn start_synapse(ca: &TestCa, ip: &str) -> (Synapse, tempfile::TempDir) {
-    let ip: IpAddr = ip.parse().unwrap();
-    let (tls_certificate, tls_private_key) = ca.issue(ip);
-    let setup = SynapseSetup {
-        ip,
-        federation_port: free_port(ip),
-        client_port: free_port(ip),
-        tls_certificate,
-        tls_private_key,
-        ca_certificates: ca.ca_pem.clone(),
-    };
+    let setup = SynapseSetup::on(ip.parse().unwrap(), ca);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_owned();
     let synapse = tokio::task::spawn_blocking(move || Synapse::start(&path, &setup))

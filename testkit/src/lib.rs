@@ -12,6 +12,7 @@
 //! The cache directory is `$MYELIN_TEST_CACHE`, else
 //! `$XDG_CACHE_HOME/myelin-test`, else `$HOME/.cache/myelin-test`.
 
+pub mod ca;
 pub mod synapse;
 
 use std::fmt;

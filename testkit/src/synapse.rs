@@ -34,6 +34,21 @@ pub struct SynapseSetup {
     pub ca_certificates: PathBuf,
 }
 
+impl SynapseSetup {
+    /// Both listeners on free ports of `ip`, with a certificate of `ca`.
+    pub fn on(ip: IpAddr, ca: &crate::ca::TestCa) -> Self {
+        let (tls_certificate, tls_private_key) = ca.issue(ip);
+        SynapseSetup {
+            ip,
+            federation_port: crate::ca::free_port(ip),
+            client_port: crate::ca::free_port(ip),
+            tls_certificate,
+            tls_private_key,
+            ca_certificates: ca.ca_pem.clone(),
+        }
+    }
+}
+
 /// A running Synapse.
 pub struct Synapse {
     child: Child,

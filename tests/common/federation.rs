@@ -3,64 +3,13 @@
 //! (`127.0.0.2:PORT`), each with an HTTPS federation listener whose
 //! certificate that authority signed.
 
-use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
 
 use myelin::config::Config;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+pub use myelin_testkit::ca::{free_port, TestCa};
 use tempfile::TempDir;
 
 use super::{test_config, TestServer};
-
-/// A certificate authority whose files live as long as it does.
-pub struct TestCa {
-    dir: TempDir,
-    cert: rcgen::Certificate,
-    key: KeyPair,
-    pub ca_pem: PathBuf,
-}
-
-impl TestCa {
-    pub fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "Myelin test CA");
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        let ca_pem = dir.path().join("ca.pem");
-        std::fs::write(&ca_pem, cert.pem()).unwrap();
-        TestCa {
-            dir,
-            cert,
-            key,
-            ca_pem,
-        }
-    }
-
-    /// A certificate for `ip` and its key, as PEM files.
-    pub fn issue(&self, ip: IpAddr) -> (PathBuf, PathBuf) {
-        let params = CertificateParams::new(vec![ip.to_string()]).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        let cert_path = self.dir.path().join(format!("{ip}.pem"));
-        let key_path = self.dir.path().join(format!("{ip}.key"));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (cert_path, key_path)
-    }
-}
-
-/// A free port on `ip`.
-pub fn free_port(ip: IpAddr) -> u16 {
-    TcpListener::bind(SocketAddr::new(ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The configuration of a federating server on `ip`: named
 /// `{ip}:{port}`, its federation API on HTTPS at that address, trusting
