@@ -1,6 +1,6 @@
 //! A sending server killed (SIGKILL) in the middle of a burst: every event
-//! it acknowledged reaches the other server once, whether the crash came
-//! before, during or after its transaction.
+//! and every to-device message it acknowledged reaches the other server
+//! once, whether the crash came before, during or after its transaction.
 
 mod common;
 
@@ -110,14 +110,14 @@ async fn call(
 }
 
 #[tokio::test]
-async fn every_acknowledged_event_reaches_the_peer_once_across_a_crash() {
+async fn every_acknowledged_event_and_to_device_message_reaches_the_peer_once_across_a_crash() {
     let ca = TestCa::new();
     let receiver = start_federating(&ca, "127.0.0.3", |config| {
         config.federation.retry_base_ms = 200;
         config.federation.retry_max_ms = 1_000;
     })
     .await;
-    let (bob, _) = receiver.register_named("bob", "Bob").await;
+    let (bob, bob_id) = receiver.register_named("bob", "Bob").await;
 
     let dir = tempfile::tempdir().unwrap();
     let ip = "127.0.0.6";
@@ -158,14 +158,26 @@ async fn every_acknowledged_event_reaches_the_peer_once_across_a_crash() {
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
 
-    // A burst of sends, one after another; the process is killed while
-    // they run. Whatever was answered 200 was acknowledged.
+    // A burst of sends, each a to-device message to Bob's devices and a
+    // room message, one after another; the process is killed while they
+    // run. Whatever was answered 200 was acknowledged.
     let sender = {
-        let (http, base, alice, room_id) =
-            (http.clone(), base.clone(), alice.clone(), room_id.clone());
+        let (http, base, alice, room_id, bob_id) = (
+            http.clone(),
+            base.clone(),
+            alice.clone(),
+            room_id.clone(),
+            bob_id.clone(),
+        );
         tokio::spawn(async move {
             let mut acknowledged = Vec::new();
             for i in 0..2000 {
+                let url = format!("{base}/_matrix/client/v3/sendToDevice/org.example.burst/td{i}");
+                let body = json!({ "messages": { &bob_id: { "*": { "n": i } } } });
+                let (status, _) = call(&http, reqwest::Method::PUT, url, Some(&alice), body).await;
+                if status != StatusCode::OK {
+                    break;
+                }
                 let url = format!(
                     "{base}/_matrix/client/v3/rooms/{room_id}/send/m.room.message/burst{i}"
                 );
@@ -231,6 +243,41 @@ async fn every_acknowledged_event_reaches_the_peer_once_across_a_crash() {
     let mut unique = got.clone();
     unique.dedup();
     assert_eq!(unique, got, "no event arrived twice");
+
+    // Each acknowledged to-device message came once (the one sent before
+    // an unanswered room message was acknowledged too).
+    let mut numbers = Vec::new();
+    let mut since: Option<String> = None;
+    for _ in 0..100 {
+        let path = match &since {
+            Some(since) => format!("/_matrix/client/v3/sync?timeout=0&since={since}"),
+            None => "/_matrix/client/v3/sync?timeout=0".to_owned(),
+        };
+        let (status, sync) = receiver.get(&path, Some(&bob)).await;
+        assert_eq!(status, StatusCode::OK, "{sync}");
+        let events = sync["to_device"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        numbers.extend(events.iter().filter_map(|e| e["content"]["n"].as_u64()));
+        since = sync["next_batch"].as_str().map(str::to_owned);
+        if events.is_empty() && numbers.len() >= expected.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let wanted: Vec<u64> = (0..expected.len() as u64).collect();
+    assert!(
+        numbers.len() >= wanted.len(),
+        "{} of {} to-device messages",
+        numbers.len(),
+        wanted.len()
+    );
+    assert_eq!(numbers[..wanted.len()], wanted[..]);
+    assert!(
+        numbers.len() <= wanted.len() + 1,
+        "a to-device message came twice: {numbers:?}"
+    );
 }
 
 /// The burst messages in the receiver's timeline, oldest first.

@@ -406,6 +406,48 @@ async fn myelin_and_synapse_share_rooms_both_ways() {
             })
     })
     .await;
+    // And the other way: Alice types, Sam reads.
+    let (status, _) = myelin
+        .put(
+            &format!("/_matrix/client/v3/rooms/{myelin_room}/typing/{alice_id}"),
+            Some(&alice),
+            json!({ "typing": true, "timeout": 20000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    sam.sync_until("Alice typing in Sam's sync", |sync| {
+        sync["rooms"]["join"][&myelin_room]["ephemeral"]["events"]
+            .as_array()
+            .is_some_and(|events| {
+                events.iter().any(|e| {
+                    e["type"] == "m.typing"
+                        && e["content"]["user_ids"]
+                            .as_array()
+                            .is_some_and(|ids| ids.iter().any(|id| id == alice_id.as_str()))
+                })
+            })
+    })
+    .await;
+    let (status, _) = sam
+        .post(
+            &format!("/_matrix/client/v3/rooms/{myelin_room}/receipt/m.read/{latest}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually("Sam's receipt in Alice's sync", &synapse, || async {
+        let (_, sync) = myelin.get("/_matrix/client/v3/sync", Some(&alice)).await;
+        let events = &sync["rooms"]["join"][&myelin_room]["ephemeral"]["events"];
+        events
+            .as_array()
+            .is_some_and(|events| {
+                events.iter().any(|e| {
+                    e["type"] == "m.receipt" && e["content"][&latest]["m.read"][&sam_id].is_object()
+                })
+            })
+            .then_some(())
+    })
+    .await;
 
     // Device keys: Alice's server asks Synapse for Sam's.
     let (_, whoami) = sam.get("/_matrix/client/v3/account/whoami").await;
