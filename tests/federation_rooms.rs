@@ -11,6 +11,9 @@ use common::federation::{federating_config, TestCa};
 use common::{send_text, token, TestServer};
 use myelin::services::federation::devices;
 use reqwest::StatusCode;
+use ruma::serde::{base64::Standard, Base64};
+use ruma::signatures::{sign_json, Ed25519KeyPair};
+use ruma::CanonicalJsonObject;
 use serde_json::{json, Value};
 
 /// Starts a federating server on `ip` with quick retries.
@@ -1212,6 +1215,57 @@ async fn remote_device_lists_are_tracked_and_a_gap_is_healed() {
     })
     .await;
 
+    // Alice verifies Bob: her user-signing key signs his master key. Her
+    // server keeps the signature and shows it to her alone.
+    let der = Ed25519KeyPair::generate();
+    let probe = Ed25519KeyPair::from_der(&der, "probe".into()).unwrap();
+    let public = Base64::<Standard>::new(probe.public_key().to_vec()).encode();
+    let user_signing = Ed25519KeyPair::from_der(&der, public.clone()).unwrap();
+    let own_key = |usage: &str, key: &str| json!({ "user_id": alice_id, "usage": [usage], "keys": { format!("ed25519:{key}"): key } });
+    let (status, answer) = one
+        .post(
+            "/_matrix/client/v3/keys/device_signing/upload",
+            Some(&alice),
+            json!({
+                "master_key": own_key("master", "alicemaster"),
+                "user_signing_key": own_key("user_signing", &public),
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let mut object: CanonicalJsonObject = serde_json::from_value(master.clone()).unwrap();
+    sign_json(&alice_id, &user_signing, &mut object).unwrap();
+    let signed = serde_json::to_value(&object).unwrap();
+    let mut forged = signed.clone();
+    forged["keys"] = json!({ "ed25519:bobmaster": "another" });
+    for (object, failure) in [(forged, Some("M_INVALID_PARAM")), (signed, None)] {
+        let (status, answer) = one
+            .post(
+                "/_matrix/client/v3/keys/signatures/upload",
+                Some(&alice),
+                json!({ &bob_id: { "bobmaster": object } }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(
+            answer["failures"][&bob_id]["bobmaster"]["errcode"].as_str(),
+            failure,
+            "{answer}"
+        );
+    }
+    let signature_name = format!("ed25519:{public}");
+    let keys = query_keys(&one, &alice, &bob_id).await;
+    assert!(
+        keys["master_keys"][&bob_id]["signatures"][&alice_id][&signature_name].is_string(),
+        "{keys}"
+    );
+    let (carol, _) = one.register_named("carol", "Carol").await;
+    let keys = query_keys(&one, &carol, &bob_id).await;
+    assert!(
+        keys["master_keys"][&bob_id]["signatures"][&alice_id].is_null(),
+        "{keys}"
+    );
+
     // An update that follows on from the last one is applied as it is...
     let known = devices::current_list(&one.services(), &bob_user)
         .unwrap()
@@ -1276,7 +1330,10 @@ async fn remote_device_lists_are_tracked_and_a_gap_is_healed() {
     drop(two.stop().await);
     let keys = query_keys(&one, &alice, &bob_id).await;
     assert_eq!(device_ids(&keys, &bob_id), ["BOBTAB"], "{keys}");
-    assert_eq!(keys["master_keys"][&bob_id], master, "{keys}");
+    assert_eq!(
+        keys["master_keys"][&bob_id]["keys"], master["keys"],
+        "{keys}"
+    );
     assert_eq!(keys["failures"], json!({}), "{keys}");
 }
 

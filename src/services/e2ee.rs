@@ -433,6 +433,95 @@ impl E2ee {
         Ok(failures)
     }
 
+    /// `POST /keys/signatures/upload` for keys of other servers' users:
+    /// each object (user, key ID, signed object, the key as known here)
+    /// must be the known key, signed by the signer's own keys; the
+    /// signatures are kept for the signer. Answers the failures.
+    pub async fn upload_remote_signatures(
+        &self,
+        signer: &UserId,
+        objects: Vec<(String, String, Value, Option<Value>)>,
+    ) -> Result<BTreeMap<String, BTreeMap<String, Value>>> {
+        let _guard = self.locks.lock(signer.as_str()).await;
+        let mut failures: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+        let mut fail = |user: &str, key_id: &str, errcode: &str, error: &str| {
+            failures.entry(user.to_owned()).or_default().insert(
+                key_id.to_owned(),
+                serde_json::json!({ "errcode": errcode, "error": error }),
+            );
+        };
+        let mut batch = Batch::new();
+        let mut changed = std::collections::BTreeSet::new();
+        for (user_id, key_id, object, known) in objects {
+            let Some(new_signatures) = object["signatures"][signer.as_str()].as_object() else {
+                fail(
+                    &user_id,
+                    &key_id,
+                    "M_INVALID_PARAM",
+                    "no signature by the uploader",
+                );
+                continue;
+            };
+            let Some(known) = known else {
+                fail(&user_id, &key_id, "M_NOT_FOUND", "unknown key");
+                continue;
+            };
+            if without_signatures(&known) != without_signatures(&object) {
+                fail(
+                    &user_id,
+                    &key_id,
+                    "M_INVALID_PARAM",
+                    "the signed object is not the user's key",
+                );
+                continue;
+            }
+            if let Err(reason) = self.check_signatures(signer, new_signatures, &object) {
+                fail(&user_id, &key_id, "M_INVALID_SIGNATURE", &reason);
+                continue;
+            }
+            let row = (signer.to_string(), user_id.clone(), key_id.clone());
+            let mut stored = self
+                .storage
+                .get(tables::REMOTE_SIGNATURES, &row)?
+                .unwrap_or_else(|| serde_json::json!({ "signatures": {} }));
+            for (name, signature) in new_signatures {
+                add_signature(&mut stored, signer.as_str(), name, signature.clone());
+            }
+            batch.put(tables::REMOTE_SIGNATURES, &row, &stored);
+            changed.insert(user_id);
+        }
+        let mut reservations = Vec::new();
+        for user_id in changed {
+            let entry = StreamEntry::DeviceList { user_id };
+            reservations.push(self.stream.next_into(&mut batch, &entry).1);
+        }
+        self.storage.commit(batch).await?;
+        drop(reservations);
+        Ok(failures)
+    }
+
+    /// Adds to `key` (a key of `owner`, another server's user, whose ID is
+    /// `key_id`) the signatures `viewer` made of it.
+    pub fn add_own_signatures(
+        &self,
+        viewer: &UserId,
+        owner: &str,
+        key_id: &str,
+        key: &mut Value,
+    ) -> Result<()> {
+        let row = (viewer.to_string(), owner.to_owned(), key_id.to_owned());
+        if let Some(stored) = self.storage.get(tables::REMOTE_SIGNATURES, &row)? {
+            for (name, signature) in stored["signatures"][viewer.as_str()]
+                .as_object()
+                .into_iter()
+                .flatten()
+            {
+                add_signature(key, viewer.as_str(), name, signature.clone());
+            }
+        }
+        Ok(())
+    }
+
     /// Checks each of the signer's new signatures on `object` against the
     /// signer's public key it names (one of their devices or cross-signing
     /// keys); `Err` says why one does not hold.

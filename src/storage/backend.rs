@@ -99,11 +99,13 @@ pub enum Cf {
     /// What other servers were last told of each local user's devices and
     /// cross-signing keys, and how far the stream has been announced.
     DeviceAnnouncements,
+    /// Local users' signatures of other servers' users' keys.
+    RemoteSignatures,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 42] = [
+    pub const ALL: [Cf; 43] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -146,6 +148,7 @@ impl Cf {
         Cf::InviteState,
         Cf::RemoteDevices,
         Cf::DeviceAnnouncements,
+        Cf::RemoteSignatures,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -193,6 +196,7 @@ impl Cf {
             Cf::InviteState => "invite_state",
             Cf::RemoteDevices => "remote_devices",
             Cf::DeviceAnnouncements => "device_announcements",
+            Cf::RemoteSignatures => "remote_signatures",
         }
     }
 

@@ -45,6 +45,11 @@ pub const DEVICE_ANNOUNCEMENTS: Table<String, Announced> = Table::new(Cf::Device
 /// [`ANNOUNCED_UPTO`] (user IDs, the other keys, start with `@`).
 pub const ANNOUNCED_POSITION: Table<String, u64> = Table::new(Cf::DeviceAnnouncements);
 pub const ANNOUNCED_UPTO: &str = "upto";
+/// (local signer, user of another server, key ID) → the signer's
+/// signatures of that key (`{signer: {key name: signature}}`), shown to
+/// the signer alone.
+pub const REMOTE_SIGNATURES: Table<(String, String, String), serde_json::Value> =
+    Table::new(Cf::RemoteSignatures);
 /// Events by event ID.
 pub const PDUS: Table<String, StoredPdu> = Table::new(Cf::Pdus);
 /// (room ID, stream position) → event ID.

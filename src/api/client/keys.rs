@@ -143,7 +143,8 @@ pub async fn query(
         merge_own(&answer["master_keys"], &server, &mut cross_signing[0]);
         merge_own(&answer["self_signing_keys"], &server, &mut cross_signing[1]);
     }
-    let [master_keys, self_signing_keys, user_signing_keys] = cross_signing;
+    let [mut master_keys, self_signing_keys, user_signing_keys] = cross_signing;
+    with_own_signatures(&state, &me, &mut master_keys)?;
     Ok(Json(json!({
         "device_keys": device_keys,
         "master_keys": master_keys,
@@ -151,6 +152,36 @@ pub async fn query(
         "user_signing_keys": user_signing_keys,
         "failures": failures,
     })))
+}
+
+/// Adds to other servers' users' master keys the signatures `me` made of
+/// them (kept here, for `me` alone).
+fn with_own_signatures(
+    state: &AppState,
+    me: &UserId,
+    master_keys: &mut Map<String, Value>,
+) -> ApiResult<()> {
+    for (user_id, key) in master_keys.iter_mut() {
+        if UserId::parse(user_id)
+            .is_ok_and(|user| user.server_name().as_str() == state.config.server_name)
+        {
+            continue;
+        }
+        for key_id in cross_signing_key_ids(key) {
+            state.e2ee.add_own_signatures(me, user_id, &key_id, key)?;
+        }
+    }
+    Ok(())
+}
+
+/// The key IDs of a cross-signing key: its public keys.
+fn cross_signing_key_ids(key: &Value) -> Vec<String> {
+    key["keys"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, _)| name.strip_prefix("ed25519:").map(str::to_owned))
+        .collect()
 }
 
 /// Copies into `into` the entries of `answer` (by user ID) that belong
@@ -257,7 +288,8 @@ pub async fn signatures_upload(
 ) -> ApiResult<Json<Value>> {
     let signer = parse_user(&authed.user_id.to_string())?;
     let mut objects = Vec::new();
-    let mut remote = Map::new();
+    let mut remote_objects = Vec::new();
+    let mut unknown: std::collections::BTreeMap<String, Map<String, Value>> = Default::default();
     for (user_id, keys) in body {
         let user = parse_user(&user_id)?;
         let Some(keys) = keys.as_object() else {
@@ -265,24 +297,63 @@ pub async fn signatures_upload(
                 "each user maps key IDs to signed objects",
             ));
         };
-        if user.server_name().as_str() != state.config.server_name {
-            let error = json!({ "errcode": "M_UNKNOWN", "error": "no federation yet" });
-            let failed: Map<String, Value> =
-                keys.keys().map(|k| (k.clone(), error.clone())).collect();
-            remote.insert(user_id, Value::Object(failed));
-            continue;
-        }
         for (key_id, object) in keys {
-            objects.push((user_id.clone(), key_id.clone(), object.clone()));
+            if user.server_name().as_str() == state.config.server_name {
+                objects.push((user_id.clone(), key_id.clone(), object.clone()));
+            } else {
+                remote_objects.push((user.clone(), key_id.clone(), object.clone()));
+                if remote_devices::current_list(&state, &user)?.is_none() {
+                    unknown
+                        .entry(user.server_name().to_string())
+                        .or_default()
+                        .insert(user_id.clone(), json!([]));
+                }
+            }
         }
     }
-    let failures = state.e2ee.upload_signatures(&signer, objects).await?;
-    let mut failures = serde_json::to_value(failures)
-        .map_err(|e| crate::services::error::Error::Internal(e.to_string()))?;
-    for (user_id, failed) in remote {
-        failures[user_id] = failed;
+    // The keys of other servers' users not kept here are asked of their
+    // servers.
+    let answers = ask_servers(
+        &state,
+        unknown,
+        "/_matrix/federation/v1/user/keys/query",
+        "device_keys",
+        None,
+        &mut Map::new(),
+    )
+    .await;
+    let mut known = Vec::new();
+    for (user, key_id, object) in remote_objects {
+        let key = match remote_devices::current_list(&state, &user)? {
+            Some(list) => [list.master_key, list.self_signing_key]
+                .into_iter()
+                .flatten()
+                .find(|key| cross_signing_key_ids(key).contains(&key_id))
+                .or_else(|| list.devices.get(&key_id).filter(|k| k.is_object()).cloned()),
+            None => answers
+                .iter()
+                .filter(|(server, _)| server == user.server_name().as_str())
+                .find_map(|(_, answer)| {
+                    let master = &answer["master_keys"][user.as_str()];
+                    let self_signing = &answer["self_signing_keys"][user.as_str()];
+                    [master, self_signing]
+                        .into_iter()
+                        .find(|key| cross_signing_key_ids(key).contains(&key_id))
+                        .or_else(|| Some(&answer["device_keys"][user.as_str()][&key_id]))
+                        .filter(|key| key.is_object())
+                        .cloned()
+                }),
+        };
+        known.push((user.to_string(), key_id, object, key));
     }
-    Ok(Json(json!({ "failures": failures })))
+    let mut remote_failures = state.e2ee.upload_remote_signatures(&signer, known).await?;
+    let local_failures = state.e2ee.upload_signatures(&signer, objects).await?;
+    remote_failures.extend(local_failures);
+    // A key whose server did not answer is an unknown key, in the
+    // failures by user.
+    let answer = serde_json::to_value(remote_failures)
+        .map_err(|e| crate::services::error::Error::Internal(e.to_string()))?;
+    Ok(Json(json!({ "failures": answer })))
 }
 
 #[derive(Deserialize, Default)]
