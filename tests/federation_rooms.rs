@@ -1538,3 +1538,104 @@ async fn media_of_another_server_is_fetched_kept_and_capped() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.bytes().await.unwrap(), at_home);
 }
+
+#[tokio::test]
+async fn a_restricted_room_admits_members_of_the_allowed_room_from_another_server() {
+    let ca = TestCa::new();
+    let Shared {
+        one,
+        two,
+        alice,
+        alice_id,
+        bob,
+        bob_id,
+        room_id: lobby,
+    } = shared_room(&ca).await;
+    join_through(&two, &bob, &lobby, &one, &alice, &bob_id).await;
+    let (carol, _) = two.register_named("carol", "Carol").await;
+    let restricted_to = |allowed: &str| {
+        json!({
+            "preset": "private_chat",
+            "initial_state": [{
+                "type": "m.room.join_rules",
+                "state_key": "",
+                "content": {
+                    "join_rule": "restricted",
+                    "allow": [{ "type": "m.room_membership", "room_id": allowed }],
+                },
+            }],
+        })
+    };
+    let (status, room) = one
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            restricted_to(&lobby),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{room}");
+    let inner = room["room_id"].as_str().unwrap().to_owned();
+    let join_path = format!(
+        "/_matrix/client/v3/join/{}?via={}",
+        inner.replace('!', "%21"),
+        one.server_name()
+    );
+
+    // Bob is in the lobby: Alice's server vouches for his join.
+    let (status, answer) = two.post(&join_path, Some(&bob), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, member) = one
+        .get(
+            &format!("/_matrix/client/v3/rooms/{inner}/state/m.room.member/{bob_id}"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{member}");
+    assert_eq!(member["membership"], "join");
+    assert_eq!(
+        member["join_authorised_via_users_server"],
+        alice_id.as_str()
+    );
+
+    // Carol is not: refused, and the room is unchanged.
+    let (status, answer) = two.post(&join_path, Some(&carol), json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    let carol_id = format!("@carol:{}", two.server_name());
+    assert_eq!(membership(&one, &alice, &inner, &carol_id).await, None);
+
+    // A room restricted to one Alice's server is not in: it cannot vouch.
+    let (status, room) = two
+        .post("/_matrix/client/v3/createRoom", Some(&bob), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{room}");
+    let elsewhere = room["room_id"].as_str().unwrap().to_owned();
+    let (status, room) = one
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice),
+            restricted_to(&elsewhere),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{room}");
+    let unvouched = room["room_id"].as_str().unwrap().to_owned();
+    let one_name = ruma::ServerName::parse(one.server_name()).unwrap();
+    let path = format!(
+        "/_matrix/federation/v1/make_join/{}/{}?ver=10&ver=11",
+        unvouched.replace('!', "%21"),
+        bob_id.replace('@', "%40").replace(':', "%3A")
+    );
+    let refused = two
+        .services()
+        .federation
+        .client
+        .send(&one_name, reqwest::Method::GET, &path, None)
+        .await
+        .unwrap_err();
+    match refused {
+        myelin::services::federation::SendError::Refused { status, body } => {
+            assert_eq!(status, 400, "{body}");
+            assert_eq!(body["errcode"], "M_UNABLE_TO_AUTHORISE_JOIN", "{body}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -128,6 +128,9 @@ impl From<Error> for MatrixError {
             Error::UnsupportedRoomVersion(_) => {
                 plain(StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION")
             }
+            Error::UnableToAuthoriseJoin(_) => {
+                plain(StatusCode::BAD_REQUEST, "M_UNABLE_TO_AUTHORISE_JOIN")
+            }
             Error::IncompatibleRoomVersion(version) => {
                 let mut error = plain(StatusCode::BAD_REQUEST, "M_INCOMPATIBLE_ROOM_VERSION");
                 error.body["room_version"] = json!(version);

@@ -67,6 +67,10 @@ pub enum Error {
     /// list as supported (federation).
     #[error("the room's version {0} is not among the versions offered")]
     IncompatibleRoomVersion(String),
+    /// A restricted join this server cannot vouch for: it is in none of
+    /// the rooms the join rule allows (federation).
+    #[error("{0}")]
+    UnableToAuthoriseJoin(String),
     /// User-interactive authentication must continue: the body to answer.
     #[error("additional authentication is required")]
     AuthRequired(Box<serde_json::Value>),

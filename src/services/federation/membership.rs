@@ -460,7 +460,12 @@ pub async fn send_membership(
 ) -> Result<Value> {
     let (_, rules) = services.rooms.version_of(room_id)?;
     require_acl(services, room_id, origin)?;
-    let pdu = check_pdu(services, body, &rules).await?;
+    let body = if membership == "join" {
+        services.rooms.vouch_for_join(room_id, body, &rules)?
+    } else {
+        body.clone()
+    };
+    let pdu = check_pdu(services, &body, &rules).await?;
     if pdu.event_id.as_str() != event_id || pdu.room_id != room_id {
         return Err(Error::BadJson(
             "the event's ID or room is not the one in the path".to_owned(),

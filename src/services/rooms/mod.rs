@@ -348,7 +348,7 @@ impl Rooms {
     /// join, when the user is in one of the rooms the join rule allows.
     /// `None` when the room is not restricted or the user does not qualify
     /// (the authorization rules then decide).
-    fn restricted_join_authoriser(
+    pub(crate) fn restricted_join_authoriser(
         &self,
         room_id: &RoomId,
         user: &UserId,
@@ -364,19 +364,9 @@ impl Rooms {
         if !restricted || matches!(self.membership(room_id, user)?.as_str(), "join" | "invite") {
             return Ok(None);
         }
-        let allowed = content["allow"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|entry| {
-                entry["type"] == "m.room_membership"
-                    && entry["room_id"]
-                        .as_str()
-                        .and_then(|id| RoomId::parse(id).ok())
-                        .is_some_and(|other| {
-                            self.membership(&other, user).is_ok_and(|m| m == "join")
-                        })
-            });
+        let allowed = allowed_rooms(&content)
+            .iter()
+            .any(|other| self.membership(other, user).is_ok_and(|m| m == "join"));
         if !allowed {
             return Ok(None);
         }
@@ -395,6 +385,20 @@ impl Rooms {
             }
         }
         Ok(None)
+    }
+
+    /// Whether this server can tell who is in the rooms a restricted room's
+    /// join rule allows: it is joined to one of them.
+    pub fn knows_allowed_rooms(&self, room_id: &RoomId) -> Result<bool> {
+        let Some(rules) = self.state_event(room_id, "m.room.join_rules", "")? else {
+            return Ok(false);
+        };
+        for other in allowed_rooms(&rules.content_value()) {
+            if self.server_in_room(&other)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The event a redaction redacts, by the room version's rules: the
@@ -715,4 +719,16 @@ pub fn room_full(limit: u64) -> Error {
     Error::RoomFull(format!(
         "The room is full: it may have at most {limit} joined and invited members"
     ))
+}
+
+/// The rooms whose members a restricted join rule admits.
+fn allowed_rooms(join_rules: &Value) -> Vec<OwnedRoomId> {
+    join_rules["allow"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|entry| entry["type"] == "m.room_membership")
+        .filter_map(|entry| entry["room_id"].as_str())
+        .filter_map(|id| RoomId::parse(id).ok())
+        .collect()
 }

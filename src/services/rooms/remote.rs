@@ -244,11 +244,23 @@ impl Rooms {
             .room(room_id)?
             .ok_or_else(|| Error::NotFound(format!("unknown room {room_id}")))?;
         let (version, rules) = self.version_of(room_id)?;
-        let new = NewEvent::state(
-            "m.room.member",
-            user_id.as_str(),
-            json!({ "membership": membership }),
-        );
+        let mut content = json!({ "membership": membership });
+        if membership == "join" {
+            if let Some(authoriser) = self.restricted_join_authoriser(room_id, user_id)? {
+                content["join_authorised_via_users_server"] = json!(authoriser);
+            } else if self.join_needs_authoriser(room_id, user_id)? {
+                return Err(if self.knows_allowed_rooms(room_id)? {
+                    Error::Forbidden(format!(
+                        "{user_id} is in none of the rooms whose members may join"
+                    ))
+                } else {
+                    Error::UnableToAuthoriseJoin(
+                        "this server is in none of the rooms whose members may join".to_owned(),
+                    )
+                });
+            }
+        }
+        let new = NewEvent::state("m.room.member", user_id.as_str(), content.clone());
         let auth_types =
             events::auth_types(&new, user_id, &rules.authorization).map_err(Error::BadJson)?;
         let mut auth_events = Vec::new();
@@ -263,7 +275,7 @@ impl Rooms {
             "sender": user_id,
             "state_key": user_id,
             "type": "m.room.member",
-            "content": { "membership": membership },
+            "content": content,
             "origin": user_id.server_name(),
             "origin_server_ts": self.clock.now_ms(),
             "depth": record.depth + 1,
@@ -510,6 +522,76 @@ impl Rooms {
         draft.queue_out(&pdu, &destinations, None);
         self.storage.commit(draft.batch).await?;
         Ok(pdu.event_id.clone())
+    }
+
+    /// Whether a join to the room needs a member to vouch for it: the room
+    /// is restricted (and not open to knocks) and the user is neither
+    /// invited nor joined.
+    fn join_needs_authoriser(&self, room_id: &RoomId, user_id: &UserId) -> Result<bool> {
+        let Some(rules) = self.state_event(room_id, "m.room.join_rules", "")? else {
+            return Ok(false);
+        };
+        let restricted = rules.content_value()["join_rule"] == "restricted";
+        Ok(restricted
+            && !matches!(
+                self.membership(room_id, user_id)?.as_str(),
+                "join" | "invite"
+            ))
+    }
+
+    /// Vouches for another server's user's join to a restricted room: when
+    /// the join names a local user as its authoriser, and the user is in a
+    /// room the join rule allows, the event (as received) gets this
+    /// server's signature. Other events come back unchanged.
+    pub fn vouch_for_join(
+        &self,
+        room_id: &RoomId,
+        value: &Value,
+        rules: &RoomVersionRules,
+    ) -> Result<Value> {
+        let Some(authoriser) = value["content"]["join_authorised_via_users_server"].as_str() else {
+            return Ok(value.clone());
+        };
+        let local = UserId::parse(authoriser)
+            .is_ok_and(|user| user.server_name().as_str() == self.server_name);
+        if !local {
+            return Ok(value.clone());
+        }
+        let user = value["state_key"]
+            .as_str()
+            .and_then(|user| UserId::parse(user).ok())
+            .ok_or_else(|| Error::BadJson("the join has no valid state_key".to_owned()))?;
+        if self.restricted_join_authoriser(room_id, &user)?.is_none() {
+            return Err(Error::Forbidden(format!(
+                "{user} may not join: not in a room whose members may"
+            )));
+        }
+        let mut json: ruma::CanonicalJsonObject =
+            match ruma::CanonicalJsonValue::try_from(value.clone()) {
+                Ok(ruma::CanonicalJsonValue::Object(object)) => object,
+                _ => {
+                    return Err(Error::BadJson(
+                        "a PDU must be a canonical JSON object".to_owned(),
+                    ))
+                }
+            };
+        json.remove("unsigned");
+        let hashes = json.get("hashes").cloned();
+        ruma::signatures::hash_and_sign_event(
+            &self.server_name,
+            &*self.key,
+            &mut json,
+            &rules.redaction,
+        )
+        .map_err(|e| Error::BadJson(e.to_string()))?;
+        // Signing computes the content hash anew: a join whose hash did
+        // not match is not vouched for.
+        if json.get("hashes") != hashes.as_ref() {
+            return Err(Error::BadJson(
+                "the join's content hash does not match".to_owned(),
+            ));
+        }
+        serde_json::to_value(&json).map_err(|e| Error::Internal(e.to_string()))
     }
 
     /// Adds this server's signature to another server's event (an invite
