@@ -1639,3 +1639,67 @@ async fn a_restricted_room_admits_members_of_the_allowed_room_from_another_serve
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_room_with_members_of_another_server_is_upgraded_and_they_follow() {
+    let ca = TestCa::new();
+    let Shared {
+        one,
+        two,
+        alice,
+        alice_id: _,
+        bob,
+        bob_id,
+        room_id: old,
+    } = shared_room(&ca).await;
+    join_through(&two, &bob, &old, &one, &alice, &bob_id).await;
+    let (status, answer) = one
+        .post(
+            &format!("/_matrix/client/v3/rooms/{old}/upgrade"),
+            Some(&alice),
+            json!({ "new_version": "11" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let new = answer["replacement_room"].as_str().unwrap().to_owned();
+
+    // Bob's server has the tombstone, which names the new room; Bob can no
+    // longer speak in the old room.
+    let tombstone = eventually("the tombstone on Bob's server", || async {
+        let (status, tombstone) = two
+            .get(
+                &format!("/_matrix/client/v3/rooms/{old}/state/m.room.tombstone"),
+                Some(&bob),
+            )
+            .await;
+        (status == StatusCode::OK).then_some(tombstone)
+    })
+    .await;
+    assert_eq!(tombstone["replacement_room"], new.as_str());
+    let (status, _) = two
+        .put(
+            &format!("/_matrix/client/v3/rooms/{old}/send/m.room.message/late"),
+            Some(&bob),
+            json!({ "msgtype": "m.text", "body": "too late" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // He follows it to the new room, which knows its predecessor, and
+    // messages cross there.
+    join_through(&two, &bob, &new, &one, &alice, &bob_id).await;
+    let (status, create) = two
+        .get(
+            &format!("/_matrix/client/v3/rooms/{new}/state/m.room.create"),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{create}");
+    assert_eq!(create["predecessor"]["room_id"], old.as_str());
+    send_text(&two, &bob, &new, "n1", "in the new room").await;
+    eventually(
+        "Bob's message in the new room on Alice's server",
+        || async { (bodies(&one, &alice, &new).await == ["in the new room"]).then_some(()) },
+    )
+    .await;
+}
