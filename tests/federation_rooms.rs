@@ -929,6 +929,44 @@ async fn typing_and_read_receipts_cross_servers() {
         !receipts.to_string().contains("m.read.private"),
         "{receipts}"
     );
+    // Typing and receipts that speak for a user of another server, or in a
+    // room the user is not in, are ignored.
+    let (_, before) = one.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    let since = before["next_batch"].as_str().unwrap().to_owned();
+    let other_room = create_public_room(&one, &alice).await;
+    let forged = [
+        json!({ "edu_type": "m.typing", "content": { "room_id": room_id, "user_id": alice_id, "typing": true } }),
+        json!({ "edu_type": "m.typing", "content": { "room_id": other_room, "user_id": bob_id, "typing": true } }),
+        json!({ "edu_type": "m.receipt", "content": { &other_room: { "m.read": { &bob_id: { "event_ids": [event_id], "data": { "ts": 1 } } } } } }),
+        json!({ "edu_type": "m.typing", "content": "not an object" }),
+    ];
+    for (i, edu) in forged.into_iter().enumerate() {
+        send_edu(&two, &one, &format!("forged{i}"), edu).await;
+    }
+    let (_, after) = one
+        .get(
+            &format!("/_matrix/client/v3/sync?since={since}&timeout=0"),
+            Some(&alice),
+        )
+        .await;
+    let typing_in = |room: &str| -> Vec<Value> {
+        after["rooms"]["join"][room]["ephemeral"]["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|event| event["type"] == "m.typing")
+            .flat_map(|event| {
+                event["content"]["user_ids"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect()
+    };
+    assert!(!typing_in(&room_id).contains(&json!(alice_id)), "{after}");
+    assert!(typing_in(&other_room).is_empty(), "{after}");
+    let elsewhere = after["rooms"]["join"][&other_room]["ephemeral"].to_string();
+    assert!(!elsewhere.contains(&bob_id), "{after}");
 }
 
 #[tokio::test]
@@ -1702,4 +1740,189 @@ async fn a_room_with_members_of_another_server_is_upgraded_and_they_follow() {
         || async { (bodies(&one, &alice, &new).await == ["in the new room"]).then_some(()) },
     )
     .await;
+}
+
+/// Creates a room as `token` with `body`; its ID.
+async fn create_room_with(server: &TestServer, token: &str, body: Value) -> String {
+    let (status, room) = server
+        .post("/_matrix/client/v3/createRoom", Some(token), body)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{room}");
+    room["room_id"].as_str().unwrap().to_owned()
+}
+
+/// Names `child` a child of `space`.
+async fn add_child(server: &TestServer, token: &str, space: &str, child: &str, content: Value) {
+    let path = format!("/_matrix/client/v3/rooms/{space}/state/m.space.child/{child}");
+    let (status, answer) = server.put(&path, Some(token), content).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+/// `GET /hierarchy` of `space` with `query`, which must succeed.
+async fn hierarchy_of(server: &TestServer, token: &str, space: &str, query: &str) -> Value {
+    let path = format!("/_matrix/client/v1/rooms/{space}/hierarchy{query}");
+    let (status, answer) = server.get(&path, Some(token)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer
+}
+
+/// The room IDs of a `/hierarchy` answer, in order.
+fn hierarchy_rooms(answer: &Value) -> Vec<String> {
+    answer["rooms"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{answer}"))
+        .iter()
+        .map(|room| room["room_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_space_spanning_two_servers_is_browsed_from_either() {
+    let ca = TestCa::new();
+    let Shared {
+        one,
+        two,
+        alice,
+        bob,
+        bob_id,
+        ..
+    } = shared_room(&ca).await;
+    let space = json!({ "preset": "public_chat", "name": "Space", "creation_content": { "type": "m.space" } });
+    let one_name = one.server_name();
+    let two_name = two.server_name();
+    // On Alice's server: the space, a public room (suggested) and a private
+    // one; on Bob's: a public room and a sub-space with a room of its own.
+    let top = create_room_with(&one, &alice, space.clone()).await;
+    let lobby = create_room_with(
+        &one,
+        &alice,
+        json!({ "preset": "public_chat", "name": "Lobby" }),
+    )
+    .await;
+    let private = create_room_with(
+        &one,
+        &alice,
+        json!({ "preset": "private_chat", "name": "Secret" }),
+    )
+    .await;
+    let cafe = create_room_with(
+        &two,
+        &bob,
+        json!({ "preset": "public_chat", "name": "Cafe" }),
+    )
+    .await;
+    let sub = create_room_with(&two, &bob, space).await;
+    let corner = create_room_with(
+        &two,
+        &bob,
+        json!({ "preset": "public_chat", "name": "Corner" }),
+    )
+    .await;
+    add_child(
+        &one,
+        &alice,
+        &top,
+        &lobby,
+        json!({ "via": [one_name], "suggested": true, "order": "a" }),
+    )
+    .await;
+    add_child(
+        &one,
+        &alice,
+        &top,
+        &private,
+        json!({ "via": [one_name], "order": "b" }),
+    )
+    .await;
+    add_child(
+        &one,
+        &alice,
+        &top,
+        &cafe,
+        json!({ "via": [two_name], "order": "c" }),
+    )
+    .await;
+    add_child(
+        &one,
+        &alice,
+        &top,
+        &sub,
+        json!({ "via": [two_name], "order": "d" }),
+    )
+    .await;
+    add_child(
+        &one,
+        &alice,
+        &top,
+        "!nowhere:127.0.0.9",
+        json!({ "via": [] }),
+    )
+    .await;
+    add_child(&two, &bob, &sub, &corner, json!({ "via": [two_name] })).await;
+    join_through(&two, &bob, &top, &one, &alice, &bob_id).await;
+
+    let hierarchy = |server, token, query| hierarchy_of(server, token, &top, query);
+    // Alice sees all of it: what her server is not in comes from Bob's.
+    let seen = hierarchy(&one, &alice, "").await;
+    assert_eq!(
+        hierarchy_rooms(&seen),
+        [top.as_str(), &lobby, &private, &cafe, &sub, &corner],
+        "{seen}"
+    );
+    let cafe_summary = &seen["rooms"][3];
+    assert_eq!(cafe_summary["name"], "Cafe");
+    assert_eq!(cafe_summary["join_rule"], "public");
+    assert_eq!(cafe_summary["num_joined_members"], 1);
+    assert_eq!(seen["rooms"][0]["room_type"], "m.space");
+    assert_eq!(
+        seen["rooms"][0]["children_state"].as_array().unwrap().len(),
+        4
+    );
+
+    // Bob is not in the private room: Alice's server does not show it to
+    // his; the rest comes in pages, and as far down and as suggested as
+    // asked.
+    let everything = [top.as_str(), &lobby, &cafe, &sub, &corner];
+    assert_eq!(
+        hierarchy_rooms(&hierarchy(&two, &bob, "").await),
+        everything
+    );
+    let mut paged = Vec::new();
+    let mut query = "?limit=2".to_owned();
+    loop {
+        let page = hierarchy_of(&two, &bob, &top, &query).await;
+        paged.extend(hierarchy_rooms(&page));
+        match page["next_batch"].as_str() {
+            Some(next) => query = format!("?limit=2&from={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, everything);
+    assert_eq!(
+        hierarchy_rooms(&hierarchy(&two, &bob, "?max_depth=1").await),
+        [top.as_str(), &lobby, &cafe, &sub]
+    );
+    assert_eq!(
+        hierarchy_rooms(&hierarchy(&two, &bob, "?suggested_only=true").await),
+        [top.as_str(), &lobby]
+    );
+    let first = hierarchy(&two, &bob, "?limit=1").await;
+    let next = first["next_batch"].as_str().unwrap();
+    let (status, answer) = two
+        .get(
+            &format!("/_matrix/client/v1/rooms/{top}/hierarchy?limit=1&max_depth=1&from={next}"),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert_eq!(answer["errcode"], "M_INVALID_PARAM");
+
+    // A room one may not see is refused as a space to browse.
+    let (status, answer) = one
+        .get(
+            &format!("/_matrix/client/v1/rooms/{private}/hierarchy"),
+            Some(&one.register_named("carol", "Carol").await.0),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
 }

@@ -22,7 +22,7 @@ use tower_http::trace::TraceLayer;
 use crate::services::Services;
 use client::{
     account, devices, directory, discovery, keys, media, membership, profile, relations,
-    room_events, room_keys, session, sliding_sync, sync, user_data, websocket,
+    room_events, room_keys, session, sliding_sync, spaces, sync, user_data, websocket,
 };
 use error::MatrixError;
 
@@ -63,6 +63,7 @@ fn matrix_api(state: AppState) -> Router {
         );
     let v1_room = |suffix: &str| format!("/_matrix/client/v1/rooms/{{room_id}}{suffix}");
     router = router
+        .route(&v1_room("/hierarchy"), get(spaces::hierarchy))
         .route(&v1_room("/relations/{event_id}"), get(relations::all))
         .route(
             &v1_room("/relations/{event_id}/{rel_type}"),

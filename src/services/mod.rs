@@ -22,6 +22,7 @@ pub mod profiles;
 pub mod rate_limit;
 pub mod rooms;
 pub mod sliding;
+pub mod spaces;
 pub mod stream;
 pub mod sync;
 pub mod thumbnail;

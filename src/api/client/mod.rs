@@ -13,6 +13,7 @@ pub mod room_events;
 pub mod room_keys;
 pub mod session;
 pub mod sliding_sync;
+pub mod spaces;
 pub mod sync;
 pub mod user_data;
 pub mod websocket;

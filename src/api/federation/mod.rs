@@ -44,10 +44,35 @@ pub fn routes() -> Router<AppState> {
             "/_matrix/federation/v1/publicRooms",
             get(public_rooms).post(search_public_rooms),
         )
+        .route("/_matrix/federation/v1/hierarchy/{room_id}", get(hierarchy))
         .route("/.well-known/matrix/server", get(well_known))
         .merge(rooms::routes())
         .merge(keys::routes())
         .merge(media::routes())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct HierarchyQuery {
+    suggested_only: bool,
+}
+
+/// `GET /_matrix/federation/v1/hierarchy/{roomId}`
+async fn hierarchy(
+    State(state): State<AppState>,
+    Path(room_id): Path<String>,
+    Query(query): Query<HierarchyQuery>,
+    signed: Signed,
+) -> ApiResult<Json<Value>> {
+    let room_id = ruma::RoomId::parse(&room_id)
+        .map_err(|_| MatrixError::not_found("Room does not exist."))?;
+    crate::services::federation::inbound::require_acl(&state, &room_id, &signed.origin)?;
+    Ok(Json(crate::services::spaces::federation_hierarchy(
+        &state,
+        &signed.origin,
+        &room_id,
+        query.suggested_only,
+    )?))
 }
 
 /// `GET /_matrix/key/v2/server`: this server's signed key document.
