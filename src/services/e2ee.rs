@@ -371,11 +371,14 @@ impl E2ee {
 
     /// `POST /keys/signatures/upload`: adds the signer's signatures to the
     /// devices and cross-signing keys named; answers the failures per user
-    /// and key ID. The signed object must be the stored one.
+    /// and key ID. The signed object must be the stored one (for another
+    /// server's user, the key as known here), and each signature must
+    /// verify with one of the signer's keys. Signatures of other servers'
+    /// users' keys are kept for the signer alone.
     pub async fn upload_signatures(
         &self,
         signer: &UserId,
-        objects: Vec<(String, String, Value)>,
+        objects: Vec<SignedKey>,
     ) -> Result<BTreeMap<String, BTreeMap<String, Value>>> {
         let _guard = self.locks.lock(signer.as_str()).await;
         let mut failures: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
@@ -387,7 +390,13 @@ impl E2ee {
         };
         let mut batch = Batch::new();
         let mut changed = std::collections::BTreeSet::new();
-        for (user_id, key_id, object) in objects {
+        for SignedKey {
+            user_id,
+            key_id,
+            object,
+            remote,
+        } in objects
+        {
             let Some(new_signatures) = object["signatures"][signer.as_str()].as_object() else {
                 fail(
                     &user_id,
@@ -397,11 +406,24 @@ impl E2ee {
                 );
                 continue;
             };
-            let Some((row, mut stored)) = self.signable(&user_id, &key_id)? else {
+            let found = match remote {
+                None => self
+                    .signable(&user_id, &key_id)?
+                    .map(|(row, stored)| (row, stored.clone(), stored)),
+                Some(known) => {
+                    let row = (signer.to_string(), user_id.clone(), key_id.clone());
+                    let kept = self
+                        .storage
+                        .get(tables::REMOTE_SIGNATURES, &row)?
+                        .unwrap_or_else(|| serde_json::json!({ "signatures": {} }));
+                    known.map(|key| (Signable::Remote(row), key, kept))
+                }
+            };
+            let Some((row, key, mut stored)) = found else {
                 fail(&user_id, &key_id, "M_NOT_FOUND", "unknown key");
                 continue;
             };
-            if without_signatures(&stored) != without_signatures(&object) {
+            if without_signatures(&key) != without_signatures(&object) {
                 fail(
                     &user_id,
                     &key_id,
@@ -420,74 +442,8 @@ impl E2ee {
             match row {
                 Signable::Device(row) => batch.put(tables::DEVICE_KEYS, &row, &stored),
                 Signable::CrossSigning(row) => batch.put(tables::CROSS_SIGNING_KEYS, &row, &stored),
+                Signable::Remote(row) => batch.put(tables::REMOTE_SIGNATURES, &row, &stored),
             }
-            changed.insert(user_id);
-        }
-        let mut reservations = Vec::new();
-        for user_id in changed {
-            let entry = StreamEntry::DeviceList { user_id };
-            reservations.push(self.stream.next_into(&mut batch, &entry).1);
-        }
-        self.storage.commit(batch).await?;
-        drop(reservations);
-        Ok(failures)
-    }
-
-    /// `POST /keys/signatures/upload` for keys of other servers' users:
-    /// each object (user, key ID, signed object, the key as known here)
-    /// must be the known key, signed by the signer's own keys; the
-    /// signatures are kept for the signer. Answers the failures.
-    pub async fn upload_remote_signatures(
-        &self,
-        signer: &UserId,
-        objects: Vec<(String, String, Value, Option<Value>)>,
-    ) -> Result<BTreeMap<String, BTreeMap<String, Value>>> {
-        let _guard = self.locks.lock(signer.as_str()).await;
-        let mut failures: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
-        let mut fail = |user: &str, key_id: &str, errcode: &str, error: &str| {
-            failures.entry(user.to_owned()).or_default().insert(
-                key_id.to_owned(),
-                serde_json::json!({ "errcode": errcode, "error": error }),
-            );
-        };
-        let mut batch = Batch::new();
-        let mut changed = std::collections::BTreeSet::new();
-        for (user_id, key_id, object, known) in objects {
-            let Some(new_signatures) = object["signatures"][signer.as_str()].as_object() else {
-                fail(
-                    &user_id,
-                    &key_id,
-                    "M_INVALID_PARAM",
-                    "no signature by the uploader",
-                );
-                continue;
-            };
-            let Some(known) = known else {
-                fail(&user_id, &key_id, "M_NOT_FOUND", "unknown key");
-                continue;
-            };
-            if without_signatures(&known) != without_signatures(&object) {
-                fail(
-                    &user_id,
-                    &key_id,
-                    "M_INVALID_PARAM",
-                    "the signed object is not the user's key",
-                );
-                continue;
-            }
-            if let Err(reason) = self.check_signatures(signer, new_signatures, &object) {
-                fail(&user_id, &key_id, "M_INVALID_SIGNATURE", &reason);
-                continue;
-            }
-            let row = (signer.to_string(), user_id.clone(), key_id.clone());
-            let mut stored = self
-                .storage
-                .get(tables::REMOTE_SIGNATURES, &row)?
-                .unwrap_or_else(|| serde_json::json!({ "signatures": {} }));
-            for (name, signature) in new_signatures {
-                add_signature(&mut stored, signer.as_str(), name, signature.clone());
-            }
-            batch.put(tables::REMOTE_SIGNATURES, &row, &stored);
             changed.insert(user_id);
         }
         let mut reservations = Vec::new();
@@ -603,6 +559,18 @@ impl E2ee {
 enum Signable {
     Device((String, String)),
     CrossSigning((String, String)),
+    /// A signature of another server's user's key: (signer, user, key ID).
+    Remote((String, String, String)),
+}
+
+/// One signed object of `POST /keys/signatures/upload`.
+pub struct SignedKey {
+    pub user_id: String,
+    pub key_id: String,
+    pub object: Value,
+    /// For another server's user: the key as known here (`None` when it is
+    /// not known). `None` for local users, whose keys are stored.
+    pub remote: Option<Option<Value>>,
 }
 
 /// A key object as stored: an object whose `keys` is an object and whose

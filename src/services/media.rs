@@ -211,6 +211,15 @@ impl Media {
         }
     }
 
+    /// Stores bytes at hand (at most `limit`) as a file named by their
+    /// hash: the hash and the size.
+    async fn keep(&self, bytes: &[u8], limit: u64) -> Result<(String, u64)> {
+        let mut incoming = self.incoming_up_to(limit)?;
+        incoming.write(bytes)?;
+        let size = incoming.size;
+        Ok((self.put_in_place(incoming).await?, size))
+    }
+
     /// Syncs the temporary file, renames it to its content hash (keeping an
     /// identical file already there) and syncs the directory.
     async fn put_in_place(&self, incoming: Incoming) -> Result<String> {
@@ -316,10 +325,7 @@ impl Media {
                  of at most {limit} pixels"
             )),
         })?;
-        let mut incoming = self.incoming_up_to(u64::MAX)?;
-        incoming.write(&made.bytes)?;
-        let size = incoming.size;
-        let content_hash = self.put_in_place(incoming).await?;
+        let (content_hash, size) = self.keep(&made.bytes, u64::MAX).await?;
         let stored = ThumbnailRecord {
             content_hash,
             content_type: made.content_type.to_owned(),
@@ -348,10 +354,7 @@ impl Media {
         description: Description,
         bytes: &[u8],
     ) -> Result<(MediaRecord, PathBuf)> {
-        let mut incoming = self.incoming_up_to(self.config.max_upload_bytes)?;
-        incoming.write(bytes)?;
-        let size = incoming.size;
-        let hash = self.put_in_place(incoming).await?;
+        let (hash, size) = self.keep(bytes, self.config.max_upload_bytes).await?;
         let record = MediaRecord {
             uploader: String::new(),
             created_ts: self.clock.now_ms(),
@@ -418,10 +421,7 @@ impl Media {
         content_type: String,
         bytes: &[u8],
     ) -> Result<(ThumbnailRecord, PathBuf)> {
-        let mut incoming = self.incoming_up_to(self.config.max_upload_bytes)?;
-        incoming.write(bytes)?;
-        let size = incoming.size;
-        let content_hash = self.put_in_place(incoming).await?;
+        let (content_hash, size) = self.keep(bytes, self.config.max_upload_bytes).await?;
         let stored = ThumbnailRecord {
             content_hash,
             content_type,

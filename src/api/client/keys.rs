@@ -22,7 +22,7 @@ use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Path, Query};
 use crate::api::shared::{local_claim, local_device_keys};
 use crate::api::AppState;
-use crate::services::e2ee::CROSS_SIGNING_USAGES;
+use crate::services::e2ee::{SignedKey, CROSS_SIGNING_USAGES};
 use crate::services::federation::devices as remote_devices;
 use crate::services::uia::{Flows, STAGE_PASSWORD};
 
@@ -299,7 +299,12 @@ pub async fn signatures_upload(
         };
         for (key_id, object) in keys {
             if user.server_name().as_str() == state.config.server_name {
-                objects.push((user_id.clone(), key_id.clone(), object.clone()));
+                objects.push(SignedKey {
+                    user_id: user_id.clone(),
+                    key_id: key_id.clone(),
+                    object: object.clone(),
+                    remote: None,
+                });
             } else {
                 remote_objects.push((user.clone(), key_id.clone(), object.clone()));
                 if remote_devices::current_list(&state, &user)?.is_none() {
@@ -322,7 +327,6 @@ pub async fn signatures_upload(
         &mut Map::new(),
     )
     .await;
-    let mut known = Vec::new();
     for (user, key_id, object) in remote_objects {
         let key = match remote_devices::current_list(&state, &user)? {
             Some(list) => [list.master_key, list.self_signing_key]
@@ -344,14 +348,16 @@ pub async fn signatures_upload(
                         .cloned()
                 }),
         };
-        known.push((user.to_string(), key_id, object, key));
+        // A key whose server did not answer is an unknown key.
+        objects.push(SignedKey {
+            user_id: user.to_string(),
+            key_id,
+            object,
+            remote: Some(key),
+        });
     }
-    let mut remote_failures = state.e2ee.upload_remote_signatures(&signer, known).await?;
-    let local_failures = state.e2ee.upload_signatures(&signer, objects).await?;
-    remote_failures.extend(local_failures);
-    // A key whose server did not answer is an unknown key, in the
-    // failures by user.
-    let answer = serde_json::to_value(remote_failures)
+    let failures = state.e2ee.upload_signatures(&signer, objects).await?;
+    let answer = serde_json::to_value(failures)
         .map_err(|e| crate::services::error::Error::Internal(e.to_string()))?;
     Ok(Json(json!({ "failures": answer })))
 }
