@@ -1926,3 +1926,86 @@ async fn a_space_spanning_two_servers_is_browsed_from_either() {
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
 }
+
+/// A media server that knows only the legacy endpoints, on `ip` over HTTPS
+/// with a certificate of `ca`: the federation media endpoints answer
+/// `M_UNRECOGNIZED`, the legacy download answers the file, the legacy
+/// thumbnail redirects. Its name (`ip:port`) is returned.
+async fn legacy_media_server(ca: &TestCa, ip: &str, file: Vec<u8>) -> String {
+    use axum::http::{header, StatusCode as Status};
+    use axum::response::IntoResponse;
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    let port = common::federation::free_port(ip);
+    let name = format!("{ip}:{port}");
+    let (cert, key) = ca.issue(ip);
+    let acceptor = myelin::tls::acceptor(&cert, &key).unwrap();
+    let tcp = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
+    let unrecognized = || async {
+        let body = json!({ "errcode": "M_UNRECOGNIZED", "error": "Unrecognized request" });
+        (Status::NOT_FOUND, axum::Json(body))
+    };
+    let thumbnail_file = png(8, 8);
+    let location = format!("https://{name}/cdn/thumbnail");
+    let app = axum::Router::new()
+        .route(
+            "/_matrix/federation/v1/media/download/{id}",
+            axum::routing::get(unrecognized),
+        )
+        .route(
+            "/_matrix/federation/v1/media/thumbnail/{id}",
+            axum::routing::get(unrecognized),
+        )
+        .route(
+            "/_matrix/media/v3/download/{server}/{id}",
+            axum::routing::get(move || async move {
+                ([(header::CONTENT_TYPE, "image/png")], file).into_response()
+            }),
+        )
+        .route(
+            "/_matrix/media/v3/thumbnail/{server}/{id}",
+            axum::routing::get(move || async move {
+                (Status::FOUND, [(header::LOCATION, location)]).into_response()
+            }),
+        )
+        .route(
+            "/cdn/thumbnail",
+            axum::routing::get(move || async move {
+                ([(header::CONTENT_TYPE, "image/png")], thumbnail_file).into_response()
+            }),
+        );
+    let listener = myelin::tls::TlsListener::new(tcp, acceptor);
+    tokio::spawn(async move { axum::serve(listener, app.into_make_service()).await });
+    name
+}
+
+#[tokio::test]
+async fn media_of_a_server_without_federation_media_comes_through_the_legacy_endpoints() {
+    let ca = TestCa::new();
+    let (one, _) = start(&ca, "127.0.0.2").await;
+    let (alice, _) = one.register_named("alice", "Alice").await;
+    let image = png(40, 30);
+    let legacy = legacy_media_server(&ca, "127.0.0.5", image.clone()).await;
+
+    let response = get_media(
+        &one,
+        &format!("/_matrix/client/v1/media/download/{legacy}/old"),
+        &alice,
+        None,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "image/png");
+    assert_eq!(response.bytes().await.unwrap().as_ref(), image.as_slice());
+    let response = get_media(
+        &one,
+        &format!("/_matrix/client/v1/media/thumbnail/{legacy}/old?width=8&height=8"),
+        &alice,
+        None,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.bytes().await.unwrap().as_ref(),
+        png(8, 8).as_slice()
+    );
+}
