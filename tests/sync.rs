@@ -842,3 +842,45 @@ async fn device_lists_name_who_changed_devices_and_who_left() {
     assert_eq!(changed, ["@alice:localhost", "@bob:localhost"]);
     assert!(left.is_empty());
 }
+
+#[tokio::test]
+async fn a_filter_that_leaves_out_every_room_keeps_presence_and_device_lists() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let room_id = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    join(&server, &bob, &room_id).await;
+    let light = r#"{"room": {"rooms": []}}"#;
+    let since = next_batch(&sync(&server, &bob, None, Some(light), 0).await);
+
+    // Alice comes online, signs in on a phone and speaks.
+    let (status, _) = server
+        .get("/_matrix/client/v3/sync?set_presence=online", Some(&alice))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    server.login("alice", Some("PHONE")).await;
+    send_text(&server, &alice, &room_id, "t1", "hello").await;
+    let (status, _) = server
+        .put(
+            "/_matrix/client/v3/user/@bob:localhost/account_data/org.example.light",
+            Some(&bob),
+            json!({ "kept": true }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Bob's light sync has no rooms, but everything else.
+    let answer = sync(&server, &bob, Some(&since), Some(light), 0).await;
+    for section in ["join", "invite", "leave", "knock"] {
+        assert_eq!(answer["rooms"][section], json!({}), "{answer}");
+    }
+    let presence = answer["presence"]["events"].as_array().unwrap();
+    assert!(
+        presence.iter().any(|e| e["sender"] == "@alice:localhost"),
+        "{answer}"
+    );
+    assert_eq!(answer["device_lists"]["changed"], json!(["@alice:localhost"]));
+    assert_eq!(event_types(&answer["account_data"]["events"]), ["org.example.light"]);
+}

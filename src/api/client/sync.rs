@@ -235,16 +235,19 @@ impl SyncRequest<'_> {
             None => Changes::default(),
         };
         let mut sections: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
+        // Every joined room, whatever the room filter: presence and device
+        // lists are about the users the user shares rooms with, and the
+        // room filter limits the `rooms` section alone.
         let mut joined_rooms = BTreeSet::new();
         for (room_id, record) in self.state.rooms.memberships_of_user(&self.user)? {
-            if !self.room_filter_allows(&room_id) {
-                continue;
-            }
             let Some(now) = self.membership_now(&room_id, record)? else {
                 continue;
             };
             if now.membership == "join" {
                 joined_rooms.insert(room_id.clone());
+            }
+            if !self.room_filter_allows(&room_id) {
+                continue;
             }
             if let Some((section, body)) = self.room_entry(&room_id, &now, &changes)? {
                 sections
