@@ -48,6 +48,9 @@ pub struct Config {
     pub default_room_version: String,
     /// Most joined plus invited members a room may have.
     pub max_room_members: u64,
+    /// Whether the user directory finds every local user, not only those
+    /// who share a room with the searcher or are in a public room.
+    pub user_directory_search_all_users: bool,
     pub storage: StorageConfig,
     pub password_hashing: PasswordHashing,
     pub log: LogConfig,
@@ -71,6 +74,7 @@ impl Default for Config {
             uia_session_timeout_ms: 10 * 60 * 1000,
             default_room_version: "12".to_owned(),
             max_room_members: 100,
+            user_directory_search_all_users: false,
             storage: StorageConfig::default(),
             password_hashing: PasswordHashing::default(),
             log: LogConfig::default(),

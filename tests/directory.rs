@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{assert_error, token, TestServer};
+use common::{assert_error, join, token, TestServer};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -258,4 +258,119 @@ async fn an_upgrade_tombstones_the_old_room_and_moves_its_aliases() {
         )
         .await;
     assert_error(&again, StatusCode::BAD_REQUEST, "M_UNKNOWN");
+}
+
+/// The user IDs a user directory search finds, and whether it was limited.
+async fn find_users(
+    server: &TestServer,
+    token: &str,
+    term: &str,
+    limit: u64,
+) -> (Vec<String>, bool) {
+    let (status, answer) = server
+        .post(
+            "/_matrix/client/v3/user_directory/search",
+            Some(token),
+            json!({ "search_term": term, "limit": limit }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let ids = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|result| result["user_id"].as_str().unwrap().to_owned())
+        .collect();
+    (ids, answer["limited"].as_bool().unwrap())
+}
+
+#[tokio::test]
+async fn the_user_directory_finds_who_shares_a_room_or_is_in_a_public_one() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let carol = token(&server.register("carol").await);
+    server.register("dave").await;
+    let eve = token(&server.register("eve").await);
+    let shared = server
+        .create_room(
+            &alice,
+            json!({ "preset": "private_chat", "invite": ["@bob:localhost"] }),
+        )
+        .await;
+    join(&server, &bob, &shared).await;
+    server
+        .create_room(&carol, json!({ "preset": "public_chat" }))
+        .await;
+    server
+        .create_room(&eve, json!({ "preset": "private_chat" }))
+        .await;
+
+    assert_eq!(
+        find_users(&server, &alice, "BO", 10).await,
+        (vec!["@bob:localhost".to_owned()], false)
+    );
+    assert_eq!(
+        find_users(&server, &alice, "carol", 10).await.0,
+        ["@carol:localhost"]
+    );
+    assert!(find_users(&server, &alice, "dave", 10).await.0.is_empty());
+    assert!(find_users(&server, &alice, "eve", 10).await.0.is_empty());
+
+    // A new display name is found at once, by any of its words.
+    let (status, _) = server
+        .put(
+            "/_matrix/client/v3/profile/@bob:localhost/displayname",
+            Some(&bob),
+            json!({ "displayname": "Robert Smith" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, answer) = server
+        .post(
+            "/_matrix/client/v3/user_directory/search",
+            Some(&alice),
+            json!({ "search_term": "smi" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        answer["results"][0]["user_id"], "@bob:localhost",
+        "{answer}"
+    );
+    assert_eq!(answer["results"][0]["display_name"], "Robert Smith");
+
+    // Limited; and once Bob leaves, he is no longer found.
+    let (found, limited) = find_users(&server, &alice, "localhost", 1).await;
+    assert_eq!(found.len(), 1);
+    assert!(limited);
+    let (status, _) = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{shared}/leave"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(find_users(&server, &alice, "robert", 10).await.0.is_empty());
+
+    // Bad input is refused.
+    let (status, answer) = server
+        .post(
+            "/_matrix/client/v3/user_directory/search",
+            Some(&alice),
+            json!({ "limit": 3 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+
+    // Configured to, the directory finds every local user.
+    let everyone =
+        TestServer::start_with(|config| config.user_directory_search_all_users = true).await;
+    let alice = token(&everyone.register("alice").await);
+    everyone.register("dave").await;
+    assert_eq!(
+        find_users(&everyone, &alice, "dave", 10).await.0,
+        ["@dave:localhost"]
+    );
 }

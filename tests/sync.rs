@@ -881,6 +881,12 @@ async fn a_filter_that_leaves_out_every_room_keeps_presence_and_device_lists() {
         presence.iter().any(|e| e["sender"] == "@alice:localhost"),
         "{answer}"
     );
-    assert_eq!(answer["device_lists"]["changed"], json!(["@alice:localhost"]));
-    assert_eq!(event_types(&answer["account_data"]["events"]), ["org.example.light"]);
+    assert_eq!(
+        answer["device_lists"]["changed"],
+        json!(["@alice:localhost"])
+    );
+    assert_eq!(
+        event_types(&answer["account_data"]["events"]),
+        ["org.example.light"]
+    );
 }

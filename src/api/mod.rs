@@ -324,6 +324,10 @@ fn room_routes(prefix: &str) -> Router<AppState> {
             &path("/publicRooms"),
             get(directory::public_rooms).post(directory::search_public_rooms),
         )
+        .route(
+            &path("/user_directory/search"),
+            post(directory::search_users),
+        )
 }
 
 /// Browsers may call the client API from any origin, as the spec requires.

@@ -28,6 +28,7 @@ pub mod sync;
 pub mod thumbnail;
 pub mod uia;
 pub mod user_data;
+pub mod user_directory;
 
 use std::sync::Arc;
 

@@ -208,3 +208,33 @@ fn asked_server(
         .transpose()?
         .flatten())
 }
+
+#[derive(Deserialize)]
+pub struct UserSearchBody {
+    search_term: String,
+    limit: Option<u64>,
+}
+
+/// Results unless the client asks for another number, and at most.
+const DEFAULT_USER_RESULTS: u64 = 10;
+const MAX_USER_RESULTS: u64 = 50;
+
+/// `POST /_matrix/client/v3/user_directory/search`
+pub async fn search_users(
+    State(state): State<AppState>,
+    Auth(authed): Auth,
+    JsonBody(body): JsonBody<UserSearchBody>,
+) -> ApiResult<Json<Value>> {
+    let searcher = parse_user(&authed.user_id.to_string())?;
+    let limit = body
+        .limit
+        .unwrap_or(DEFAULT_USER_RESULTS)
+        .min(MAX_USER_RESULTS);
+    let (results, limited) = crate::services::user_directory::search(
+        &state,
+        &searcher,
+        &body.search_term,
+        limit as usize,
+    )?;
+    Ok(Json(json!({ "results": results, "limited": limited })))
+}
