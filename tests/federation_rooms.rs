@@ -1758,6 +1758,17 @@ async fn add_child(server: &TestServer, token: &str, space: &str, child: &str, c
     assert_eq!(status, StatusCode::OK, "{answer}");
 }
 
+/// `GET /room_summary/{target}`, with a token or without.
+async fn room_summary(
+    server: &TestServer,
+    token: Option<&str>,
+    target: &str,
+) -> (StatusCode, Value) {
+    server
+        .get(&format!("/_matrix/client/v1/room_summary/{target}"), token)
+        .await
+}
+
 /// `GET /hierarchy` of `space` with `query`, which must succeed.
 async fn hierarchy_of(server: &TestServer, token: &str, space: &str, query: &str) -> Value {
     let path = format!("/_matrix/client/v1/rooms/{space}/hierarchy{query}");
@@ -1796,7 +1807,7 @@ async fn a_space_spanning_two_servers_is_browsed_from_either() {
     let lobby = create_room_with(
         &one,
         &alice,
-        json!({ "preset": "public_chat", "name": "Lobby" }),
+        json!({ "preset": "public_chat", "name": "Lobby", "room_alias_name": "lobby" }),
     )
     .await;
     let private = create_room_with(
@@ -1916,6 +1927,26 @@ async fn a_space_spanning_two_servers_is_browsed_from_either() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     assert_eq!(answer["errcode"], "M_INVALID_PARAM");
+
+    // Summaries: of a room this server is in, by alias, without a token
+    // for a public room; of one on Bob's server, through it; none of a
+    // private room for someone outside it.
+    let alias = format!("%23lobby:{one_name}");
+    let (status, answer) = room_summary(&one, Some(&alice), &alias).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["room_id"], lobby.as_str());
+    assert_eq!(answer["membership"], "join");
+    assert!(answer.get("children_state").is_none(), "{answer}");
+    let (status, answer) = room_summary(&one, None, &alias).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(answer.get("membership").is_none(), "{answer}");
+    let target = format!("{corner}?via={two_name}");
+    let (status, answer) = room_summary(&one, Some(&alice), &target).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["name"], "Corner");
+    assert_eq!(answer["membership"], "leave");
+    let (status, answer) = room_summary(&one, None, &private).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
 
     // A room one may not see is refused as a space to browse.
     let (status, answer) = one

@@ -132,6 +132,26 @@ impl FromRequestParts<AppState> for Auth {
     }
 }
 
+/// The authenticated user when the request carries an access token (which
+/// must then be valid); `None` without one.
+pub struct OptionalAuth(pub Option<Authed>);
+
+impl FromRequestParts<AppState> for OptionalAuth {
+    type Rejection = MatrixError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        if access_token(parts).is_none() {
+            return Ok(OptionalAuth(None));
+        }
+        Auth::from_request_parts(parts, state)
+            .await
+            .map(|Auth(authed)| OptionalAuth(Some(authed)))
+    }
+}
+
 fn access_token(parts: &Parts) -> Option<String> {
     if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
         let value = value.to_str().ok()?;

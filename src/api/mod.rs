@@ -64,6 +64,10 @@ fn matrix_api(state: AppState) -> Router {
     let v1_room = |suffix: &str| format!("/_matrix/client/v1/rooms/{{room_id}}{suffix}");
     router = router
         .route(&v1_room("/hierarchy"), get(spaces::hierarchy))
+        .route(
+            "/_matrix/client/v1/room_summary/{room}",
+            get(spaces::room_summary),
+        )
         .route(&v1_room("/relations/{event_id}"), get(relations::all))
         .route(
             &v1_room("/relations/{event_id}/{rel_type}"),

@@ -146,11 +146,7 @@ fn sort_children(children: &mut [Value]) {
 /// of its users is); a restricted room whose allowed rooms they are in
 /// (for a server: it is asked to filter itself).
 pub fn may_see(services: &Services, summary: &Value, requester: Requester<'_>) -> Result<bool> {
-    let open = matches!(
-        summary["join_rule"].as_str(),
-        Some("public" | "knock" | "knock_restricted")
-    ) || summary["world_readable"] == true;
-    if open {
+    if is_open(summary) {
         return Ok(true);
     }
     let Some(room_id) = summary["room_id"]
@@ -197,6 +193,29 @@ pub fn may_see(services: &Services, summary: &Value, requester: Requester<'_>) -
                 }))
         }
     }
+}
+
+/// Whether anyone may see a room: its join rule is public, knock or
+/// knock_restricted, or its history is world-readable.
+pub fn is_open(summary: &Value) -> bool {
+    matches!(
+        summary["join_rule"].as_str(),
+        Some("public" | "knock" | "knock_restricted")
+    ) || summary["world_readable"] == true
+}
+
+/// A room's summary: from here when this server is in it, else from the
+/// first of `via` that answers (`/_matrix/federation/v1/hierarchy`).
+pub async fn room_summary(
+    services: &Services,
+    room_id: &RoomId,
+    via: &[String],
+) -> Result<Option<Value>> {
+    if services.rooms.server_in_room(room_id)? {
+        return summary(services, room_id);
+    }
+    let mut ignored = BTreeMap::new();
+    Ok(ask_servers(services, room_id, via, false, &mut ignored).await)
 }
 
 /// `GET /_matrix/federation/v1/hierarchy/{roomId}`: the space and those of

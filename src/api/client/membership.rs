@@ -375,7 +375,7 @@ pub async fn knock(
 
 /// A room ID, or the room an alias points to (asked of the alias's
 /// server when it is another), with the servers to join it through.
-async fn resolve_target(
+pub(crate) async fn resolve_target(
     state: &AppState,
     target: &str,
 ) -> ApiResult<(OwnedRoomId, Vec<OwnedServerName>)> {

@@ -1,4 +1,5 @@
-//! Spaces: `GET /_matrix/client/v1/rooms/{roomId}/hierarchy`.
+//! Spaces and room summaries: `GET /_matrix/client/v1/rooms/{roomId}/hierarchy`
+//! and `GET /_matrix/client/v1/room_summary/{roomIdOrAlias}`.
 
 use axum::extract::State;
 use axum::Json;
@@ -8,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::membership::parse_user;
 use crate::api::error::{ApiResult, MatrixError};
-use crate::api::extract::{Auth, Path, Query};
+use crate::api::extract::{Auth, OptionalAuth, Path, Query};
 use crate::api::AppState;
 use crate::services::spaces::{self, Walk};
 
@@ -77,4 +78,49 @@ pub async fn hierarchy(
         answer["next_batch"] = json!(format!("{}:{shape}", offset + limit));
     }
     Ok(Json(answer))
+}
+
+/// `GET /_matrix/client/v1/room_summary/{roomIdOrAlias}` (`via` servers
+/// for a room this server is not in): the room's summary, with the user's
+/// membership. Without an access token, only for public, knock and
+/// world-readable rooms; a room the requester may not see is not found.
+pub async fn room_summary(
+    State(state): State<AppState>,
+    OptionalAuth(authed): OptionalAuth,
+    Path(target): Path<String>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> ApiResult<Json<Value>> {
+    let (room_id, mut via) = super::membership::resolve_target(&state, &target).await?;
+    for (name, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        if name == "via" {
+            if let Ok(server) = ruma::ServerName::parse(value.as_ref()) {
+                via.push(server);
+            }
+        }
+    }
+    via.extend(room_id.server_name().map(ToOwned::to_owned));
+    let via: Vec<String> = via.iter().map(ToString::to_string).collect();
+    let user = match &authed {
+        Some(authed) => Some(parse_user(&authed.user_id.to_string())?),
+        None => None,
+    };
+    let not_found = || MatrixError::not_found("Room not found.");
+    let mut summary = spaces::room_summary(&state, &room_id, &via)
+        .await?
+        .ok_or_else(not_found)?;
+    let visible = match &user {
+        Some(user) => spaces::may_see(&state, &summary, spaces::Requester::User(user))?,
+        None => spaces::is_open(&summary),
+    };
+    if !visible {
+        return Err(not_found());
+    }
+    if let Some(fields) = summary.as_object_mut() {
+        fields.remove("children_state");
+        fields.remove("allowed_room_ids");
+    }
+    if let Some(user) = &user {
+        summary["membership"] = json!(state.rooms.membership(&room_id, user)?);
+    }
+    Ok(Json(summary))
 }
