@@ -32,6 +32,25 @@ enum Command {
         #[command(subcommand)]
         action: UserCommand,
     },
+    /// Read what users reported to the admins; the server must not be
+    /// running.
+    Report {
+        #[command(subcommand)]
+        action: ReportCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReportCommand {
+    /// Print the reports, oldest first, one JSON object per line.
+    List {
+        /// Only the reports after this report ID.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -82,6 +101,7 @@ pub fn main() -> ExitCode {
             })
             .map_err(|e| e.to_string()),
         Command::User { action } => runtime.block_on(user_command(config, action)),
+        Command::Report { action } => report_command(config, action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,6 +144,20 @@ fn init_logging(config: &Config) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+fn report_command(config: Config, action: ReportCommand) -> Result<(), String> {
+    let storage = Storage::open(&config.data_dir.join("db"), config.storage.sync_writes)
+        .map_err(|e| e.to_string())?;
+    let reports = crate::services::reports::Reports::new(storage).map_err(|e| e.to_string())?;
+    match action {
+        ReportCommand::List { after, limit } => {
+            for report in reports.list(after, limit).map_err(|e| e.to_string())? {
+                println!("{report}");
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn user_command(config: Config, action: UserCommand) -> Result<(), String> {

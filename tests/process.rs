@@ -205,7 +205,42 @@ fn operators_manage_users_from_the_command_line() {
                 .unwrap();
             assert_eq!(response.status(), expected, "{user} with {password}");
         }
+        // Alice reports Bob; the report is read from the command line.
+        let body = json!({ "type": "m.login.password", "user": "alice", "password": "second" });
+        let login: serde_json::Value = http
+            .post(server.url("/_matrix/client/v3/login"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let response = http
+            .post(server.url("/_matrix/client/v3/users/@bob:localhost/report"))
+            .bearer_auth(login["access_token"].as_str().unwrap())
+            .json(&json!({ "reason": "spam" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
     });
+    drop(server);
+    let output = run(myelin(data).args(["report", "list"]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let lines: Vec<serde_json::Value> = text(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["kind"], "user");
+    assert_eq!(lines[0]["user_id"], "@bob:localhost");
+    assert_eq!(lines[0]["reporter"], "@alice:localhost");
+    assert_eq!(lines[0]["reason"], "spam");
+    let after = lines[0]["id"].as_u64().unwrap().to_string();
+    let output = run(myelin(data).args(["report", "list", "--after", &after]));
+    assert!(output.status.success());
+    assert_eq!(text(&output.stdout), "");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{assert_error, token, TestServer};
+use common::{assert_error, join, token, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -577,4 +577,72 @@ async fn rooms_created_in_one_millisecond_get_their_own_ids() {
     assert_eq!(ids.len(), 5, "{ids:?}");
     let (_, sync) = server.get("/_matrix/client/v3/sync", Some(&alice)).await;
     assert_eq!(sync["rooms"]["join"].as_object().unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn events_rooms_and_users_are_reported_to_the_admins() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let room_id = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let (status, sent) = send_text(&server, &alice, &room_id, "r1", "rude words").await;
+    assert_eq!(status, StatusCode::OK);
+    let event_id = sent["event_id"].as_str().unwrap().to_owned();
+    let report = |path: String, token: String, body: Value| {
+        let server = &server;
+        async move { server.post(&path, Some(&token), body).await }
+    };
+    let event_path = format!("/_matrix/client/v3/rooms/{room_id}/report/{event_id}");
+
+    // Bob is not in the room: as if the event did not exist.
+    let answer = report(event_path.clone(), bob.clone(), json!({ "reason": "rude" })).await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    join(&server, &bob, &room_id).await;
+    let answer = report(event_path.clone(), bob.clone(), json!({ "reason": "rude" })).await;
+    assert_eq!(answer.0, StatusCode::OK, "{}", answer.1);
+    let unknown = format!("/_matrix/client/v3/rooms/{room_id}/report/$nothing");
+    let answer = report(unknown, bob.clone(), json!({})).await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+
+    let room_path = format!("/_matrix/client/v3/rooms/{room_id}/report");
+    let answer = report(room_path, bob.clone(), json!({ "reason": "" })).await;
+    assert_eq!(answer.0, StatusCode::OK, "{}", answer.1);
+    let answer = report(
+        "/_matrix/client/v3/rooms/!nowhere:localhost/report".to_owned(),
+        bob.clone(),
+        json!({ "reason": "" }),
+    )
+    .await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let answer = report(
+        "/_matrix/client/v3/users/@alice:localhost/report".to_owned(),
+        bob.clone(),
+        json!({ "reason": "rude" }),
+    )
+    .await;
+    assert_eq!(answer.0, StatusCode::OK, "{}", answer.1);
+    let answer = report(
+        "/_matrix/client/v3/users/@nobody:localhost/report".to_owned(),
+        bob.clone(),
+        json!({ "reason": "rude" }),
+    )
+    .await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let answer = report(
+        "/_matrix/client/v3/users/@alice:localhost/report".to_owned(),
+        bob.clone(),
+        json!({ "reason": 5 }),
+    )
+    .await;
+    assert_eq!(answer.0, StatusCode::BAD_REQUEST, "{}", answer.1);
+
+    // Kept for the admins, oldest first.
+    let kept = server.services().reports.list(0, 10).unwrap();
+    let kinds: Vec<&str> = kept.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["event", "room", "user"]);
+    assert_eq!(kept[0]["event_id"], event_id.as_str());
+    assert_eq!(kept[0]["reporter"], "@bob:localhost");
+    assert_eq!(kept[2]["user_id"], "@alice:localhost");
 }

@@ -21,7 +21,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::services::Services;
 use client::{
-    account, devices, directory, discovery, keys, media, membership, profile, relations,
+    account, devices, directory, discovery, keys, media, membership, profile, relations, reporting,
     room_events, room_keys, session, sliding_sync, spaces, sync, user_data, websocket,
 };
 use error::MatrixError;
@@ -254,6 +254,12 @@ fn room_routes(prefix: &str) -> Router<AppState> {
         .route(&room("/unban"), post(membership::unban))
         .route(&room("/forget"), post(membership::forget))
         .route(&room("/upgrade"), post(membership::upgrade))
+        .route(&room("/report"), post(reporting::report_room))
+        .route(&room("/report/{event_id}"), post(reporting::report_event))
+        .route(
+            &path("/users/{user_id}/report"),
+            post(reporting::report_user),
+        )
         .route(&path("/knock/{target}"), post(membership::knock))
         .route(&room("/send/{kind}/{txn_id}"), put(room_events::send))
         .route(

@@ -20,6 +20,7 @@ pub mod outbox;
 pub mod preview;
 pub mod profiles;
 pub mod rate_limit;
+pub mod reports;
 pub mod rooms;
 pub mod sliding;
 pub mod spaces;
@@ -64,6 +65,7 @@ pub struct Services {
     pub rate_limiter: RateLimiter,
     pub connections: Arc<connections::Connections>,
     pub federation: federation::Federation,
+    pub reports: reports::Reports,
     storage: Storage,
     clock: Arc<dyn Clock>,
 }
@@ -128,6 +130,7 @@ impl Services {
             profiles: Profiles::new(storage.clone()),
             connections: Arc::default(),
             federation,
+            reports: reports::Reports::new(storage.clone())?,
             storage,
             uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),
             rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock.clone()),

@@ -101,11 +101,13 @@ pub enum Cf {
     DeviceAnnouncements,
     /// Local users' signatures of other servers' users' keys.
     RemoteSignatures,
+    /// Reports of events, rooms and users, for the server's admins.
+    Reports,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 43] = [
+    pub const ALL: [Cf; 44] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -149,6 +151,7 @@ impl Cf {
         Cf::RemoteDevices,
         Cf::DeviceAnnouncements,
         Cf::RemoteSignatures,
+        Cf::Reports,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -197,6 +200,7 @@ impl Cf {
             Cf::RemoteDevices => "remote_devices",
             Cf::DeviceAnnouncements => "device_announcements",
             Cf::RemoteSignatures => "remote_signatures",
+            Cf::Reports => "reports",
         }
     }
 

@@ -45,6 +45,10 @@ pub const DEVICE_ANNOUNCEMENTS: Table<String, Announced> = Table::new(Cf::Device
 /// [`ANNOUNCED_UPTO`] (user IDs, the other keys, start with `@`).
 pub const ANNOUNCED_POSITION: Table<String, u64> = Table::new(Cf::DeviceAnnouncements);
 pub const ANNOUNCED_UPTO: &str = "upto";
+/// Report ID (microseconds since the epoch, or one past the last) → the
+/// report (`{"kind", "reporter", "room_id", "event_id", "user_id",
+/// "reason", "received_ts"}`).
+pub const REPORTS: Table<u64, serde_json::Value> = Table::new(Cf::Reports);
 /// (local signer, user of another server, key ID) → the signer's
 /// signatures of that key (`{signer: {key name: signature}}`), shown to
 /// the signer alone.

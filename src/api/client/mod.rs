@@ -9,6 +9,7 @@ pub mod media;
 pub mod membership;
 pub mod profile;
 pub mod relations;
+pub mod reporting;
 pub mod room_events;
 pub mod room_keys;
 pub mod session;
