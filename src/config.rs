@@ -58,6 +58,31 @@ pub struct Config {
     pub media: MediaConfig,
     pub websocket: WebSocketConfig,
     pub federation: FederationConfig,
+    pub turn: TurnConfig,
+    pub login_via_existing_session: LoginViaExistingSession,
+}
+
+/// Signing in on a new device from one already signed in
+/// (`POST /login/get_token`, then `m.login.token`), as for a QR code.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoginViaExistingSession {
+    /// Off by default, as in Synapse.
+    pub enabled: bool,
+    /// Whether asking for a login token needs the password again.
+    pub require_auth: bool,
+    /// How long a login token lasts.
+    pub token_lifetime_ms: u64,
+}
+
+impl Default for LoginViaExistingSession {
+    fn default() -> Self {
+        LoginViaExistingSession {
+            enabled: false,
+            require_auth: true,
+            token_lifetime_ms: 2 * 60 * 1000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -82,6 +107,8 @@ impl Default for Config {
             media: MediaConfig::default(),
             websocket: WebSocketConfig::default(),
             federation: FederationConfig::default(),
+            turn: TurnConfig::default(),
+            login_via_existing_session: LoginViaExistingSession::default(),
         }
     }
 }
@@ -327,6 +354,51 @@ pub struct WellKnown {
     pub client_base_url: Option<String>,
     /// Identity server to advertise, if any.
     pub identity_server_base_url: Option<String>,
+    /// Whom to contact about the server (`GET /.well-known/matrix/support`).
+    pub support_contacts: Vec<SupportContact>,
+    /// A web page about getting support.
+    pub support_page: Option<String>,
+}
+
+/// One contact of `/.well-known/matrix/support`: a role and a Matrix ID or
+/// an email address (or both).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupportContact {
+    /// `m.role.admin`, `m.role.security` or a namespaced role.
+    pub role: String,
+    pub matrix_id: Option<String>,
+    pub email_address: Option<String>,
+}
+
+/// TURN servers for calls (`GET /voip/turnServer`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// The TURN URIs (`turn:turn.example.org?transport=udp`, ...); none:
+    /// no TURN server is offered.
+    pub uris: Vec<String>,
+    /// The secret shared with the TURN server (coturn's
+    /// `static-auth-secret`): each user gets a username and password made
+    /// from it that expire after `user_lifetime_ms`.
+    pub shared_secret: Option<String>,
+    /// Fixed credentials, when there is no shared secret.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// How long credentials made from the shared secret last.
+    pub user_lifetime_ms: u64,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig {
+            uris: Vec::new(),
+            shared_secret: None,
+            username: None,
+            password: None,
+            user_lifetime_ms: 24 * 60 * 60 * 1000,
+        }
+    }
 }
 
 /// Rate limits per kind of request, or none at all.
@@ -454,6 +526,25 @@ impl Config {
         let fail = |key: &str, problem: String| Err(ConfigError(format!("{key}: {problem}")));
         if let Err(problem) = validate_server_name(&self.server_name) {
             return fail("server_name", problem);
+        }
+        for contact in &self.well_known.support_contacts {
+            if contact.role.is_empty()
+                || (contact.matrix_id.is_none() && contact.email_address.is_none())
+            {
+                return fail(
+                    "well_known.support_contacts",
+                    "each contact needs a role and a matrix_id or an email_address".to_owned(),
+                );
+            }
+        }
+        let turn = &self.turn;
+        let credentials =
+            turn.shared_secret.is_some() || (turn.username.is_some() && turn.password.is_some());
+        if !turn.uris.is_empty() && !credentials {
+            return fail(
+                "turn.uris",
+                "need a shared_secret, or a username and a password".to_owned(),
+            );
         }
         if self.registration == RegistrationMode::Token && self.registration_tokens.is_empty() {
             return fail(

@@ -700,3 +700,190 @@ async fn data_survives_a_graceful_restart() {
     assert_eq!(me["user_id"], "@nia:localhost");
     server.login("nia", None).await;
 }
+
+#[tokio::test]
+async fn turn_credentials_openid_tokens_and_support_contacts() {
+    // Nothing configured: no TURN server, no support document.
+    let bare = TestServer::start().await;
+    let alice = token(&bare.register("alice").await);
+    let (status, answer) = bare
+        .get("/_matrix/client/v3/voip/turnServer", Some(&alice))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer, json!({}));
+    let (status, _) = bare.get("/.well-known/matrix/support", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let server = TestServer::start_with(|config| {
+        config.turn.uris = vec!["turn:turn.example.org?transport=udp".to_owned()];
+        config.turn.shared_secret = Some("s3cret".to_owned());
+        config.turn.user_lifetime_ms = 3_600_000;
+        config.well_known.support_page = Some("https://example.org/help".to_owned());
+        config.well_known.support_contacts = vec![myelin::config::SupportContact {
+            role: "m.role.admin".to_owned(),
+            matrix_id: Some("@admin:localhost".to_owned()),
+            email_address: None,
+        }];
+    })
+    .await;
+    let alice = token(&server.register("alice").await);
+    server.register("bob").await;
+
+    // Time-limited TURN credentials as coturn checks them.
+    let (status, turn) = server
+        .get("/_matrix/client/v3/voip/turnServer", Some(&alice))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{turn}");
+    assert_eq!(turn["uris"], json!(["turn:turn.example.org?transport=udp"]));
+    assert_eq!(turn["ttl"], 3600);
+    let username = turn["username"].as_str().unwrap();
+    let (expiry, user) = username.split_once(':').unwrap();
+    assert_eq!(user, "@alice:localhost");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expiry: u64 = expiry.parse().unwrap();
+    assert!(
+        expiry > now + 3500 && expiry <= now + 3601,
+        "{expiry} {now}"
+    );
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(b"s3cret").unwrap();
+    mac.update(username.as_bytes());
+    let expected = ruma::serde::Base64::<ruma::serde::base64::Standard>::new(
+        mac.finalize().into_bytes().to_vec(),
+    )
+    .encode();
+    assert_eq!(turn["password"], expected.as_str());
+
+    // An OpenID token, for oneself only, that other services check.
+    let path = "/_matrix/client/v3/user/@alice:localhost/openid/request_token";
+    let (status, openid) = server.post(path, Some(&alice), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{openid}");
+    assert_eq!(openid["token_type"], "Bearer");
+    assert_eq!(openid["matrix_server_name"], "localhost");
+    assert_eq!(openid["expires_in"], 3600);
+    let answer = server
+        .post(
+            "/_matrix/client/v3/user/@bob:localhost/openid/request_token",
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_error(&answer, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let check = |token: String| {
+        let server = &server;
+        async move {
+            server
+                .get(
+                    &format!("/_matrix/federation/v1/openid/userinfo?access_token={token}"),
+                    None,
+                )
+                .await
+        }
+    };
+    let (status, info) = check(openid["access_token"].as_str().unwrap().to_owned()).await;
+    assert_eq!(status, StatusCode::OK, "{info}");
+    assert_eq!(info["sub"], "@alice:localhost");
+    let answer = check("not-a-token".to_owned()).await;
+    assert_error(&answer, StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN");
+
+    // Whom to contact.
+    let (status, support) = server.get("/.well-known/matrix/support", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        support,
+        json!({
+            "contacts": [{ "role": "m.role.admin", "matrix_id": "@admin:localhost" }],
+            "support_page": "https://example.org/help",
+        })
+    );
+}
+
+#[tokio::test]
+async fn a_new_device_signs_in_with_a_token_from_an_existing_one() {
+    // Off by default.
+    let off = TestServer::start().await;
+    let alice = token(&off.register("alice").await);
+    let answer = off
+        .post(
+            "/_matrix/client/v1/login/get_token",
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "M_UNRECOGNIZED");
+    let (_, capabilities) = off
+        .get("/_matrix/client/v3/capabilities", Some(&alice))
+        .await;
+    assert_eq!(
+        capabilities["capabilities"]["m.get_login_token"]["enabled"],
+        false
+    );
+
+    let server = TestServer::start_with(|config| {
+        config.login_via_existing_session.enabled = true;
+    })
+    .await;
+    let alice = token(&server.register("alice").await);
+    let (_, flows) = server.get("/_matrix/client/v3/login", None).await;
+    assert!(flows["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|flow| flow["type"] == "m.login.token" && flow["get_login_token"] == true));
+
+    // The password again first.
+    let (status, challenge) = server
+        .post(
+            "/_matrix/client/v1/login/get_token",
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{challenge}");
+    let session = challenge["session"].as_str().unwrap();
+    let (status, answer) = server
+        .post(
+            "/_matrix/client/v1/login/get_token",
+            Some(&alice),
+            json!({ "auth": {
+                "type": "m.login.password",
+                "identifier": { "type": "m.id.user", "user": "alice" },
+                "password": PASSWORD,
+                "session": session,
+            } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["expires_in_ms"], 120_000);
+    let login_token = answer["login_token"].as_str().unwrap().to_owned();
+
+    // Once.
+    let body = json!({ "type": "m.login.token", "token": login_token, "device_id": "TABLET" });
+    let (status, login) = server
+        .post("/_matrix/client/v3/login", None, body.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{login}");
+    assert_eq!(login["user_id"], "@alice:localhost");
+    assert_eq!(login["device_id"], "TABLET");
+    let (status, whoami) = server
+        .get(
+            "/_matrix/client/v3/account/whoami",
+            Some(login["access_token"].as_str().unwrap()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(whoami["device_id"], "TABLET");
+    let answer = server.post("/_matrix/client/v3/login", None, body).await;
+    assert_error(&answer, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let answer = server
+        .post(
+            "/_matrix/client/v3/login",
+            None,
+            json!({ "type": "m.login.token" }),
+        )
+        .await;
+    assert_eq!(answer.0, StatusCode::BAD_REQUEST, "{}", answer.1);
+}

@@ -21,8 +21,9 @@ use tower_http::trace::TraceLayer;
 
 use crate::services::Services;
 use client::{
-    account, devices, directory, discovery, keys, media, membership, profile, relations, reporting,
-    room_events, room_keys, session, sliding_sync, spaces, sync, user_data, websocket,
+    account, devices, directory, discovery, integrations, keys, media, membership, profile,
+    relations, reporting, room_events, room_keys, session, sliding_sync, spaces, sync, user_data,
+    websocket,
 };
 use error::MatrixError;
 
@@ -56,6 +57,11 @@ fn matrix_api(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/_matrix/client/versions", get(discovery::versions))
         .route("/.well-known/matrix/client", get(discovery::well_known))
+        .route("/.well-known/matrix/support", get(discovery::support))
+        .route(
+            "/_matrix/client/v1/login/get_token",
+            post(integrations::get_login_token),
+        )
         .route("/health", get(health))
         .route(
             "/_matrix/client/v1/register/m.login.registration_token/validity",
@@ -188,6 +194,11 @@ fn client_routes(prefix: &str) -> Router<AppState> {
                 .delete(profile::delete_field),
         )
         .route(&path("/capabilities"), get(discovery::capabilities))
+        .route(&path("/voip/turnServer"), get(integrations::turn_server))
+        .route(
+            &path("/user/{user_id}/openid/request_token"),
+            post(integrations::openid_request_token),
+        )
         .route(&path("/sync"), get(sync::sync))
         .route(&path("/keys/upload"), post(keys::upload))
         .route(&path("/keys/query"), post(keys::query))

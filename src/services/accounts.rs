@@ -22,7 +22,8 @@ use crate::storage::tables::StreamEntry;
 use crate::storage::tables::{
     self, AccessTokenRecord, DeviceKey, DeviceRecord, RefreshTokenRecord, TokenHash, UserRecord,
 };
-use crate::storage::{Batch, Storage};
+use crate::storage::{Batch, Storage, Table};
+use rand::Rng;
 
 /// Most devices one account may list at once; far above any real account.
 const MAX_DEVICES_LISTED: usize = 10_000;
@@ -200,6 +201,70 @@ impl Accounts {
         }
         let _guard = self.locks.lock(&localpart).await;
         let mut batch = Batch::new();
+        let login = self.issue_device(&mut batch, &localpart, device)?;
+        let _device_list = self.device_list_changed(&mut batch, &localpart);
+        self.storage.commit(batch).await?;
+        Ok(login)
+    }
+
+    /// A new short-lived token for a local user in `table` (OpenID or
+    /// login tokens), lasting `lifetime_ms`; the token.
+    pub async fn issue_short_token(
+        &self,
+        table: Table<TokenHash, (String, u64)>,
+        user_id: &str,
+        lifetime_ms: u64,
+    ) -> Result<String> {
+        let token: String = rand::thread_rng()
+            .sample_iter(&rand::distributions::Alphanumeric)
+            .take(32)
+            .map(char::from)
+            .collect();
+        let expires = self.clock.now_ms().saturating_add(lifetime_ms);
+        let mut batch = Batch::new();
+        batch.put(table, &hash_token(&token), &(user_id.to_owned(), expires));
+        self.storage.commit(batch).await?;
+        Ok(token)
+    }
+
+    /// The user an unexpired short-lived token of `table` names.
+    pub fn short_token_user(
+        &self,
+        table: Table<TokenHash, (String, u64)>,
+        token: &str,
+    ) -> Result<Option<String>> {
+        let found = self.storage.get(table, &hash_token(token))?;
+        Ok(found
+            .filter(|(_, expires)| *expires > self.clock.now_ms())
+            .map(|(user_id, _)| user_id))
+    }
+
+    /// `m.login.token`: a login token, used once, makes a new device.
+    pub async fn login_with_token(&self, token: &str, device: NewDevice) -> Result<Login> {
+        let invalid = || Error::Forbidden("Invalid login token".to_owned());
+        let user_id = self
+            .short_token_user(tables::LOGIN_TOKENS, token)?
+            .ok_or_else(invalid)?;
+        let localpart = self.resolve_local_user(&user_id).ok_or_else(invalid)?;
+        let record = self.user(&localpart)?.ok_or_else(invalid)?;
+        if record.deactivated {
+            return Err(Error::UserDeactivated);
+        }
+        if let Some(device_id) = &device.device_id {
+            ids::check_device_id(device_id).map_err(Error::InvalidParam)?;
+        }
+        let _guard = self.locks.lock(&localpart).await;
+        // Under the lock: of two logins with one token, the second finds
+        // it gone.
+        if self
+            .storage
+            .get(tables::LOGIN_TOKENS, &hash_token(token))?
+            .is_none()
+        {
+            return Err(invalid());
+        }
+        let mut batch = Batch::new();
+        batch.delete(tables::LOGIN_TOKENS, &hash_token(token));
         let login = self.issue_device(&mut batch, &localpart, device)?;
         let _device_list = self.device_list_changed(&mut batch, &localpart);
         self.storage.commit(batch).await?;

@@ -103,11 +103,15 @@ pub enum Cf {
     RemoteSignatures,
     /// Reports of events, rooms and users, for the server's admins.
     Reports,
+    /// OpenID tokens a user asked for, until they expire.
+    OpenidTokens,
+    /// One-time login tokens (`m.login.token`), until used or expired.
+    LoginTokens,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 44] = [
+    pub const ALL: [Cf; 46] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -152,6 +156,8 @@ impl Cf {
         Cf::DeviceAnnouncements,
         Cf::RemoteSignatures,
         Cf::Reports,
+        Cf::OpenidTokens,
+        Cf::LoginTokens,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -201,6 +207,8 @@ impl Cf {
             Cf::DeviceAnnouncements => "device_announcements",
             Cf::RemoteSignatures => "remote_signatures",
             Cf::Reports => "reports",
+            Cf::OpenidTokens => "openid_tokens",
+            Cf::LoginTokens => "login_tokens",
         }
     }
 

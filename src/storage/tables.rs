@@ -45,6 +45,10 @@ pub const DEVICE_ANNOUNCEMENTS: Table<String, Announced> = Table::new(Cf::Device
 /// [`ANNOUNCED_UPTO`] (user IDs, the other keys, start with `@`).
 pub const ANNOUNCED_POSITION: Table<String, u64> = Table::new(Cf::DeviceAnnouncements);
 pub const ANNOUNCED_UPTO: &str = "upto";
+/// SHA-256 of an OpenID token → (user ID, expiry in ms since the epoch).
+pub const OPENID_TOKENS: Table<TokenHash, (String, u64)> = Table::new(Cf::OpenidTokens);
+/// SHA-256 of a login token → (user ID, expiry in ms since the epoch).
+pub const LOGIN_TOKENS: Table<TokenHash, (String, u64)> = Table::new(Cf::LoginTokens);
 /// Report ID (microseconds since the epoch, or one past the last) → the
 /// report (`{"kind", "reporter", "room_id", "event_id", "user_id",
 /// "reason", "received_ts"}`).

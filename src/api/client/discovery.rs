@@ -45,7 +45,9 @@ pub async fn capabilities(State(state): State<AppState>, Auth(_): Auth) -> Json<
             "m.set_avatar_url": { "enabled": true },
             "m.profile_fields": { "enabled": true },
             "m.3pid_changes": { "enabled": false },
-            "m.get_login_token": { "enabled": false },
+            "m.get_login_token": {
+                "enabled": state.config.login_via_existing_session.enabled,
+            },
         }
     }))
 }
@@ -55,6 +57,34 @@ pub async fn well_known(State(state): State<AppState>) -> ApiResult<Json<Value>>
     well_known_body(&state.config)
         .map(Json)
         .ok_or_else(|| MatrixError::not_found("No .well-known configured"))
+}
+
+/// `GET /.well-known/matrix/support`: the configured contacts and support
+/// page; 404 when neither is configured.
+pub async fn support(State(state): State<AppState>) -> ApiResult<Json<Value>> {
+    let known = &state.config.well_known;
+    if known.support_contacts.is_empty() && known.support_page.is_none() {
+        return Err(MatrixError::not_found("No support contacts are configured"));
+    }
+    let contacts: Vec<Value> = known
+        .support_contacts
+        .iter()
+        .map(|contact| {
+            let mut entry = json!({ "role": contact.role });
+            if let Some(id) = &contact.matrix_id {
+                entry["matrix_id"] = json!(id);
+            }
+            if let Some(email) = &contact.email_address {
+                entry["email_address"] = json!(email);
+            }
+            entry
+        })
+        .collect();
+    let mut body = json!({ "contacts": contacts });
+    if let Some(page) = &known.support_page {
+        body["support_page"] = json!(page);
+    }
+    Ok(Json(body))
 }
 
 /// The client discovery document, when `well_known.client_base_url` is set.

@@ -4,6 +4,7 @@ pub mod account;
 pub mod devices;
 pub mod directory;
 pub mod discovery;
+pub mod integrations;
 pub mod keys;
 pub mod media;
 pub mod membership;

@@ -17,9 +17,15 @@ use crate::api::AppState;
 use crate::services::accounts::{Login, NewDevice};
 use crate::services::rate_limit::Kind;
 
-/// `GET /_matrix/client/v3/login`
-pub async fn login_flows() -> Json<Value> {
-    Json(json!({ "flows": [{ "type": "m.login.password" }] }))
+/// `GET /_matrix/client/v3/login`: passwords, and login tokens when
+/// signing in from an existing session is on (`POST /login/get_token`
+/// gives them).
+pub async fn login_flows(State(state): State<AppState>) -> Json<Value> {
+    let mut flows = vec![json!({ "type": "m.login.password" })];
+    if state.config.login_via_existing_session.enabled {
+        flows.push(json!({ "type": "m.login.token", "get_login_token": true }));
+    }
+    Json(json!({ "flows": flows }))
 }
 
 #[derive(Deserialize)]
@@ -30,6 +36,8 @@ pub struct LoginBody {
     /// The identifier's predecessor, still sent by old clients.
     user: Option<String>,
     password: Option<String>,
+    /// For `m.login.token`.
+    token: Option<String>,
     device_id: Option<String>,
     initial_device_display_name: Option<String>,
     #[serde(default)]
@@ -50,6 +58,21 @@ pub async fn login(
     JsonBody(body): JsonBody<LoginBody>,
 ) -> ApiResult<Json<Value>> {
     state.rate_limiter.check(Kind::Login, &ip)?;
+    let device = NewDevice {
+        device_id: body.device_id.clone(),
+        display_name: body.initial_device_display_name.clone(),
+        wants_refresh_token: body.refresh_token,
+        ip: Some(ip),
+    };
+    if body.login_type == "m.login.token" {
+        let token = body
+            .token
+            .as_deref()
+            .ok_or_else(|| MatrixError::missing_param("Missing parameter: token"))?;
+        let login = state.accounts.login_with_token(token, device).await?;
+        tracing::info!(user_id = %login.user_id, device_id = %login.device_id, "logged in with a token");
+        return Ok(Json(logged_in(&state, &login)));
+    }
     if body.login_type != "m.login.password" {
         return Err(crate::services::error::Error::Unknown(format!(
             "Unknown login type {}",
@@ -79,23 +102,22 @@ pub async fn login(
     let password = body
         .password
         .ok_or_else(|| MatrixError::missing_param("Missing parameter: password"))?;
-    let device = NewDevice {
-        device_id: body.device_id,
-        display_name: body.initial_device_display_name,
-        wants_refresh_token: body.refresh_token,
-        ip: Some(ip),
-    };
     let login = state
         .accounts
         .login_with_password(&user, &password, device)
         .await?;
     tracing::info!(user_id = %login.user_id, device_id = %login.device_id, "logged in");
-    let mut answer = login_answer(&login);
+    Ok(Json(logged_in(&state, &login)))
+}
+
+/// The answer to a login: the credentials, the server name and discovery.
+fn logged_in(state: &AppState, login: &Login) -> Value {
+    let mut answer = login_answer(login);
     answer["home_server"] = json!(state.config.server_name);
     if let Some(well_known) = super::discovery::well_known_body(&state.config) {
         answer["well_known"] = well_known;
     }
-    Ok(Json(answer))
+    answer
 }
 
 /// The credentials part of a login or registration answer.

@@ -45,10 +45,38 @@ pub fn routes() -> Router<AppState> {
             get(public_rooms).post(search_public_rooms),
         )
         .route("/_matrix/federation/v1/hierarchy/{room_id}", get(hierarchy))
+        .route(
+            "/_matrix/federation/v1/openid/userinfo",
+            get(openid_userinfo),
+        )
         .route("/.well-known/matrix/server", get(well_known))
         .merge(rooms::routes())
         .merge(keys::routes())
         .merge(media::routes())
+}
+
+#[derive(Deserialize)]
+struct UserinfoQuery {
+    access_token: String,
+}
+
+/// `GET /_matrix/federation/v1/openid/userinfo`: the user an OpenID token
+/// names. Not signed: other services (integration managers) call it.
+async fn openid_userinfo(
+    State(state): State<AppState>,
+    Query(query): Query<UserinfoQuery>,
+) -> ApiResult<Json<Value>> {
+    let user = state
+        .accounts
+        .short_token_user(crate::storage::tables::OPENID_TOKENS, &query.access_token)?
+        .ok_or_else(|| {
+            MatrixError::new(
+                axum::http::StatusCode::UNAUTHORIZED,
+                "M_UNKNOWN_TOKEN",
+                "Access token unknown or expired",
+            )
+        })?;
+    Ok(Json(json!({ "sub": user })))
 }
 
 #[derive(Deserialize, Default)]
