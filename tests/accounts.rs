@@ -887,3 +887,152 @@ async fn a_new_device_signs_in_with_a_token_from_an_existing_one() {
         .await;
     assert_eq!(answer.0, StatusCode::BAD_REQUEST, "{}", answer.1);
 }
+
+#[tokio::test]
+async fn admins_suspend_and_lock_accounts_and_look_users_up() {
+    let server = TestServer::start().await;
+    server
+        .services()
+        .accounts
+        .register("admin", Some(PASSWORD), true, None)
+        .await
+        .unwrap();
+    let admin = token(&server.login("admin", None).await);
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let shared = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    common::join(&server, &bob, &shared).await;
+    server.create_room(&alice, json!({})).await;
+
+    // Whois: oneself or an admin.
+    let (status, whois) = server
+        .get(
+            "/_matrix/client/v3/admin/whois/@alice:localhost",
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{whois}");
+    assert_eq!(whois["devices"].as_object().unwrap().len(), 1);
+    let answer = server
+        .get(
+            "/_matrix/client/v3/admin/whois/@bob:localhost",
+            Some(&alice),
+        )
+        .await;
+    assert_error(&answer, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let (status, _) = server
+        .get(
+            "/_matrix/client/v3/admin/whois/@bob:localhost",
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Mutual rooms.
+    let (status, mutual) = server
+        .get(
+            "/_matrix/client/v1/mutual_rooms?user_id=@bob:localhost",
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{mutual}");
+    assert_eq!(mutual["joined"], json!([shared]));
+    for query in ["user_id=@alice:localhost", ""] {
+        let answer = server
+            .get(
+                &format!("/_matrix/client/v1/mutual_rooms?{query}"),
+                Some(&alice),
+            )
+            .await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    }
+
+    // Only admins suspend, and only local, existing, non-admin users.
+    let suspend = "/_matrix/client/v1/admin/suspend/@bob:localhost";
+    let answer = server
+        .put(suspend, Some(&alice), json!({ "suspended": true }))
+        .await;
+    assert_error(&answer, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    for (path, status, errcode) in [
+        (
+            "/_matrix/client/v1/admin/suspend/@bob:elsewhere.org",
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            "/_matrix/client/v1/admin/suspend/@nobody:localhost",
+            StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+        ),
+        (
+            "/_matrix/client/v1/admin/suspend/@admin:localhost",
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+        ),
+    ] {
+        let answer = server
+            .put(path, Some(&admin), json!({ "suspended": true }))
+            .await;
+        assert_error(&answer, status, errcode);
+    }
+    let (status, answer) = server
+        .put(suspend, Some(&admin), json!({ "suspended": true }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, answer) = server.get(suspend, Some(&admin)).await;
+    assert_eq!(answer["suspended"], true);
+
+    // Suspended, Bob reads and leaves, but neither speaks nor makes rooms.
+    let path = format!("/_matrix/client/v3/rooms/{shared}/send/m.room.message/s1");
+    let answer = server
+        .put(
+            &path,
+            Some(&bob),
+            json!({ "msgtype": "m.text", "body": "hi" }),
+        )
+        .await;
+    assert_error(&answer, StatusCode::FORBIDDEN, "M_USER_SUSPENDED");
+    let answer = server
+        .post("/_matrix/client/v3/createRoom", Some(&bob), json!({}))
+        .await;
+    assert_error(&answer, StatusCode::FORBIDDEN, "M_USER_SUSPENDED");
+    let (status, _) = server
+        .get("/_matrix/client/v3/sync?timeout=0", Some(&bob))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{shared}/leave"),
+            Some(&bob),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    server
+        .put(suspend, Some(&admin), json!({ "suspended": false }))
+        .await;
+    let (status, _) = server
+        .post("/_matrix/client/v3/createRoom", Some(&bob), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Locked, Bob can only log out.
+    let lock = "/_matrix/client/v1/admin/lock/@bob:localhost";
+    let (status, answer) = server
+        .put(lock, Some(&admin), json!({ "locked": true }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (_, answer) = server.get(lock, Some(&admin)).await;
+    assert_eq!(answer["locked"], true);
+    let answer = server
+        .get("/_matrix/client/v3/account/whoami", Some(&bob))
+        .await;
+    assert_error(&answer, StatusCode::UNAUTHORIZED, "M_USER_LOCKED");
+    assert_eq!(answer.1["soft_logout"], true);
+    let (status, _) = server
+        .post("/_matrix/client/v3/logout", Some(&bob), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}

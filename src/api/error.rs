@@ -103,6 +103,12 @@ impl From<Error> for MatrixError {
             Error::InvalidUsername(_) => plain(StatusCode::BAD_REQUEST, "M_INVALID_USERNAME"),
             Error::UserInUse => plain(StatusCode::BAD_REQUEST, "M_USER_IN_USE"),
             Error::UserDeactivated => plain(StatusCode::FORBIDDEN, "M_USER_DEACTIVATED"),
+            Error::UserLocked => {
+                let mut error = plain(StatusCode::UNAUTHORIZED, "M_USER_LOCKED");
+                error.body["soft_logout"] = json!(true);
+                error
+            }
+            Error::UserSuspended => plain(StatusCode::FORBIDDEN, "M_USER_SUSPENDED"),
             Error::GuestAccessForbidden => plain(StatusCode::FORBIDDEN, "M_GUEST_ACCESS_FORBIDDEN"),
             Error::TooLarge(_) => plain(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE"),
             Error::KeyTooLarge(_) => plain(StatusCode::BAD_REQUEST, "M_KEY_TOO_LARGE"),

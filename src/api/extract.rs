@@ -125,6 +125,13 @@ impl FromRequestParts<AppState> for Auth {
     ) -> Result<Self, Self::Rejection> {
         let token = access_token(parts).ok_or_else(MatrixError::missing_token)?;
         let authed = state.accounts.authenticate(&token)?;
+        let path = parts.uri.path();
+        if authed.locked && !path.ends_with("/logout") && !path.ends_with("/logout/all") {
+            return Err(crate::services::error::Error::UserLocked.into());
+        }
+        if authed.suspended && !suspended_may(&parts.method, path) {
+            return Err(crate::services::error::Error::UserSuspended.into());
+        }
         let span = tracing::Span::current();
         span.record("user_id", tracing::field::display(&authed.user_id));
         span.record("device_id", authed.device_id.as_str());
@@ -150,6 +157,27 @@ impl FromRequestParts<AppState> for OptionalAuth {
             .await
             .map(|Auth(authed)| OptionalAuth(Some(authed)))
     }
+}
+
+/// Whether a suspended account may make this request: it may read, leave
+/// rooms and reject invites, redact, log out, manage its devices, keys
+/// and account data; it may not send events, change state, create, join,
+/// knock on or invite to rooms, change its profile or upload media.
+fn suspended_may(method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    if *method == Method::GET || *method == Method::HEAD || *method == Method::OPTIONS {
+        return true;
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    let has = |name: &str| segments.contains(&name);
+    let refused = has("createRoom")
+        || has("join")
+        || has("knock")
+        || has("invite")
+        || (has("rooms") && (has("send") || has("state")))
+        || has("profile")
+        || (has("media") && (has("upload") || has("create")));
+    !refused
 }
 
 fn access_token(parts: &Parts) -> Option<String> {

@@ -21,7 +21,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::services::Services;
 use client::{
-    account, devices, directory, discovery, integrations, keys, media, membership, profile,
+    account, admin, devices, directory, discovery, integrations, keys, media, membership, profile,
     relations, reporting, room_events, room_keys, session, sliding_sync, spaces, sync, user_data,
     websocket,
 };
@@ -62,6 +62,15 @@ fn matrix_api(state: AppState) -> Router {
             "/_matrix/client/v1/login/get_token",
             post(integrations::get_login_token),
         )
+        .route(
+            "/_matrix/client/v1/admin/suspend/{user_id}",
+            get(admin::get_suspended).put(admin::set_suspended),
+        )
+        .route(
+            "/_matrix/client/v1/admin/lock/{user_id}",
+            get(admin::get_locked).put(admin::set_locked),
+        )
+        .route("/_matrix/client/v1/mutual_rooms", get(admin::mutual_rooms))
         .route("/health", get(health))
         .route(
             "/_matrix/client/v1/register/m.login.registration_token/validity",
@@ -195,6 +204,7 @@ fn client_routes(prefix: &str) -> Router<AppState> {
         )
         .route(&path("/capabilities"), get(discovery::capabilities))
         .route(&path("/voip/turnServer"), get(integrations::turn_server))
+        .route(&path("/admin/whois/{user_id}"), get(admin::whois))
         .route(
             &path("/user/{user_id}/openid/request_token"),
             post(integrations::openid_request_token),

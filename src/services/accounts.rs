@@ -33,6 +33,17 @@ const MAX_DEVICES_LISTED: usize = 10_000;
 pub struct Authed {
     pub user_id: UserId,
     pub device_id: String,
+    /// The account is suspended: it may read but not write.
+    pub suspended: bool,
+    /// The account is locked: it may only log out.
+    pub locked: bool,
+}
+
+/// What an admin may impose on an account.
+#[derive(Clone, Copy, Debug)]
+pub enum Restriction {
+    Suspended,
+    Locked,
 }
 
 impl Authed {
@@ -164,6 +175,8 @@ impl Accounts {
             admin,
             deactivated: false,
             created_ts: now,
+            suspended: false,
+            locked: false,
         };
         batch.put(tables::USERS, &localpart.to_owned(), &record);
         let mut profile = serde_json::Map::new();
@@ -301,10 +314,41 @@ impl Accounts {
                 return Err(Error::UnknownToken { soft_logout: true });
             }
         }
+        let user = self.user(&record.localpart)?;
         Ok(Authed {
             user_id: self.user_id(&record.localpart),
             device_id: record.device_id,
+            suspended: user.as_ref().is_some_and(|u| u.suspended),
+            locked: user.as_ref().is_some_and(|u| u.locked),
         })
+    }
+
+    /// An admin suspends (or unsuspends) a local user, or locks (or
+    /// unlocks) them. Admins themselves cannot be.
+    pub async fn set_restriction(
+        &self,
+        localpart: &str,
+        restriction: Restriction,
+        on: bool,
+    ) -> Result<()> {
+        let _guard = self.locks.lock(localpart).await;
+        let mut record = self
+            .user(localpart)?
+            .filter(|record| !record.deactivated)
+            .ok_or_else(|| Error::NotFound("No such user".to_owned()))?;
+        if record.admin {
+            return Err(Error::Forbidden(
+                "An administrator cannot be suspended or locked".to_owned(),
+            ));
+        }
+        match restriction {
+            Restriction::Suspended => record.suspended = on,
+            Restriction::Locked => record.locked = on,
+        }
+        let mut batch = Batch::new();
+        batch.put(tables::USERS, &localpart.to_owned(), &record);
+        self.storage.commit(batch).await?;
+        Ok(())
     }
 
     /// Exchanges a refresh token for a new access and refresh token. The

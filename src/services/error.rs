@@ -24,6 +24,12 @@ pub enum Error {
     UserInUse,
     #[error("this account has been deactivated")]
     UserDeactivated,
+    /// The account is locked by an admin (401, soft logout).
+    #[error("This account has been locked")]
+    UserLocked,
+    /// The account is suspended by an admin and may not do this.
+    #[error("This account has been suspended and may not do this")]
+    UserSuspended,
     #[error("guest access is not enabled on this server")]
     GuestAccessForbidden,
     #[error("{0}")]

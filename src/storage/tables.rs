@@ -387,6 +387,13 @@ pub struct UserRecord {
     pub admin: bool,
     pub deactivated: bool,
     pub created_ts: u64,
+    /// Suspended by an admin: may read, not write (`M_USER_SUSPENDED`).
+    #[serde(default)]
+    pub suspended: bool,
+    /// Locked by an admin: every request but logging out is refused
+    /// (`M_USER_LOCKED`).
+    #[serde(default)]
+    pub locked: bool,
 }
 
 /// One device (one login) of a local account.

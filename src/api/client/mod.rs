@@ -1,6 +1,7 @@
 //! The client-server API handlers, one module per area of the spec.
 
 pub mod account;
+pub mod admin;
 pub mod devices;
 pub mod directory;
 pub mod discovery;
