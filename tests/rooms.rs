@@ -646,3 +646,99 @@ async fn events_rooms_and_users_are_reported_to_the_admins() {
     assert_eq!(kept[0]["reporter"], "@bob:localhost");
     assert_eq!(kept[2]["user_id"], "@alice:localhost");
 }
+
+#[tokio::test]
+async fn the_legacy_event_stream_room_initial_sync_and_third_party_lookups() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let room_id = server
+        .create_room(
+            &alice,
+            json!({ "preset": "public_chat", "name": "Old school" }),
+        )
+        .await;
+    let (status, _) = send_text(&server, &alice, &room_id, "e1", "first").await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The stream from now on: nothing yet, then what is sent while waiting.
+    let (status, now) = server
+        .get("/_matrix/client/v3/events?timeout=0", Some(&alice))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{now}");
+    assert_eq!(now["chunk"], json!([]));
+    let end = now["end"].as_str().unwrap().to_owned();
+    let waiting = {
+        let url = server.url(&format!(
+            "/_matrix/client/v3/events?from={end}&timeout=10000"
+        ));
+        let request = server.http.get(url).bearer_auth(&alice);
+        tokio::spawn(async move { request.send().await.unwrap().json::<Value>().await.unwrap() })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (status, _) = send_text(&server, &alice, &room_id, "e2", "second").await;
+    assert_eq!(status, StatusCode::OK);
+    let woken = waiting.await.unwrap();
+    let bodies: Vec<&str> = woken["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert_eq!(bodies, ["second"], "{woken}");
+    let answer = server
+        .get("/_matrix/client/v3/events?from=nonsense", Some(&alice))
+        .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+
+    // A room's initial sync.
+    let (status, initial) = server
+        .get(
+            &format!("/_matrix/client/v3/rooms/{room_id}/initialSync"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{initial}");
+    assert_eq!(initial["room_id"], room_id.as_str());
+    assert_eq!(initial["membership"], "join");
+    assert_eq!(initial["visibility"], "private");
+    let bodies: Vec<&str> = initial["messages"]["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert_eq!(bodies, ["first", "second"]);
+    assert!(initial["state"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Old school"));
+    // Bob was never in this (not world-readable) room.
+    let answer = server
+        .get(
+            &format!("/_matrix/client/v3/rooms/{room_id}/initialSync"),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(answer.0, StatusCode::FORBIDDEN, "{}", answer.1);
+
+    // No bridge, no protocol.
+    let (status, protocols) = server
+        .get("/_matrix/client/v3/thirdparty/protocols", Some(&alice))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(protocols, json!({}));
+    let answer = server
+        .get("/_matrix/client/v3/thirdparty/protocol/irc", Some(&alice))
+        .await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let (status, found) = server
+        .get(
+            "/_matrix/client/v3/thirdparty/location?alias=%23irc:localhost",
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(found, json!([]));
+}

@@ -21,9 +21,9 @@ use tower_http::trace::TraceLayer;
 
 use crate::services::Services;
 use client::{
-    account, admin, devices, directory, discovery, integrations, keys, media, membership, profile,
-    relations, reporting, room_events, room_keys, session, sliding_sync, spaces, sync, user_data,
-    websocket,
+    account, admin, devices, directory, discovery, integrations, keys, legacy, media, membership,
+    profile, relations, reporting, room_events, room_keys, session, sliding_sync, spaces, sync,
+    user_data, websocket,
 };
 use error::MatrixError;
 
@@ -205,6 +205,22 @@ fn client_routes(prefix: &str) -> Router<AppState> {
         .route(&path("/capabilities"), get(discovery::capabilities))
         .route(&path("/voip/turnServer"), get(integrations::turn_server))
         .route(&path("/admin/whois/{user_id}"), get(admin::whois))
+        .route(&path("/events"), get(legacy::events))
+        .route(&path("/thirdparty/protocols"), get(legacy::protocols))
+        .route(
+            &path("/thirdparty/protocol/{protocol}"),
+            get(legacy::unknown_protocol),
+        )
+        .route(
+            &path("/thirdparty/location/{protocol}"),
+            get(legacy::unknown_protocol),
+        )
+        .route(
+            &path("/thirdparty/user/{protocol}"),
+            get(legacy::unknown_protocol),
+        )
+        .route(&path("/thirdparty/location"), get(legacy::nothing_bridged))
+        .route(&path("/thirdparty/user"), get(legacy::nothing_bridged))
         .route(
             &path("/user/{user_id}/openid/request_token"),
             post(integrations::openid_request_token),
@@ -275,6 +291,7 @@ fn room_routes(prefix: &str) -> Router<AppState> {
         .route(&room("/unban"), post(membership::unban))
         .route(&room("/forget"), post(membership::forget))
         .route(&room("/upgrade"), post(membership::upgrade))
+        .route(&room("/initialSync"), get(legacy::room_initial_sync))
         .route(&room("/report"), post(reporting::report_room))
         .route(&room("/report/{event_id}"), post(reporting::report_event))
         .route(

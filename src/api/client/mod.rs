@@ -7,6 +7,7 @@ pub mod directory;
 pub mod discovery;
 pub mod integrations;
 pub mod keys;
+pub mod legacy;
 pub mod media;
 pub mod membership;
 pub mod profile;
