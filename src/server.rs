@@ -172,6 +172,10 @@ async fn serve(
             stop_federation.clone(),
         ))
     });
+    let indexer_task = tokio::spawn(crate::services::search::run(
+        services.clone(),
+        stop_federation.clone(),
+    ));
     let announcer_task = services.federation.enabled().then(|| {
         tokio::spawn(crate::services::federation::announce::run(
             services.clone(),
@@ -208,7 +212,10 @@ async fn serve(
     .await
     .map_err(ServerError::Serve)?;
     stop_federation.cancel();
-    for task in [sender_task, announcer_task].into_iter().flatten() {
+    for task in [sender_task, announcer_task, Some(indexer_task)]
+        .into_iter()
+        .flatten()
+    {
         let _ = task.await;
     }
     if let Some(task) = federation_task {

@@ -742,3 +742,190 @@ async fn the_legacy_event_stream_room_initial_sync_and_third_party_lookups() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(found, json!([]));
 }
+
+/// `POST /search` for room events with `request` (the search term and
+/// the rest); the `room_events` answer.
+async fn search(server: &TestServer, token: &str, request: Value, next: Option<&str>) -> Value {
+    let path = match next {
+        Some(next) => format!("/_matrix/client/v3/search?next_batch={next}"),
+        None => "/_matrix/client/v3/search".to_owned(),
+    };
+    let (status, answer) = server
+        .post(
+            &path,
+            Some(token),
+            json!({ "search_categories": { "room_events": request } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer["search_categories"]["room_events"].clone()
+}
+
+/// The bodies (or names) of the results, in order.
+fn found(answer: &Value) -> Vec<String> {
+    answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let content = &r["result"]["content"];
+            content["body"]
+                .as_str()
+                .or(content["name"].as_str())
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn search_finds_what_the_user_may_read_and_survives_losing_its_index() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let carol = token(&server.register("carol").await);
+    let room = server
+        .create_room(
+            &alice,
+            json!({ "preset": "public_chat", "name": "Fox den" }),
+        )
+        .await;
+    join(&server, &bob, &room).await;
+    let mut sent = Vec::new();
+    for (i, body) in ["the quick brown fox", "a lazy dog", "quick thinking"]
+        .iter()
+        .enumerate()
+    {
+        let (status, answer) = send_text(&server, &alice, &room, &format!("q{i}"), body).await;
+        assert_eq!(status, StatusCode::OK);
+        sent.push(answer["event_id"].as_str().unwrap().to_owned());
+    }
+
+    // Found at once, best first or newest first, with highlights.
+    let answer = search(&server, &bob, json!({ "search_term": "QUICK" }), None).await;
+    assert_eq!(answer["count"], 2, "{answer}");
+    assert_eq!(answer["highlights"], json!(["quick"]));
+    let mut bodies = found(&answer);
+    bodies.sort();
+    assert_eq!(bodies, ["quick thinking", "the quick brown fox"]);
+    let answer = search(
+        &server,
+        &bob,
+        json!({ "search_term": "quick", "order_by": "recent" }),
+        None,
+    )
+    .await;
+    assert_eq!(found(&answer), ["quick thinking", "the quick brown fox"]);
+    let answer = search(
+        &server,
+        &bob,
+        json!({ "search_term": "fox", "keys": ["content.name"] }),
+        None,
+    )
+    .await;
+    assert_eq!(found(&answer), ["Fox den"]);
+
+    // Pages, context, groups and state.
+    let request = json!({ "search_term": "quick", "order_by": "recent", "filter": { "limit": 1 } });
+    let first = search(&server, &bob, request.clone(), None).await;
+    assert_eq!(found(&first), ["quick thinking"]);
+    let next = first["next_batch"].as_str().unwrap().to_owned();
+    let second = search(&server, &bob, request, Some(&next)).await;
+    assert_eq!(found(&second), ["the quick brown fox"]);
+    assert!(second.get("next_batch").is_none(), "{second}");
+    let answer = search(
+        &server,
+        &bob,
+        json!({
+            "search_term": "lazy",
+            "event_context": { "before_limit": 1, "after_limit": 1, "include_profile": true },
+            "groupings": { "group_by": [{ "key": "room_id" }] },
+            "include_state": true,
+        }),
+        None,
+    )
+    .await;
+    let context = &answer["results"][0]["context"];
+    assert_eq!(
+        context["events_before"][0]["event_id"],
+        sent[0].as_str(),
+        "{answer}"
+    );
+    assert_eq!(context["events_after"][0]["event_id"], sent[2].as_str());
+    assert!(context["profile_info"]["@alice:localhost"].is_object());
+    assert_eq!(
+        answer["groups"]["room_id"][&room]["results"],
+        json!([sent[1]])
+    );
+    assert!(answer["state"][&room]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["type"] == "m.room.create"));
+
+    // History visibility: Carol sees only what was sent while she was in.
+    let hidden = server
+        .create_room(
+            &alice,
+            json!({ "preset": "public_chat", "initial_state": [{
+                "type": "m.room.history_visibility", "state_key": "",
+                "content": { "history_visibility": "joined" },
+            }] }),
+        )
+        .await;
+    send_text(&server, &alice, &hidden, "h1", "secret early").await;
+    join(&server, &carol, &hidden).await;
+    send_text(&server, &alice, &hidden, "h2", "secret middle").await;
+    let (status, _) = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{hidden}/leave"),
+            Some(&carol),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    send_text(&server, &alice, &hidden, "h3", "secret late").await;
+    let answer = search(&server, &carol, json!({ "search_term": "secret" }), None).await;
+    assert_eq!(found(&answer), ["secret middle"], "{answer}");
+    let answer = search(&server, &bob, json!({ "search_term": "secret" }), None).await;
+    assert!(found(&answer).is_empty(), "{answer}");
+
+    // A redacted message is no longer found.
+    let (status, _) = server
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/redact/{}/r1", sent[1]),
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let answer = search(&server, &bob, json!({ "search_term": "lazy" }), None).await;
+    assert!(found(&answer).is_empty(), "{answer}");
+
+    // Bad requests.
+    let (status, _) = server
+        .post(
+            "/_matrix/client/v3/search",
+            Some(&bob),
+            json!({ "search_categories": { "room_events": { "keys": ["content.body"] } } }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let answer = server
+        .post(
+            "/_matrix/client/v3/search",
+            Some(&bob),
+            json!({ "search_categories": { "room_events": { "search_term": "x", "order_by": "loudest" } } }),
+        )
+        .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+
+    // The index deleted while the server is down is made again.
+    let dir = server.stop().await;
+    std::fs::remove_dir_all(dir.path().join("search")).unwrap();
+    let config = common::test_config(&dir);
+    let server = TestServer::start_in(dir, config, None).await;
+    let bob = token(&server.login("bob", None).await);
+    let answer = search(&server, &bob, json!({ "search_term": "quick" }), None).await;
+    assert_eq!(answer["count"], 2, "{answer}");
+}

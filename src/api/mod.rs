@@ -22,8 +22,8 @@ use tower_http::trace::TraceLayer;
 use crate::services::Services;
 use client::{
     account, admin, devices, directory, discovery, integrations, keys, legacy, media, membership,
-    profile, relations, reporting, room_events, room_keys, session, sliding_sync, spaces, sync,
-    user_data, websocket,
+    profile, relations, reporting, room_events, room_keys, search, session, sliding_sync, spaces,
+    sync, user_data, websocket,
 };
 use error::MatrixError;
 
@@ -206,6 +206,7 @@ fn client_routes(prefix: &str) -> Router<AppState> {
         .route(&path("/voip/turnServer"), get(integrations::turn_server))
         .route(&path("/admin/whois/{user_id}"), get(admin::whois))
         .route(&path("/events"), get(legacy::events))
+        .route(&path("/search"), post(search::search))
         .route(&path("/thirdparty/protocols"), get(legacy::protocols))
         .route(
             &path("/thirdparty/protocol/{protocol}"),

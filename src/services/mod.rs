@@ -22,6 +22,7 @@ pub mod profiles;
 pub mod rate_limit;
 pub mod reports;
 pub mod rooms;
+pub mod search;
 pub mod sliding;
 pub mod spaces;
 pub mod stream;
@@ -66,6 +67,7 @@ pub struct Services {
     pub connections: Arc<connections::Connections>,
     pub federation: federation::Federation,
     pub reports: reports::Reports,
+    pub search: search::Search,
     storage: Storage,
     clock: Arc<dyn Clock>,
 }
@@ -131,6 +133,7 @@ impl Services {
             connections: Arc::default(),
             federation,
             reports: reports::Reports::new(storage.clone())?,
+            search: search::Search::open(&search::index_dir(&config.data_dir))?,
             storage,
             uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),
             rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock.clone()),

@@ -15,6 +15,7 @@ pub mod relations;
 pub mod reporting;
 pub mod room_events;
 pub mod room_keys;
+pub mod search;
 pub mod session;
 pub mod sliding_sync;
 pub mod spaces;
