@@ -82,11 +82,7 @@ pub async fn get_suspended(
     Auth(authed): Auth,
     Path(user_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let localpart = admin_target(&state, &authed, &user_id)?;
-    let record = state.accounts.user(&localpart)?;
-    Ok(Json(
-        json!({ "suspended": record.is_some_and(|r| r.suspended) }),
-    ))
+    get_restriction(&state, &authed, &user_id, Restriction::Suspended)
 }
 
 /// `GET /_matrix/client/v1/admin/lock/{userId}`
@@ -95,51 +91,70 @@ pub async fn get_locked(
     Auth(authed): Auth,
     Path(user_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let localpart = admin_target(&state, &authed, &user_id)?;
-    let record = state.accounts.user(&localpart)?;
-    Ok(Json(json!({ "locked": record.is_some_and(|r| r.locked) })))
+    get_restriction(&state, &authed, &user_id, Restriction::Locked)
 }
 
-#[derive(Deserialize)]
-pub struct SuspendBody {
-    suspended: bool,
-}
-
-#[derive(Deserialize)]
-pub struct LockBody {
-    locked: bool,
-}
-
-/// `PUT /_matrix/client/v1/admin/suspend/{userId}`
+/// `PUT /_matrix/client/v1/admin/suspend/{userId}` (`{"suspended": bool}`)
 pub async fn set_suspended(
     State(state): State<AppState>,
     Auth(authed): Auth,
     Path(user_id): Path<String>,
-    JsonBody(body): JsonBody<SuspendBody>,
+    JsonBody(body): JsonBody<Value>,
 ) -> ApiResult<Json<Value>> {
-    let localpart = admin_target(&state, &authed, &user_id)?;
-    state
-        .accounts
-        .set_restriction(&localpart, Restriction::Suspended, body.suspended)
-        .await?;
-    tracing::info!(admin = %authed.user_id, user = %user_id, suspended = body.suspended, "suspension set");
-    Ok(Json(json!({ "suspended": body.suspended })))
+    set_restriction(&state, &authed, &user_id, Restriction::Suspended, &body).await
 }
 
-/// `PUT /_matrix/client/v1/admin/lock/{userId}`
+/// `PUT /_matrix/client/v1/admin/lock/{userId}` (`{"locked": bool}`)
 pub async fn set_locked(
     State(state): State<AppState>,
     Auth(authed): Auth,
     Path(user_id): Path<String>,
-    JsonBody(body): JsonBody<LockBody>,
+    JsonBody(body): JsonBody<Value>,
 ) -> ApiResult<Json<Value>> {
-    let localpart = admin_target(&state, &authed, &user_id)?;
+    set_restriction(&state, &authed, &user_id, Restriction::Locked, &body).await
+}
+
+/// The field of a restriction in the requests and answers.
+fn field_of(restriction: Restriction) -> &'static str {
+    match restriction {
+        Restriction::Suspended => "suspended",
+        Restriction::Locked => "locked",
+    }
+}
+
+fn get_restriction(
+    state: &AppState,
+    authed: &Authed,
+    user_id: &str,
+    restriction: Restriction,
+) -> ApiResult<Json<Value>> {
+    let localpart = admin_target(state, authed, user_id)?;
+    let record = state.accounts.user(&localpart)?;
+    let on = record.is_some_and(|r| match restriction {
+        Restriction::Suspended => r.suspended,
+        Restriction::Locked => r.locked,
+    });
+    Ok(Json(json!({ field_of(restriction): on })))
+}
+
+async fn set_restriction(
+    state: &AppState,
+    authed: &Authed,
+    user_id: &str,
+    restriction: Restriction,
+    body: &Value,
+) -> ApiResult<Json<Value>> {
+    let localpart = admin_target(state, authed, user_id)?;
+    let field = field_of(restriction);
+    let on = body[field]
+        .as_bool()
+        .ok_or_else(|| MatrixError::bad_json(format!("{field} must be a boolean")))?;
     state
         .accounts
-        .set_restriction(&localpart, Restriction::Locked, body.locked)
+        .set_restriction(&localpart, restriction, on)
         .await?;
-    tracing::info!(admin = %authed.user_id, user = %user_id, locked = body.locked, "lock set");
-    Ok(Json(json!({ "locked": body.locked })))
+    tracing::info!(admin = %authed.user_id, user = %user_id, field, on, "account restriction set");
+    Ok(Json(json!({ field: on })))
 }
 
 #[derive(Deserialize)]

@@ -278,7 +278,7 @@ fn event_context(
                 return Ok(Vec::new());
             }
             let page = state.rooms.page(room, from, None, direction, limit)?;
-            Ok(access.visible(state, page.events)?)
+            access.visible(state, page.events)
         };
     let before = around(
         position.saturating_sub(1),
