@@ -76,20 +76,9 @@ pub fn summary(services: &Services, room_id: &RoomId) -> Result<Option<Value>> {
         }
     }
     if matches!(join_rule.as_str(), "restricted" | "knock_restricted") {
-        summary["allowed_room_ids"] = json!(allowed_room_ids(&join_rules));
+        summary["allowed_room_ids"] = json!(super::rooms::allowed_rooms(&join_rules));
     }
     Ok(Some(summary))
-}
-
-/// The rooms a restricted join rule admits the members of.
-fn allowed_room_ids(join_rules: &Value) -> Vec<String> {
-    join_rules["allow"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|entry| entry["type"] == "m.room_membership")
-        .filter_map(|entry| entry["room_id"].as_str().map(str::to_owned))
-        .collect()
 }
 
 /// A room's valid `m.space.child` events, in the spec's order.

@@ -87,7 +87,13 @@ pub async fn query(
         let wanted: Vec<String> = serde_json::from_value(wanted.clone())
             .map_err(|_| MatrixError::bad_json("device_keys values must be lists of device IDs"))?;
         if user.server_name().as_str() != state.config.server_name {
-            if let Some(list) = remote_devices::current_list(&state, &user)? {
+            // Kept lists are current while the user shares a room here.
+            let shares = remote_devices::shares_room_with_local(&state, &user)?;
+            let kept = match shares {
+                true => remote_devices::kept_list(&state, &user)?,
+                false => None,
+            };
+            if let Some(list) = kept {
                 let devices: Map<String, Value> = list
                     .devices
                     .into_iter()
@@ -104,7 +110,7 @@ pub async fn query(
                 }
                 continue;
             }
-            if remote_devices::shares_room_with_local(&state, &user)? {
+            if shares {
                 // Kept from now on, so later queries need not ask.
                 let (state, user) = (state.clone(), user.clone());
                 tokio::spawn(async move {
@@ -290,6 +296,8 @@ pub async fn signatures_upload(
     let mut objects = Vec::new();
     let mut remote_objects = Vec::new();
     let mut unknown: std::collections::BTreeMap<String, Map<String, Value>> = Default::default();
+    // Each other server's user's kept list, read once.
+    let mut lists = std::collections::BTreeMap::new();
     for (user_id, keys) in body {
         let user = parse_user(&user_id)?;
         let Some(keys) = keys.as_object() else {
@@ -307,11 +315,15 @@ pub async fn signatures_upload(
                 });
             } else {
                 remote_objects.push((user.clone(), key_id.clone(), object.clone()));
-                if remote_devices::current_list(&state, &user)?.is_none() {
-                    unknown
-                        .entry(user.server_name().to_string())
-                        .or_default()
-                        .insert(user_id.clone(), json!([]));
+                if !lists.contains_key(&user) {
+                    let list = remote_devices::current_list(&state, &user)?;
+                    if list.is_none() {
+                        unknown
+                            .entry(user.server_name().to_string())
+                            .or_default()
+                            .insert(user_id.clone(), json!([]));
+                    }
+                    lists.insert(user.clone(), list);
                 }
             }
         }
@@ -328,11 +340,12 @@ pub async fn signatures_upload(
     )
     .await;
     for (user, key_id, object) in remote_objects {
-        let key = match remote_devices::current_list(&state, &user)? {
-            Some(list) => [list.master_key, list.self_signing_key]
+        let key = match lists.get(&user).and_then(Option::as_ref) {
+            Some(list) => [&list.master_key, &list.self_signing_key]
                 .into_iter()
                 .flatten()
                 .find(|key| cross_signing_key_ids(key).contains(&key_id))
+                .cloned()
                 .or_else(|| list.devices.get(&key_id).filter(|k| k.is_object()).cloned()),
             None => answers
                 .iter()

@@ -49,11 +49,16 @@ pub async fn events(
         Some(token) => parse_token(token)?,
         None => state.rooms.current_stream_position(),
     };
-    let rooms = match &query.room_id {
-        Some(room_id) => vec![readable_room(&state, &authed, room_id)?.room_id],
-        None => state.rooms.rooms_of_user(&user, "join")?,
+    let accesses = match &query.room_id {
+        Some(room_id) => vec![readable_room(&state, &authed, room_id)?],
+        None => state
+            .rooms
+            .rooms_of_user(&user, "join")?
+            .iter()
+            .map(|room_id| readable_room(&state, &authed, room_id.as_str()))
+            .collect::<ApiResult<Vec<_>>>()?,
     };
-    let topics: Vec<String> = rooms.iter().map(ToString::to_string).collect();
+    let topics: Vec<String> = accesses.iter().map(|a| a.room_id.to_string()).collect();
     let registration = state.sync.register(&user, &topics);
     let timeout = query
         .timeout
@@ -63,10 +68,9 @@ pub async fn events(
     loop {
         let upto = state.sync.current();
         let mut events = Vec::new();
-        for room_id in &rooms {
-            let access = readable_room(&state, &authed, room_id.as_str())?;
+        for access in &accesses {
             let page = state.rooms.page(
-                room_id,
+                &access.room_id,
                 from,
                 Some(upto),
                 Direction::Forward,

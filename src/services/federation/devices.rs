@@ -239,13 +239,17 @@ fn list_of_answer(user: &UserId, answer: &Value) -> Result<RemoteDeviceList> {
 /// The kept device list of a user of another server, when it is current:
 /// they share a room with a local user, so their server sends updates.
 pub fn current_list(services: &Services, user: &UserId) -> Result<Option<RemoteDeviceList>> {
-    let Some(list) = services
-        .storage
-        .get(tables::REMOTE_DEVICES, &user.to_string())?
-    else {
+    if !shares_room_with_local(services, user)? {
         return Ok(None);
-    };
-    Ok(shares_room_with_local(services, user)?.then_some(list))
+    }
+    kept_list(services, user)
+}
+
+/// The kept device list of a user of another server, current or not.
+pub fn kept_list(services: &Services, user: &UserId) -> Result<Option<RemoteDeviceList>> {
+    Ok(services
+        .storage
+        .get(tables::REMOTE_DEVICES, &user.to_string())?)
 }
 
 /// `m.presence` from `origin`: the presence of its users who share a room

@@ -722,7 +722,7 @@ pub fn room_full(limit: u64) -> Error {
 }
 
 /// The rooms whose members a restricted join rule admits.
-fn allowed_rooms(join_rules: &Value) -> Vec<OwnedRoomId> {
+pub fn allowed_rooms(join_rules: &Value) -> Vec<OwnedRoomId> {
     join_rules["allow"]
         .as_array()
         .into_iter()
