@@ -929,6 +929,29 @@ async fn typing_and_read_receipts_cross_servers() {
         !receipts.to_string().contains("m.read.private"),
         "{receipts}"
     );
+    // A threaded receipt crosses with its thread.
+    let (status, answer) = one
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/receipt/m.read/{event_id}"),
+            Some(&alice),
+            json!({ "thread_id": "main" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("Alice's threaded receipt in Bob's sync", || async {
+        let (_, sync) = two.get("/_matrix/client/v3/sync", Some(&bob)).await;
+        let events = &sync["rooms"]["join"][&room_id]["ephemeral"]["events"];
+        events
+            .as_array()
+            .is_some_and(|events| {
+                events.iter().any(|e| {
+                    e["type"] == "m.receipt"
+                        && e["content"][&event_id]["m.read"][&alice_id]["thread_id"] == "main"
+                })
+            })
+            .then_some(())
+    })
+    .await;
     // Typing and receipts that speak for a user of another server, or in a
     // room the user is not in, are ignored.
     let (_, before) = one.get("/_matrix/client/v3/sync", Some(&alice)).await;
