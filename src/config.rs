@@ -60,6 +60,7 @@ pub struct Config {
     pub federation: FederationConfig,
     pub turn: TurnConfig,
     pub login_via_existing_session: LoginViaExistingSession,
+    pub email: EmailConfig,
 }
 
 /// Signing in on a new device from one already signed in
@@ -109,6 +110,7 @@ impl Default for Config {
             federation: FederationConfig::default(),
             turn: TurnConfig::default(),
             login_via_existing_session: LoginViaExistingSession::default(),
+            email: EmailConfig::default(),
         }
     }
 }
@@ -371,6 +373,73 @@ pub struct SupportContact {
     pub email_address: Option<String>,
 }
 
+/// Email through an SMTP server: validating the addresses users add to
+/// their accounts, resetting forgotten passwords. Off until `smtp_host`
+/// is set.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmailConfig {
+    /// The SMTP server; none: no email is sent and adding an address
+    /// answers `M_THREEPID_MEDIUM_NOT_SUPPORTED`.
+    pub smtp_host: Option<String>,
+    pub smtp_port: u16,
+    /// How the connection is protected: `starttls`, `tls` (TLS from the
+    /// first byte, usually port 465) or `none` (only for a relay on the
+    /// same machine).
+    pub security: SmtpSecurity,
+    /// Credentials for `AUTH PLAIN`; none: no authentication.
+    pub smtp_user: Option<String>,
+    pub smtp_password: Option<String>,
+    /// A PEM file of certificates to trust besides the usual roots.
+    pub ca_certificates: Option<PathBuf>,
+    /// The sender: an address, with an optional name (`Name <a@b>`).
+    /// Default: `noreply@` the server name's host.
+    pub from: Option<String>,
+    /// Where the links in emails point; default: `well_known.client_base_url`,
+    /// else `https://` the server name.
+    pub public_base_url: Option<String>,
+    /// How long a validation code lasts, and a validated address may be
+    /// used.
+    pub token_lifetime_ms: u64,
+    /// Whether registering needs a validated email address.
+    pub require_for_registration: bool,
+    /// Longest an exchange with the SMTP server may take.
+    pub timeout_ms: u64,
+}
+
+/// How the connection to the SMTP server is protected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpSecurity {
+    Starttls,
+    Tls,
+    None,
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        EmailConfig {
+            smtp_host: None,
+            smtp_port: 587,
+            security: SmtpSecurity::Starttls,
+            smtp_user: None,
+            smtp_password: None,
+            ca_certificates: None,
+            from: None,
+            public_base_url: None,
+            token_lifetime_ms: 60 * 60 * 1000,
+            require_for_registration: false,
+            timeout_ms: 30_000,
+        }
+    }
+}
+
+impl EmailConfig {
+    pub fn enabled(&self) -> bool {
+        self.smtp_host.is_some()
+    }
+}
+
 /// TURN servers for calls (`GET /voip/turnServer`).
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -411,6 +480,8 @@ pub struct RateLimits {
     pub registration: RateLimit,
     /// Registration token checks per client address.
     pub registration_token_validity: RateLimit,
+    /// Validation emails asked for (`requestToken`) per client address.
+    pub threepid_validation: RateLimit,
 }
 
 impl Default for RateLimits {
@@ -421,6 +492,11 @@ impl Default for RateLimits {
             registration: RateLimit::default(),
             registration_token_validity: RateLimit {
                 per_second: 0.1,
+                burst: 5,
+            },
+            // Synapse's: a few emails, then one every five minutes.
+            threepid_validation: RateLimit {
+                per_second: 0.003,
                 burst: 5,
             },
         }
@@ -457,6 +533,12 @@ impl<'de> Deserialize<'de> for RateLimits {
             registration: RateLimit,
             #[serde(default = "token_validity_default")]
             registration_token_validity: RateLimit,
+            #[serde(default = "threepid_validation_default")]
+            threepid_validation: RateLimit,
+        }
+
+        fn threepid_validation_default() -> RateLimit {
+            RateLimits::default().threepid_validation
         }
 
         fn token_validity_default() -> RateLimit {
@@ -485,6 +567,7 @@ impl<'de> Deserialize<'de> for RateLimits {
                     login: kinds.login,
                     registration: kinds.registration,
                     registration_token_validity: kinds.registration_token_validity,
+                    threepid_validation: kinds.threepid_validation,
                 })
             }
         }
@@ -546,6 +629,27 @@ impl Config {
                 "need a shared_secret, or a username and a password".to_owned(),
             );
         }
+        let email = &self.email;
+        if email.smtp_user.is_some() != email.smtp_password.is_some() {
+            return fail(
+                "email.smtp_user",
+                "needs email.smtp_password, and the other way round".to_owned(),
+            );
+        }
+        if email.require_for_registration && !email.enabled() {
+            return fail(
+                "email.require_for_registration",
+                "needs email.smtp_host".to_owned(),
+            );
+        }
+        if let Some(from) = &email.from {
+            if crate::services::email::sender_address(from).is_none() {
+                return fail(
+                    "email.from",
+                    format!("{from:?} is not an address or `Name <address>`"),
+                );
+            }
+        }
         if self.registration == RegistrationMode::Token && self.registration_tokens.is_empty() {
             return fail(
                 "registration_tokens",
@@ -567,6 +671,10 @@ impl Config {
             (
                 "rate_limits.registration_token_validity",
                 self.rate_limits.registration_token_validity,
+            ),
+            (
+                "rate_limits.threepid_validation",
+                self.rate_limits.threepid_validation,
             ),
         ] {
             if !(limit.per_second.is_finite() && limit.per_second > 0.0) || limit.burst == 0 {

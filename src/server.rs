@@ -176,6 +176,10 @@ async fn serve(
         services.clone(),
         stop_federation.clone(),
     ));
+    let sweeper_task = tokio::spawn(sweep_threepid_sessions(
+        services.clone(),
+        stop_federation.clone(),
+    ));
     let announcer_task = services.federation.enabled().then(|| {
         tokio::spawn(crate::services::federation::announce::run(
             services.clone(),
@@ -212,9 +216,14 @@ async fn serve(
     .await
     .map_err(ServerError::Serve)?;
     stop_federation.cancel();
-    for task in [sender_task, announcer_task, Some(indexer_task)]
-        .into_iter()
-        .flatten()
+    for task in [
+        sender_task,
+        announcer_task,
+        Some(indexer_task),
+        Some(sweeper_task),
+    ]
+    .into_iter()
+    .flatten()
     {
         let _ = task.await;
     }
@@ -271,4 +280,20 @@ fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, Server
             _ = terminate.recv() => tracing::info!("SIGTERM received, shutting down"),
         }
     })
+}
+
+/// Deletes expired email validation sessions once an hour, until `stop`.
+async fn sweep_threepid_sessions(services: Arc<Services>, stop: CancellationToken) {
+    let mut every_hour = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every_hour.tick() => {}
+        }
+        match services.threepids.sweep().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::debug!(removed, "expired email validation sessions deleted"),
+            Err(error) => tracing::warn!(%error, "could not delete expired validation sessions"),
+        }
+    }
 }

@@ -123,6 +123,30 @@ impl From<Error> for MatrixError {
             Error::UnknownPos(_) => plain(StatusCode::BAD_REQUEST, "M_UNKNOWN_POS"),
             Error::Unauthorized(_) => plain(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED"),
             Error::RemoteUnavailable(_) => plain(StatusCode::BAD_GATEWAY, "M_UNKNOWN"),
+            Error::ThreepidInUse(_) => plain(StatusCode::BAD_REQUEST, "M_THREEPID_IN_USE"),
+            Error::ThreepidNotFound(_) => plain(StatusCode::BAD_REQUEST, "M_THREEPID_NOT_FOUND"),
+            Error::ThreepidAuthFailed(_) => {
+                plain(StatusCode::BAD_REQUEST, "M_THREEPID_AUTH_FAILED")
+            }
+            Error::ThreepidMediumNotSupported(_) => {
+                plain(StatusCode::BAD_REQUEST, "M_THREEPID_MEDIUM_NOT_SUPPORTED")
+            }
+            Error::IdentityServer { status, body } => {
+                let status = StatusCode::from_u16(status)
+                    .ok()
+                    .filter(|s| s.is_client_error() || s.is_server_error())
+                    .unwrap_or(StatusCode::BAD_GATEWAY);
+                let matrix_error = body.get("errcode").and_then(Value::as_str).is_some();
+                if matrix_error {
+                    MatrixError {
+                        status,
+                        body,
+                        retry_after_ms: None,
+                    }
+                } else {
+                    MatrixError::new(status, "M_UNKNOWN", message.clone())
+                }
+            }
             Error::CannotOverwriteMedia(_) => {
                 plain(StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA")
             }

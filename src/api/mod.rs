@@ -23,7 +23,7 @@ use crate::services::Services;
 use client::{
     account, admin, devices, directory, discovery, integrations, keys, legacy, media, membership,
     profile, relations, reporting, room_events, room_keys, search, session, sliding_sync, spaces,
-    sync, user_data, websocket,
+    sync, threepids, user_data, websocket,
 };
 use error::MatrixError;
 
@@ -130,6 +130,10 @@ fn matrix_api(state: AppState) -> Router {
             get(media::legacy_download_named),
         )
         .route(
+            "/_matrix/client/unstable/add_threepid/email/submit_token",
+            get(threepids::submit_token_link).post(threepids::submit_token),
+        )
+        .route(
             "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
             post(sliding_sync::sliding_sync),
         )
@@ -187,6 +191,38 @@ fn client_routes(prefix: &str) -> Router<AppState> {
         .route(&path("/account/whoami"), get(account::whoami))
         .route(&path("/account/password"), post(account::change_password))
         .route(&path("/account/deactivate"), post(account::deactivate))
+        .route(
+            &path("/account/3pid"),
+            get(threepids::list).post(threepids::legacy_add),
+        )
+        .route(&path("/account/3pid/add"), post(threepids::add))
+        .route(&path("/account/3pid/bind"), post(threepids::bind))
+        .route(&path("/account/3pid/delete"), post(threepids::delete))
+        .route(&path("/account/3pid/unbind"), post(threepids::unbind))
+        .route(
+            &path("/account/3pid/email/requestToken"),
+            post(threepids::add_email_token),
+        )
+        .route(
+            &path("/register/email/requestToken"),
+            post(threepids::register_email_token),
+        )
+        .route(
+            &path("/account/password/email/requestToken"),
+            post(threepids::password_email_token),
+        )
+        .route(
+            &path("/account/3pid/msisdn/requestToken"),
+            post(threepids::msisdn_token),
+        )
+        .route(
+            &path("/register/msisdn/requestToken"),
+            post(threepids::msisdn_token),
+        )
+        .route(
+            &path("/account/password/msisdn/requestToken"),
+            post(threepids::msisdn_token),
+        )
         .route(&path("/devices"), get(devices::list))
         .route(
             &path("/devices/{device_id}"),

@@ -87,6 +87,24 @@ pub enum Error {
     /// Another server could not be reached, or gave no usable answer.
     #[error("{0}")]
     RemoteUnavailable(String),
+    /// A third-party identifier belongs to another account already.
+    #[error("{0}")]
+    ThreepidInUse(String),
+    /// No account has this third-party identifier.
+    #[error("{0}")]
+    ThreepidNotFound(String),
+    /// A validation session that is unknown, unvalidated or expired.
+    #[error("{0}")]
+    ThreepidAuthFailed(String),
+    /// A medium this server cannot validate (no SMTP server, no SMS).
+    #[error("{0}")]
+    ThreepidMediumNotSupported(String),
+    /// An identity server answered with an error, passed on as it was.
+    #[error("the identity server answered {status}")]
+    IdentityServer {
+        status: u16,
+        body: serde_json::Value,
+    },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("internal error: {0}")]

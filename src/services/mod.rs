@@ -9,6 +9,7 @@ pub mod connections;
 pub mod delivery;
 pub mod directory;
 pub mod e2ee;
+pub mod email;
 pub mod error;
 pub mod federation;
 pub mod filter;
@@ -27,6 +28,7 @@ pub mod sliding;
 pub mod spaces;
 pub mod stream;
 pub mod sync;
+pub mod threepids;
 pub mod thumbnail;
 pub mod uia;
 pub mod user_data;
@@ -45,9 +47,28 @@ use error::{Error, Result};
 use profiles::Profiles;
 use rate_limit::RateLimiter;
 use rooms::Rooms;
-use uia::{Flows, Uia, STAGE_DUMMY, STAGE_PASSWORD, STAGE_REGISTRATION_TOKEN};
+use threepids::{Purpose, Threepid, Threepids};
+use uia::{Flows, Uia, STAGE_DUMMY, STAGE_EMAIL, STAGE_PASSWORD, STAGE_REGISTRATION_TOKEN};
 
 /// Every service of one server, sharing one configuration and one store.
+/// The UIA purpose of a password reset by email (no access token).
+pub const PASSWORD_RESET: &str = "password_reset";
+
+/// What a completed user-interactive authentication established.
+#[derive(Debug, Default)]
+pub struct Authorized {
+    /// The address validated by an `m.login.email.identity` stage.
+    pub email: Option<ValidatedEmail>,
+}
+
+/// An address validated for the operation, and its session.
+#[derive(Debug)]
+pub struct ValidatedEmail {
+    pub threepid: Threepid,
+    pub sid: String,
+    pub client_secret: String,
+}
+
 pub struct Services {
     pub config: Arc<Config>,
     pub accounts: Accounts,
@@ -68,6 +89,7 @@ pub struct Services {
     pub federation: federation::Federation,
     pub reports: reports::Reports,
     pub search: search::Search,
+    pub threepids: Threepids,
     storage: Storage,
     clock: Arc<dyn Clock>,
 }
@@ -134,6 +156,7 @@ impl Services {
             federation,
             reports: reports::Reports::new(storage.clone())?,
             search: search::Search::open(&search::index_dir(&config.data_dir))?,
+            threepids: Threepids::new(storage.clone(), clock.clone(), &config)?,
             storage,
             uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),
             rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock.clone()),
@@ -149,10 +172,22 @@ impl Services {
 
     /// Deactivates an account and takes it out of every room it is in or
     /// invited to, as Synapse does.
-    pub async fn deactivate_account(&self, localpart: &str) -> Result<()> {
-        self.accounts.deactivate(localpart).await?;
+    ///
+    /// Its email addresses are removed first, and unbound from `id_server`
+    /// or the identity servers they were bound on; returns the
+    /// `id_server_unbind_result`.
+    pub async fn deactivate_account(
+        &self,
+        localpart: &str,
+        id_server: Option<&str>,
+    ) -> Result<&'static str> {
         let user = ruma::UserId::parse(self.accounts.user_id(localpart).to_string())
             .map_err(|e| Error::Internal(e.to_string()))?;
+        let unbound = self
+            .threepids
+            .delete_all(&self.federation.client, localpart, user.as_str(), id_server)
+            .await?;
+        self.accounts.deactivate(localpart).await?;
         for membership in ["join", "invite", "knock"] {
             for room_id in self.rooms.rooms_of_user(&user, membership)? {
                 let leave = self
@@ -164,7 +199,7 @@ impl Services {
                 }
             }
         }
-        Ok(())
+        Ok(unbound)
     }
 
     /// Sets a profile field; a new display name or avatar is also shown in
@@ -212,12 +247,29 @@ impl Services {
 
     /// The flows a registration must complete in the configured mode, or
     /// `None` when registration is disabled.
+    ///
+    /// With email on, a validated address may be given (it is then added
+    /// to the account), or must be when `email.require_for_registration`.
     pub fn registration_flows(&self) -> Option<Flows> {
-        match self.config.registration {
-            RegistrationMode::Disabled => None,
-            RegistrationMode::Open => Some(Flows(vec![vec![STAGE_DUMMY]])),
-            RegistrationMode::Token => Some(Flows(vec![vec![STAGE_REGISTRATION_TOKEN]])),
-        }
+        let first = match self.config.registration {
+            RegistrationMode::Disabled => return None,
+            RegistrationMode::Open => vec![],
+            RegistrationMode::Token => vec![STAGE_REGISTRATION_TOKEN],
+        };
+        let with_email = [first.clone(), vec![STAGE_EMAIL]].concat();
+        let without_email = if first.is_empty() {
+            vec![STAGE_DUMMY]
+        } else {
+            first
+        };
+        let email = &self.config.email;
+        Some(Flows(if email.require_for_registration {
+            vec![with_email]
+        } else if email.enabled() {
+            vec![without_email, with_email]
+        } else {
+            vec![without_email]
+        }))
     }
 
     /// Whether `token` is one of the configured registration tokens.
@@ -229,31 +281,83 @@ impl Services {
     ///
     /// `user` is the account the operation acts on, when there is one: a
     /// password stage must then name that account and give its password.
+    ///
+    /// Once a flow is complete, what it established: the validated email
+    /// address of an `m.login.email.identity` stage, if it had one.
     pub async fn authorize_interactively(
         &self,
         purpose: &str,
         flows: &Flows,
         auth: Option<&Value>,
         user: Option<&Authed>,
-    ) -> Result<()> {
+    ) -> Result<Authorized> {
         let attempt = self.uia.begin(purpose, flows, auth)?;
         let outcome = match attempt.stage.as_str() {
-            STAGE_DUMMY => Ok(()),
+            STAGE_DUMMY => Ok(None),
             STAGE_REGISTRATION_TOKEN => {
                 let token = attempt.auth.get("token").and_then(Value::as_str);
                 match token {
-                    Some(token) if self.registration_token_valid(token) => Ok(()),
+                    Some(token) if self.registration_token_valid(token) => Ok(None),
                     _ => Err("Invalid registration token".to_owned()),
                 }
             }
-            STAGE_PASSWORD => self.check_password_stage(&attempt.auth, user).await?,
+            STAGE_PASSWORD => self
+                .check_password_stage(&attempt.auth, user)
+                .await?
+                .map(|()| None),
+            STAGE_EMAIL => self.check_email_stage(&attempt.auth, purpose)?,
             other => {
                 return Err(Error::Unrecognized(format!(
                     "Unrecognised authentication stage {other:?}"
                 )))
             }
         };
-        self.uia.finish(attempt, flows, outcome)
+        let facts = self.uia.finish(attempt, flows, outcome)?;
+        let email = facts.into_iter().find_map(|fact| {
+            let text = |name: &str| fact.get(name)?.as_str().map(str::to_owned);
+            Some(ValidatedEmail {
+                threepid: Threepid {
+                    medium: text("medium")?,
+                    address: text("address")?,
+                },
+                sid: text("sid")?,
+                client_secret: text("client_secret")?,
+            })
+        });
+        Ok(Authorized { email })
+    }
+
+    /// `m.login.email.identity`: a session validated for this operation
+    /// (registration or password reset), named by `threepid_creds`.
+    fn check_email_stage(
+        &self,
+        auth: &Value,
+        purpose: &str,
+    ) -> Result<std::result::Result<Option<Value>, String>> {
+        let purpose = match purpose {
+            "register" => Purpose::Register,
+            PASSWORD_RESET => Purpose::Password,
+            _ => return Ok(Err("Email is not a stage of this operation".to_owned())),
+        };
+        let creds = auth
+            .get("threepid_creds")
+            .or_else(|| auth.get("threepidCreds"));
+        let text = |name: &str| creds.and_then(|c| c.get(name)).and_then(Value::as_str);
+        let (Some(sid), Some(client_secret)) = (text("sid"), text("client_secret")) else {
+            return Err(Error::MissingParam(
+                "threepid_creds needs sid and client_secret".to_owned(),
+            ));
+        };
+        match self.threepids.validated(sid, client_secret, purpose) {
+            Ok(threepid) => Ok(Ok(Some(serde_json::json!({
+                "medium": threepid.medium,
+                "address": threepid.address,
+                "sid": sid,
+                "client_secret": client_secret,
+            })))),
+            Err(Error::ThreepidAuthFailed(why)) => Ok(Err(why)),
+            Err(other) => Err(other),
+        }
     }
 
     /// `Ok(Err(reason))` for wrong credentials, which the client may retry.

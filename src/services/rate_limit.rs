@@ -16,6 +16,7 @@ pub enum Kind {
     Login,
     Registration,
     RegistrationTokenValidity,
+    ThreepidValidation,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -93,6 +94,7 @@ fn limit_of(settings: &RateLimits, kind: Kind) -> RateLimit {
         Kind::Login => settings.login,
         Kind::Registration => settings.registration,
         Kind::RegistrationTokenValidity => settings.registration_token_validity,
+        Kind::ThreepidValidation => settings.threepid_validation,
     }
 }
 

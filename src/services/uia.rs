@@ -23,6 +23,7 @@ const MAX_SESSIONS: usize = 10_000;
 pub const STAGE_DUMMY: &str = "m.login.dummy";
 pub const STAGE_PASSWORD: &str = "m.login.password";
 pub const STAGE_REGISTRATION_TOKEN: &str = "m.login.registration_token";
+pub const STAGE_EMAIL: &str = "m.login.email.identity";
 
 /// What a client must complete: any one of the flows, each a list of stages.
 #[derive(Clone, Debug)]
@@ -41,6 +42,9 @@ struct Session {
     /// session started for one operation cannot complete another.
     purpose: String,
     completed: Vec<String>,
+    /// What the completed stages established (a validated address), for
+    /// the operation once the flow is complete.
+    facts: Vec<Value>,
     created_ms: u64,
 }
 
@@ -94,6 +98,7 @@ impl Uia {
                 let session = Session {
                     purpose: purpose.to_owned(),
                     completed: Vec::new(),
+                    facts: Vec::new(),
                     created_ms: now,
                 };
                 sessions.insert(id.clone(), session);
@@ -117,14 +122,16 @@ impl Uia {
         })
     }
 
-    /// Records the outcome of an attempt. `Ok` once a flow is complete;
-    /// otherwise the 401 answer, with the failure's message if it failed.
+    /// Records the outcome of an attempt, and what a successful stage
+    /// established. Once a flow is complete, `Ok` with everything the
+    /// session's stages established; otherwise the 401 answer, with the
+    /// failure's message if it failed.
     pub fn finish(
         &self,
         attempt: Attempt,
         flows: &Flows,
-        outcome: Result<(), String>,
-    ) -> Result<()> {
+        outcome: Result<Option<Value>, String>,
+    ) -> Result<Vec<Value>> {
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let Some(session) = sessions.get_mut(&attempt.session) else {
             return Err(Error::Unknown(format!(
@@ -132,15 +139,19 @@ impl Uia {
                 attempt.session
             )));
         };
-        if let Err(message) = outcome {
-            let completed = session.completed.clone();
-            return Err(challenge(
-                &attempt.session,
-                flows,
-                &completed,
-                Some(message),
-            ));
-        }
+        let fact = match outcome {
+            Ok(fact) => fact,
+            Err(message) => {
+                let completed = session.completed.clone();
+                return Err(challenge(
+                    &attempt.session,
+                    flows,
+                    &completed,
+                    Some(message),
+                ));
+            }
+        };
+        session.facts.extend(fact);
         if !session.completed.contains(&attempt.stage) {
             session.completed.push(attempt.stage);
         }
@@ -149,8 +160,11 @@ impl Uia {
                 .all(|stage| session.completed.iter().any(|c| c == stage))
         });
         if done {
-            sessions.remove(&attempt.session);
-            Ok(())
+            let facts = sessions
+                .remove(&attempt.session)
+                .map(|s| s.facts)
+                .unwrap_or_default();
+            Ok(facts)
         } else {
             let completed = session.completed.clone();
             Err(challenge(&attempt.session, flows, &completed, None))
@@ -199,12 +213,17 @@ mod tests {
 
         let auth = json!({"type": STAGE_REGISTRATION_TOKEN, "session": session});
         let attempt = uia.begin("register", &flows, Some(&auth)).unwrap();
-        let progress = body(uia.finish(attempt, &flows, Ok(())).unwrap_err());
+        let fact = json!({"established": "by the first stage"});
+        let progress = body(
+            uia.finish(attempt, &flows, Ok(Some(fact.clone())))
+                .unwrap_err(),
+        );
         assert_eq!(progress["completed"], json!([STAGE_REGISTRATION_TOKEN]));
 
         let auth = json!({"type": STAGE_DUMMY, "session": session});
         let attempt = uia.begin("register", &flows, Some(&auth)).unwrap();
-        assert!(uia.finish(attempt, &flows, Ok(())).is_ok());
+        // The completed flow gives what its stages established.
+        assert_eq!(uia.finish(attempt, &flows, Ok(None)).unwrap(), vec![fact]);
         // A finished session cannot be replayed.
         assert!(matches!(
             uia.begin("register", &flows, Some(&auth)),

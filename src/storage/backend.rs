@@ -107,11 +107,17 @@ pub enum Cf {
     OpenidTokens,
     /// One-time login tokens (`m.login.token`), until used or expired.
     LoginTokens,
+    /// Validation sessions of email addresses, until they expire.
+    ThreepidSessions,
+    /// Third-party identifiers (email addresses) and their accounts.
+    Threepids,
+    /// Each account's third-party identifiers and identity server binds.
+    UserThreepids,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 46] = [
+    pub const ALL: [Cf; 49] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -158,6 +164,9 @@ impl Cf {
         Cf::Reports,
         Cf::OpenidTokens,
         Cf::LoginTokens,
+        Cf::ThreepidSessions,
+        Cf::Threepids,
+        Cf::UserThreepids,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -209,6 +218,9 @@ impl Cf {
             Cf::Reports => "reports",
             Cf::OpenidTokens => "openid_tokens",
             Cf::LoginTokens => "login_tokens",
+            Cf::ThreepidSessions => "threepid_sessions",
+            Cf::Threepids => "threepids",
+            Cf::UserThreepids => "user_threepids",
         }
     }
 

@@ -49,6 +49,15 @@ pub const ANNOUNCED_UPTO: &str = "upto";
 pub const OPENID_TOKENS: Table<TokenHash, (String, u64)> = Table::new(Cf::OpenidTokens);
 /// SHA-256 of a login token → (user ID, expiry in ms since the epoch).
 pub const LOGIN_TOKENS: Table<TokenHash, (String, u64)> = Table::new(Cf::LoginTokens);
+/// (client secret, session ID) → a validation session of an address.
+pub const THREEPID_SESSIONS: Table<(String, String), ThreepidSession> =
+    Table::new(Cf::ThreepidSessions);
+/// (medium, address) → the account that has it.
+pub const THREEPIDS: Table<(String, String), ThreepidOwner> = Table::new(Cf::Threepids);
+/// (localpart, medium, address) → when it was added, and the identity
+/// servers it is bound on.
+pub const USER_THREEPIDS: Table<(String, String, String), UserThreepid> =
+    Table::new(Cf::UserThreepids);
 /// Report ID (microseconds since the epoch, or one past the last) → the
 /// report (`{"kind", "reporter", "room_id", "event_id", "user_id",
 /// "reason", "received_ts"}`).
@@ -394,6 +403,39 @@ pub struct UserRecord {
     /// (`M_USER_LOCKED`).
     #[serde(default)]
     pub locked: bool,
+}
+
+/// A validation session: a code sent to an address, and whether it was
+/// given back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreepidSession {
+    pub medium: String,
+    pub address: String,
+    /// What the validation is for: `register`, `add` or `password`.
+    pub purpose: String,
+    /// The client's `send_attempt` of the last email sent.
+    pub send_attempt: u64,
+    /// The code sent, hashed.
+    pub token: TokenHash,
+    pub created_ms: u64,
+    /// Until when the code, or once validated the session, may be used.
+    pub expires_ms: u64,
+    pub validated_ms: Option<u64>,
+}
+
+/// The account a third-party identifier belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreepidOwner {
+    pub localpart: String,
+}
+
+/// One of an account's third-party identifiers: added to the account
+/// (`added_ms`), bound on identity servers (`id_servers`), or both.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserThreepid {
+    pub added_ms: Option<u64>,
+    pub validated_ms: Option<u64>,
+    pub id_servers: Vec<String>,
 }
 
 /// One device (one login) of a local account.

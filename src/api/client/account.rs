@@ -14,13 +14,15 @@ use serde_json::{json, Value};
 
 use super::session::login_answer;
 use crate::api::error::{ApiResult, MatrixError};
-use crate::api::extract::{Auth, ClientIp, JsonBody, Query};
+use crate::api::extract::{Auth, ClientIp, JsonBody, OptionalAuth, Query};
 use crate::api::AppState;
 use crate::config::RegistrationMode;
 use crate::services::accounts::NewDevice;
 use crate::services::error::Error;
 use crate::services::rate_limit::Kind;
-use crate::services::uia::{Flows, STAGE_PASSWORD};
+use crate::services::threepids::Purpose;
+use crate::services::uia::{Flows, STAGE_EMAIL, STAGE_PASSWORD};
+use crate::services::PASSWORD_RESET;
 
 /// Longest password accepted, in bytes (Synapse's limit).
 const MAX_PASSWORD_BYTES: usize = 512;
@@ -71,9 +73,21 @@ pub async fn register(
     if let Some(password) = &body.password {
         check_password_length(password)?;
     }
-    state
+    let authorized = state
         .authorize_interactively("register", &flows, body.auth.as_ref(), None)
         .await?;
+    if let Some(email) = &authorized.email {
+        // Checked before the account is made, so that a taken address
+        // leaves no account behind.
+        let threepid = &email.threepid;
+        if state
+            .threepids
+            .owner(&threepid.medium, &threepid.address)?
+            .is_some()
+        {
+            return Err(Error::ThreepidInUse("Email is already in use".to_owned()).into());
+        }
+    }
     let password = body
         .password
         .ok_or_else(|| MatrixError::missing_param("Missing params: password"))?;
@@ -93,6 +107,17 @@ pub async fn register(
         .register(&localpart, Some(&password), false, device)
         .await?;
     tracing::info!(%user_id, "registered");
+    if let Some(email) = authorized.email {
+        state
+            .threepids
+            .add(
+                &user_id.localpart,
+                &email.sid,
+                &email.client_secret,
+                Purpose::Register,
+            )
+            .await?;
+    }
     Ok(Json(match login {
         Some(login) => login_answer(&login),
         None => json!({ "user_id": user_id.to_string() }),
@@ -178,15 +203,47 @@ fn yes() -> bool {
     true
 }
 
-/// `POST /_matrix/client/v3/account/password`
+/// A forgotten password, reset through a validated email address.
+async fn reset_password(state: AppState, body: PasswordBody) -> ApiResult<Json<Value>> {
+    if !state.threepids.email_enabled() {
+        return Err(MatrixError::missing_token());
+    }
+    let flows = Flows(vec![vec![STAGE_EMAIL]]);
+    let authorized = state
+        .authorize_interactively(PASSWORD_RESET, &flows, body.auth.as_ref(), None)
+        .await?;
+    let email = authorized
+        .email
+        .ok_or_else(|| Error::Internal("the email stage established no address".to_owned()))?;
+    let password = body
+        .new_password
+        .ok_or_else(|| MatrixError::missing_param("Missing params: new_password"))?;
+    let localpart = state
+        .threepids
+        .take_password_reset(&email.sid, &email.client_secret)
+        .await?;
+    state
+        .accounts
+        .set_password(&localpart, &password, body.logout_devices, None)
+        .await?;
+    tracing::info!(%localpart, "password reset by email");
+    Ok(Json(json!({})))
+}
+
+/// `POST /_matrix/client/v3/account/password`: with an access token, the
+/// account's password stage; without one, a password reset by an email
+/// address validated through `/account/password/email/requestToken`.
 pub async fn change_password(
     State(state): State<AppState>,
-    Auth(authed): Auth,
+    OptionalAuth(authed): OptionalAuth,
     JsonBody(body): JsonBody<PasswordBody>,
 ) -> ApiResult<Json<Value>> {
     if let Some(password) = &body.new_password {
         check_password_length(password)?;
     }
+    let Some(authed) = authed else {
+        return reset_password(state, body).await;
+    };
     let flows = Flows(vec![vec![STAGE_PASSWORD]]);
     let purpose = format!("password {}", authed.user_id);
     state
@@ -213,12 +270,14 @@ pub struct DeactivateBody {
     #[serde(default)]
     #[allow(dead_code)]
     erase: bool,
+    id_server: Option<String>,
 }
 
 /// `POST /_matrix/client/v3/account/deactivate`
 ///
 /// Deactivation always removes the profile, so `erase` asks for nothing
-/// more; there are no identity server bindings to undo.
+/// more. The account's email addresses are removed and unbound from the
+/// identity servers they were bound on (or `id_server`).
 pub async fn deactivate(
     State(state): State<AppState>,
     Auth(authed): Auth,
@@ -229,7 +288,9 @@ pub async fn deactivate(
     state
         .authorize_interactively(&purpose, &flows, body.auth.as_ref(), Some(&authed))
         .await?;
-    state.deactivate_account(authed.localpart()).await?;
+    let unbound = state
+        .deactivate_account(authed.localpart(), body.id_server.as_deref())
+        .await?;
     tracing::info!(user_id = %authed.user_id, "deactivated");
-    Ok(Json(json!({ "id_server_unbind_result": "no-support" })))
+    Ok(Json(json!({ "id_server_unbind_result": unbound })))
 }

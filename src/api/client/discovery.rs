@@ -44,7 +44,7 @@ pub async fn capabilities(State(state): State<AppState>, Auth(_): Auth) -> Json<
             "m.set_displayname": { "enabled": true },
             "m.set_avatar_url": { "enabled": true },
             "m.profile_fields": { "enabled": true },
-            "m.3pid_changes": { "enabled": false },
+            "m.3pid_changes": { "enabled": true },
             "m.get_login_token": {
                 "enabled": state.config.login_via_existing_session.enabled,
             },

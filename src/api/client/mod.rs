@@ -20,5 +20,6 @@ pub mod session;
 pub mod sliding_sync;
 pub mod spaces;
 pub mod sync;
+pub mod threepids;
 pub mod user_data;
 pub mod websocket;

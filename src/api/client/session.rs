@@ -33,8 +33,10 @@ pub struct LoginBody {
     #[serde(rename = "type")]
     login_type: String,
     identifier: Option<Identifier>,
-    /// The identifier's predecessor, still sent by old clients.
+    /// The identifier's predecessors, still sent by old clients.
     user: Option<String>,
+    medium: Option<String>,
+    address: Option<String>,
     password: Option<String>,
     /// For `m.login.token`.
     token: Option<String>,
@@ -49,6 +51,9 @@ pub struct Identifier {
     #[serde(rename = "type")]
     kind: String,
     user: Option<String>,
+    /// For `m.id.thirdparty`.
+    medium: Option<String>,
+    address: Option<String>,
 }
 
 /// `POST /_matrix/client/v3/login`
@@ -84,8 +89,16 @@ pub async fn login(
         Some(identifier) if identifier.kind == "m.id.user" => identifier
             .user
             .ok_or_else(|| MatrixError::missing_param("identifier.user is required"))?,
+        Some(identifier) if identifier.kind == "m.id.thirdparty" => {
+            let (Some(medium), Some(address)) = (identifier.medium, identifier.address) else {
+                return Err(MatrixError::missing_param(
+                    "identifier.medium and identifier.address are required",
+                ));
+            };
+            threepid_owner(&state, &medium, &address)?
+        }
         Some(identifier) if identifier.kind.starts_with("m.id.") => {
-            // This server has no third-party identifiers to log in with.
+            // Phone numbers (`m.id.phone`) are never added to accounts here.
             return Err(MatrixError::forbidden("Invalid username or password"));
         }
         Some(identifier) => {
@@ -95,9 +108,11 @@ pub async fn login(
             ))
             .into())
         }
-        None => body
-            .user
-            .ok_or_else(|| MatrixError::invalid_param("Invalid login submission"))?,
+        None => match (body.user, body.medium, body.address) {
+            (Some(user), _, _) => user,
+            (None, Some(medium), Some(address)) => threepid_owner(&state, &medium, &address)?,
+            _ => return Err(MatrixError::invalid_param("Invalid login submission")),
+        },
     };
     let password = body
         .password
@@ -108,6 +123,16 @@ pub async fn login(
         .await?;
     tracing::info!(user_id = %login.user_id, device_id = %login.device_id, "logged in");
     Ok(Json(logged_in(&state, &login)))
+}
+
+/// The account a third-party identifier of a login belongs to; an unknown
+/// one is refused as a wrong password would be, so that a login attempt
+/// does not tell whether an address has an account.
+fn threepid_owner(state: &AppState, medium: &str, address: &str) -> ApiResult<String> {
+    state
+        .threepids
+        .login_owner(medium, address)?
+        .ok_or_else(|| MatrixError::forbidden("Invalid username or password"))
 }
 
 /// The answer to a login: the credentials, the server name and discovery.

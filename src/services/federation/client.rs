@@ -232,6 +232,65 @@ impl FederationClient {
         self.raw_answer(request, destination.as_str(), limit).await
     }
 
+    /// A `POST` to an identity server (`host[:port]`, HTTPS, no
+    /// discovery): with the user's `access_token` for the identity server,
+    /// or, without one, signed with `X-Matrix` as a request of this
+    /// homeserver itself (`/3pid/unbind`).
+    pub async fn identity_post(
+        &self,
+        server: &ServerName,
+        path: &str,
+        access_token: Option<&str>,
+        body: &Value,
+    ) -> std::result::Result<Value, SendError> {
+        let unavailable =
+            |why: String| SendError::Failed(Error::RemoteUnavailable(format!("{server}: {why}")));
+        let host = server.host();
+        let literal = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok();
+        if literal.is_some_and(|ip| !self.policy.permits(ip)) {
+            return Err(unavailable("in a denied IP range".to_owned()));
+        }
+        let url = format!("https://{server}{path}");
+        let mut request = self.http.post(&url).json(body);
+        match access_token {
+            Some(token) => request = request.bearer_auth(token),
+            None => {
+                let content = CanonicalJsonValue::try_from(body.clone())
+                    .map_err(|e| SendError::Failed(Error::Internal(e.to_string())))?;
+                let authorization = SignedRequest {
+                    method: "POST",
+                    uri: path,
+                    origin: &self.origin,
+                    destination: server,
+                    content: Some(&content),
+                }
+                .authorization(self.key.as_ref(), &self.key.key_id());
+                request = request.header(header::AUTHORIZATION, authorization.to_string());
+            }
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| unavailable(error_chain(&e)))?;
+        let status = response.status().as_u16();
+        let bytes = read_limited(response, MAX_ERROR_BYTES)
+            .await
+            .map_err(unavailable)?;
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if (200..300).contains(&status) {
+            Ok(value)
+        } else {
+            Err(SendError::Refused {
+                status,
+                body: value,
+            })
+        }
+    }
+
     /// An unsigned `GET` of a URL another server pointed to (a media
     /// `Location`), under the same address policy.
     pub async fn get_url(
