@@ -22,8 +22,8 @@ use tower_http::trace::TraceLayer;
 use crate::services::Services;
 use client::{
     account, admin, devices, directory, discovery, integrations, keys, legacy, media, membership,
-    profile, relations, reporting, room_events, room_keys, search, session, sliding_sync, spaces,
-    sync, threepids, user_data, websocket,
+    profile, push_rules, relations, reporting, room_events, room_keys, search, session,
+    sliding_sync, spaces, sync, threepids, user_data, websocket,
 };
 use error::MatrixError;
 
@@ -196,6 +196,24 @@ fn client_routes(prefix: &str) -> Router<AppState> {
             get(threepids::list).post(threepids::legacy_add),
         )
         .route(&path("/account/3pid/add"), post(threepids::add))
+        .route(&path("/pushrules/"), get(push_rules::all))
+        .route(&path("/pushrules"), get(push_rules::all))
+        .route(&path("/pushrules/global/"), get(push_rules::global))
+        .route(&path("/pushrules/global"), get(push_rules::global))
+        .route(
+            &path("/pushrules/{scope}/{kind}/{rule_id}"),
+            get(push_rules::get_rule)
+                .put(push_rules::put_rule)
+                .delete(push_rules::delete_rule),
+        )
+        .route(
+            &path("/pushrules/{scope}/{kind}/{rule_id}/enabled"),
+            get(push_rules::get_enabled).put(push_rules::put_enabled),
+        )
+        .route(
+            &path("/pushrules/{scope}/{kind}/{rule_id}/actions"),
+            get(push_rules::get_actions).put(push_rules::put_actions),
+        )
         .route(&path("/account/3pid/bind"), post(threepids::bind))
         .route(&path("/account/3pid/delete"), post(threepids::delete))
         .route(&path("/account/3pid/unbind"), post(threepids::unbind))

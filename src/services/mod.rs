@@ -20,6 +20,7 @@ pub mod media;
 pub mod outbox;
 pub mod preview;
 pub mod profiles;
+pub mod push_rules;
 pub mod rate_limit;
 pub mod reports;
 pub mod rooms;
@@ -90,6 +91,7 @@ pub struct Services {
     pub reports: reports::Reports,
     pub search: search::Search,
     pub threepids: Threepids,
+    pub push_rules: push_rules::PushRules,
     storage: Storage,
     clock: Arc<dyn Clock>,
 }
@@ -157,6 +159,7 @@ impl Services {
             reports: reports::Reports::new(storage.clone())?,
             search: search::Search::open(&search::index_dir(&config.data_dir))?,
             threepids: Threepids::new(storage.clone(), clock.clone(), &config)?,
+            push_rules: push_rules::PushRules::default(),
             storage,
             uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),
             rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock.clone()),

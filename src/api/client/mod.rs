@@ -11,6 +11,7 @@ pub mod legacy;
 pub mod media;
 pub mod membership;
 pub mod profile;
+pub mod push_rules;
 pub mod relations;
 pub mod reporting;
 pub mod room_events;

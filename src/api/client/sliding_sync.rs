@@ -30,6 +30,7 @@ use crate::api::AppState;
 use crate::events::Pdu;
 use crate::services::accounts::Authed;
 use crate::services::e2ee::MAX_TO_DEVICE_PER_SYNC;
+use crate::services::push_rules::PUSH_RULES;
 use crate::services::rooms::visibility::{Reader, Window};
 use crate::services::sliding::{ConnectionKey, RoomConfigKey, RoomSent, Snapshot};
 use crate::storage::tables::{StoredPdu, UserRoom};
@@ -726,10 +727,21 @@ impl Look<'_> {
                 .map(|(kind, value)| json!({ "type": kind, "content": value.content }))
                 .collect::<Vec<_>>()
         };
-        let global = fresh(
+        let mut global = fresh(
             self.state.user_data.account_data_in(&self.user, None)?,
             after,
         );
+        // The push rules as in force (server defaults merged), and always
+        // in a connection's first answer.
+        let has_rules = global.iter().any(|e| e["type"] == PUSH_RULES);
+        if has_rules || self.first {
+            global.retain(|e| e["type"] != PUSH_RULES);
+            let content = self
+                .state
+                .push_rules
+                .content(&self.state.user_data, &self.user)?;
+            global.push(json!({ "type": PUSH_RULES, "content": content }));
+        }
         let mut by_room = Map::new();
         for room_id in rooms {
             let after = self.room_known_since(room_id);

@@ -29,6 +29,7 @@ use crate::events::Pdu;
 use crate::services::accounts::Authed;
 use crate::services::e2ee::MAX_TO_DEVICE_PER_SYNC;
 use crate::services::filter::{EventFormat, Filter};
+use crate::services::push_rules::PUSH_RULES;
 use crate::services::rooms::visibility::{Reader, Window};
 use crate::services::rooms::StateIds;
 use crate::services::stream::Registration;
@@ -614,7 +615,7 @@ impl SyncRequest<'_> {
         }
         let after = self.since.map_or(0, |s| s.stream);
         let entries = self.state.user_data.account_data_in(&self.user, room_id)?;
-        Ok(entries
+        entries
             .into_iter()
             .filter(|(_, value)| value.stream > after && value.stream <= self.upto.stream)
             .filter(|(kind, _)| match room_id {
@@ -630,8 +631,36 @@ impl SyncRequest<'_> {
                     .and_then(|f| f.account_data.as_ref())
                     .is_none_or(|f| f.allows(room.as_str(), kind, self.user.as_str())),
             })
-            .map(|(kind, value)| json!({ "type": kind, "content": value.content }))
-            .collect())
+            .map(|(kind, value)| {
+                let content = if kind == PUSH_RULES {
+                    // Merged with the server defaults of this version.
+                    self.state
+                        .push_rules
+                        .content(&self.state.user_data, &self.user)?
+                } else {
+                    value.content
+                };
+                Ok(json!({ "type": kind, "content": content }))
+            })
+            .collect::<ApiResult<Vec<Value>>>()
+            .and_then(|mut events| {
+                // An initial sync always has the rules, set or not.
+                let wanted = room_id.is_none()
+                    && self.since.is_none()
+                    && self
+                        .filter
+                        .account_data
+                        .as_ref()
+                        .is_none_or(|f| f.allows(PUSH_RULES, self.user.as_str()));
+                if wanted && !events.iter().any(|e| e["type"] == PUSH_RULES) {
+                    let content = self
+                        .state
+                        .push_rules
+                        .content(&self.state.user_data, &self.user)?;
+                    events.push(json!({ "type": PUSH_RULES, "content": content }));
+                }
+                Ok(events)
+            })
     }
 
     /// Presence of the user and of everyone who shares a room with them.

@@ -22,6 +22,7 @@ use crate::api::extract::{Auth, JsonBody, Path};
 use crate::api::AppState;
 use crate::services::accounts::Authed;
 use crate::services::delivery::DELIVERED_RECEIPT;
+use crate::services::push_rules::PUSH_RULES;
 use crate::storage::tables::PresenceRecord;
 
 /// The requester, who must be the user named in the path.
@@ -57,6 +58,10 @@ pub async fn get_global(
     Path((user_id, kind)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let user = own_user(&authed, &user_id)?;
+    if kind == PUSH_RULES {
+        // The rules in force, server defaults included, as `/pushrules/`.
+        return Ok(Json(state.push_rules.content(&state.user_data, &user)?));
+    }
     found(state.user_data.account_data(&user, None, &kind)?)
 }
 

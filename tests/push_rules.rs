@@ -1,0 +1,392 @@
+//! The push rules API: the server-default rules, the user's own rules and
+//! changes (placed, enabled, with new actions, deleted), their errors, and
+//! the rules as account data in `/sync`, kept across a restart.
+
+mod common;
+
+use common::{assert_error, test_config, token, TestServer};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+const RULES: &str = "/_matrix/client/v3/pushrules";
+
+fn ids(rules: &Value) -> Vec<String> {
+    rules
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|rule| rule["rule_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_default_rules_are_served_and_the_users_changes_kept() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+
+    let (status, all) = server.get(&format!("{RULES}/"), Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    let global = &all["global"];
+    let overrides = ids(&global["override"]);
+    assert_eq!(overrides[0], ".m.rule.master");
+    for expected in [
+        ".m.rule.suppress_notices",
+        ".m.rule.invite_for_me",
+        ".m.rule.member_event",
+        ".m.rule.is_user_mention",
+        ".m.rule.is_room_mention",
+        ".m.rule.tombstone",
+        ".m.rule.reaction",
+        ".m.rule.room.server_acl",
+        ".m.rule.suppress_edits",
+    ] {
+        assert!(
+            overrides.contains(&expected.to_owned()),
+            "{expected}: {overrides:?}"
+        );
+    }
+    let underrides = ids(&global["underride"]);
+    for expected in [
+        ".m.rule.call",
+        ".m.rule.encrypted_room_one_to_one",
+        ".m.rule.room_one_to_one",
+        ".m.rule.message",
+        ".m.rule.encrypted",
+    ] {
+        assert!(
+            underrides.contains(&expected.to_owned()),
+            "{expected}: {underrides:?}"
+        );
+    }
+    let master = &global["override"][0];
+    assert_eq!(
+        (master["default"].clone(), master["enabled"].clone()),
+        (json!(true), json!(false))
+    );
+    // The same rules under `global/`, and as account data.
+    let (_, scope) = server.get(&format!("{RULES}/global/"), Some(&alice)).await;
+    assert_eq!(&scope, global);
+    let (_, data) = server
+        .get(
+            "/_matrix/client/v3/user/@alice:localhost/account_data/m.push_rules",
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(data, all);
+    let (_, initial) = server.get("/_matrix/client/v3/sync", Some(&alice)).await;
+    let events = initial["account_data"]["events"].as_array().unwrap();
+    let rules = events
+        .iter()
+        .find(|e| e["type"] == "m.push_rules")
+        .expect("rules in the initial sync");
+    assert_eq!(rules["content"], all);
+    let since = initial["next_batch"].as_str().unwrap().to_owned();
+
+    // A rule of the user's: muting a room (the legacy dont_notify is
+    // dropped, as it means nothing).
+    let mute = json!({
+        "conditions": [{ "kind": "event_match", "key": "room_id", "pattern": "!noisy:localhost" }],
+        "actions": ["dont_notify"],
+    });
+    let (status, answer) = server
+        .put(&format!("{RULES}/global/override/mute"), Some(&alice), mute)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, rule) = server
+        .get(&format!("{RULES}/global/override/mute"), Some(&alice))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(rule["rule_id"], "mute");
+    assert_eq!(rule["default"], false);
+    assert_eq!(rule["enabled"], true);
+    assert_eq!(rule["actions"], json!([]));
+    assert_eq!(rule["conditions"][0]["pattern"], "!noisy:localhost");
+    // Placed before it.
+    let first = json!({ "conditions": [], "actions": ["notify"] });
+    let (status, _) = server
+        .put(
+            &format!("{RULES}/global/override/first?before=mute"),
+            Some(&alice),
+            first,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, all) = server.get(&format!("{RULES}/"), Some(&alice)).await;
+    let overrides = ids(&all["global"]["override"]);
+    let position = |id: &str| overrides.iter().position(|r| r == id).unwrap();
+    assert!(position("first") < position("mute"), "{overrides:?}");
+    // A change shows up in an incremental sync.
+    let (_, next) = server
+        .get(
+            &format!("/_matrix/client/v3/sync?since={since}"),
+            Some(&alice),
+        )
+        .await;
+    let events = next["account_data"]["events"].as_array().unwrap();
+    let rules = events
+        .iter()
+        .find(|e| e["type"] == "m.push_rules")
+        .expect("changed rules");
+    assert_eq!(rules["content"], all);
+
+    // Other kinds.
+    let room_rule = json!({ "actions": ["notify", { "set_tweak": "sound", "value": "default" }] });
+    assert_eq!(
+        server
+            .put(
+                &format!("{RULES}/global/room/!quiet:localhost"),
+                Some(&alice),
+                room_rule
+            )
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let sender_rule = json!({ "actions": [] });
+    assert_eq!(
+        server
+            .put(
+                &format!("{RULES}/global/sender/@bob:localhost"),
+                Some(&alice),
+                sender_rule
+            )
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let content_rule =
+        json!({ "pattern": "cake*", "actions": ["notify", { "set_tweak": "highlight" }] });
+    assert_eq!(
+        server
+            .put(
+                &format!("{RULES}/global/content/cake"),
+                Some(&alice),
+                content_rule
+            )
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (_, rule) = server
+        .get(&format!("{RULES}/global/content/cake"), Some(&alice))
+        .await;
+    assert_eq!(rule["pattern"], "cake*");
+    assert_eq!(
+        rule["actions"],
+        json!(["notify", { "set_tweak": "highlight" }])
+    );
+
+    // Enabled, and actions, of a default rule.
+    let path = format!("{RULES}/global/override/.m.rule.master/enabled");
+    assert_eq!(
+        server
+            .put(&path, Some(&alice), json!({ "enabled": true }))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        server.get(&path, Some(&alice)).await.1,
+        json!({ "enabled": true })
+    );
+    let path = format!("{RULES}/global/underride/.m.rule.message/actions");
+    let actions = json!({ "actions": ["notify", { "set_tweak": "sound", "value": "ding" }] });
+    assert_eq!(
+        server.put(&path, Some(&alice), actions.clone()).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(server.get(&path, Some(&alice)).await.1, actions);
+
+    // Bad input, each refused with nothing changed.
+    let before = server.get(&format!("{RULES}/"), Some(&alice)).await.1;
+    let notify = json!({ "conditions": [], "actions": ["notify"] });
+    let refusals = [
+        (
+            Method::PUT,
+            "override/x?before=missing".to_owned(),
+            notify.clone(),
+            StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+        ),
+        (
+            Method::PUT,
+            "override/x?after=.m.rule.master".to_owned(),
+            notify.clone(),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::PUT,
+            "override/.mine".to_owned(),
+            notify.clone(),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::PUT,
+            "override/x".to_owned(),
+            json!({ "actions": ["notify"] }),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::PUT,
+            "override/x".to_owned(),
+            json!({ "conditions": [], "actions": ["explode"] }),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::PUT,
+            "override/x".to_owned(),
+            json!({ "conditions": [{ "key": "x" }], "actions": [] }),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::PUT,
+            "override/x".to_owned(),
+            json!({ "conditions": [] }),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::PUT,
+            "content/x".to_owned(),
+            json!({ "actions": [] }),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::PUT,
+            "sender/not-a-user".to_owned(),
+            json!({ "actions": [] }),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::PUT,
+            "room/not-a-room".to_owned(),
+            json!({ "actions": [] }),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::PUT,
+            "elsewhere/x".to_owned(),
+            notify.clone(),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::PUT,
+            "override/.m.rule.master/enabled".to_owned(),
+            json!({ "enabled": "yes" }),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::PUT,
+            "override/missing/enabled".to_owned(),
+            json!({ "enabled": true }),
+            StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+        ),
+        (
+            Method::PUT,
+            "override/missing/actions".to_owned(),
+            json!({ "actions": [] }),
+            StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+        ),
+        (
+            Method::DELETE,
+            "override/.m.rule.master".to_owned(),
+            Value::Null,
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Method::DELETE,
+            "override/missing".to_owned(),
+            Value::Null,
+            StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+        ),
+        (
+            Method::GET,
+            "override/missing".to_owned(),
+            Value::Null,
+            StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+        ),
+    ];
+    for (method, path, body, status, errcode) in refusals {
+        let body = (!body.is_null()).then_some(body);
+        let answer = server
+            .call(
+                method,
+                &format!("{RULES}/global/{path}"),
+                Some(&alice),
+                body,
+            )
+            .await;
+        assert_error(&answer, status, errcode);
+    }
+    let scoped = server
+        .get(&format!("{RULES}/device/override/mute"), Some(&alice))
+        .await;
+    assert_error(&scoped, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    let broken = server
+        .http
+        .put(server.url(&format!("{RULES}/global/override/x")))
+        .bearer_auth(&alice)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(broken.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        server.get(&format!("{RULES}/"), Some(&alice)).await.1,
+        before
+    );
+    let answer = server
+        .put(
+            "/_matrix/client/v3/user/@alice:localhost/account_data/m.push_rules",
+            Some(&alice),
+            json!({}),
+        )
+        .await;
+    assert_eq!(answer.0, StatusCode::METHOD_NOT_ALLOWED);
+    assert_error(
+        &server.get(&format!("{RULES}/"), None).await,
+        StatusCode::UNAUTHORIZED,
+        "M_MISSING_TOKEN",
+    );
+
+    // Deleting one of the user's rules.
+    let path = format!("{RULES}/global/override/mute");
+    assert_eq!(
+        server
+            .call(Method::DELETE, &path, Some(&alice), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_error(
+        &server.get(&path, Some(&alice)).await,
+        StatusCode::NOT_FOUND,
+        "M_NOT_FOUND",
+    );
+
+    // Everything is kept across a restart; Bob's rules are his own.
+    let kept = server.get(&format!("{RULES}/"), Some(&alice)).await.1;
+    let dir = server.stop().await;
+    let config = test_config(&dir);
+    let server = TestServer::start_in(dir, config, None).await;
+    assert_eq!(server.get(&format!("{RULES}/"), Some(&alice)).await.1, kept);
+    let bob = token(&server.register("bob").await);
+    let (_, bobs) = server.get(&format!("{RULES}/"), Some(&bob)).await;
+    assert_eq!(bobs["global"]["override"][0]["enabled"], false);
+    assert!(!ids(&bobs["global"]["override"]).contains(&"first".to_owned()));
+}
