@@ -64,7 +64,9 @@ async fn matrix_js_sdk_logs_in_syncs_chats_searches_and_decrypts() {
         assert_eq!(exchange["algorithm"], "m.megolm.v1.aes-sha2", "{report}");
         assert_eq!(exchange["clear_type"], "m.room.message", "{report}");
         assert!(
-            exchange["body"].as_str().is_some_and(|b| b.contains("secret")),
+            exchange["body"]
+                .as_str()
+                .is_some_and(|b| b.contains("secret")),
             "{report}"
         );
     }
