@@ -20,6 +20,7 @@ pub mod media;
 pub mod outbox;
 pub mod preview;
 pub mod profiles;
+pub mod push;
 pub mod push_rules;
 pub mod rate_limit;
 pub mod reports;
