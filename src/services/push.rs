@@ -127,13 +127,17 @@ mod tests {
         event
     }
 
+    /// A rule, an event it applies to, the room's member count, and what
+    /// the rule decides: notify, highlight, sound.
+    type Case<'a> = (&'a str, Value, u64, bool, bool, Option<&'a str>);
+
     /// Every server-default rule, with an event it applies to, and what
     /// it decides: (rule, event, members, notify, highlight, sound).
     #[test]
     fn every_default_rule_decides_as_the_spec_says() {
         let alice = owned_user_id!("@alice:x");
         let text = |body: &str| json!({ "msgtype": "m.text", "body": body });
-        let cases: Vec<(&str, Value, u64, bool, bool, Option<&str>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 ".m.rule.suppress_notices",
                 event(
