@@ -390,3 +390,198 @@ async fn the_default_rules_are_served_and_the_users_changes_kept() {
     assert_eq!(bobs["global"]["override"][0]["enabled"], false);
     assert!(!ids(&bobs["global"]["override"]).contains(&"first".to_owned()));
 }
+
+/// Sends a message (with extra content) and returns its event ID.
+async fn send(
+    server: &TestServer,
+    token: &str,
+    room_id: &str,
+    txn: &str,
+    content: Value,
+) -> String {
+    let (status, answer) = server
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{txn}"),
+            Some(token),
+            content,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer["event_id"].as_str().unwrap().to_owned()
+}
+
+/// Alice's counts in `room_id` by an initial sync with `filter`.
+async fn counts(server: &TestServer, token: &str, room_id: &str, filter: &str) -> Value {
+    let path = format!(
+        "/_matrix/client/v3/sync?filter={}",
+        form_urlencoded::byte_serialize(filter.as_bytes()).collect::<String>()
+    );
+    let (status, answer) = server.get(&path, Some(token)).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let room = &answer["rooms"]["join"][room_id];
+    json!({
+        "unread": room["unread_notifications"],
+        "threads": room.get("unread_thread_notifications").cloned().unwrap_or(json!({})),
+    })
+}
+
+#[tokio::test]
+async fn unread_counts_follow_the_rules_the_receipts_and_the_threads() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let carol = token(&server.register("carol").await);
+    let room_id = server
+        .create_room(&bob, json!({ "preset": "public_chat", "name": "Three" }))
+        .await;
+    for member in [&alice, &carol] {
+        common::join(&server, member, &room_id).await;
+    }
+    let text = |body: &str| json!({ "msgtype": "m.text", "body": body });
+    let all = "{}";
+    let threaded = r#"{"room":{"timeline":{"unread_thread_notifications":true}}}"#;
+
+    // Messages notify; a mention highlights; a notice and an edit do not
+    // count (their default rules say so).
+    let root = send(&server, &bob, &room_id, "1", text("a root")).await;
+    send(&server, &carol, &room_id, "2", text("hello")).await;
+    let mention = json!({ "msgtype": "m.text", "body": "Alice?", "m.mentions": { "user_ids": ["@alice:localhost"] } });
+    send(&server, &carol, &room_id, "3", mention).await;
+    send(
+        &server,
+        &bob,
+        &room_id,
+        "4",
+        json!({ "msgtype": "m.notice", "body": "bot" }),
+    )
+    .await;
+    let edit = json!({
+        "msgtype": "m.text", "body": "* hello!",
+        "m.new_content": { "msgtype": "m.text", "body": "hello!" },
+        "m.relates_to": { "rel_type": "m.replace", "event_id": root },
+    });
+    send(&server, &bob, &room_id, "5", edit).await;
+    // Two replies in a thread.
+    for (txn, body) in [("6", "in thread"), ("7", "in thread again")] {
+        let reply = json!({
+            "msgtype": "m.text", "body": body,
+            "m.relates_to": { "rel_type": "m.thread", "event_id": root, "is_falling_back": true, "m.in_reply_to": { "event_id": root } },
+        });
+        send(&server, &carol, &room_id, txn, reply).await;
+    }
+    let seen = counts(&server, &alice, &room_id, all).await;
+    assert_eq!(
+        seen["unread"],
+        json!({ "notification_count": 5, "highlight_count": 1 }),
+        "{seen}"
+    );
+    assert_eq!(seen["threads"], json!({}));
+    let seen = counts(&server, &alice, &room_id, threaded).await;
+    assert_eq!(
+        seen["unread"],
+        json!({ "notification_count": 3, "highlight_count": 1 }),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["threads"],
+        json!({ root.clone(): { "notification_count": 2, "highlight_count": 0 } })
+    );
+
+    // A receipt in the thread reads the thread only; one on the main
+    // timeline reads the rest.
+    let last_in_thread = send(
+        &server,
+        &carol,
+        &room_id,
+        "8",
+        json!({
+            "msgtype": "m.text", "body": "third",
+            "m.relates_to": { "rel_type": "m.thread", "event_id": root },
+        }),
+    )
+    .await;
+    let (status, _) = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/receipt/m.read/{last_in_thread}"),
+            Some(&alice),
+            json!({ "thread_id": root }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = counts(&server, &alice, &room_id, threaded).await;
+    assert_eq!(
+        seen["unread"],
+        json!({ "notification_count": 3, "highlight_count": 1 }),
+        "{seen}"
+    );
+    assert_eq!(seen["threads"], json!({}), "{seen}");
+    let latest_main = send(&server, &bob, &room_id, "9", text("main again")).await;
+    let (status, _) = server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{room_id}/receipt/m.read/{latest_main}"),
+            Some(&alice),
+            json!({ "thread_id": "main" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = counts(&server, &alice, &room_id, all).await;
+    assert_eq!(
+        seen["unread"],
+        json!({ "notification_count": 0, "highlight_count": 0 }),
+        "{seen}"
+    );
+
+    // A muted room (an override rule without actions) counts nothing;
+    // sliding sync agrees.
+    send(&server, &bob, &room_id, "10", text("one")).await;
+    send(&server, &bob, &room_id, "11", text("two")).await;
+    assert_eq!(
+        counts(&server, &alice, &room_id, all).await["unread"]["notification_count"],
+        2
+    );
+    let sliding = |token: String| {
+        let server = &server;
+        async move {
+            let body = json!({ "lists": { "all": { "ranges": [[0, 10]], "timeline_limit": 1 } } });
+            let (status, answer) = server
+                .post(
+                    "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+                    Some(&token),
+                    body,
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{answer}");
+            answer
+        }
+    };
+    let answer = sliding(alice.clone()).await;
+    assert_eq!(
+        answer["rooms"][&room_id]["notification_count"], 2,
+        "{answer}"
+    );
+    let mute = json!({
+        "conditions": [{ "kind": "event_match", "key": "room_id", "pattern": room_id }],
+        "actions": [],
+    });
+    let (status, _) = server
+        .put(&format!("{RULES}/global/override/mute"), Some(&alice), mute)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    send(&server, &bob, &room_id, "12", text("three")).await;
+    assert_eq!(
+        counts(&server, &alice, &room_id, all).await["unread"]["notification_count"],
+        0
+    );
+    let answer = sliding(alice.clone()).await;
+    assert_eq!(
+        answer["rooms"][&room_id]["notification_count"], 0,
+        "{answer}"
+    );
+    // Bob's and Carol's rules are their own: Carol still counts Bob's.
+    assert!(
+        counts(&server, &carol, &room_id, all).await["unread"]["notification_count"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}

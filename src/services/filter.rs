@@ -142,6 +142,8 @@ pub struct RoomEventFilter {
     pub contains_url: Option<bool>,
     pub lazy_load_members: bool,
     pub include_redundant_members: bool,
+    /// Counts by thread in `/sync` (`unread_thread_notifications`).
+    pub unread_thread_notifications: bool,
     pub rooms: Option<Vec<String>>,
     pub not_rooms: Vec<String>,
 }

@@ -17,6 +17,7 @@ pub mod key_backup;
 pub mod keys;
 mod locks;
 pub mod media;
+pub mod notifications;
 pub mod outbox;
 pub mod preview;
 pub mod profiles;

@@ -70,11 +70,38 @@ pub struct SyncStream {
 /// A user's unread counts in a room as of a stream position.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UnreadMemo {
-    /// The read receipts' event IDs the counts start from.
-    pub receipts: Vec<String>,
+    /// The read receipts the counts start from: (thread, event ID).
+    pub receipts: Vec<(String, String)>,
+    /// The stream position of the push rules the events were judged by.
+    pub rules_version: u64,
     pub counted_upto: u64,
-    pub notifications: u64,
-    pub highlights: u64,
+    pub counts: UnreadCounts,
+}
+
+/// Unread counts of a room: (notifications, highlights) of the main
+/// timeline and of each thread.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnreadCounts {
+    pub main: (u64, u64),
+    /// By the thread root's event ID.
+    pub threads: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+impl UnreadCounts {
+    /// The counts of a thread (`None`: the main timeline).
+    pub fn of(&mut self, thread: Option<String>) -> &mut (u64, u64) {
+        match thread {
+            Some(root) => self.threads.entry(root).or_default(),
+            None => &mut self.main,
+        }
+    }
+
+    /// Everything together, for clients that do not count by thread.
+    pub fn total(&self) -> (u64, u64) {
+        self.threads
+            .values()
+            .fold(self.main, |(n, h), (tn, th)| (n + tn, h + th))
+    }
 }
 
 /// Most (room, user) unread counts remembered.

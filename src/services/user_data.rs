@@ -221,6 +221,39 @@ impl UserData {
         Ok(self.storage.get(tables::RECEIPTS, &key)?)
     }
 
+    /// A user's receipts of one type in a room, in every thread, as
+    /// (thread, receipt): `""` unthreaded, `"main"`, or a thread root.
+    pub fn receipts_of(
+        &self,
+        room: &RoomId,
+        receipt_type: &str,
+        user: &UserId,
+    ) -> Result<Vec<(String, Receipt)>> {
+        use crate::storage::tables::KeyPart;
+        let mut prefix = tables::str2_prefix(room.as_str(), receipt_type);
+        user.to_string().put(&mut prefix);
+        Ok(self
+            .storage
+            .scan_prefix(tables::RECEIPTS, &prefix, MAX_RECEIPTS)?
+            .into_iter()
+            .map(|((_, _, _, thread), receipt)| (thread, receipt))
+            .collect())
+    }
+
+    /// The stream position account data was last written at, if it was.
+    pub fn account_data_version(
+        &self,
+        user: &UserId,
+        room: Option<&RoomId>,
+        kind: &str,
+    ) -> Result<Option<u64>> {
+        let key = account_key(user, room, kind);
+        Ok(self
+            .storage
+            .get(tables::ACCOUNT_DATA, &key)?
+            .map(|v| v.stream))
+    }
+
     /// Every user with a presence record.
     pub fn presence_users(&self) -> Result<Vec<String>> {
         Ok(self

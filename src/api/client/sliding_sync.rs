@@ -436,7 +436,9 @@ impl Look<'_> {
             body["initial"] = json!(true);
         }
         self.describe_room(room_id, &mut body, direct)?;
-        let (notifications, highlights) = unread_counts(self.state, &self.user, room_id, end)?;
+        // Sliding sync counts every thread together.
+        let (notifications, highlights) =
+            unread_counts(self.state, &self.user, room_id, end)?.total();
         body["notification_count"] = json!(notifications);
         body["highlight_count"] = json!(highlights);
         Ok(Some(body))

@@ -29,11 +29,12 @@ use crate::events::Pdu;
 use crate::services::accounts::Authed;
 use crate::services::e2ee::MAX_TO_DEVICE_PER_SYNC;
 use crate::services::filter::{EventFormat, Filter};
+use crate::services::notifications::{thread_of, Judge};
 use crate::services::push_rules::PUSH_RULES;
 use crate::services::rooms::visibility::{Reader, Window};
 use crate::services::rooms::StateIds;
 use crate::services::stream::Registration;
-use crate::services::sync::{Changes, UnreadMemo};
+use crate::services::sync::{Changes, UnreadCounts, UnreadMemo};
 use crate::storage::tables::{StoredPdu, ToDeviceMessage, UserRoom};
 use crate::storage::Direction;
 
@@ -386,7 +387,18 @@ impl SyncRequest<'_> {
         if !worth_sending {
             return Ok(None);
         }
-        let (notifications, highlights) = self.unread_counts(room_id)?;
+        let counts = self.unread_counts(room_id)?;
+        let by_thread = self
+            .filter
+            .room
+            .as_ref()
+            .and_then(|f| f.timeline.as_ref())
+            .is_some_and(|f| f.unread_thread_notifications);
+        let (notifications, highlights) = if by_thread {
+            counts.main
+        } else {
+            counts.total()
+        };
         let mut body = json!({
             "timeline": slice.timeline,
             "state": { "events": slice.state },
@@ -397,6 +409,20 @@ impl SyncRequest<'_> {
                 "highlight_count": highlights,
             },
         });
+        if by_thread {
+            let threads: Map<String, Value> = counts
+                .threads
+                .iter()
+                .filter(|(_, (n, h))| *n > 0 || *h > 0)
+                .map(|(root, (n, h))| {
+                    let count = json!({ "notification_count": n, "highlight_count": h });
+                    (root.clone(), count)
+                })
+                .collect();
+            if !threads.is_empty() {
+                body["unread_thread_notifications"] = Value::Object(threads);
+            }
+        }
         if newly_joined || self.full_state || slice.members_changed {
             body["summary"] = self.summary(room_id)?;
         }
@@ -710,7 +736,7 @@ impl SyncRequest<'_> {
         shares_room(self.state, &self.user, other, joined_rooms)
     }
 
-    fn unread_counts(&self, room_id: &RoomId) -> ApiResult<(u64, u64)> {
+    fn unread_counts(&self, room_id: &RoomId) -> ApiResult<UnreadCounts> {
         unread_counts(self.state, &self.user, room_id, self.upto.stream)
     }
 
@@ -848,49 +874,95 @@ pub fn receipts_event(
     Ok(any.then(|| json!({ "type": "m.receipt", "content": content })))
 }
 
-/// Messages from others after the user's read receipt (or their own
-/// latest message), and those that mention the user. The counts of the
-/// last sync are remembered, so a sync usually counts only new events.
+/// The user's unread counts in a room: the events after their read
+/// receipts that their push rules notify for (and, of those, highlight),
+/// for the main timeline and each thread. A message of their own counts as
+/// read up to it, in its thread. The counts of the last sync are
+/// remembered, so a sync usually judges only the new events.
 pub fn unread_counts(
     state: &AppState,
     user: &OwnedUserId,
     room_id: &RoomId,
     upto: u64,
-) -> ApiResult<(u64, u64)> {
+) -> ApiResult<UnreadCounts> {
     let receipts = read_receipts(state, user, room_id)?;
+    let rules_version = state
+        .user_data
+        .account_data_version(user, None, PUSH_RULES)?
+        .unwrap_or(0);
     let key = (room_id.to_string(), user.to_string());
-    let remembered = state
-        .sync
-        .unread
-        .get(&key)
-        .filter(|memo| memo.receipts == receipts && memo.counted_upto <= upto);
+    let remembered = state.sync.unread.get(&key).filter(|memo| {
+        memo.receipts == receipts
+            && memo.rules_version == rules_version
+            && memo.counted_upto <= upto
+    });
+    let mut judge = LazyJudge::new(state, user, room_id);
     let counts = match remembered {
-        Some(memo) => count_after(state, user, room_id, &memo, upto)?,
+        Some(memo) => count_after(state, &mut judge, room_id, &memo, upto)?,
         None => None,
     };
-    let (notifications, highlights) = match counts {
+    let counts = match counts {
         Some(counts) => counts,
-        None => count_from_receipt(state, user, room_id, &receipts, upto)?,
+        None => count_from_receipts(state, &mut judge, room_id, &receipts, upto)?,
     };
     let memo = UnreadMemo {
         receipts,
+        rules_version,
         counted_upto: upto,
-        notifications,
-        highlights,
+        counts: counts.clone(),
     };
     state.sync.unread.insert(key, memo);
-    Ok((notifications, highlights))
+    Ok(counts)
+}
+
+/// The user's rules in the room, made when the first event is judged.
+struct LazyJudge<'a> {
+    state: &'a AppState,
+    user: &'a OwnedUserId,
+    room_id: &'a RoomId,
+    judge: Option<Judge>,
+}
+
+impl<'a> LazyJudge<'a> {
+    fn new(state: &'a AppState, user: &'a OwnedUserId, room_id: &'a RoomId) -> Self {
+        LazyJudge {
+            state,
+            user,
+            room_id,
+            judge: None,
+        }
+    }
+
+    /// (notifies, highlights) for an event of someone else.
+    fn judge(&mut self, pdu: &Pdu) -> ApiResult<(bool, bool)> {
+        if self.judge.is_none() {
+            let state = self.state;
+            self.judge = Some(Judge::new(
+                &state.rooms,
+                &state.push_rules,
+                &state.user_data,
+                self.room_id,
+                self.user,
+            )?);
+        }
+        let decision = self
+            .judge
+            .as_ref()
+            .map(|j| j.decide(pdu))
+            .unwrap_or_default();
+        Ok((decision.notify, decision.highlight))
+    }
 }
 
 /// The remembered counts plus the events after them, or `None` when there
 /// are too many new events to count this way.
 fn count_after(
     state: &AppState,
-    user: &OwnedUserId,
+    judge: &mut LazyJudge<'_>,
     room_id: &RoomId,
     memo: &UnreadMemo,
     upto: u64,
-) -> ApiResult<Option<(u64, u64)>> {
+) -> ApiResult<Option<UnreadCounts>> {
     let page = state.rooms.page(
         room_id,
         memo.counted_upto,
@@ -901,77 +973,91 @@ fn count_after(
     if page.next.is_some() {
         return Ok(None);
     }
-    let (mut notifications, mut highlights) = (memo.notifications, memo.highlights);
+    let mut counts = memo.counts.clone();
     for pdu in &page.events {
-        if pdu.sender == *user {
-            (notifications, highlights) = (0, 0);
-        } else if counts_as_unread(pdu) {
-            notifications += 1;
-            if mentions(&pdu.content_value(), user.as_str()) {
-                highlights += 1;
-            }
+        let thread = thread_of(pdu);
+        if pdu.sender == *judge.user {
+            *counts.of(thread) = (0, 0);
+            continue;
+        }
+        let (notifies, highlights) = judge.judge(pdu)?;
+        if notifies {
+            let count = counts.of(thread);
+            count.0 += 1;
+            count.1 += u64::from(highlights);
         }
     }
-    Ok(Some((notifications, highlights)))
+    Ok(Some(counts))
 }
 
-/// Counts back from `upto` to the read receipt or the user's own latest
-/// message, over at most [`MAX_UNREAD_SCAN`] events.
-fn count_from_receipt(
+/// Counts back from `upto` to the read receipts, over at most
+/// [`MAX_UNREAD_SCAN`] events.
+fn count_from_receipts(
     state: &AppState,
-    user: &OwnedUserId,
+    judge: &mut LazyJudge<'_>,
     room_id: &RoomId,
-    receipts: &[String],
+    receipts: &[(String, String)],
     upto: u64,
-) -> ApiResult<(u64, u64)> {
-    let mut read_up_to = 0;
-    for event_id in receipts {
+) -> ApiResult<UnreadCounts> {
+    // Per thread ("" for the unthreaded receipt, "main", a thread root):
+    // the stream position read up to.
+    let mut read_up_to: BTreeMap<&str, u64> = BTreeMap::new();
+    for (thread, event_id) in receipts {
         if let Some((_, stored)) = state.rooms.pdu(event_id)? {
-            read_up_to = read_up_to.max(stored.stream);
+            let position = read_up_to.entry(thread.as_str()).or_default();
+            *position = (*position).max(stored.stream);
         }
     }
+    let everywhere = read_up_to.get("").copied().unwrap_or(0);
     let page = state.rooms.page(
         room_id,
         upto,
-        Some(read_up_to),
+        Some(everywhere),
         Direction::Backward,
         MAX_UNREAD_SCAN,
     )?;
-    let (mut notifications, mut highlights) = (0, 0);
-    for pdu in page.events {
-        if pdu.sender == *user {
-            break;
+    let mut counts = UnreadCounts::default();
+    // Threads (None: the main timeline) with a message of the user's
+    // after the receipts: what came before it is read.
+    let mut spoke: BTreeSet<Option<String>> = BTreeSet::new();
+    for (pdu, stored) in page.events.iter().zip(&page.stored) {
+        let thread = thread_of(pdu);
+        let receipt = read_up_to
+            .get(thread.as_deref().unwrap_or("main"))
+            .copied()
+            .unwrap_or(0)
+            .max(everywhere);
+        if stored.stream <= receipt || spoke.contains(&thread) {
+            continue;
         }
-        if counts_as_unread(&pdu) {
-            notifications += 1;
-            if mentions(&pdu.content_value(), user.as_str()) {
-                highlights += 1;
-            }
+        if pdu.sender == *judge.user {
+            spoke.insert(thread);
+            continue;
+        }
+        let (notifies, highlights) = judge.judge(pdu)?;
+        if notifies {
+            let count = counts.of(thread);
+            count.0 += 1;
+            count.1 += u64::from(highlights);
         }
     }
-    Ok((notifications, highlights))
+    Ok(counts)
 }
 
-/// The events the default push rules notify for.
-fn counts_as_unread(pdu: &Pdu) -> bool {
-    matches!(
-        pdu.kind.to_string().as_str(),
-        "m.room.message" | "m.room.encrypted" | "m.sticker"
-    )
-}
-
-/// The event IDs the user's read receipts (public and private, unthreaded
-/// and main-thread) point at.
-fn read_receipts(state: &AppState, user: &OwnedUserId, room_id: &RoomId) -> ApiResult<Vec<String>> {
-    let mut event_ids = Vec::new();
+/// The user's read receipts in the room (public and private) as
+/// (thread, event ID): `""` unthreaded, `"main"`, or a thread root.
+fn read_receipts(
+    state: &AppState,
+    user: &OwnedUserId,
+    room_id: &RoomId,
+) -> ApiResult<Vec<(String, String)>> {
+    let mut receipts = Vec::new();
     for kind in ["m.read", "m.read.private"] {
-        for thread in ["", "main"] {
-            if let Some(receipt) = state.user_data.receipt(room_id, kind, user, thread)? {
-                event_ids.push(receipt.event_id);
-            }
+        for (thread, receipt) in state.user_data.receipts_of(room_id, kind, user)? {
+            receipts.push((thread, receipt.event_id));
         }
     }
-    Ok(event_ids)
+    Ok(receipts)
 }
 
 /// A room's joined and invited counts, and up to five other members (by
@@ -1021,19 +1107,6 @@ pub fn room_is_named(state: &AppState, room_id: &RoomId) -> ApiResult<bool> {
 /// and the membership event itself.
 pub fn stripped_state(state: &AppState, member_event_id: &str) -> ApiResult<Vec<Value>> {
     Ok(state.rooms.stripped_state(member_event_id)?)
-}
-
-/// Whether a message mentions `user_id`: by `m.mentions`, or, for clients
-/// that predate it, by the user ID in the body.
-fn mentions(content: &Value, user_id: &str) -> bool {
-    if let Some(mentions) = content.get("m.mentions") {
-        return mentions["user_ids"]
-            .as_array()
-            .is_some_and(|ids| ids.iter().any(|id| id == user_id));
-    }
-    content["body"]
-        .as_str()
-        .is_some_and(|body| body.contains(user_id))
 }
 
 /// Keeps only the listed fields of an event. A field is a dotted path;
@@ -1115,20 +1188,5 @@ mod tests {
             project_fields(&event, &fields),
             json!({ "type": "m.room.message", "content": { "body": "hi", "m.key": 1 } })
         );
-    }
-
-    #[test]
-    fn mentions_follow_m_mentions_when_present() {
-        let user = "@bob:x";
-        assert!(mentions(
-            &json!({ "m.mentions": { "user_ids": [user] } }),
-            user
-        ));
-        assert!(!mentions(
-            &json!({ "body": "hi @bob:x", "m.mentions": {} }),
-            user
-        ));
-        assert!(mentions(&json!({ "body": "hi @bob:x" }), user));
-        assert!(!mentions(&json!({ "body": "hi" }), user));
     }
 }
