@@ -61,6 +61,7 @@ pub struct Config {
     pub turn: TurnConfig,
     pub login_via_existing_session: LoginViaExistingSession,
     pub email: EmailConfig,
+    pub push: PushConfig,
 }
 
 /// Signing in on a new device from one already signed in
@@ -111,6 +112,7 @@ impl Default for Config {
             turn: TurnConfig::default(),
             login_via_existing_session: LoginViaExistingSession::default(),
             email: EmailConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -437,6 +439,48 @@ impl Default for EmailConfig {
 impl EmailConfig {
     pub fn enabled(&self) -> bool {
         self.smtp_host.is_some()
+    }
+}
+
+/// Push notifications through the push gateways of pushers.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Address ranges (CIDR) a gateway may be at although
+    /// `federation.ip_range_denylist` denies them (private networks,
+    /// loopback): by default a pusher URL that resolves there is refused.
+    pub ip_range_allowlist: Vec<String>,
+    /// Longest a gateway may take to answer.
+    pub request_timeout_ms: u64,
+    /// The first retry after a failed request, doubled each time up to
+    /// `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// A notification not delivered after this long is dropped.
+    pub give_up_after_ms: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            ip_range_allowlist: Vec::new(),
+            request_timeout_ms: 10_000,
+            retry_base_ms: 1_000,
+            retry_max_ms: 10 * 60 * 1000,
+            give_up_after_ms: 24 * 60 * 60 * 1000,
+        }
+    }
+}
+
+impl Config {
+    /// The address policy for push gateways: the federation's denied
+    /// ranges, with the push allowlist (validated at load).
+    pub fn push_ip_policy(&self) -> myelin_federation::ip_ranges::IpPolicy {
+        let parse = |ranges: &[String]| ranges.iter().filter_map(|r| r.parse().ok()).collect();
+        myelin_federation::ip_ranges::IpPolicy::new(
+            parse(&self.federation.ip_range_denylist),
+            parse(&self.push.ip_range_allowlist),
+        )
     }
 }
 
@@ -802,6 +846,7 @@ impl Config {
                 "federation.ip_range_allowlist",
                 &federation.ip_range_allowlist,
             ),
+            ("push.ip_range_allowlist", &self.push.ip_range_allowlist),
         ] {
             for range in ranges {
                 if let Err(e) = range.parse::<myelin_federation::ip_ranges::IpRange>() {

@@ -176,6 +176,14 @@ async fn serve(
         services.clone(),
         stop_federation.clone(),
     ));
+    let notifier_task = tokio::spawn(crate::services::notifier::run_notifier(
+        services.clone(),
+        stop_federation.clone(),
+    ));
+    let push_sender_task = tokio::spawn(crate::services::notifier::run_sender(
+        services.clone(),
+        stop_federation.clone(),
+    ));
     let sweeper_task = tokio::spawn(sweep_threepid_sessions(
         services.clone(),
         stop_federation.clone(),
@@ -221,6 +229,8 @@ async fn serve(
         announcer_task,
         Some(indexer_task),
         Some(sweeper_task),
+        Some(notifier_task),
+        Some(push_sender_task),
     ]
     .into_iter()
     .flatten()

@@ -22,7 +22,7 @@ use tower_http::trace::TraceLayer;
 use crate::services::Services;
 use client::{
     account, admin, devices, directory, discovery, integrations, keys, legacy, media, membership,
-    profile, push_rules, relations, reporting, room_events, room_keys, search, session,
+    profile, push_rules, pushers, relations, reporting, room_events, room_keys, search, session,
     sliding_sync, spaces, sync, threepids, user_data, websocket,
 };
 use error::MatrixError;
@@ -196,6 +196,9 @@ fn client_routes(prefix: &str) -> Router<AppState> {
             get(threepids::list).post(threepids::legacy_add),
         )
         .route(&path("/account/3pid/add"), post(threepids::add))
+        .route(&path("/pushers"), get(pushers::list))
+        .route(&path("/pushers/set"), post(pushers::set))
+        .route(&path("/notifications"), get(pushers::notifications))
         .route(&path("/pushrules/"), get(push_rules::all))
         .route(&path("/pushrules"), get(push_rules::all))
         .route(&path("/pushrules/global/"), get(push_rules::global))

@@ -527,6 +527,7 @@ impl Accounts {
             batch.delete(tables::DEVICES, &key);
             let user_id = self.user_id(localpart).to_string();
             super::e2ee::forget_device_into(&self.storage, batch, &user_id, device_id)?;
+            super::pushers::forget_device_into(&self.storage, batch, localpart, device_id)?;
         }
         Ok(())
     }

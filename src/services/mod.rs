@@ -18,11 +18,13 @@ pub mod keys;
 mod locks;
 pub mod media;
 pub mod notifications;
+pub mod notifier;
 pub mod outbox;
 pub mod preview;
 pub mod profiles;
 pub mod push;
 pub mod push_rules;
+pub mod pushers;
 pub mod rate_limit;
 pub mod reports;
 pub mod rooms;
@@ -94,6 +96,8 @@ pub struct Services {
     pub search: search::Search,
     pub threepids: Threepids,
     pub push_rules: push_rules::PushRules,
+    pub pushers: pushers::Pushers,
+    pub delivery: notifier::Delivery,
     storage: Storage,
     clock: Arc<dyn Clock>,
 }
@@ -162,6 +166,8 @@ impl Services {
             search: search::Search::open(&search::index_dir(&config.data_dir))?,
             threepids: Threepids::new(storage.clone(), clock.clone(), &config)?,
             push_rules: push_rules::PushRules::default(),
+            pushers: pushers::Pushers::new(storage.clone(), clock.clone(), config.push_ip_policy()),
+            delivery: notifier::Delivery::default(),
             storage,
             uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),
             rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock.clone()),

@@ -7,12 +7,18 @@ use ruma::push::Ruleset;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
 use serde_json::{json, Value};
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use super::error::Result;
 use super::push::{evaluate, Decision, RoomContext};
 use super::push_rules::PushRules;
+use super::push_rules::PUSH_RULES;
 use super::rooms::Rooms;
+use super::sync::{UnreadCounts, UnreadMemo};
 use super::user_data::UserData;
+use super::Services;
 use crate::events::Pdu;
+use crate::storage::Direction;
 
 /// The rules of one user in one room, ready to judge its events.
 pub struct Judge {
@@ -124,4 +130,195 @@ fn power_levels(
     }
     let levels = RoomPowerLevels::new(source, &rules.authorization, creators);
     Ok(Some(levels.into()))
+}
+
+/// Events looked at, newest first, to count a room's unread messages from
+/// scratch; the counts stop there. Later syncs add the new events to the
+/// remembered counts.
+const MAX_UNREAD_SCAN: usize = 1000;
+
+/// The user's unread counts in a room: the events after their read
+/// receipts that their push rules notify for (and, of those, highlight),
+/// for the main timeline and each thread. A message of their own counts as
+/// read up to it, in its thread. The counts of the last sync are
+/// remembered, so a sync usually judges only the new events.
+pub fn unread_counts(
+    services: &Services,
+    user: &OwnedUserId,
+    room_id: &RoomId,
+    upto: u64,
+) -> Result<UnreadCounts> {
+    let receipts = read_receipts(services, user, room_id)?;
+    let rules_version = services
+        .user_data
+        .account_data_version(user, None, PUSH_RULES)?
+        .unwrap_or(0);
+    let key = (room_id.to_string(), user.to_string());
+    let remembered = services.sync.unread.get(&key).filter(|memo| {
+        memo.receipts == receipts
+            && memo.rules_version == rules_version
+            && memo.counted_upto <= upto
+    });
+    let mut judge = LazyJudge::new(services, user, room_id);
+    let counts = match remembered {
+        Some(memo) => count_after(services, &mut judge, room_id, &memo, upto)?,
+        None => None,
+    };
+    let counts = match counts {
+        Some(counts) => counts,
+        None => count_from_receipts(services, &mut judge, room_id, &receipts, upto)?,
+    };
+    let memo = UnreadMemo {
+        receipts,
+        rules_version,
+        counted_upto: upto,
+        counts: counts.clone(),
+    };
+    services.sync.unread.insert(key, memo);
+    Ok(counts)
+}
+
+/// The user's rules in the room, made when the first event is judged.
+struct LazyJudge<'a> {
+    services: &'a Services,
+    user: &'a OwnedUserId,
+    room_id: &'a RoomId,
+    judge: Option<Judge>,
+}
+
+impl<'a> LazyJudge<'a> {
+    fn new(services: &'a Services, user: &'a OwnedUserId, room_id: &'a RoomId) -> Self {
+        LazyJudge {
+            services,
+            user,
+            room_id,
+            judge: None,
+        }
+    }
+
+    /// (notifies, highlights) for an event of someone else.
+    fn judge(&mut self, pdu: &Pdu) -> Result<(bool, bool)> {
+        if self.judge.is_none() {
+            let services = self.services;
+            self.judge = Some(Judge::new(
+                &services.rooms,
+                &services.push_rules,
+                &services.user_data,
+                self.room_id,
+                self.user,
+            )?);
+        }
+        let decision = self
+            .judge
+            .as_ref()
+            .map(|j| j.decide(pdu))
+            .unwrap_or_default();
+        Ok((decision.notify, decision.highlight))
+    }
+}
+
+/// The remembered counts plus the events after them, or `None` when there
+/// are too many new events to count this way.
+fn count_after(
+    services: &Services,
+    judge: &mut LazyJudge<'_>,
+    room_id: &RoomId,
+    memo: &UnreadMemo,
+    upto: u64,
+) -> Result<Option<UnreadCounts>> {
+    let page = services.rooms.page(
+        room_id,
+        memo.counted_upto,
+        Some(upto),
+        Direction::Forward,
+        MAX_UNREAD_SCAN,
+    )?;
+    if page.next.is_some() {
+        return Ok(None);
+    }
+    let mut counts = memo.counts.clone();
+    for pdu in &page.events {
+        let thread = thread_of(pdu);
+        if pdu.sender == *judge.user {
+            *counts.of(thread) = (0, 0);
+            continue;
+        }
+        let (notifies, highlights) = judge.judge(pdu)?;
+        if notifies {
+            let count = counts.of(thread);
+            count.0 += 1;
+            count.1 += u64::from(highlights);
+        }
+    }
+    Ok(Some(counts))
+}
+
+/// Counts back from `upto` to the read receipts, over at most
+/// [`MAX_UNREAD_SCAN`] events.
+fn count_from_receipts(
+    services: &Services,
+    judge: &mut LazyJudge<'_>,
+    room_id: &RoomId,
+    receipts: &[(String, String)],
+    upto: u64,
+) -> Result<UnreadCounts> {
+    // Per thread ("" for the unthreaded receipt, "main", a thread root):
+    // the stream position read up to.
+    let mut read_up_to: BTreeMap<&str, u64> = BTreeMap::new();
+    for (thread, event_id) in receipts {
+        if let Some((_, stored)) = services.rooms.pdu(event_id)? {
+            let position = read_up_to.entry(thread.as_str()).or_default();
+            *position = (*position).max(stored.stream);
+        }
+    }
+    let everywhere = read_up_to.get("").copied().unwrap_or(0);
+    let page = services.rooms.page(
+        room_id,
+        upto,
+        Some(everywhere),
+        Direction::Backward,
+        MAX_UNREAD_SCAN,
+    )?;
+    let mut counts = UnreadCounts::default();
+    // Threads (None: the main timeline) with a message of the user's
+    // after the receipts: what came before it is read.
+    let mut spoke: BTreeSet<Option<String>> = BTreeSet::new();
+    for (pdu, stored) in page.events.iter().zip(&page.stored) {
+        let thread = thread_of(pdu);
+        let receipt = read_up_to
+            .get(thread.as_deref().unwrap_or("main"))
+            .copied()
+            .unwrap_or(0)
+            .max(everywhere);
+        if stored.stream <= receipt || spoke.contains(&thread) {
+            continue;
+        }
+        if pdu.sender == *judge.user {
+            spoke.insert(thread);
+            continue;
+        }
+        let (notifies, highlights) = judge.judge(pdu)?;
+        if notifies {
+            let count = counts.of(thread);
+            count.0 += 1;
+            count.1 += u64::from(highlights);
+        }
+    }
+    Ok(counts)
+}
+
+/// The user's read receipts in the room (public and private) as
+/// (thread, event ID): `""` unthreaded, `"main"`, or a thread root.
+fn read_receipts(
+    services: &Services,
+    user: &OwnedUserId,
+    room_id: &RoomId,
+) -> Result<Vec<(String, String)>> {
+    let mut receipts = Vec::new();
+    for kind in ["m.read", "m.read.private"] {
+        for (thread, receipt) in services.user_data.receipts_of(room_id, kind, user)? {
+            receipts.push((thread, receipt.event_id));
+        }
+    }
+    Ok(receipts)
 }

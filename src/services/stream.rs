@@ -28,6 +28,8 @@ use crate::storage::{Batch, Direction, KeyRange, Storage, StorageError};
 
 /// The topic that wakes every reader (presence, which any room may show).
 pub const EVERYONE: &str = "*";
+/// The topic of readers woken by every write (the push notifier).
+pub const EVERY_WRITE: &str = "**";
 
 /// The first stream position of a new database. The positions below it
 /// are left to history backfilled from other servers, which sits in a
@@ -89,7 +91,7 @@ impl Wakeups {
     pub fn wake<'a>(&self, topics: impl IntoIterator<Item = &'a str>) {
         let readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
         let mut woken = std::collections::HashSet::new();
-        for topic in topics {
+        for topic in topics.into_iter().chain([EVERY_WRITE]) {
             let targets: Vec<&Weak<Notify>> = if topic == EVERYONE {
                 readers.values().flatten().collect()
             } else {

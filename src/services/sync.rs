@@ -130,6 +130,12 @@ impl SyncStream {
         self.wakeups.register(Vec::new())
     }
 
+    /// A registration woken by every write.
+    pub fn register_every_write(&self) -> Registration {
+        self.wakeups
+            .register(vec![super::stream::EVERY_WRITE.to_owned()])
+    }
+
     pub fn register(&self, user: &UserId, rooms: &[String]) -> Registration {
         let mut topics = rooms.to_vec();
         topics.push(user.to_string());

@@ -113,11 +113,21 @@ pub enum Cf {
     Threepids,
     /// Each account's third-party identifiers and identity server binds.
     UserThreepids,
+    /// The pushers of each account: where its push notifications go.
+    Pushers,
+    /// The accounts that have each (app ID, pushkey).
+    PusherKeys,
+    /// Notifications waiting for their push gateway, per pusher.
+    PushQueue,
+    /// The events that notified each user, for `GET /notifications`.
+    Notifications,
+    /// How far the stream has been looked at for notifications.
+    PushState,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 49] = [
+    pub const ALL: [Cf; 54] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -167,6 +177,11 @@ impl Cf {
         Cf::ThreepidSessions,
         Cf::Threepids,
         Cf::UserThreepids,
+        Cf::Pushers,
+        Cf::PusherKeys,
+        Cf::PushQueue,
+        Cf::Notifications,
+        Cf::PushState,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -221,6 +236,11 @@ impl Cf {
             Cf::ThreepidSessions => "threepid_sessions",
             Cf::Threepids => "threepids",
             Cf::UserThreepids => "user_threepids",
+            Cf::Pushers => "pushers",
+            Cf::PusherKeys => "pusher_keys",
+            Cf::PushQueue => "push_queue",
+            Cf::Notifications => "notifications",
+            Cf::PushState => "push_state",
         }
     }
 

@@ -58,6 +58,20 @@ pub const THREEPIDS: Table<(String, String), ThreepidOwner> = Table::new(Cf::Thr
 /// servers it is bound on.
 pub const USER_THREEPIDS: Table<(String, String, String), UserThreepid> =
     Table::new(Cf::UserThreepids);
+/// (localpart, app ID, pushkey) → a pusher of the account.
+pub const PUSHERS: Table<(String, String, String), PusherRecord> = Table::new(Cf::Pushers);
+/// (app ID, pushkey, localpart) → nothing: who has a pushkey.
+pub const PUSHER_KEYS: Table<(String, String, String), ()> = Table::new(Cf::PusherKeys);
+/// (localpart, app ID, pushkey, stream position of the event) → a
+/// notification waiting for that pusher's gateway.
+pub const PUSH_QUEUE: Table<(String, String, String, u64), PushItem> = Table::new(Cf::PushQueue);
+/// (localpart, stream position of the event) → an event that notified the
+/// user.
+pub const NOTIFICATIONS: Table<(String, u64), NotificationRecord> = Table::new(Cf::Notifications);
+/// `upto` → the stream position up to which events were looked at for
+/// notifications.
+pub const PUSH_STATE: Table<String, u64> = Table::new(Cf::PushState);
+pub const PUSH_UPTO: &str = "upto";
 /// Report ID (microseconds since the epoch, or one past the last) → the
 /// report (`{"kind", "reporter", "room_id", "event_id", "user_id",
 /// "reason", "received_ts"}`).
@@ -436,6 +450,41 @@ pub struct UserThreepid {
     pub added_ms: Option<u64>,
     pub validated_ms: Option<u64>,
     pub id_servers: Vec<String>,
+}
+
+/// A pusher: where an account's notifications go, for one device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PusherRecord {
+    pub kind: String,
+    pub app_display_name: String,
+    pub device_display_name: String,
+    pub profile_tag: Option<String>,
+    pub lang: String,
+    /// `url` and `format`, and anything else the client gave.
+    pub data: serde_json::Value,
+    /// The device whose access token set it; deleted with the device.
+    pub device_id: Option<String>,
+    pub created_ms: u64,
+}
+
+/// A notification waiting for a pusher's gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushItem {
+    pub room_id: String,
+    pub event_id: String,
+    /// The rule's actions (for the `tweaks`).
+    pub actions: serde_json::Value,
+    pub queued_ms: u64,
+}
+
+/// An event that notified a user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationRecord {
+    pub room_id: String,
+    pub event_id: String,
+    pub actions: serde_json::Value,
+    pub highlight: bool,
+    pub ts: u64,
 }
 
 /// One device (one login) of a local account.

@@ -12,6 +12,7 @@ pub mod media;
 pub mod membership;
 pub mod profile;
 pub mod push_rules;
+pub mod pushers;
 pub mod relations;
 pub mod reporting;
 pub mod room_events;

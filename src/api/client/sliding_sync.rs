@@ -22,7 +22,7 @@ use super::membership::parse_user;
 use super::room_events::render_event;
 use super::sync::{
     device_lists, receipts_event, register_reader, room_is_named, room_members, stripped_state,
-    unread_counts, wait, SyncToken,
+    wait, SyncToken,
 };
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Query};
@@ -30,6 +30,7 @@ use crate::api::AppState;
 use crate::events::Pdu;
 use crate::services::accounts::Authed;
 use crate::services::e2ee::MAX_TO_DEVICE_PER_SYNC;
+use crate::services::notifications::unread_counts;
 use crate::services::push_rules::PUSH_RULES;
 use crate::services::rooms::visibility::{Reader, Window};
 use crate::services::sliding::{ConnectionKey, RoomConfigKey, RoomSent, Snapshot};

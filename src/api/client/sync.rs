@@ -29,14 +29,13 @@ use crate::events::Pdu;
 use crate::services::accounts::Authed;
 use crate::services::e2ee::MAX_TO_DEVICE_PER_SYNC;
 use crate::services::filter::{EventFormat, Filter};
-use crate::services::notifications::{thread_of, Judge};
+use crate::services::notifications::unread_counts;
 use crate::services::push_rules::PUSH_RULES;
 use crate::services::rooms::visibility::{Reader, Window};
 use crate::services::rooms::StateIds;
 use crate::services::stream::Registration;
-use crate::services::sync::{Changes, UnreadCounts, UnreadMemo};
+use crate::services::sync::{Changes, UnreadCounts};
 use crate::storage::tables::{StoredPdu, ToDeviceMessage, UserRoom};
-use crate::storage::Direction;
 
 /// Timeline events per room when the filter names no limit.
 const DEFAULT_TIMELINE_LIMIT: usize = 10;
@@ -46,10 +45,6 @@ const MAX_TIMELINE_LIMIT: usize = 500;
 const MAX_TIMEOUT_MS: u64 = 300_000;
 /// Members named in a room summary when the room has no name.
 const MAX_HEROES: usize = 5;
-/// Events looked at, newest first, to count a room's unread messages from
-/// scratch; the counts stop there. Later syncs add the new events to the
-/// remembered counts.
-const MAX_UNREAD_SCAN: usize = 1000;
 
 #[derive(Deserialize, Default)]
 pub struct SyncQuery {
@@ -737,7 +732,12 @@ impl SyncRequest<'_> {
     }
 
     fn unread_counts(&self, room_id: &RoomId) -> ApiResult<UnreadCounts> {
-        unread_counts(self.state, &self.user, room_id, self.upto.stream)
+        Ok(unread_counts(
+            self.state,
+            &self.user,
+            room_id,
+            self.upto.stream,
+        )?)
     }
 
     fn summary(&self, room_id: &RoomId) -> ApiResult<Value> {
@@ -872,192 +872,6 @@ pub fn receipts_event(
         any = true;
     }
     Ok(any.then(|| json!({ "type": "m.receipt", "content": content })))
-}
-
-/// The user's unread counts in a room: the events after their read
-/// receipts that their push rules notify for (and, of those, highlight),
-/// for the main timeline and each thread. A message of their own counts as
-/// read up to it, in its thread. The counts of the last sync are
-/// remembered, so a sync usually judges only the new events.
-pub fn unread_counts(
-    state: &AppState,
-    user: &OwnedUserId,
-    room_id: &RoomId,
-    upto: u64,
-) -> ApiResult<UnreadCounts> {
-    let receipts = read_receipts(state, user, room_id)?;
-    let rules_version = state
-        .user_data
-        .account_data_version(user, None, PUSH_RULES)?
-        .unwrap_or(0);
-    let key = (room_id.to_string(), user.to_string());
-    let remembered = state.sync.unread.get(&key).filter(|memo| {
-        memo.receipts == receipts
-            && memo.rules_version == rules_version
-            && memo.counted_upto <= upto
-    });
-    let mut judge = LazyJudge::new(state, user, room_id);
-    let counts = match remembered {
-        Some(memo) => count_after(state, &mut judge, room_id, &memo, upto)?,
-        None => None,
-    };
-    let counts = match counts {
-        Some(counts) => counts,
-        None => count_from_receipts(state, &mut judge, room_id, &receipts, upto)?,
-    };
-    let memo = UnreadMemo {
-        receipts,
-        rules_version,
-        counted_upto: upto,
-        counts: counts.clone(),
-    };
-    state.sync.unread.insert(key, memo);
-    Ok(counts)
-}
-
-/// The user's rules in the room, made when the first event is judged.
-struct LazyJudge<'a> {
-    state: &'a AppState,
-    user: &'a OwnedUserId,
-    room_id: &'a RoomId,
-    judge: Option<Judge>,
-}
-
-impl<'a> LazyJudge<'a> {
-    fn new(state: &'a AppState, user: &'a OwnedUserId, room_id: &'a RoomId) -> Self {
-        LazyJudge {
-            state,
-            user,
-            room_id,
-            judge: None,
-        }
-    }
-
-    /// (notifies, highlights) for an event of someone else.
-    fn judge(&mut self, pdu: &Pdu) -> ApiResult<(bool, bool)> {
-        if self.judge.is_none() {
-            let state = self.state;
-            self.judge = Some(Judge::new(
-                &state.rooms,
-                &state.push_rules,
-                &state.user_data,
-                self.room_id,
-                self.user,
-            )?);
-        }
-        let decision = self
-            .judge
-            .as_ref()
-            .map(|j| j.decide(pdu))
-            .unwrap_or_default();
-        Ok((decision.notify, decision.highlight))
-    }
-}
-
-/// The remembered counts plus the events after them, or `None` when there
-/// are too many new events to count this way.
-fn count_after(
-    state: &AppState,
-    judge: &mut LazyJudge<'_>,
-    room_id: &RoomId,
-    memo: &UnreadMemo,
-    upto: u64,
-) -> ApiResult<Option<UnreadCounts>> {
-    let page = state.rooms.page(
-        room_id,
-        memo.counted_upto,
-        Some(upto),
-        Direction::Forward,
-        MAX_UNREAD_SCAN,
-    )?;
-    if page.next.is_some() {
-        return Ok(None);
-    }
-    let mut counts = memo.counts.clone();
-    for pdu in &page.events {
-        let thread = thread_of(pdu);
-        if pdu.sender == *judge.user {
-            *counts.of(thread) = (0, 0);
-            continue;
-        }
-        let (notifies, highlights) = judge.judge(pdu)?;
-        if notifies {
-            let count = counts.of(thread);
-            count.0 += 1;
-            count.1 += u64::from(highlights);
-        }
-    }
-    Ok(Some(counts))
-}
-
-/// Counts back from `upto` to the read receipts, over at most
-/// [`MAX_UNREAD_SCAN`] events.
-fn count_from_receipts(
-    state: &AppState,
-    judge: &mut LazyJudge<'_>,
-    room_id: &RoomId,
-    receipts: &[(String, String)],
-    upto: u64,
-) -> ApiResult<UnreadCounts> {
-    // Per thread ("" for the unthreaded receipt, "main", a thread root):
-    // the stream position read up to.
-    let mut read_up_to: BTreeMap<&str, u64> = BTreeMap::new();
-    for (thread, event_id) in receipts {
-        if let Some((_, stored)) = state.rooms.pdu(event_id)? {
-            let position = read_up_to.entry(thread.as_str()).or_default();
-            *position = (*position).max(stored.stream);
-        }
-    }
-    let everywhere = read_up_to.get("").copied().unwrap_or(0);
-    let page = state.rooms.page(
-        room_id,
-        upto,
-        Some(everywhere),
-        Direction::Backward,
-        MAX_UNREAD_SCAN,
-    )?;
-    let mut counts = UnreadCounts::default();
-    // Threads (None: the main timeline) with a message of the user's
-    // after the receipts: what came before it is read.
-    let mut spoke: BTreeSet<Option<String>> = BTreeSet::new();
-    for (pdu, stored) in page.events.iter().zip(&page.stored) {
-        let thread = thread_of(pdu);
-        let receipt = read_up_to
-            .get(thread.as_deref().unwrap_or("main"))
-            .copied()
-            .unwrap_or(0)
-            .max(everywhere);
-        if stored.stream <= receipt || spoke.contains(&thread) {
-            continue;
-        }
-        if pdu.sender == *judge.user {
-            spoke.insert(thread);
-            continue;
-        }
-        let (notifies, highlights) = judge.judge(pdu)?;
-        if notifies {
-            let count = counts.of(thread);
-            count.0 += 1;
-            count.1 += u64::from(highlights);
-        }
-    }
-    Ok(counts)
-}
-
-/// The user's read receipts in the room (public and private) as
-/// (thread, event ID): `""` unthreaded, `"main"`, or a thread root.
-fn read_receipts(
-    state: &AppState,
-    user: &OwnedUserId,
-    room_id: &RoomId,
-) -> ApiResult<Vec<(String, String)>> {
-    let mut receipts = Vec::new();
-    for kind in ["m.read", "m.read.private"] {
-        for (thread, receipt) in state.user_data.receipts_of(room_id, kind, user)? {
-            receipts.push((thread, receipt.event_id));
-        }
-    }
-    Ok(receipts)
 }
 
 /// A room's joined and invited counts, and up to five other members (by
