@@ -496,3 +496,102 @@ async fn pushers_are_checked_and_belong_to_their_device() {
     let (_, listed) = server.get("/_matrix/client/v3/pushers", Some(&carol)).await;
     assert_eq!(listed["pushers"], json!([]));
 }
+
+/// A gateway that takes requests but answers none until `release`; it
+/// counts the requests it holds.
+async fn stuck_gateway(
+    addr: SocketAddr,
+    held: Arc<Mutex<usize>>,
+    release: Arc<tokio::sync::Notify>,
+) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let app = axum::Router::new().route(
+        "/_matrix/push/v1/notify",
+        axum::routing::post(move |axum::Json(_): axum::Json<Value>| {
+            let held = held.clone();
+            let release = release.clone();
+            async move {
+                *held.lock().unwrap() += 1;
+                release.notified().await;
+                axum::Json(json!({ "rejected": [] }))
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+}
+
+#[tokio::test]
+async fn a_gateway_that_does_not_answer_holds_up_neither_sends_nor_other_pushers() {
+    let loopback = "127.0.0.1".parse().unwrap();
+    let stuck_addr: SocketAddr = format!("127.0.0.1:{}", common::federation::free_port(loopback))
+        .parse()
+        .unwrap();
+    let good_addr: SocketAddr = format!("127.0.0.1:{}", common::federation::free_port(loopback))
+        .parse()
+        .unwrap();
+    let held = Arc::new(Mutex::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    stuck_gateway(stuck_addr, held.clone(), release.clone()).await;
+    let received: Received = Arc::default();
+    let _good = gateway(good_addr, received.clone()).await;
+    let server = TestServer::start_with(push_config).await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let carol = token(&server.register("carol").await);
+    let room_id = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    for member in [&bob, &carol] {
+        common::join(&server, member, &room_id).await;
+    }
+    let stuck_url = format!("http://{stuck_addr}/_matrix/push/v1/notify");
+    let good_url = format!("http://{good_addr}/_matrix/push/v1/notify");
+    set_pusher(&server, &bob, "bob-key", &stuck_url, None).await;
+    set_pusher(&server, &carol, "carol-key", &good_url, None).await;
+
+    let first = send(
+        &server,
+        &alice,
+        &room_id,
+        "0",
+        json!({ "msgtype": "m.text", "body": "0" }),
+    )
+    .await;
+    // Bob's gateway holds the first request...
+    for _ in 0..600 {
+        if *held.lock().unwrap() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*held.lock().unwrap(), 1);
+    // ...while sends go on being answered, and Carol's gateway hears of
+    // every message.
+    let mut sent = vec![first];
+    for n in 1..10 {
+        sent.push(
+            send(
+                &server,
+                &alice,
+                &room_id,
+                &n.to_string(),
+                json!({ "msgtype": "m.text", "body": n.to_string() }),
+            )
+            .await,
+        );
+    }
+    let to_carol = wait_for(&received, "carol-key", 10).await;
+    let ids: Vec<Value> = to_carol.iter().map(|n| n["event_id"].clone()).collect();
+    assert_eq!(ids, sent.iter().map(|id| json!(id)).collect::<Vec<_>>());
+    assert_eq!(*held.lock().unwrap(), 1, "one request at a time per pusher");
+    // Released, Bob's gateway gets the rest.
+    for _ in 0..600 {
+        release.notify_waiters();
+        if *held.lock().unwrap() >= 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*held.lock().unwrap(), 10);
+    release.notify_waiters();
+}

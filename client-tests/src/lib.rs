@@ -40,6 +40,14 @@ impl Homeserver {
         Self::start_in(dir, config).await
     }
 
+    /// Like [`Homeserver::start`], with the configuration adjusted.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut config = test_config(&dir);
+        adjust(&mut config);
+        Self::start_in(dir, config).await
+    }
+
     /// A server that federates on `ip`: named `{ip}:{port}`, its
     /// federation API on HTTPS at that address with a certificate of
     /// `ca`, trusting `ca`, allowed to reach loopback.
