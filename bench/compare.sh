@@ -89,6 +89,8 @@ config["rc_invites"] = {k: dict(unlimited) for k in ["per_room", "per_user", "pe
 config["trusted_key_servers"] = []
 config["suppress_key_server_warning"] = True
 config["report_stats"] = False
+# The push scenario's gateway runs on loopback.
+config["ip_range_whitelist"] = ["127.0.0.0/8"]
 yaml.safe_dump(config, open(path, "w"))
 log = f"{directory}/localhost.log.config"
 text = open(log).read().replace("level: INFO", "level: WARNING")
@@ -108,7 +110,7 @@ start_myelin() {
     MYELIN_LISTEN="127.0.0.1:$port" MYELIN_DATA_DIR="$dir/data" \
         MYELIN_REGISTRATION=open MYELIN_RATE_LIMITS=false \
         MYELIN_PASSWORD_HASHING__MEMORY_KIB=1024 MYELIN_PASSWORD_HASHING__ITERATIONS=1 \
-        MYELIN_LOG__LEVEL=warn \
+        MYELIN_LOG__LEVEL=warn MYELIN_PUSH__IP_RANGE_ALLOWLIST='["127.0.0.0/8"]' \
         "${server_cpu[@]}" "$myelin_bin" serve >"$dir/stdout.log" 2>&1 &
     server_pid=$!
     data_path="$dir/data"
@@ -161,6 +163,7 @@ run_server() {
         scenario throughput --senders 8 --seconds 5
         scenario fanout --members 100 --rounds 5
         scenario latency --clients 100 --messages 50 --rate 10
+        scenario push --rooms 10 --messages 100 --rate 20
         [ "$name" = myelin ] && scenario latency --clients 100 --messages 50 --rate 10 --transport ws
     else
         scenario storage --messages 5000
@@ -171,6 +174,7 @@ run_server() {
         scenario throughput --senders 16 --seconds 20
         scenario fanout --members 100 --rounds 20
         scenario latency --clients 100 --messages 200 --rate 10
+        scenario push --rooms 50 --messages 1000 --rate 20
         scenario latency --clients 1000 --messages 200 --rate 10
         scenario latency --clients 1000 --messages 200 --rate 10 --senders 4
         if [ "$name" = myelin ]; then
@@ -218,6 +222,7 @@ figures = {
     "memory": ["bytes_per_connection"],
     "initial-sync": ["median_ms"],
     "storage": ["bytes_per_message"],
+    "push": ["p50_ms", "p95_ms", "p99_ms", "max_ms"],
 }
 print(f"Synapse {version} (SQLite, WAL, synchronous={sqlite_sync}); Myelin (RocksDB, WAL synced before every answer)")
 print()

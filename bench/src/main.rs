@@ -107,6 +107,17 @@ enum Scenario {
         #[arg(long, default_value_t = 10.0)]
         rate: f64,
     },
+    /// (h) Push: from a send to the push gateway's request, with R rooms
+    /// of a sender and a recipient whose pusher points at a gateway this
+    /// process runs on loopback (the server must allow pushing there).
+    Push {
+        #[arg(long, default_value_t = 20)]
+        rooms: usize,
+        #[arg(long, default_value_t = 500)]
+        messages: u64,
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+    },
     /// (f) Database bytes per stored message.
     Storage {
         #[arg(long, default_value_t = 5000)]
@@ -165,6 +176,11 @@ async fn main() {
             scenarios::federation(&server, &peer, messages, senders, latency_messages, rate).await
         }
         Scenario::InitialSync { rooms } => scenarios::initial_sync(&server, rooms).await,
+        Scenario::Push {
+            rooms,
+            messages,
+            rate,
+        } => scenarios::push(&server, rooms, messages, rate).await,
         Scenario::Storage { messages } => {
             let dir = cli.data_dir.expect("storage needs --data-dir");
             scenarios::storage(&server, &dir, messages).await

@@ -188,6 +188,33 @@ impl Server {
         }
     }
 
+    /// Sends a text message; its event ID once the server acknowledged it.
+    pub async fn send_event(
+        &self,
+        token: &str,
+        room_id: &str,
+        txn: &str,
+        body: &str,
+    ) -> Option<String> {
+        let url = self.url(&format!(
+            "/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{txn}"
+        ));
+        let content = json!({ "msgtype": "m.text", "body": body });
+        let response = self
+            .http
+            .put(url)
+            .bearer_auth(token)
+            .json(&content)
+            .send()
+            .await
+            .ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let answer: Value = response.json().await.ok()?;
+        answer["event_id"].as_str().map(str::to_owned)
+    }
+
     /// `GET /sync`; the answer, or `None` on a failed request.
     pub async fn sync(&self, token: &str, since: Option<&str>, timeout_ms: u64) -> Option<Value> {
         let mut url = format!("{}/_matrix/client/v3/sync?timeout={timeout_ms}", self.base);

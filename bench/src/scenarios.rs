@@ -774,3 +774,162 @@ pub async fn federation(
         "latency": quantiles(&latency),
     })
 }
+
+/// A push gateway on loopback: answers every notification `200` and
+/// notes when each event ID arrived. HTTP/1.1 with keep-alive, just
+/// enough for the push gateway API.
+async fn push_gateway(arrivals: Arc<Mutex<HashMap<String, Instant>>>) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a gateway port");
+    let url = format!(
+        "http://{}/_matrix/push/v1/notify",
+        listener.local_addr().expect("its address")
+    );
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let arrivals = arrivals.clone();
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut length = 0;
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let header = line.trim_end().to_ascii_lowercase();
+                        if header.is_empty() {
+                            break;
+                        }
+                        if let Some(value) = header.strip_prefix("content-length:") {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let at = Instant::now();
+                    if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+                        if let Some(id) = value["notification"]["event_id"].as_str() {
+                            arrivals.lock().unwrap().entry(id.to_owned()).or_insert(at);
+                        }
+                    }
+                    let answer = "{\"rejected\":[]}";
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if reader
+                        .get_mut()
+                        .write_all(response.as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// (h) Push latency: from the start of a send to the push gateway's
+/// request for that event, `messages` sent at `rate` a second over
+/// `rooms` rooms, each with a recipient whose pusher is the gateway.
+pub async fn push(server: &Server, rooms: usize, messages: u64, rate: f64) -> Value {
+    eprintln!("push: {rooms} rooms, {messages} messages at {rate}/s");
+    let arrivals = Arc::new(Mutex::new(HashMap::new()));
+    let url = push_gateway(arrivals.clone()).await;
+    let senders = server.register_many("pushsender", rooms).await;
+    let recipients = server.register_many("pushed", rooms).await;
+    let mut room_ids = Vec::new();
+    for (n, (sender, recipient)) in senders.iter().zip(&recipients).enumerate() {
+        let room_id = server
+            .create_room(sender, json!({ "preset": "public_chat" }))
+            .await;
+        server.join(recipient, &room_id).await;
+        let pusher = json!({
+            "kind": "http", "app_id": "org.myelin.bench", "pushkey": format!("{}-key{n}", server.run),
+            "app_display_name": "bench", "device_display_name": "bench", "lang": "en",
+            "data": { "url": url },
+        });
+        let answer = server
+            .http
+            .post(server.url("/_matrix/client/v3/pushers/set"))
+            .bearer_auth(recipient)
+            .json(&pusher)
+            .send()
+            .await
+            .expect("pushers/set");
+        assert!(
+            answer.status().is_success(),
+            "the server refused the pusher ({}): it must allow pushing to loopback",
+            answer.status()
+        );
+        room_ids.push(room_id);
+    }
+    let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let failed = Arc::new(AtomicU64::new(0));
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let begin = Instant::now();
+    let mut tasks = Vec::new();
+    for n in 0..messages {
+        tokio::time::sleep_until((begin + interval * n as u32).into()).await;
+        let which = n as usize % rooms;
+        let (server, token, room_id) = (
+            server.clone(),
+            senders[which].clone(),
+            room_ids[which].clone(),
+        );
+        let (started, failed) = (started.clone(), failed.clone());
+        tasks.push(tokio::spawn(async move {
+            let at = Instant::now();
+            let txn = format!("{}-push{n}", server.run);
+            match server.send_event(&token, &room_id, &txn, "pushed").await {
+                Some(event_id) => {
+                    started.lock().unwrap().insert(event_id, at);
+                }
+                None => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let sent = started.lock().unwrap().len();
+    while arrivals.lock().unwrap().len() < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut latencies = histogram();
+    let arrivals = arrivals.lock().unwrap();
+    let mut missing = 0;
+    for (event_id, at) in started.lock().unwrap().iter() {
+        match arrivals.get(event_id) {
+            Some(arrived) => {
+                let micros = arrived.saturating_duration_since(*at).as_micros() as u64;
+                latencies.record(micros.max(1)).expect("a latency in range");
+            }
+            None => missing += 1,
+        }
+    }
+    let mut result = quantiles(&latencies);
+    result["scenario"] = json!("push");
+    result["rooms"] = json!(rooms);
+    result["sent"] = json!(sent);
+    result["failed_sends"] = json!(failed.load(Ordering::Relaxed));
+    result["not_pushed"] = json!(missing);
+    result
+}

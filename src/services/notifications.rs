@@ -8,6 +8,7 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
 use serde_json::{json, Value};
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::error::Result;
 use super::push::{evaluate, Decision, RoomContext};
@@ -23,7 +24,7 @@ use crate::storage::Direction;
 /// The rules of one user in one room, ready to judge its events.
 pub struct Judge {
     user: OwnedUserId,
-    ruleset: Ruleset,
+    ruleset: Arc<Ruleset>,
     room: RoomContext,
 }
 
@@ -37,9 +38,33 @@ impl Judge {
     ) -> Result<Self> {
         Ok(Judge {
             user: user.to_owned(),
-            ruleset: push_rules.ruleset(user_data, user)?,
+            ruleset: push_rules.shared(user_data, user)?,
             room: room_context(rooms, room_id, user)?,
         })
+    }
+
+    /// A judge from the room's context as worked out for another member
+    /// (the member count and power levels are the room's), with this
+    /// user's display name.
+    pub fn for_member(
+        rooms: &Rooms,
+        push_rules: &PushRules,
+        user_data: &UserData,
+        shared: &RoomContext,
+        user: &UserId,
+    ) -> Result<Self> {
+        let mut room = shared.clone();
+        room.display_name = display_name(rooms, &shared.room_id, user)?;
+        Ok(Judge {
+            user: user.to_owned(),
+            ruleset: push_rules.shared(user_data, user)?,
+            room,
+        })
+    }
+
+    /// The room's context this judge works with.
+    pub fn room(&self) -> &RoomContext {
+        &self.room
     }
 
     /// What the user's rules decide for `pdu`.
@@ -74,25 +99,29 @@ pub fn thread_of(pdu: &Pdu) -> Option<String> {
     relation.get("event_id")?.as_str().map(str::to_owned)
 }
 
-/// What the push conditions need of the room, as it stands, for `user`.
+/// What the push conditions need of the room, as it stands, for `user`:
+/// a few point reads (the room's record, the user's member event, the
+/// power levels and create events), never a scan of the members.
 pub fn room_context(rooms: &Rooms, room_id: &RoomId, user: &UserId) -> Result<RoomContext> {
-    let mut member_count = 0;
-    let mut display_name = None;
-    for member in rooms.current_state(room_id, Some("m.room.member"))? {
-        let content = member.content_value();
-        if content["membership"] == "join" {
-            member_count += 1;
-        }
-        if member.state_key.as_deref() == Some(user.as_str()) {
-            display_name = content["displayname"].as_str().map(str::to_owned);
-        }
-    }
+    let member_count = rooms.room(room_id)?.map_or(0, |room| room.joined_members);
     Ok(RoomContext {
         room_id: OwnedRoomId::from(room_id),
         member_count,
-        display_name: display_name.unwrap_or_else(|| user.localpart().to_owned()),
+        display_name: display_name(rooms, room_id, user)?,
         power_levels: power_levels(rooms, room_id)?,
     })
+}
+
+/// The user's display name in the room, else their localpart.
+fn display_name(rooms: &Rooms, room_id: &RoomId, user: &UserId) -> Result<String> {
+    let name = rooms
+        .state_event(room_id, "m.room.member", user.as_str())?
+        .and_then(|member| {
+            member.content_value()["displayname"]
+                .as_str()
+                .map(str::to_owned)
+        });
+    Ok(name.unwrap_or_else(|| user.localpart().to_owned()))
 }
 
 /// The room's power levels as ruma's push conditions read them.

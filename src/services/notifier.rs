@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::{Error, Result};
 use super::notifications::{unread_counts, Judge};
+use super::push::RoomContext;
 use super::pushers::PusherKey;
 use super::Services;
 use crate::storage::tables::{
@@ -91,6 +92,9 @@ pub async fn notify_round(services: &Services) -> Result<bool> {
     };
     let mut batch = Batch::new();
     let mut judges: HashMap<(String, OwnedUserId), Judge> = HashMap::new();
+    // Per room: the context worked out for its first member, shared by
+    // the others (the member count and the power levels).
+    let mut contexts: HashMap<String, RoomContext> = HashMap::new();
     let mut queued = 0;
     let now = services.now_ms();
     for (position, entry) in entries {
@@ -113,13 +117,29 @@ pub async fn notify_round(services: &Services) -> Result<bool> {
             let key = (room_id.clone(), user.clone());
             let judge = match judges.entry(key) {
                 std::collections::hash_map::Entry::Occupied(found) => found.into_mut(),
-                std::collections::hash_map::Entry::Vacant(slot) => slot.insert(Judge::new(
-                    &services.rooms,
-                    &services.push_rules,
-                    &services.user_data,
-                    &pdu.room_id,
-                    &user,
-                )?),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    let judge = match contexts.get(&room_id) {
+                        Some(shared) => Judge::for_member(
+                            &services.rooms,
+                            &services.push_rules,
+                            &services.user_data,
+                            shared,
+                            &user,
+                        )?,
+                        None => {
+                            let judge = Judge::new(
+                                &services.rooms,
+                                &services.push_rules,
+                                &services.user_data,
+                                &pdu.room_id,
+                                &user,
+                            )?;
+                            contexts.insert(room_id.clone(), judge.room().clone());
+                            judge
+                        }
+                    };
+                    slot.insert(judge)
+                }
             };
             let decision = judge.decide(&pdu);
             if !decision.notify {
@@ -308,7 +328,16 @@ async fn deliver_all(
                 return;
             }
         };
-        let outcome = deliver(&services, &http, &key, position, &item).await;
+        // Stopping does not wait for a gateway: what was not confirmed is
+        // sent again after the restart.
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => {
+                let mut active = services.delivery.active.lock().unwrap_or_else(|e| e.into_inner());
+                active.remove(&key);
+                return;
+            }
+            outcome = deliver(&services, &http, &key, position, &item) => outcome,
+        };
         let queue_key = (key.0.clone(), key.1.clone(), key.2.clone(), position);
         let done = match outcome {
             Ok(Delivered::Accepted) => true,

@@ -7,32 +7,60 @@
 //! is kept is merged with the current server defaults at every read, so a
 //! server upgrade brings new default rules to every account.
 
+use std::sync::Arc;
+
 use ruma::push::{Action, NewPushRule, RuleKind, Ruleset};
 use ruma::UserId;
 use serde_json::{json, Value};
 
 use super::error::{Error, Result};
 use super::locks::StripedLocks;
+use super::rooms::BoundedMemo;
 use super::user_data::UserData;
 
 /// The account data type the rules are kept under.
 pub const PUSH_RULES: &str = "m.push_rules";
 
+/// Most users whose parsed rules are remembered.
+const CACHED_RULESETS: usize = 100_000;
+
 /// The rules of every user, read and written through their account data.
 pub struct PushRules {
     /// Serialize each user's read-modify-write of their rules.
     locks: StripedLocks,
+    /// User ID → the rules as parsed at the stream position of their
+    /// account data (0: never changed), so that judging an event does not
+    /// parse them again.
+    cache: BoundedMemo<String, (u64, Arc<Ruleset>)>,
 }
 
 impl Default for PushRules {
     fn default() -> Self {
         PushRules {
             locks: StripedLocks::new(64),
+            cache: BoundedMemo::new(CACHED_RULESETS),
         }
     }
 }
 
 impl PushRules {
+    /// The user's rules, shared: from the cache while their account data
+    /// is unchanged.
+    pub fn shared(&self, user_data: &UserData, user: &UserId) -> Result<Arc<Ruleset>> {
+        let version = user_data
+            .account_data_version(user, None, PUSH_RULES)?
+            .unwrap_or(0);
+        if let Some((cached, ruleset)) = self.cache.get(&user.to_string()) {
+            if cached == version {
+                return Ok(ruleset);
+            }
+        }
+        let ruleset = Arc::new(self.ruleset(user_data, user)?);
+        self.cache
+            .insert(user.to_string(), (version, ruleset.clone()));
+        Ok(ruleset)
+    }
+
     /// The user's rules: the server defaults with the user's changes.
     pub fn ruleset(&self, user_data: &UserData, user: &UserId) -> Result<Ruleset> {
         let stored = user_data.account_data(user, None, PUSH_RULES)?;
