@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{assert_error, test_config, token, TestServer, PASSWORD};
+use common::{assert_error, send_message, test_config, token, TestServer, PASSWORD};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -97,24 +97,6 @@ async fn wait_for(received: &Received, pushkey: &str, count: usize) -> Vec<Value
     );
 }
 
-async fn send(
-    server: &TestServer,
-    token: &str,
-    room_id: &str,
-    txn: &str,
-    content: Value,
-) -> String {
-    let (status, answer) = server
-        .put(
-            &format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{txn}"),
-            Some(token),
-            content,
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    answer["event_id"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn notifications_reach_the_gateway_once_and_survive_its_outage_and_a_restart() {
     let addr: SocketAddr = format!(
@@ -144,7 +126,7 @@ async fn notifications_reach_the_gateway_once_and_survive_its_outage_and_a_resta
 
     // A message reaches both offline members' pushers, with the counts.
     let text = |body: &str| json!({ "msgtype": "m.text", "body": body });
-    let first = send(&server, &alice, &room_id, "1", text("hello both")).await;
+    let first = send_message(&server, &alice, &room_id, "1", text("hello both")).await;
     let to_bob = wait_for(&received, "bob-key", 1).await;
     let to_carol = wait_for(&received, "carol-key", 1).await;
     assert_eq!(to_bob[0]["event_id"], first);
@@ -164,7 +146,7 @@ async fn notifications_reach_the_gateway_once_and_survive_its_outage_and_a_resta
 
     // A mention highlights and sounds, for Bob only.
     let mention = json!({ "msgtype": "m.text", "body": "Bob!", "m.mentions": { "user_ids": ["@bob:localhost"] } });
-    let second = send(&server, &alice, &room_id, "2", mention).await;
+    let second = send_message(&server, &alice, &room_id, "2", mention).await;
     let to_bob = wait_for(&received, "bob-key", 2).await;
     assert_eq!(to_bob[1]["event_id"], second);
     assert_eq!(
@@ -189,7 +171,7 @@ async fn notifications_reach_the_gateway_once_and_survive_its_outage_and_a_resta
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    let third = send(&server, &alice, &room_id, "3", text("shh")).await;
+    let third = send_message(&server, &alice, &room_id, "3", text("shh")).await;
     let to_carol = wait_for(&received, "carol-key", 3).await;
     assert_eq!(to_carol[2]["event_id"], third);
     let (_, listed) = server
@@ -251,7 +233,7 @@ async fn notifications_reach_the_gateway_once_and_survive_its_outage_and_a_resta
     let dave = token(&server.register("dave").await);
     common::join(&server, &dave, &room_id).await;
     set_pusher(&server, &dave, "rejected-key", &url, None).await;
-    send(&server, &alice, &room_id, "4", text("for dave")).await;
+    send_message(&server, &alice, &room_id, "4", text("for dave")).await;
     wait_for(&received, "rejected-key", 1).await;
     let mut gone = false;
     for _ in 0..200 {
@@ -272,7 +254,7 @@ async fn notifications_reach_the_gateway_once_and_survive_its_outage_and_a_resta
     let mut sent = Vec::new();
     for n in 0..30 {
         sent.push(
-            send(
+            send_message(
                 &server,
                 &alice,
                 &room_id,
@@ -549,7 +531,7 @@ async fn a_gateway_that_does_not_answer_holds_up_neither_sends_nor_other_pushers
     set_pusher(&server, &bob, "bob-key", &stuck_url, None).await;
     set_pusher(&server, &carol, "carol-key", &good_url, None).await;
 
-    let first = send(
+    let first = send_message(
         &server,
         &alice,
         &room_id,
@@ -570,7 +552,7 @@ async fn a_gateway_that_does_not_answer_holds_up_neither_sends_nor_other_pushers
     let mut sent = vec![first];
     for n in 1..10 {
         sent.push(
-            send(
+            send_message(
                 &server,
                 &alice,
                 &room_id,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_error, test_config, token, TestServer};
+use common::{assert_error, send_message, test_config, token, TestServer};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -391,25 +391,6 @@ async fn the_default_rules_are_served_and_the_users_changes_kept() {
     assert!(!ids(&bobs["global"]["override"]).contains(&"first".to_owned()));
 }
 
-/// Sends a message (with extra content) and returns its event ID.
-async fn send(
-    server: &TestServer,
-    token: &str,
-    room_id: &str,
-    txn: &str,
-    content: Value,
-) -> String {
-    let (status, answer) = server
-        .put(
-            &format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{txn}"),
-            Some(token),
-            content,
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    answer["event_id"].as_str().unwrap().to_owned()
-}
-
 /// Alice's counts in `room_id` by an initial sync with `filter`.
 async fn counts(server: &TestServer, token: &str, room_id: &str, filter: &str) -> Value {
     let path = format!(
@@ -443,11 +424,11 @@ async fn unread_counts_follow_the_rules_the_receipts_and_the_threads() {
 
     // Messages notify; a mention highlights; a notice and an edit do not
     // count (their default rules say so).
-    let root = send(&server, &bob, &room_id, "1", text("a root")).await;
-    send(&server, &carol, &room_id, "2", text("hello")).await;
+    let root = send_message(&server, &bob, &room_id, "1", text("a root")).await;
+    send_message(&server, &carol, &room_id, "2", text("hello")).await;
     let mention = json!({ "msgtype": "m.text", "body": "Alice?", "m.mentions": { "user_ids": ["@alice:localhost"] } });
-    send(&server, &carol, &room_id, "3", mention).await;
-    send(
+    send_message(&server, &carol, &room_id, "3", mention).await;
+    send_message(
         &server,
         &bob,
         &room_id,
@@ -460,14 +441,14 @@ async fn unread_counts_follow_the_rules_the_receipts_and_the_threads() {
         "m.new_content": { "msgtype": "m.text", "body": "hello!" },
         "m.relates_to": { "rel_type": "m.replace", "event_id": root },
     });
-    send(&server, &bob, &room_id, "5", edit).await;
+    send_message(&server, &bob, &room_id, "5", edit).await;
     // Two replies in a thread.
     for (txn, body) in [("6", "in thread"), ("7", "in thread again")] {
         let reply = json!({
             "msgtype": "m.text", "body": body,
             "m.relates_to": { "rel_type": "m.thread", "event_id": root, "is_falling_back": true, "m.in_reply_to": { "event_id": root } },
         });
-        send(&server, &carol, &room_id, txn, reply).await;
+        send_message(&server, &carol, &room_id, txn, reply).await;
     }
     let seen = counts(&server, &alice, &room_id, all).await;
     assert_eq!(
@@ -489,7 +470,7 @@ async fn unread_counts_follow_the_rules_the_receipts_and_the_threads() {
 
     // A receipt in the thread reads the thread only; one on the main
     // timeline reads the rest.
-    let last_in_thread = send(
+    let last_in_thread = send_message(
         &server,
         &carol,
         &room_id,
@@ -515,7 +496,7 @@ async fn unread_counts_follow_the_rules_the_receipts_and_the_threads() {
         "{seen}"
     );
     assert_eq!(seen["threads"], json!({}), "{seen}");
-    let latest_main = send(&server, &bob, &room_id, "9", text("main again")).await;
+    let latest_main = send_message(&server, &bob, &room_id, "9", text("main again")).await;
     let (status, _) = server
         .post(
             &format!("/_matrix/client/v3/rooms/{room_id}/receipt/m.read/{latest_main}"),
@@ -533,8 +514,8 @@ async fn unread_counts_follow_the_rules_the_receipts_and_the_threads() {
 
     // A muted room (an override rule without actions) counts nothing;
     // sliding sync agrees.
-    send(&server, &bob, &room_id, "10", text("one")).await;
-    send(&server, &bob, &room_id, "11", text("two")).await;
+    send_message(&server, &bob, &room_id, "10", text("one")).await;
+    send_message(&server, &bob, &room_id, "11", text("two")).await;
     assert_eq!(
         counts(&server, &alice, &room_id, all).await["unread"]["notification_count"],
         2
@@ -567,7 +548,7 @@ async fn unread_counts_follow_the_rules_the_receipts_and_the_threads() {
         .put(&format!("{RULES}/global/override/mute"), Some(&alice), mute)
         .await;
     assert_eq!(status, StatusCode::OK);
-    send(&server, &bob, &room_id, "12", text("three")).await;
+    send_message(&server, &bob, &room_id, "12", text("three")).await;
     assert_eq!(
         counts(&server, &alice, &room_id, all).await["unread"]["notification_count"],
         0

@@ -191,11 +191,23 @@ pub async fn send_text(
     txn: &str,
     body: &str,
 ) -> String {
+    let content = json!({ "msgtype": "m.text", "body": body });
+    send_message(server, token, room_id, txn, content).await
+}
+
+/// Sends an `m.room.message` with this content; returns its event ID.
+pub async fn send_message(
+    server: &TestServer,
+    token: &str,
+    room_id: &str,
+    txn: &str,
+    content: Value,
+) -> String {
     let (status, answer) = server
         .put(
             &format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{txn}"),
             Some(token),
-            json!({ "msgtype": "m.text", "body": body }),
+            content,
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
