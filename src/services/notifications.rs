@@ -291,16 +291,8 @@ fn count_from_receipts(
     receipts: &[(String, String)],
     upto: u64,
 ) -> Result<UnreadCounts> {
-    // Per thread ("" for the unthreaded receipt, "main", a thread root):
-    // the stream position read up to.
-    let mut read_up_to: BTreeMap<&str, u64> = BTreeMap::new();
-    for (thread, event_id) in receipts {
-        if let Some((_, stored)) = services.rooms.pdu(event_id)? {
-            let position = read_up_to.entry(thread.as_str()).or_default();
-            *position = (*position).max(stored.stream);
-        }
-    }
-    let everywhere = read_up_to.get("").copied().unwrap_or(0);
+    let read = ReadPositions::of(services, receipts)?;
+    let everywhere = read.everywhere();
     let page = services.rooms.page(
         room_id,
         upto,
@@ -314,12 +306,7 @@ fn count_from_receipts(
     let mut spoke: BTreeSet<Option<String>> = BTreeSet::new();
     for (pdu, stored) in page.events.iter().zip(&page.stored) {
         let thread = thread_of(pdu);
-        let receipt = read_up_to
-            .get(thread.as_deref().unwrap_or("main"))
-            .copied()
-            .unwrap_or(0)
-            .max(everywhere);
-        if stored.stream <= receipt || spoke.contains(&thread) {
+        if stored.stream <= read.of_thread(thread.as_deref()) || spoke.contains(&thread) {
             continue;
         }
         if pdu.sender == *judge.user {
@@ -334,6 +321,41 @@ fn count_from_receipts(
         }
     }
     Ok(counts)
+}
+
+/// How far a user has read a room by their receipts: per thread (`""`
+/// for the unthreaded receipt, `"main"`, a thread root), the stream
+/// position of the receipt's event.
+pub struct ReadPositions(BTreeMap<String, u64>);
+
+impl ReadPositions {
+    /// From receipts as (thread, event ID).
+    pub fn of(services: &Services, receipts: &[(String, String)]) -> Result<Self> {
+        let mut positions: BTreeMap<String, u64> = BTreeMap::new();
+        for (thread, event_id) in receipts {
+            if let Some((_, stored)) = services.rooms.pdu(event_id)? {
+                let position = positions.entry(thread.clone()).or_default();
+                *position = (*position).max(stored.stream);
+            }
+        }
+        Ok(ReadPositions(positions))
+    }
+
+    /// The user's, in a room.
+    pub fn in_room(services: &Services, user: &OwnedUserId, room_id: &RoomId) -> Result<Self> {
+        Self::of(services, &read_receipts(services, user, room_id)?)
+    }
+
+    /// Read everywhere up to here (the unthreaded receipt).
+    pub fn everywhere(&self) -> u64 {
+        self.0.get("").copied().unwrap_or(0)
+    }
+
+    /// Read up to here in a thread (`None`: the main timeline).
+    pub fn of_thread(&self, thread: Option<&str>) -> u64 {
+        let own = self.0.get(thread.unwrap_or("main")).copied().unwrap_or(0);
+        own.max(self.everywhere())
+    }
 }
 
 /// The user's read receipts in the room (public and private) as

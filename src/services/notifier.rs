@@ -15,7 +15,6 @@
 //! a pushkey the gateway rejects removes its pusher.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -413,7 +412,12 @@ async fn deliver(
         return Ok(Delivered::NoPusher);
     };
     let url = pusher.data["url"].as_str().unwrap_or_default().to_owned();
-    check_address(services, &url).await?;
+    let parsed = reqwest::Url::parse(&url).map_err(|e| format!("{url}: {e}"))?;
+    services
+        .pushers
+        .check_address(&parsed)
+        .await
+        .map_err(|why| format!("{url}: {why}"))?;
     let body = notification(services, key, &pusher, item).map_err(|e| e.to_string())?;
     let response = http
         .post(&url)
@@ -434,28 +438,6 @@ async fn deliver(
     } else {
         Delivered::Accepted
     })
-}
-
-/// The gateway's host must still be at an address push may go to.
-async fn check_address(services: &Services, url: &str) -> std::result::Result<(), String> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
-    let host = parsed.host_str().unwrap_or_default();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
-        Ok(ip) => vec![ip],
-        Err(_) => {
-            let port = parsed.port_or_known_default().unwrap_or(443);
-            tokio::net::lookup_host((host, port))
-                .await
-                .map_err(|e| format!("{host}: {e}"))?
-                .map(|a| a.ip())
-                .collect()
-        }
-    };
-    if addresses.is_empty() || addresses.iter().any(|ip| !services.pushers.permits(*ip)) {
-        return Err(format!("{host} is at an address push may not go to"));
-    }
-    Ok(())
 }
 
 /// The push gateway API's request body for one notification.

@@ -116,7 +116,7 @@ impl Pushers {
             // Deleting a pusher that is not there changes nothing.
             batch.delete(tables::PUSHERS, &key);
             batch.delete(tables::PUSHER_KEYS, &index);
-            self.forget_queue_into(&mut batch, &key)?;
+            forget_queue_into(&self.storage, &mut batch, &key)?;
             self.storage.commit(batch).await?;
             return Ok(());
         };
@@ -159,7 +159,7 @@ impl Pushers {
                     let other_key = (other.clone(), app_id.clone(), pushkey.clone());
                     batch.delete(tables::PUSHERS, &other_key);
                     batch.delete(tables::PUSHER_KEYS, &(app_id, pushkey, other));
-                    self.forget_queue_into(&mut batch, &other_key)?;
+                    forget_queue_into(&self.storage, &mut batch, &other_key)?;
                 }
             }
         }
@@ -195,13 +195,9 @@ impl Pushers {
             tables::PUSHER_KEYS,
             &(key.1.clone(), key.2.clone(), key.0.clone()),
         );
-        self.forget_queue_into(&mut batch, key)?;
+        forget_queue_into(&self.storage, &mut batch, key)?;
         self.storage.commit(batch).await?;
         Ok(())
-    }
-
-    fn forget_queue_into(&self, batch: &mut Batch, key: &PusherKey) -> Result<()> {
-        forget_queue_into(&self.storage, batch, key)
     }
 
     /// A gateway URL must be HTTP(S), end in the notify path, and not be
@@ -215,29 +211,7 @@ impl Pushers {
         if parsed.path() != NOTIFY_PATH {
             return Err(invalid(format!("the path must be {NOTIFY_PATH}")));
         }
-        let host = parsed
-            .host_str()
-            .ok_or_else(|| invalid("names no host".to_owned()))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
-            Ok(ip) => vec![ip],
-            Err(_) => {
-                let port = parsed.port_or_known_default().unwrap_or(443);
-                tokio::net::lookup_host((host.as_str(), port))
-                    .await
-                    .map_err(|e| invalid(format!("its host cannot be resolved: {e}")))?
-                    .map(|address| address.ip())
-                    .collect()
-            }
-        };
-        if addresses.is_empty() || addresses.iter().any(|ip| !self.policy.permits(*ip)) {
-            return Err(invalid(
-                "its host is at an address this server may not push to (see push.ip_range_allowlist)"
-                    .to_owned(),
-            ));
-        }
+        self.check_address(&parsed).await.map_err(invalid)?;
         Ok(())
     }
 
@@ -266,10 +240,33 @@ impl Pushers {
             .collect())
     }
 
-    /// Whether a gateway address may be reached (checked again at send
-    /// time, as DNS may have changed).
-    pub fn permits(&self, ip: IpAddr) -> bool {
-        self.policy.permits(ip)
+    /// Whether every address of the URL's host is one push may go to
+    /// (when the pusher is set, and again before each request, as DNS may
+    /// have changed); the reason when not.
+    pub async fn check_address(&self, url: &reqwest::Url) -> std::result::Result<(), String> {
+        let host = url
+            .host_str()
+            .ok_or_else(|| "names no host".to_owned())?
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => {
+                let port = url.port_or_known_default().unwrap_or(443);
+                tokio::net::lookup_host((host, port))
+                    .await
+                    .map_err(|e| format!("its host cannot be resolved: {e}"))?
+                    .map(|address| address.ip())
+                    .collect()
+            }
+        };
+        if addresses.is_empty() || addresses.iter().any(|ip| !self.policy.permits(*ip)) {
+            return Err(
+                "its host is at an address this server may not push to (see push.ip_range_allowlist)"
+                    .to_owned(),
+            );
+        }
+        Ok(())
     }
 }
 

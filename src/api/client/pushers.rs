@@ -11,8 +11,9 @@ use serde_json::{json, Value};
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Query};
 use crate::api::AppState;
-use crate::services::notifications::thread_of;
+use crate::services::notifications::{thread_of, ReadPositions};
 use crate::services::pushers::SetPusher;
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 
 use super::room_events::render_event;
@@ -107,9 +108,10 @@ pub async fn notifications(
     };
     let localpart = authed.localpart().to_owned();
     let user = super::membership::parse_user(&authed.user_id.to_string())?;
+    // Per room, how far the user has read it.
+    let mut read_by_room: BTreeMap<String, ReadPositions> = BTreeMap::new();
     let mut notifications = Vec::new();
     let mut next = None;
-    let mut read_up_to: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut scanned_to = before;
     'pages: loop {
         let page = state.pushers.notifications(&localpart, scanned_to, 200)?;
@@ -128,16 +130,13 @@ pub async fn notifications(
             let Some((pdu, stored)) = state.rooms.pdu(&record.event_id)? else {
                 continue;
             };
-            let thread = thread_of(&pdu).unwrap_or_else(|| "main".to_owned());
-            let key = (record.room_id.clone(), thread.clone());
-            let receipt = match read_up_to.get(&key) {
-                Some(position) => *position,
-                None => {
-                    let position = receipt_position(&state, &pdu, &user, &thread)?;
-                    read_up_to.insert(key, position);
-                    position
+            let read = match read_by_room.entry(record.room_id.clone()) {
+                Entry::Occupied(found) => found.into_mut(),
+                Entry::Vacant(slot) => {
+                    slot.insert(ReadPositions::in_room(&state, &user, &pdu.room_id)?)
                 }
             };
+            let receipt = read.of_thread(thread_of(&pdu).as_deref());
             let event = render_event(&state, &pdu, Some(&stored), &authed)?;
             notifications.push(json!({
                 "actions": record.actions,
@@ -153,25 +152,4 @@ pub async fn notifications(
         answer["next_token"] = json!(next.to_string());
     }
     Ok(Json(answer))
-}
-
-/// The stream position up to which the user read the event's thread (or
-/// the main timeline), by their public or private receipts.
-fn receipt_position(
-    state: &AppState,
-    pdu: &crate::events::Pdu,
-    user: &ruma::UserId,
-    thread: &str,
-) -> ApiResult<u64> {
-    let mut position = 0;
-    for kind in ["m.read", "m.read.private"] {
-        for (receipt_thread, receipt) in state.user_data.receipts_of(&pdu.room_id, kind, user)? {
-            if receipt_thread.is_empty() || receipt_thread == thread {
-                if let Some((_, stored)) = state.rooms.pdu(&receipt.event_id)? {
-                    position = position.max(stored.stream);
-                }
-            }
-        }
-    }
-    Ok(position)
 }
