@@ -62,6 +62,7 @@ pub struct Config {
     pub login_via_existing_session: LoginViaExistingSession,
     pub email: EmailConfig,
     pub push: PushConfig,
+    pub appservices: AppservicesConfig,
 }
 
 /// Signing in on a new device from one already signed in
@@ -113,6 +114,7 @@ impl Default for Config {
             login_via_existing_session: LoginViaExistingSession::default(),
             email: EmailConfig::default(),
             push: PushConfig::default(),
+            appservices: AppservicesConfig::default(),
         }
     }
 }
@@ -472,6 +474,59 @@ impl Default for PushConfig {
     }
 }
 
+/// Application services (bridges and bots) and how they are pushed to.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppservicesConfig {
+    /// The registration files (YAML, as the spec describes them), one per
+    /// application service. A file that cannot be read or used stops the
+    /// server at start.
+    pub registration_files: Vec<PathBuf>,
+    /// Longest a service may take to answer a transaction or a query.
+    pub request_timeout_ms: u64,
+    /// The first retry after a failed transaction, doubled each time up
+    /// to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl Default for AppservicesConfig {
+    fn default() -> Self {
+        AppservicesConfig {
+            registration_files: Vec::new(),
+            request_timeout_ms: 30_000,
+            retry_base_ms: 1_000,
+            retry_max_ms: 5 * 60 * 1000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks the application service registration files.
+    pub fn appservice_registrations(
+        &self,
+    ) -> Result<myelin_appservices::Registrations, ConfigError> {
+        let mut files = Vec::with_capacity(self.appservices.registration_files.len());
+        for path in &self.appservices.registration_files {
+            let name = path.display().to_string();
+            let fail = |problem: String| {
+                ConfigError(format!(
+                    "appservices.registration_files: {}",
+                    myelin_appservices::RegistrationError {
+                        file: name.clone(),
+                        problem,
+                    }
+                ))
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+            let registration = myelin_appservices::Registration::from_yaml(&text).map_err(fail)?;
+            files.push((name, registration));
+        }
+        myelin_appservices::Registrations::new(&self.server_name, files)
+            .map_err(|e| ConfigError(format!("appservices.registration_files: {e}")))
+    }
+}
+
 impl Config {
     /// The address policy for push gateways: the federation's denied
     /// ranges, with the push allowlist (validated at load).
@@ -650,6 +705,19 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.appservice_registrations()?;
+        let appservices = &self.appservices;
+        if appservices.request_timeout_ms < 100 {
+            return Err(ConfigError(
+                "appservices.request_timeout_ms: must be at least 100".to_owned(),
+            ));
+        }
+        if appservices.retry_base_ms == 0 || appservices.retry_max_ms < appservices.retry_base_ms {
+            return Err(ConfigError(
+                "appservices.retry_max_ms: must be at least appservices.retry_base_ms, which must not be 0"
+                    .to_owned(),
+            ));
+        }
         let fail = |key: &str, problem: String| Err(ConfigError(format!("{key}: {problem}")));
         if let Err(problem) = validate_server_name(&self.server_name) {
             return fail("server_name", problem);

@@ -48,15 +48,22 @@ impl std::fmt::Display for UserId {
 /// spec's current grammar, not starting with `_` (reserved for bridges),
 /// not all digits (reserved for guests), and short enough for a user ID.
 pub fn check_new_localpart(localpart: &str, server_name: &str) -> Result<(), String> {
+    check_appservice_localpart(localpart, server_name)?;
+    if localpart.starts_with('_') {
+        return Err("User ID may not begin with _".to_owned());
+    }
+    Ok(())
+}
+
+/// The localpart of a new account an application service registers: the
+/// same rules, except that it may begin with `_`.
+pub fn check_appservice_localpart(localpart: &str, server_name: &str) -> Result<(), String> {
     if localpart.is_empty() {
         return Err("User ID cannot be empty".to_owned());
     }
     let allowed = |c: char| matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '=' | '-' | '/' | '+');
     if !localpart.chars().all(allowed) {
         return Err("User ID can only contain characters a-z, 0-9, or '=_-./+'".to_owned());
-    }
-    if localpart.starts_with('_') {
-        return Err("User ID may not begin with _".to_owned());
     }
     if localpart.chars().all(|c| c.is_ascii_digit()) {
         return Err("Numeric user IDs are reserved for guest users".to_owned());

@@ -188,6 +188,18 @@ async fn serve(
         services.clone(),
         stop_federation.clone(),
     ));
+    services
+        .register_appservice_senders()
+        .await
+        .map_err(|e| ServerError::Start(e.to_string()))?;
+    let appservice_sender_task = tokio::spawn(crate::services::appservices::sender::run(
+        services.clone(),
+        stop_federation.clone(),
+    ));
+    let appservice_ephemeral_task = tokio::spawn(crate::services::appservices::ephemeral::run(
+        services.clone(),
+        stop_federation.clone(),
+    ));
     let announcer_task = services.federation.enabled().then(|| {
         tokio::spawn(crate::services::federation::announce::run(
             services.clone(),
@@ -231,6 +243,8 @@ async fn serve(
         Some(sweeper_task),
         Some(notifier_task),
         Some(push_sender_task),
+        Some(appservice_sender_task),
+        Some(appservice_ephemeral_task),
     ]
     .into_iter()
     .flatten()

@@ -96,6 +96,21 @@ impl From<Error> for MatrixError {
         let plain = |status, errcode: &str| MatrixError::new(status, errcode, message.clone());
         match error {
             Error::Forbidden(_) => plain(StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+            Error::Exclusive(_) => plain(StatusCode::BAD_REQUEST, "M_EXCLUSIVE"),
+            Error::AppserviceUnreachable {
+                status,
+                errcode,
+                answer,
+                ..
+            } => {
+                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                let mut error = plain(status, errcode);
+                if let Some((code, body)) = answer {
+                    error.body["status"] = json!(code);
+                    error.body["body"] = json!(body);
+                }
+                error
+            }
             Error::NotFound(_) => plain(StatusCode::NOT_FOUND, "M_NOT_FOUND"),
             Error::InvalidParam(_) => plain(StatusCode::BAD_REQUEST, "M_INVALID_PARAM"),
             Error::MissingParam(_) => plain(StatusCode::BAD_REQUEST, "M_MISSING_PARAM"),

@@ -124,7 +124,25 @@ impl FromRequestParts<AppState> for Auth {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = access_token(parts).ok_or_else(MatrixError::missing_token)?;
-        let authed = state.accounts.authenticate(&token)?;
+        let authed = match state.appservices.by_token(&token) {
+            Some(service) => {
+                let param = |name: &str| query_param(parts, name);
+                let device_id = if service.device_extensions {
+                    param("org.matrix.msc3202.device_id").or_else(|| param("device_id"))
+                } else {
+                    None
+                };
+                let user_id = param("user_id");
+                let mut authed = state.accounts.authenticate_appservice(
+                    service,
+                    user_id.as_deref(),
+                    device_id.as_deref(),
+                )?;
+                authed.origin_ts = param("ts").and_then(|ts| ts.parse().ok());
+                authed
+            }
+            None => state.accounts.authenticate(&token)?,
+        };
         let path = parts.uri.path();
         if authed.locked && !path.ends_with("/logout") && !path.ends_with("/logout/all") {
             return Err(crate::services::error::Error::UserLocked.into());
@@ -178,6 +196,27 @@ fn suspended_may(method: &axum::http::Method, path: &str) -> bool {
         || has("profile")
         || (has("media") && (has("upload") || has("create")));
     !refused
+}
+
+/// The access token a request carries, if any, unchecked: for the
+/// endpoints that take an application service's token without an
+/// account (`m.login.application_service`).
+pub struct BearerToken(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for BearerToken {
+    type Rejection = MatrixError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(BearerToken(access_token(parts)))
+    }
+}
+
+/// One query parameter of the request, decoded.
+fn query_param(parts: &Parts, name: &str) -> Option<String> {
+    let query = parts.uri.query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
 }
 
 fn access_token(parts: &Parts) -> Option<String> {

@@ -21,9 +21,9 @@ use tower_http::trace::TraceLayer;
 
 use crate::services::Services;
 use client::{
-    account, admin, devices, directory, discovery, integrations, keys, legacy, media, membership,
-    profile, push_rules, pushers, relations, reporting, room_events, room_keys, search, session,
-    sliding_sync, spaces, sync, threepids, user_data, websocket,
+    account, admin, appservice, devices, directory, discovery, integrations, keys, legacy, media,
+    membership, profile, push_rules, pushers, relations, reporting, room_events, room_keys, search,
+    session, sliding_sync, spaces, sync, threepids, user_data, websocket,
 };
 use error::MatrixError;
 
@@ -71,6 +71,10 @@ fn matrix_api(state: AppState) -> Router {
             get(admin::get_locked).put(admin::set_locked),
         )
         .route("/_matrix/client/v1/mutual_rooms", get(admin::mutual_rooms))
+        .route(
+            "/_matrix/client/v1/appservice/{appservice_id}/ping",
+            post(appservice::ping),
+        )
         .route("/health", get(health))
         .route(
             "/_matrix/client/v1/register/m.login.registration_token/validity",
@@ -264,21 +268,21 @@ fn client_routes(prefix: &str) -> Router<AppState> {
         .route(&path("/admin/whois/{user_id}"), get(admin::whois))
         .route(&path("/events"), get(legacy::events))
         .route(&path("/search"), post(search::search))
-        .route(&path("/thirdparty/protocols"), get(legacy::protocols))
+        .route(&path("/thirdparty/protocols"), get(appservice::protocols))
         .route(
             &path("/thirdparty/protocol/{protocol}"),
-            get(legacy::unknown_protocol),
+            get(appservice::protocol),
         )
         .route(
             &path("/thirdparty/location/{protocol}"),
-            get(legacy::unknown_protocol),
+            get(appservice::locations),
         )
+        .route(&path("/thirdparty/user/{protocol}"), get(appservice::users))
         .route(
-            &path("/thirdparty/user/{protocol}"),
-            get(legacy::unknown_protocol),
+            &path("/thirdparty/location"),
+            get(appservice::locations_of_alias),
         )
-        .route(&path("/thirdparty/location"), get(legacy::nothing_bridged))
-        .route(&path("/thirdparty/user"), get(legacy::nothing_bridged))
+        .route(&path("/thirdparty/user"), get(appservice::users_of_user_id))
         .route(
             &path("/user/{user_id}/openid/request_token"),
             post(integrations::openid_request_token),

@@ -37,6 +37,11 @@ pub struct Authed {
     pub suspended: bool,
     /// The account is locked: it may only log out.
     pub locked: bool,
+    /// The application service acting (as its sender or one of its
+    /// users), when the request carried an `as_token`.
+    pub appservice: Option<String>,
+    /// The `origin_server_ts` the application service asked for (`ts`).
+    pub origin_ts: Option<u64>,
 }
 
 /// What an admin may impose on an account.
@@ -141,6 +146,11 @@ impl Accounts {
     /// Checks that `localpart` is a valid, unused name for a new account.
     pub fn check_available(&self, localpart: &str) -> Result<()> {
         ids::check_new_localpart(localpart, &self.server_name).map_err(Error::InvalidUsername)?;
+        self.check_unused(localpart)
+    }
+
+    /// Checks that no account has `localpart`.
+    fn check_unused(&self, localpart: &str) -> Result<()> {
         if self.user(localpart)?.is_some() {
             return Err(Error::UserInUse);
         }
@@ -156,6 +166,29 @@ impl Accounts {
         device: Option<NewDevice>,
     ) -> Result<(UserId, Option<Login>)> {
         self.check_available(localpart)?;
+        self.create(localpart, password, admin, device).await
+    }
+
+    /// Creates an application service's user: its localpart may begin
+    /// with `_` (bridges' users often do); no password.
+    pub async fn register_for_appservice(
+        &self,
+        localpart: &str,
+        device: Option<NewDevice>,
+    ) -> Result<(UserId, Option<Login>)> {
+        ids::check_appservice_localpart(localpart, &self.server_name)
+            .map_err(Error::InvalidUsername)?;
+        self.check_unused(localpart)?;
+        self.create(localpart, None, false, device).await
+    }
+
+    async fn create(
+        &self,
+        localpart: &str,
+        password: Option<&str>,
+        admin: bool,
+        device: Option<NewDevice>,
+    ) -> Result<(UserId, Option<Login>)> {
         if let Some(device_id) = device.as_ref().and_then(|d| d.device_id.as_deref()) {
             ids::check_device_id(device_id).map_err(Error::InvalidParam)?;
         }
@@ -320,7 +353,76 @@ impl Accounts {
             device_id: record.device_id,
             suspended: user.as_ref().is_some_and(|u| u.suspended),
             locked: user.as_ref().is_some_and(|u| u.locked),
+            appservice: None,
+            origin_ts: None,
         })
+    }
+
+    /// The user an application service acts as: `user_id` (its sender
+    /// when `None`), which must be in its namespaces and registered; and
+    /// with `device_id` (MSC3202) one of that user's devices.
+    pub fn authenticate_appservice(
+        &self,
+        service: &myelin_appservices::Registration,
+        user_id: Option<&str>,
+        device_id: Option<&str>,
+    ) -> Result<Authed> {
+        let user_id = user_id.unwrap_or(&service.sender);
+        if !service.may_masquerade_as(user_id) {
+            return Err(Error::Forbidden(format!(
+                "The application service cannot act as {user_id}"
+            )));
+        }
+        let localpart = self
+            .resolve_local_user(user_id)
+            .ok_or_else(|| Error::Forbidden(format!("{user_id} is not a user of this server")))?;
+        let user = self
+            .user(&localpart)?
+            .filter(|user| !user.deactivated)
+            .ok_or_else(|| {
+                Error::Forbidden(format!(
+                    "The application service has not registered {user_id}"
+                ))
+            })?;
+        let device_id = match device_id {
+            Some(device_id) => {
+                if self.device(&localpart, device_id)?.is_none() {
+                    return Err(Error::Forbidden(format!(
+                        "{user_id} has no device {device_id}"
+                    )));
+                }
+                device_id.to_owned()
+            }
+            None => String::new(),
+        };
+        Ok(Authed {
+            user_id: self.user_id(&localpart),
+            device_id,
+            suspended: user.suspended,
+            locked: user.locked,
+            appservice: Some(service.id.clone()),
+            origin_ts: None,
+        })
+    }
+
+    /// Logs an application service's user in
+    /// (`m.login.application_service`): a new device, no password.
+    pub async fn login_for_appservice(&self, localpart: &str, device: NewDevice) -> Result<Login> {
+        let record = self
+            .user(localpart)?
+            .ok_or_else(|| Error::Forbidden("No such user".to_owned()))?;
+        if record.deactivated {
+            return Err(Error::UserDeactivated);
+        }
+        if let Some(device_id) = &device.device_id {
+            ids::check_device_id(device_id).map_err(Error::InvalidParam)?;
+        }
+        let _guard = self.locks.lock(localpart).await;
+        let mut batch = Batch::new();
+        let login = self.issue_device(&mut batch, localpart, device)?;
+        let _device_list = self.device_list_changed(&mut batch, localpart);
+        self.storage.commit(batch).await?;
+        Ok(login)
     }
 
     /// An admin suspends (or unsuspends) a local user, or locks (or

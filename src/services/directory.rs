@@ -3,6 +3,9 @@
 use ruma::{OwnedRoomAliasId, OwnedRoomId, RoomAliasId, RoomId, UserId};
 use serde_json::{json, Value};
 
+use std::sync::Arc;
+
+use super::appservices::Appservices;
 use super::error::{Error, Result};
 use super::locks::StripedLocks;
 use super::rooms::Rooms;
@@ -30,14 +33,18 @@ pub struct Directory {
     storage: Storage,
     server_name: String,
     locks: StripedLocks,
+    /// Told when a room's aliases change, as aliases make rooms
+    /// interesting to application services.
+    appservices: Arc<Appservices>,
 }
 
 impl Directory {
-    pub fn new(storage: Storage, server_name: String) -> Self {
+    pub fn new(storage: Storage, server_name: String, appservices: Arc<Appservices>) -> Self {
         Directory {
             storage,
             server_name,
             locks: StripedLocks::new(64),
+            appservices,
         }
     }
 
@@ -93,6 +100,7 @@ impl Directory {
             &(room_id.to_string(), alias.to_string()),
             &(),
         );
+        self.appservices.forget_room(room_id.as_str());
         Ok(())
     }
 
@@ -112,6 +120,7 @@ impl Directory {
         let mut batch = Batch::new();
         self.add_alias_into(&mut batch, alias, room_id, creator)?;
         self.storage.commit(batch).await?;
+        self.appservices.forget_room(room_id.as_str());
         Ok(())
     }
 
@@ -144,8 +153,12 @@ impl Directory {
         }
         let mut batch = Batch::new();
         batch.delete(tables::ALIASES, &alias.to_string());
-        batch.delete(tables::ROOM_ALIASES, &(record.room_id, alias.to_string()));
+        batch.delete(
+            tables::ROOM_ALIASES,
+            &(record.room_id.clone(), alias.to_string()),
+        );
         self.storage.commit(batch).await?;
+        self.appservices.forget_room(&record.room_id);
         Ok(())
     }
 
@@ -171,6 +184,8 @@ impl Directory {
             batch.delete(tables::ROOM_ALIASES, &(old.to_string(), alias.clone()));
             batch.put(tables::ROOM_ALIASES, &(new.to_string(), alias), &());
         }
+        self.appservices.forget_room(old.as_str());
+        self.appservices.forget_room(new.as_str());
         if self.is_public(old)? {
             self.set_public_into(batch, old, false);
             self.set_public_into(batch, new, true);

@@ -10,6 +10,19 @@ use crate::storage::StorageError;
 pub enum Error {
     #[error("{0}")]
     Forbidden(String),
+    /// A user ID or alias an application service claims exclusively, or
+    /// outside the namespaces of the service asking.
+    #[error("{0}")]
+    Exclusive(String),
+    /// An application service ping that failed: (status, errcode, what
+    /// happened, and the service's answer when it gave one).
+    #[error("{message}")]
+    AppserviceUnreachable {
+        status: u16,
+        errcode: &'static str,
+        message: String,
+        answer: Option<(u16, String)>,
+    },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]

@@ -4,6 +4,7 @@
 //! built once, in [`Services::new`], and has no cycles.
 
 pub mod accounts;
+pub mod appservices;
 pub mod clock;
 pub mod connections;
 pub mod delivery;
@@ -98,6 +99,7 @@ pub struct Services {
     pub push_rules: push_rules::PushRules,
     pub pushers: pushers::Pushers,
     pub delivery: notifier::Delivery,
+    pub appservices: Arc<appservices::Appservices>,
     storage: Storage,
     clock: Arc<dyn Clock>,
 }
@@ -122,14 +124,24 @@ impl Services {
             storage.clone(),
             clock.clone(),
         )?;
+        let registrations = config
+            .appservice_registrations()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let appservices = Arc::new(appservices::Appservices::new(
+            registrations,
+            config.appservices.clone(),
+        )?);
         let rooms = Rooms::new(
             storage.clone(),
             config.server_name.clone(),
             key,
             clock.clone(),
             stream.clone(),
-            default_version,
-            config.max_room_members,
+            rooms::RoomSettings {
+                default_version,
+                max_members: config.max_room_members,
+            },
+            appservices.clone(),
         )?;
         Ok(Services {
             filters: filter::Filters::new(storage.clone()),
@@ -150,7 +162,12 @@ impl Services {
             ),
             rooms,
             user_data,
-            directory: Directory::new(storage.clone(), config.server_name.clone()),
+            directory: Directory::new(
+                storage.clone(),
+                config.server_name.clone(),
+                appservices.clone(),
+            ),
+            appservices,
             accounts: Accounts::new(
                 storage.clone(),
                 config.server_name.clone(),

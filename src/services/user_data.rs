@@ -381,6 +381,32 @@ impl UserData {
         self.typing.lock().unwrap_or_else(|e| e.into_inner()).serial
     }
 
+    /// The rooms whose typing notices changed after `since`, with who
+    /// types there now (sorted), and the serial they are current at.
+    pub fn typing_changed_since(
+        &self,
+        since: TypingSerial,
+    ) -> (TypingSerial, Vec<(String, Vec<String>)>) {
+        let now = self.clock.now_ms();
+        let state = self.typing.lock().unwrap_or_else(|e| e.into_inner());
+        let rooms = state
+            .rooms
+            .iter()
+            .filter(|(_, entry)| entry.changed > since)
+            .map(|(room, entry)| {
+                let mut users: Vec<String> = entry
+                    .users
+                    .iter()
+                    .filter(|(_, until)| **until > now)
+                    .map(|(user, _)| user.clone())
+                    .collect();
+                users.sort();
+                (room.clone(), users)
+            })
+            .collect();
+        (state.serial, rooms)
+    }
+
     /// Whether the room's typing notices changed after `since`.
     pub fn typing_changed(&self, room: &RoomId, since: TypingSerial) -> bool {
         let state = self.typing.lock().unwrap_or_else(|e| e.into_inner());

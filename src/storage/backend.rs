@@ -123,11 +123,17 @@ pub enum Cf {
     Notifications,
     /// How far the stream has been looked at for notifications.
     PushState,
+    /// What waits to be pushed to each application service.
+    AppserviceQueue,
+    /// Each application service's transaction in flight.
+    AppserviceTxns,
+    /// How far the stream has been looked at for application services.
+    AppserviceState,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 54] = [
+    pub const ALL: [Cf; 57] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -182,6 +188,9 @@ impl Cf {
         Cf::PushQueue,
         Cf::Notifications,
         Cf::PushState,
+        Cf::AppserviceQueue,
+        Cf::AppserviceTxns,
+        Cf::AppserviceState,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -241,6 +250,9 @@ impl Cf {
             Cf::PushQueue => "push_queue",
             Cf::Notifications => "notifications",
             Cf::PushState => "push_state",
+            Cf::AppserviceQueue => "appservice_queue",
+            Cf::AppserviceTxns => "appservice_txns",
+            Cf::AppserviceState => "appservice_state",
         }
     }
 

@@ -72,6 +72,31 @@ pub const NOTIFICATIONS: Table<(String, u64), NotificationRecord> = Table::new(C
 /// notifications.
 pub const PUSH_STATE: Table<String, u64> = Table::new(Cf::PushState);
 pub const PUSH_UPTO: &str = "upto";
+/// (application service ID, queue position) → an item waiting to be
+/// pushed to the service.
+pub const APPSERVICE_QUEUE: Table<(String, u64), AppserviceItem> = Table::new(Cf::AppserviceQueue);
+/// Application service ID → its transaction in flight (ID, body and the
+/// queue positions it carries).
+pub const APPSERVICE_TXNS: Table<String, OutboundTxn> = Table::new(Cf::AppserviceTxns);
+/// `ephemeral_upto` → the stream position up to which receipts,
+/// presence, to-device messages and device lists were looked at for
+/// application services.
+pub const APPSERVICE_STATE: Table<String, u64> = Table::new(Cf::AppserviceState);
+pub const APPSERVICE_EPHEMERAL_UPTO: &str = "ephemeral_upto";
+
+/// Something waiting to be pushed to an application service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AppserviceItem {
+    /// A room event, by ID.
+    Event { event_id: String },
+    /// A typing notice, receipt or presence update, as pushed.
+    Ephemeral { event: serde_json::Value },
+    /// A to-device message, as pushed (with `to_user_id`, `to_device_id`).
+    ToDevice { message: serde_json::Value },
+    /// A user's devices changed, or the user left the service's rooms.
+    DeviceList { user_id: String, left: bool },
+}
 /// Report ID (microseconds since the epoch, or one past the last) → the
 /// report (`{"kind", "reporter", "room_id", "event_id", "user_id",
 /// "reason", "received_ts"}`).

@@ -12,9 +12,9 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::session::login_answer;
+use super::session::{appservice_of, login_answer};
 use crate::api::error::{ApiResult, MatrixError};
-use crate::api::extract::{Auth, ClientIp, JsonBody, OptionalAuth, Query};
+use crate::api::extract::{Auth, BearerToken, ClientIp, JsonBody, OptionalAuth, Query};
 use crate::api::AppState;
 use crate::config::RegistrationMode;
 use crate::services::accounts::NewDevice;
@@ -35,6 +35,9 @@ pub struct RegisterQuery {
 
 #[derive(Deserialize)]
 pub struct RegisterBody {
+    /// `m.login.application_service` for an application service's user.
+    #[serde(rename = "type")]
+    kind: Option<String>,
     username: Option<String>,
     password: Option<String>,
     device_id: Option<String>,
@@ -50,6 +53,7 @@ pub struct RegisterBody {
 pub async fn register(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
+    BearerToken(token): BearerToken,
     Query(query): Query<RegisterQuery>,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> ApiResult<Json<Value>> {
@@ -62,6 +66,15 @@ pub async fn register(
             )))
         }
     }
+    if body.kind.as_deref() == Some("m.login.application_service") {
+        let service = appservice_of(&state, token.as_deref())?;
+        return register_for_appservice(&state, service, ip, body).await;
+    }
+    if token.is_some_and(|token| state.appservices.by_token(&token).is_some()) {
+        return Err(MatrixError::invalid_param(
+            "An application service registers with type m.login.application_service",
+        ));
+    }
     let Some(flows) = state.registration_flows() else {
         return Err(MatrixError::forbidden("Registration has been disabled"));
     };
@@ -69,6 +82,8 @@ pub async fn register(
     let username = body.username.as_deref().map(str::to_lowercase);
     if let Some(username) = &username {
         state.accounts.check_available(username)?;
+        let user_id = state.accounts.user_id(username).to_string();
+        state.appservices.check_user_free(&user_id, None)?;
     }
     if let Some(password) = &body.password {
         check_password_length(password)?;
@@ -124,6 +139,49 @@ pub async fn register(
     }))
 }
 
+/// Registration by an application service (`m.login.application_service`,
+/// authenticated by its `as_token`): a user in its namespaces, no
+/// password and no user-interactive authentication, even when
+/// registration is closed to everyone else.
+async fn register_for_appservice(
+    state: &AppState,
+    service: &myelin_appservices::Registration,
+    ip: String,
+    body: RegisterBody,
+) -> ApiResult<Json<Value>> {
+    if service.rate_limited {
+        state.rate_limiter.check(Kind::Registration, &ip)?;
+    }
+    let localpart = body
+        .username
+        .as_deref()
+        .map(str::to_lowercase)
+        .ok_or_else(|| MatrixError::missing_param("Missing params: username"))?;
+    let user_id = state.accounts.user_id(&localpart).to_string();
+    if !service.may_masquerade_as(&user_id) {
+        return Err(Error::Exclusive(format!(
+            "{user_id} is not in the application service's namespaces"
+        ))
+        .into());
+    }
+    state.appservices.check_user_free(&user_id, Some(service))?;
+    let device = (!body.inhibit_login).then_some(NewDevice {
+        device_id: body.device_id,
+        display_name: body.initial_device_display_name,
+        wants_refresh_token: body.refresh_token,
+        ip: Some(ip),
+    });
+    let (user_id, login) = state
+        .accounts
+        .register_for_appservice(&localpart, device)
+        .await?;
+    tracing::info!(%user_id, appservice = %service.id, "registered for an application service");
+    Ok(Json(match login {
+        Some(login) => login_answer(&login),
+        None => json!({ "user_id": user_id.to_string() }),
+    }))
+}
+
 fn check_password_length(password: &str) -> ApiResult<()> {
     if password.len() > MAX_PASSWORD_BYTES {
         return Err(MatrixError::invalid_param(format!(
@@ -152,6 +210,8 @@ pub async fn available(
         .username
         .ok_or_else(|| MatrixError::missing_param("Missing params: username"))?;
     state.accounts.check_available(&username)?;
+    let user_id = state.accounts.user_id(&username).to_string();
+    state.appservices.check_user_free(&user_id, None)?;
     Ok(Json(json!({ "available": true })))
 }
 
@@ -184,11 +244,15 @@ pub async fn registration_token_validity(
 
 /// `GET /_matrix/client/v3/account/whoami`
 pub async fn whoami(Auth(authed): Auth) -> Json<Value> {
-    Json(json!({
+    let mut answer = json!({
         "user_id": authed.user_id.to_string(),
-        "device_id": authed.device_id,
         "is_guest": false,
-    }))
+    });
+    // An application service acting without a device has none to name.
+    if !authed.device_id.is_empty() {
+        answer["device_id"] = json!(authed.device_id);
+    }
+    Json(answer)
 }
 
 #[derive(Deserialize)]

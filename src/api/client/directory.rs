@@ -35,7 +35,12 @@ pub async fn create_alias(
         return Err(MatrixError::not_found(format!("Unknown room {room_id}")));
     }
     let user = parse_user(authed.user_id.to_string().as_str())?;
-    state.rooms.require_joined(&room_id, &user)?;
+    let acting = state.appservices.acting(&authed);
+    state.appservices.check_alias_free(alias.as_str(), acting)?;
+    // An application service may name rooms it is not in (as in Synapse).
+    if acting.is_none() {
+        state.rooms.require_joined(&room_id, &user)?;
+    }
     state
         .directory
         .create_alias(&alias, &room_id, &user)
@@ -54,8 +59,8 @@ pub async fn resolve_alias(
         return Ok(Json(state.federation.query_directory(&alias).await?));
     }
     let room_id = state
-        .directory
-        .resolve(&alias)?
+        .resolve_local_alias(&alias)
+        .await?
         .ok_or_else(|| MatrixError::not_found(format!("Room alias {alias} not found")))?;
     Ok(Json(
         json!({ "room_id": room_id, "servers": [state.config.server_name] }),

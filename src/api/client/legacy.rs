@@ -3,8 +3,6 @@
 //!   waiting up to `timeout` for one
 //! - `GET /rooms/{roomId}/initialSync`: a room's state, latest messages,
 //!   the user's membership and the room's account data
-//! - the third-party lookups (`/thirdparty/...`), empty until bridges
-//!   register protocols
 
 use std::time::Duration;
 
@@ -15,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::membership::parse_user;
 use super::room_events::{parse_token, readable_room, render_events};
-use crate::api::error::{ApiResult, MatrixError};
+use crate::api::error::ApiResult;
 use crate::api::extract::{Auth, Path, Query};
 use crate::api::AppState;
 use crate::storage::Direction;
@@ -134,26 +132,4 @@ pub async fn room_initial_sync(
         "visibility": visibility,
         "account_data": account_data,
     })))
-}
-
-/// `GET /thirdparty/protocols`: no bridge has registered a protocol.
-pub async fn protocols(Auth(_): Auth) -> Json<Value> {
-    Json(json!({}))
-}
-
-/// `GET /thirdparty/protocol/{protocol}`, and the location and user
-/// lookups of one protocol: no protocol is known.
-pub async fn unknown_protocol(
-    Auth(_): Auth,
-    Path(protocol): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Err(MatrixError::not_found(format!(
-        "No protocol {protocol:?} is known"
-    )))
-}
-
-/// `GET /thirdparty/location` and `/thirdparty/user` (by alias or user
-/// ID): nothing is bridged, so nothing is found.
-pub async fn nothing_bridged(Auth(_): Auth) -> Json<Value> {
-    Json(json!([]))
 }

@@ -34,6 +34,10 @@ pub async fn create_room(
         Some(name) => Some(state.directory.alias_for_name(name)?),
         None => None,
     };
+    if let Some(alias) = &alias {
+        let acting = state.appservices.acting(&authed);
+        state.appservices.check_alias_free(alias.as_str(), acting)?;
+    }
     // A new room has no aliases yet, but the one createRoom itself makes.
     for initial in &body.request.initial_state {
         if initial.kind == "m.room.canonical_alias" {
@@ -264,6 +268,9 @@ pub async fn moderate(
     let room_id = parse_room(&room_id)?;
     let sender = parse_user(&authed.user_id.to_string())?;
     let target = parse_user(&body.user_id)?;
+    if let Action::Invite = action {
+        state.ensure_appservice_user(target.as_str()).await?;
+    }
     let current = state.rooms.membership(&room_id, &target)?;
     let membership = match action {
         Action::Invite => "invite",
@@ -386,8 +393,8 @@ pub(crate) async fn resolve_target(
         .map_err(|_| MatrixError::invalid_param(format!("{target:?} is not a room alias")))?;
     if alias.server_name() == state.federation.server_name() {
         let room_id = state
-            .directory
-            .resolve(&alias)?
+            .resolve_local_alias(&alias)
+            .await?
             .ok_or_else(|| MatrixError::not_found(format!("Room alias {target} not found")))?;
         return Ok((room_id, Vec::new()));
     }

@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod admin;
+pub mod appservice;
 pub mod devices;
 pub mod directory;
 pub mod discovery;

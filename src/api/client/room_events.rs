@@ -160,6 +160,7 @@ async fn send_event(
     let origin = Origin {
         device_id: Some(authed.device_id.clone()),
         txn,
+        ts: authed.origin_ts,
     };
     Ok(state.rooms.send(room_id, &sender, new, origin).await?)
 }

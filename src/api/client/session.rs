@@ -12,16 +12,20 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::error::{ApiResult, MatrixError};
-use crate::api::extract::{Auth, ClientIp, JsonBody};
+use crate::api::extract::{Auth, BearerToken, ClientIp, JsonBody};
 use crate::api::AppState;
 use crate::services::accounts::{Login, NewDevice};
+use crate::services::error::Error;
 use crate::services::rate_limit::Kind;
 
 /// `GET /_matrix/client/v3/login`: passwords, and login tokens when
 /// signing in from an existing session is on (`POST /login/get_token`
 /// gives them).
 pub async fn login_flows(State(state): State<AppState>) -> Json<Value> {
-    let mut flows = vec![json!({ "type": "m.login.password" })];
+    let mut flows = vec![
+        json!({ "type": "m.login.password" }),
+        json!({ "type": "m.login.application_service" }),
+    ];
     if state.config.login_via_existing_session.enabled {
         flows.push(json!({ "type": "m.login.token", "get_login_token": true }));
     }
@@ -60,15 +64,47 @@ pub struct Identifier {
 pub async fn login(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
+    BearerToken(token): BearerToken,
     JsonBody(body): JsonBody<LoginBody>,
 ) -> ApiResult<Json<Value>> {
-    state.rate_limiter.check(Kind::Login, &ip)?;
+    let service = match body.login_type.as_str() {
+        "m.login.application_service" => Some(appservice_of(&state, token.as_deref())?),
+        _ => None,
+    };
+    if service.is_none_or(|service| service.rate_limited) {
+        state.rate_limiter.check(Kind::Login, &ip)?;
+    }
     let device = NewDevice {
         device_id: body.device_id.clone(),
         display_name: body.initial_device_display_name.clone(),
         wants_refresh_token: body.refresh_token,
         ip: Some(ip),
     };
+    if let Some(service) = service {
+        let user = match (&body.identifier, &body.user) {
+            (Some(identifier), _) if identifier.kind == "m.id.user" => identifier.user.clone(),
+            (None, user) => user.clone(),
+            _ => None,
+        }
+        .ok_or_else(|| MatrixError::missing_param("identifier.user is required"))?;
+        let localpart = state
+            .accounts
+            .resolve_local_user(&user)
+            .ok_or_else(|| MatrixError::forbidden("Invalid username"))?;
+        let user_id = state.accounts.user_id(&localpart).to_string();
+        if !service.may_masquerade_as(&user_id) {
+            return Err(Error::Exclusive(format!(
+                "{user_id} is not in the application service's namespaces"
+            ))
+            .into());
+        }
+        let login = state
+            .accounts
+            .login_for_appservice(&localpart, device)
+            .await?;
+        tracing::info!(user_id = %login.user_id, appservice = %service.id, "logged in for an application service");
+        return Ok(Json(logged_in(&state, &login)));
+    }
     if body.login_type == "m.login.token" {
         let token = body
             .token
@@ -79,11 +115,7 @@ pub async fn login(
         return Ok(Json(logged_in(&state, &login)));
     }
     if body.login_type != "m.login.password" {
-        return Err(crate::services::error::Error::Unknown(format!(
-            "Unknown login type {}",
-            body.login_type
-        ))
-        .into());
+        return Err(Error::Unknown(format!("Unknown login type {}", body.login_type)).into());
     }
     let user = match body.identifier {
         Some(identifier) if identifier.kind == "m.id.user" => identifier
@@ -102,7 +134,7 @@ pub async fn login(
             return Err(MatrixError::forbidden("Invalid username or password"));
         }
         Some(identifier) => {
-            return Err(crate::services::error::Error::Unknown(format!(
+            return Err(Error::Unknown(format!(
                 "Unknown login identifier type {}",
                 identifier.kind
             ))
@@ -123,6 +155,19 @@ pub async fn login(
         .await?;
     tracing::info!(user_id = %login.user_id, device_id = %login.device_id, "logged in");
     Ok(Json(logged_in(&state, &login)))
+}
+
+/// The application service whose `as_token` a request carries: 401 when
+/// it carries none, or another token.
+pub fn appservice_of<'a>(
+    state: &'a AppState,
+    token: Option<&str>,
+) -> ApiResult<&'a myelin_appservices::Registration> {
+    let token = token.ok_or_else(MatrixError::missing_token)?;
+    state
+        .appservices
+        .by_token(token)
+        .ok_or_else(|| Error::UnknownToken { soft_logout: false }.into())
 }
 
 /// The account a third-party identifier of a login belongs to; an unknown

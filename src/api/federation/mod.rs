@@ -202,7 +202,10 @@ async fn query_directory(
     if alias.server_name().as_str() != state.config.server_name {
         return Err(not_found());
     }
-    let room_id = state.directory.resolve(&alias)?.ok_or_else(not_found)?;
+    let room_id = state
+        .resolve_local_alias(&alias)
+        .await?
+        .ok_or_else(not_found)?;
     Ok(Json(
         json!({ "room_id": room_id, "servers": [state.config.server_name] }),
     ))

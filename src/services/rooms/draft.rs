@@ -57,6 +57,9 @@ pub struct Origin {
     pub device_id: Option<String>,
     /// (transaction key, transaction ID) of an idempotent send.
     pub txn: Option<(String, String)>,
+    /// The `origin_server_ts` an application service asked for (`ts`),
+    /// for a message it bridges from elsewhere.
+    pub ts: Option<u64>,
 }
 
 pub struct Draft<'a> {
@@ -77,6 +80,10 @@ pub struct Draft<'a> {
     reservations: Vec<Reservation>,
     /// Other servers this draft queued events for.
     pub wakeups: PendingWakeups,
+    /// Application services this draft queued events for.
+    appservice_wakeups: PendingWakeups,
+    /// Rooms whose members this draft changed.
+    interest_reset: crate::services::appservices::InterestReset,
     /// (destination, event ID) pairs queued by this draft.
     queued_now: std::collections::HashSet<(String, String)>,
 }
@@ -157,6 +164,10 @@ impl<'a> Draft<'a> {
             appended: Vec::new(),
             reservations: Vec::new(),
             wakeups: PendingWakeups::new(rooms.outbox.clone()),
+            appservice_wakeups: PendingWakeups::new(rooms.appservices.outbox.clone()),
+            interest_reset: crate::services::appservices::InterestReset::new(
+                rooms.appservices.clone(),
+            ),
             queued_now: Default::default(),
         }
     }
@@ -339,12 +350,18 @@ impl<'a> Draft<'a> {
 
     /// Builds, checks and records one event.
     pub fn append(&mut self, sender: &UserId, new: NewEvent, origin: Origin) -> Result<Arc<Pdu>> {
-        let pdu = self.build(sender, &new)?;
+        let pdu = self.build_at(sender, &new, origin.ts)?;
         self.append_built_with(Arc::new(pdu), origin)
     }
 
     /// Builds and checks one event without recording it.
     pub fn build(&mut self, sender: &UserId, new: &NewEvent) -> Result<Pdu> {
+        self.build_at(sender, new, None)
+    }
+
+    /// Builds and checks one event, with `origin_server_ts` set to `ts`
+    /// when given (rather than now).
+    fn build_at(&mut self, sender: &UserId, new: &NewEvent, ts: Option<u64>) -> Result<Pdu> {
         check_limits(new)?;
         if new.kind == "m.room.member" {
             self.check_member_cap(new)?;
@@ -369,7 +386,7 @@ impl<'a> Draft<'a> {
         let now = if self.room_id.is_none() {
             self.rooms.create_timestamp()
         } else {
-            self.rooms.clock.now_ms()
+            ts.unwrap_or_else(|| self.rooms.clock.now_ms())
         };
         let ctx = BuildContext {
             room_id: self.room_id.as_deref(),
@@ -526,7 +543,65 @@ impl<'a> Draft<'a> {
         }
         self.record_relation(&pdu, stream)?;
         self.pdus.insert(pdu.event_id.clone(), pdu.clone());
+        self.queue_for_appservices(&pdu)?;
         self.appended.push(pdu);
+        Ok(())
+    }
+
+    /// Queues an event for every application service interested in it,
+    /// in this draft's batch: through the room (its joined members,
+    /// aliases or ID, as they are with this draft's changes), its sender,
+    /// or the user a member event is about.
+    fn queue_for_appservices(&mut self, pdu: &Pdu) -> Result<()> {
+        let appservices = self.rooms.appservices.clone();
+        if appservices.is_empty() {
+            return Ok(());
+        }
+        let room_id = pdu.room_id.as_str();
+        let is_member = pdu.kind.to_string() == "m.room.member";
+        let members_changed = self.state.keys().any(|(kind, _)| kind == "m.room.member");
+        let through_room = if members_changed {
+            // Members this draft changed are not in the database yet.
+            let members = self
+                .member_state()?
+                .into_iter()
+                .map(|(_, user, event_id)| (user, event_id))
+                .collect();
+            self.rooms
+                .appservice_interest_of(room_id, members, |id| self.fetch(id))?
+        } else {
+            self.rooms.appservice_interest(&pdu.room_id)?
+        };
+        if is_member {
+            // The next event's interest is computed with this member.
+            appservices.forget_room(room_id);
+            self.interest_reset.rooms.insert(room_id.to_owned());
+        }
+        for (index, service) in appservices.registrations.iter().enumerate() {
+            let about = is_member
+                && pdu
+                    .state_key
+                    .as_deref()
+                    .is_some_and(|user| service.is_interested_in_user(user));
+            if !(through_room.contains(&index)
+                || service.is_interested_in_user(pdu.sender.as_str())
+                || about)
+            {
+                continue;
+            }
+            let position = appservices.outbox.next_position();
+            let item = tables::AppserviceItem::Event {
+                event_id: pdu.event_id.to_string(),
+            };
+            self.batch.put(
+                tables::APPSERVICE_QUEUE,
+                &(service.id.clone(), position),
+                &item,
+            );
+            self.appservice_wakeups
+                .destinations
+                .insert(service.id.clone());
+        }
         Ok(())
     }
 

@@ -57,6 +57,9 @@ pub struct Rooms {
     last_create_ts: AtomicU64,
     /// Where events for other servers are queued.
     pub outbox: Arc<Outbox>,
+    /// The application services, whose queues take the events they are
+    /// interested in.
+    pub appservices: Arc<super::appservices::Appservices>,
 }
 
 /// A map that remembers facts that never go stale, up to a bound; when
@@ -103,6 +106,14 @@ pub struct Page {
     pub next: Option<u64>,
 }
 
+/// The configured rules of new rooms.
+pub struct RoomSettings {
+    /// The version of rooms created without asking for one.
+    pub default_version: RoomVersionId,
+    /// Most joined plus invited members a room may have.
+    pub max_members: u64,
+}
+
 impl Rooms {
     pub fn new(
         storage: Storage,
@@ -110,9 +121,13 @@ impl Rooms {
         key: Arc<SigningKey>,
         clock: Arc<dyn Clock>,
         stream: Arc<StreamCounter>,
-        default_version: RoomVersionId,
-        max_members: u64,
+        settings: RoomSettings,
+        appservices: Arc<super::appservices::Appservices>,
     ) -> Result<Self> {
+        let RoomSettings {
+            default_version,
+            max_members,
+        } = settings;
         let everything = KeyRange::prefix(b"");
         let groups = storage
             .scan(tables::STATE_GROUPS, &everything, Direction::Backward, 1)?
@@ -131,7 +146,65 @@ impl Rooms {
             visibility_memo: BoundedMemo::new(VISIBILITY_MEMO_ENTRIES),
             last_create_ts: AtomicU64::new(0),
             outbox: Outbox::new(),
+            appservices,
         })
+    }
+
+    /// The application services a room interests through its joined
+    /// members, aliases or ID (indices into the registrations),
+    /// remembered until its members or aliases change.
+    pub fn appservice_interest(&self, room_id: &RoomId) -> Result<Arc<[usize]>> {
+        let appservices = &self.appservices;
+        if appservices.is_empty() {
+            return Ok(Arc::from([]));
+        }
+        if let Some(known) = appservices.remembered_interest(room_id.as_str()) {
+            return Ok(known);
+        }
+        let members: Vec<(String, String)> = self
+            .storage
+            .scan_prefix(
+                tables::ROOM_STATE,
+                &tables::str2_prefix(room_id.as_str(), "m.room.member"),
+                usize::MAX,
+            )?
+            .into_iter()
+            .map(|((_, _, user), event_id)| (user, event_id))
+            .collect();
+        let interest = self.appservice_interest_of(room_id.as_str(), members, |id| {
+            Ok(self.pdu(id)?.map(|(pdu, _)| Arc::new(pdu)))
+        })?;
+        appservices.remember_interest(room_id.as_str(), interest.clone());
+        Ok(interest)
+    }
+
+    /// The interest of a room with these (user, member event ID) entries;
+    /// only the member events of users some service could care about are
+    /// read.
+    fn appservice_interest_of(
+        &self,
+        room_id: &str,
+        members: Vec<(String, String)>,
+        fetch: impl Fn(&str) -> Result<Option<Arc<Pdu>>>,
+    ) -> Result<Arc<[usize]>> {
+        let mut joined = Vec::new();
+        for (user, event_id) in members {
+            if !self.appservices.concerns_user(&user) {
+                continue;
+            }
+            let membership =
+                fetch(&event_id)?.map(|pdu| draft::membership_of(&pdu.content_value()));
+            if membership.as_deref() == Some("join") {
+                joined.push(user);
+            }
+        }
+        let aliases: Vec<String> = self
+            .storage
+            .scan_prefix(tables::ROOM_ALIASES, &tables::str_prefix(room_id), 1_000)?
+            .into_iter()
+            .map(|((_, alias), ())| alias)
+            .collect();
+        Ok(self.appservices.interest_of(room_id, &joined, &aliases))
     }
 
     /// A timestamp for a new create event: now, or just after the last

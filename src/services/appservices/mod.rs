@@ -1,0 +1,423 @@
+//! Application services (bridges and bots): the configured registrations,
+//! which rooms interest which service, the requests Myelin makes to a
+//! service (queries, pings, third-party look-ups) and, in `sender` and
+//! `ephemeral`, what it pushes to them.
+//!
+//! Events reach a service through its durable queue (`appservice_queue`),
+//! written by the room's draft in the batch of the event itself (see
+//! `Draft::queue_for_appservices`), so nothing acknowledged is missed
+//! while a service is down or Myelin restarts.
+
+pub mod ephemeral;
+pub mod sender;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use myelin_appservices::{Registration, Registrations};
+use serde_json::{json, Value};
+
+use super::error::{Error, Result};
+use super::outbox::Outbox;
+use crate::config::AppservicesConfig;
+
+/// Rooms whose interest is remembered; past it the memory starts over.
+const MAX_REMEMBERED_ROOMS: usize = 100_000;
+/// Largest answer read from a service's query or third-party look-up.
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+/// The application services and what the server knows about them.
+pub struct Appservices {
+    pub registrations: Registrations,
+    config: AppservicesConfig,
+    /// Queue positions and the wake-ups of each service's sender, by ID.
+    pub outbox: Arc<Outbox>,
+    http: reqwest::Client,
+    /// Room ID → the indices (in `registrations`) of the services a
+    /// room's joined members, aliases or ID interest.
+    interest: Mutex<HashMap<String, Arc<[usize]>>>,
+}
+
+impl Appservices {
+    pub fn new(registrations: Registrations, config: AppservicesConfig) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.request_timeout_ms))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(Appservices {
+            registrations,
+            config,
+            outbox: Outbox::new(),
+            http,
+            interest: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.registrations.is_empty()
+    }
+
+    pub fn config(&self) -> &AppservicesConfig {
+        &self.config
+    }
+
+    /// The service whose `as_token` this is.
+    pub fn by_token(&self, token: &str) -> Option<&Registration> {
+        self.registrations.by_as_token(token)
+    }
+
+    /// The service a request acts for, if it carried an `as_token`.
+    pub fn acting(&self, authed: &super::accounts::Authed) -> Option<&Registration> {
+        self.registrations.by_id(authed.appservice.as_deref()?)
+    }
+
+    /// Refuses a user ID that a service claims exclusively, unless
+    /// `asking` is that service.
+    pub fn check_user_free(&self, user_id: &str, asking: Option<&Registration>) -> Result<()> {
+        match self.registrations.exclusive_owner_of_user(user_id) {
+            Some(owner) if asking.is_none_or(|a| a.id != owner.id) => Err(Error::Exclusive(
+                format!("{user_id} is reserved by an application service"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses an alias that a service claims exclusively to anyone else,
+    /// and an alias outside its namespaces to a service.
+    pub fn check_alias_free(&self, alias: &str, asking: Option<&Registration>) -> Result<()> {
+        if let Some(service) = asking {
+            if !service.namespaces.has_alias(alias) {
+                return Err(Error::Exclusive(format!(
+                    "{alias} is not in the application service's namespaces"
+                )));
+            }
+        }
+        match self.registrations.exclusive_owner_of_alias(alias) {
+            Some(owner) if asking.is_none_or(|a| a.id != owner.id) => Err(Error::Exclusive(
+                format!("{alias} is reserved by an application service"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The services interested in a room because of its joined members,
+    /// aliases or ID.
+    pub fn interest_of(
+        &self,
+        room_id: &str,
+        joined: &[String],
+        aliases: &[String],
+    ) -> Arc<[usize]> {
+        self.registrations
+            .iter()
+            .enumerate()
+            .filter(|(_, service)| {
+                service.namespaces.has_room(room_id)
+                    || aliases
+                        .iter()
+                        .any(|alias| service.namespaces.has_alias(alias))
+                    || joined
+                        .iter()
+                        .any(|user| service.is_interested_in_user(user))
+            })
+            .map(|(index, _)| index)
+            .collect()
+    }
+
+    /// Whether any service could be interested in this user.
+    pub fn concerns_user(&self, user_id: &str) -> bool {
+        self.registrations
+            .iter()
+            .any(|service| service.is_interested_in_user(user_id))
+    }
+
+    pub fn remembered_interest(&self, room_id: &str) -> Option<Arc<[usize]>> {
+        let interest = self.interest.lock().unwrap_or_else(|e| e.into_inner());
+        interest.get(room_id).cloned()
+    }
+
+    pub fn remember_interest(&self, room_id: &str, services: Arc<[usize]>) {
+        let mut interest = self.interest.lock().unwrap_or_else(|e| e.into_inner());
+        if interest.len() >= MAX_REMEMBERED_ROOMS {
+            interest.clear();
+        }
+        interest.insert(room_id.to_owned(), services);
+    }
+
+    /// The room's members or aliases changed: its interest is computed
+    /// again when next needed.
+    pub fn forget_room(&self, room_id: &str) {
+        let mut interest = self.interest.lock().unwrap_or_else(|e| e.into_inner());
+        interest.remove(room_id);
+    }
+
+    /// `GET /_matrix/app/v1/users/{userId}`: asks the services whose
+    /// namespaces hold the user whether it exists; the service that
+    /// answered yes (and has created it by then, the spec says).
+    pub async fn query_user(&self, user_id: &str) -> Option<&Registration> {
+        for service in self.registrations.iter() {
+            if !service.namespaces.has_user(user_id) {
+                continue;
+            }
+            let path = format!("/_matrix/app/v1/users/{}", encode(user_id));
+            if self.ask(service, &path).await.is_ok() {
+                return Some(service);
+            }
+        }
+        None
+    }
+
+    /// `GET /_matrix/app/v1/rooms/{roomAlias}`: asks the services whose
+    /// namespaces hold the alias to create its room; whether one did.
+    pub async fn query_alias(&self, alias: &str) -> bool {
+        for service in self.registrations.iter() {
+            if !service.namespaces.has_alias(alias) {
+                continue;
+            }
+            let path = format!("/_matrix/app/v1/rooms/{}", encode(alias));
+            if self.ask(service, &path).await.is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// `POST /_matrix/app/v1/ping` to `service`; how long it took.
+    pub async fn ping(&self, service: &Registration, transaction_id: Option<&str>) -> Result<u64> {
+        let Some(url) = &service.url else {
+            return Err(Error::AppserviceUnreachable {
+                status: 400,
+                errcode: "M_URL_NOT_SET",
+                message: "The application service has no URL".to_owned(),
+                answer: None,
+            });
+        };
+        let body = match transaction_id {
+            Some(id) => json!({ "transaction_id": id }),
+            None => json!({}),
+        };
+        let started = Instant::now();
+        let answer = self
+            .http
+            .post(format!("{url}/_matrix/app/v1/ping"))
+            .bearer_auth(&service.hs_token)
+            .json(&body)
+            .send()
+            .await;
+        let unreachable = |status, errcode, message: String, answer| Error::AppserviceUnreachable {
+            status,
+            errcode,
+            message,
+            answer,
+        };
+        let answer = answer.map_err(|e| {
+            if e.is_timeout() {
+                unreachable(
+                    504,
+                    "M_CONNECTION_TIMEOUT",
+                    "The application service did not answer in time".to_owned(),
+                    None,
+                )
+            } else {
+                unreachable(
+                    502,
+                    "M_CONNECTION_FAILED",
+                    format!("Cannot reach the application service: {e}"),
+                    None,
+                )
+            }
+        })?;
+        let status = answer.status();
+        if !status.is_success() {
+            let text = answer.text().await.unwrap_or_default();
+            let text: String = text.chars().take(4096).collect();
+            return Err(unreachable(
+                502,
+                "M_BAD_STATUS",
+                format!("The application service answered {}", status.as_u16()),
+                Some((status.as_u16(), text)),
+            ));
+        }
+        Ok(started.elapsed().as_millis() as u64)
+    }
+
+    /// A third-party look-up (`/_matrix/app/v1/thirdparty/...`) asked of
+    /// every service that bridges `protocol` (every service when `None`);
+    /// the answers that came back.
+    pub async fn third_party(
+        &self,
+        protocol: Option<&str>,
+        path_and_query: &str,
+    ) -> Vec<(String, Value)> {
+        let mut answers = Vec::new();
+        for service in self.registrations.iter() {
+            let bridges = match protocol {
+                Some(protocol) => service.protocols.iter().any(|p| p == protocol),
+                None => !service.protocols.is_empty(),
+            };
+            if !bridges {
+                continue;
+            }
+            match self.ask(service, path_and_query).await {
+                Ok(answer) => answers.push((service.id.clone(), answer)),
+                Err(error) => {
+                    tracing::warn!(appservice = %service.id, %error, "third-party look-up failed")
+                }
+            }
+        }
+        answers
+    }
+
+    /// A `GET` to a service; its JSON answer when it said 2xx.
+    async fn ask(&self, service: &Registration, path_and_query: &str) -> Result<Value> {
+        let Some(url) = &service.url else {
+            return Err(Error::NotFound("The service has no URL".to_owned()));
+        };
+        let answer = self
+            .http
+            .get(format!("{url}{path_and_query}"))
+            .bearer_auth(&service.hs_token)
+            .send()
+            .await
+            .map_err(|e| Error::RemoteUnavailable(e.to_string()))?;
+        if !answer.status().is_success() {
+            return Err(Error::NotFound(format!(
+                "the service answered {}",
+                answer.status()
+            )));
+        }
+        let body = answer
+            .bytes()
+            .await
+            .map_err(|e| Error::RemoteUnavailable(e.to_string()))?;
+        if body.len() > MAX_ANSWER_BYTES {
+            return Err(Error::RemoteUnavailable("answer too large".to_owned()));
+        }
+        Ok(serde_json::from_slice(&body).unwrap_or(json!({})))
+    }
+
+    /// `PUT /_matrix/app/v1/transactions/{txnId}`; whether it was taken.
+    async fn put_transaction(
+        &self,
+        service: &Registration,
+        txn_id: &str,
+        body: &Value,
+    ) -> std::result::Result<(), String> {
+        let Some(url) = &service.url else {
+            return Ok(());
+        };
+        let answer = self
+            .http
+            .put(format!(
+                "{url}/_matrix/app/v1/transactions/{}",
+                encode(txn_id)
+            ))
+            .bearer_auth(&service.hs_token)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        match answer.status() {
+            status if status.is_success() => Ok(()),
+            status => Err(format!("the service answered {status}")),
+        }
+    }
+}
+
+impl super::Services {
+    /// The room of a local alias. An alias unknown here but in a
+    /// service's namespaces is asked of that service, which may create
+    /// the room and alias before it answers.
+    pub async fn resolve_local_alias(
+        &self,
+        alias: &ruma::RoomAliasId,
+    ) -> Result<Option<ruma::OwnedRoomId>> {
+        if let Some(room_id) = self.directory.resolve(alias)? {
+            return Ok(Some(room_id));
+        }
+        if self.appservices.query_alias(alias.as_str()).await {
+            return self.directory.resolve(alias);
+        }
+        Ok(None)
+    }
+
+    /// Makes sure a local user the services may know of exists: one that
+    /// is unknown here but in a service's namespaces is asked of that
+    /// service and, if it says the user exists, created.
+    pub async fn ensure_appservice_user(&self, user_id: &str) -> Result<()> {
+        let Some(localpart) = self.accounts.resolve_local_user(user_id) else {
+            return Ok(());
+        };
+        if self.accounts.user(&localpart)?.is_some() {
+            return Ok(());
+        }
+        let Some(service) = self.appservices.query_user(user_id).await else {
+            return Ok(());
+        };
+        match self
+            .accounts
+            .register_for_appservice(&localpart, None)
+            .await
+        {
+            // The service may have registered it itself meanwhile.
+            Ok(_) | Err(Error::UserInUse) => {
+                tracing::info!(%user_id, appservice = %service.id, "created a user an application service vouched for");
+                Ok(())
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Creates the sender user of each service that has none yet.
+    pub async fn register_appservice_senders(&self) -> Result<()> {
+        for service in self.appservices.registrations.iter() {
+            if self.accounts.user(&service.sender_localpart)?.is_some() {
+                continue;
+            }
+            match self
+                .accounts
+                .register_for_appservice(&service.sender_localpart, None)
+                .await
+            {
+                Ok(_) | Err(Error::UserInUse) => {}
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rooms whose remembered interest is forgotten again when a draft is
+/// gone (after its batch committed): a reader may have remembered the
+/// interest from the database while the draft's member events were not
+/// in it yet.
+pub struct InterestReset {
+    appservices: Arc<Appservices>,
+    pub rooms: std::collections::BTreeSet<String>,
+}
+
+impl InterestReset {
+    pub fn new(appservices: Arc<Appservices>) -> Self {
+        InterestReset {
+            appservices,
+            rooms: Default::default(),
+        }
+    }
+}
+
+impl Drop for InterestReset {
+    fn drop(&mut self) {
+        for room_id in &self.rooms {
+            self.appservices.forget_room(room_id);
+        }
+    }
+}
+
+/// Percent-encodes one path segment.
+fn encode(segment: &str) -> String {
+    form_urlencoded::byte_serialize(segment.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
