@@ -646,3 +646,250 @@ async fn delivery_retries_queries_and_a_hanging_service() {
         .await;
     assert_error(&answer, StatusCode::GATEWAY_TIMEOUT, "M_CONNECTION_TIMEOUT");
 }
+
+const BRIDGE_AS: &str = "bridge-as-token";
+const BRIDGE_NAMESPACES: &str = r#"rate_limited: false
+receive_ephemeral: true
+org.matrix.msc3202: true
+io.element.msc4190: true
+namespaces:
+  users:
+    - exclusive: true
+      regex: '@br_.*:localhost'
+"#;
+
+/// Every transaction body the played service took so far, merged.
+fn taken(seen: &Shared, key: &str) -> Vec<Value> {
+    let seen = seen.lock().unwrap();
+    seen.transactions
+        .iter()
+        .flat_map(|(_, body)| body[key].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn device_lists(seen: &Shared, part: &str) -> Vec<String> {
+    let seen = seen.lock().unwrap();
+    seen.transactions
+        .iter()
+        .flat_map(|(_, body)| {
+            body["org.matrix.msc3202.device_lists"][part]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|user| user.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn ephemeral_data_device_extensions_and_rate_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let file = write(
+        dir.path(),
+        "bridge.yaml",
+        &registration("bridge", Some(port), BRIDGE_AS, IRC_HS, BRIDGE_NAMESPACES),
+    );
+    let mut config = test_config(&dir);
+    config.appservices.registration_files = vec![file];
+    config.appservices.retry_base_ms = 100;
+    config.rate_limits.enabled = true;
+    config.rate_limits.registration.burst = 2;
+    config.rate_limits.registration.per_second = 0.001;
+    let server = TestServer::start_in(dir, config, None).await;
+    let seen: Shared = Arc::default();
+    play_service(port, seen.clone(), server.base.clone()).await;
+
+    // Two users exhaust the registration budget of this address; the
+    // service, not rate-limited, registers as many as it needs.
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let third = json!({ "username": "carol", "password": "a long enough password" });
+    let answer = server
+        .post("/_matrix/client/v3/register", None, third)
+        .await;
+    assert_error(&answer, StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED");
+    for name in ["br_a", "br_b", "br_c"] {
+        let body = json!({ "type": "m.login.application_service", "username": name, "inhibit_login": true });
+        let (status, answer) = server
+            .post("/_matrix/client/v3/register", Some(BRIDGE_AS), body)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+
+    // MSC4190: devices are made with PUT, never by logging in.
+    let body = json!({ "type": "m.login.application_service", "username": "br_d" });
+    let answer = server
+        .post("/_matrix/client/v3/register", Some(BRIDGE_AS), body)
+        .await;
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "M_APPSERVICE_LOGIN_UNSUPPORTED",
+    );
+    let login = json!({ "type": "m.login.application_service", "identifier": { "type": "m.id.user", "user": "br_a" } });
+    let answer = server
+        .post("/_matrix/client/v3/login", Some(BRIDGE_AS), login)
+        .await;
+    assert_error(
+        &answer,
+        StatusCode::BAD_REQUEST,
+        "M_APPSERVICE_LOGIN_UNSUPPORTED",
+    );
+    let as_a = "user_id=@br_a:localhost";
+    let device_path = format!("/_matrix/client/v3/devices/BRDEV?{as_a}");
+    let (status, _) = server
+        .put(
+            &device_path,
+            Some(BRIDGE_AS),
+            json!({ "display_name": "bridged" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, _) = server
+        .put(
+            &device_path,
+            Some(BRIDGE_AS),
+            json!({ "display_name": "renamed" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // MSC3202: the service acts as one of its users' devices.
+    let with_device = format!("{as_a}&org.matrix.msc3202.device_id=BRDEV");
+    let (_, me) = server
+        .get(
+            &format!("/_matrix/client/v3/account/whoami?{with_device}"),
+            Some(BRIDGE_AS),
+        )
+        .await;
+    assert_eq!(me["device_id"], "BRDEV");
+    let answer = server
+        .get(
+            &format!("/_matrix/client/v3/account/whoami?{as_a}&org.matrix.msc3202.device_id=NOPE"),
+            Some(BRIDGE_AS),
+        )
+        .await;
+    assert_error(&answer, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let keys = json!({ "one_time_keys": {
+        "signed_curve25519:AAAAAQ": { "key": "a", "signatures": {} },
+        "signed_curve25519:AAAAAg": { "key": "b", "signatures": {} },
+    } });
+    let (status, answer) = server
+        .post(
+            &format!("/_matrix/client/v3/keys/upload?{with_device}"),
+            Some(BRIDGE_AS),
+            keys,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+
+    // The service's user joins a room of Alice's and Bob's.
+    let room_id = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    common::join(&server, &bob, &room_id).await;
+    let join = format!("/_matrix/client/v3/rooms/{room_id}/join?{as_a}");
+    let (status, _) = server.post(&join, Some(BRIDGE_AS), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Typing, a receipt and presence reach it.
+    let typing = format!("/_matrix/client/v3/rooms/{room_id}/typing/@alice:localhost");
+    let (status, _) = server
+        .put(
+            &typing,
+            Some(&alice),
+            json!({ "typing": true, "timeout": 30000 }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let sent = send_text(&server, &alice, &room_id, "e1", "hello").await;
+    let receipt = format!("/_matrix/client/v3/rooms/{room_id}/receipt/m.read/{sent}");
+    let (status, _) = server.post(&receipt, Some(&alice), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let presence = "/_matrix/client/v3/presence/@alice:localhost/status";
+    let (status, _) = server
+        .put(presence, Some(&alice), json!({ "presence": "online" }))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let has = |kind: &str, room: bool| {
+        taken(&seen, "ephemeral")
+            .iter()
+            .any(|e| e["type"] == kind && (!room || e["room_id"] == room_id.as_str()))
+    };
+    eventually("typing, a receipt and presence", || {
+        has("m.typing", true) && has("m.receipt", true) && has("m.presence", false)
+    })
+    .await;
+    let ephemeral = taken(&seen, "ephemeral");
+    let typing = ephemeral.iter().find(|e| e["type"] == "m.typing").unwrap();
+    assert_eq!(typing["content"]["user_ids"], json!(["@alice:localhost"]));
+    let read = ephemeral.iter().find(|e| e["type"] == "m.receipt").unwrap();
+    assert!(read["content"][&sent]["m.read"]["@alice:localhost"]["ts"].is_u64());
+    let status = ephemeral
+        .iter()
+        .find(|e| e["type"] == "m.presence")
+        .unwrap();
+    assert_eq!(status["sender"], "@alice:localhost");
+    assert_eq!(status["content"]["presence"], "online");
+
+    // A to-device message for the service's device, with its key counts.
+    let message = json!({ "messages": { "@br_a:localhost": { "BRDEV": { "hello": "there" } } } });
+    let (status, _) = server
+        .put(
+            "/_matrix/client/v3/sendToDevice/m.test/td1",
+            Some(&alice),
+            message,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually("the to-device message", || {
+        !taken(&seen, "de.sorunome.msc2409.to_device").is_empty()
+    })
+    .await;
+    let to_device = taken(&seen, "de.sorunome.msc2409.to_device");
+    assert_eq!(to_device[0]["to_user_id"], "@br_a:localhost");
+    assert_eq!(to_device[0]["to_device_id"], "BRDEV");
+    assert_eq!(to_device[0]["sender"], "@alice:localhost");
+    assert_eq!(to_device[0]["content"]["hello"], "there");
+    let counts = {
+        let seen = seen.lock().unwrap();
+        seen.transactions
+            .iter()
+            .find_map(|(_, body)| {
+                body.get("org.matrix.msc3202.device_one_time_keys_count")
+                    .cloned()
+            })
+            .unwrap()
+    };
+    assert_eq!(counts["@br_a:localhost"]["BRDEV"]["signed_curve25519"], 2);
+
+    // Device lists: Alice's new device; Bob, gone from the only room he
+    // shared with the service's users.
+    server.login("alice", Some("SECOND")).await;
+    let leave = format!("/_matrix/client/v3/rooms/{room_id}/leave");
+    let (status, _) = server.post(&leave, Some(&bob), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    eventually("device list changes", || {
+        device_lists(&seen, "changed").contains(&"@alice:localhost".to_owned())
+            && device_lists(&seen, "left").contains(&"@bob:localhost".to_owned())
+    })
+    .await;
+
+    // MSC4190: the service deletes its device without authentication.
+    let (status, answer) = server
+        .call(
+            reqwest::Method::DELETE,
+            &device_path,
+            Some(BRIDGE_AS),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let answer = server
+        .get(
+            &format!("/_matrix/client/v3/account/whoami?{with_device}"),
+            Some(BRIDGE_AS),
+        )
+        .await;
+    assert_error(&answer, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+}

@@ -527,6 +527,36 @@ impl Accounts {
         Ok(())
     }
 
+    /// MSC4190: an application service creates a device for one of its
+    /// users (or names an existing one); whether it was created. The
+    /// device's access token is never handed out: the service acts for
+    /// it with its own token and `device_id`.
+    pub async fn ensure_device(
+        &self,
+        localpart: &str,
+        device_id: &str,
+        display_name: Option<String>,
+    ) -> Result<bool> {
+        ids::check_device_id(device_id).map_err(Error::InvalidParam)?;
+        if self.device(localpart, device_id)?.is_some() {
+            self.rename_device(localpart, device_id, display_name)
+                .await?;
+            return Ok(false);
+        }
+        let _guard = self.locks.lock(localpart).await;
+        let mut batch = Batch::new();
+        let device = NewDevice {
+            device_id: Some(device_id.to_owned()),
+            display_name,
+            wants_refresh_token: false,
+            ip: None,
+        };
+        self.issue_device(&mut batch, localpart, device)?;
+        let _device_list = self.device_list_changed(&mut batch, localpart);
+        self.storage.commit(batch).await?;
+        Ok(true)
+    }
+
     /// Deletes devices and their tokens in one batch. Unknown IDs are
     /// skipped, as the spec allows.
     pub async fn delete_devices(&self, localpart: &str, device_ids: &[String]) -> Result<()> {

@@ -12,7 +12,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::session::{appservice_of, login_answer};
+use super::session::{appservice_login_unsupported, appservice_of, login_answer};
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, BearerToken, ClientIp, JsonBody, OptionalAuth, Query};
 use crate::api::AppState;
@@ -165,6 +165,9 @@ async fn register_for_appservice(
         .into());
     }
     state.appservices.check_user_free(&user_id, Some(service))?;
+    if service.device_management && !body.inhibit_login {
+        return Err(appservice_login_unsupported());
+    }
     let device = (!body.inhibit_login).then_some(NewDevice {
         device_id: body.device_id,
         display_name: body.initial_device_display_name,

@@ -7,6 +7,7 @@
 //! - `POST /_matrix/client/v3/delete_devices`
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -14,7 +15,7 @@ use serde_json::{json, Value};
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Path};
 use crate::api::AppState;
-use crate::services::accounts::Device;
+use crate::services::accounts::{Authed, Device};
 use crate::services::uia::{Flows, STAGE_PASSWORD};
 
 /// Longest device display name, in characters (Synapse's limit).
@@ -64,7 +65,7 @@ pub async fn update(
     Auth(authed): Auth,
     Path(device_id): Path<String>,
     JsonBody(body): JsonBody<UpdateBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<(StatusCode, Json<Value>)> {
     if let Some(name) = &body.display_name {
         if name.chars().count() > MAX_DISPLAY_NAME_CHARS {
             return Err(MatrixError::invalid_param(format!(
@@ -72,11 +73,33 @@ pub async fn update(
             )));
         }
     }
+    if manages_devices(&state, &authed) {
+        let created = state
+            .accounts
+            .ensure_device(authed.localpart(), &device_id, body.display_name)
+            .await?;
+        let status = if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        return Ok((status, Json(json!({}))));
+    }
     state
         .accounts
         .rename_device(authed.localpart(), &device_id, body.display_name)
         .await?;
-    Ok(Json(json!({})))
+    Ok((StatusCode::OK, Json(json!({}))))
+}
+
+/// Whether the request is an application service's that manages its
+/// users' devices itself (MSC4190): it creates them with `PUT` and
+/// deletes them without user-interactive authentication.
+fn manages_devices(state: &AppState, authed: &Authed) -> bool {
+    state
+        .appservices
+        .acting(authed)
+        .is_some_and(|service| service.device_management)
 }
 
 #[derive(Deserialize)]
@@ -93,9 +116,11 @@ pub async fn delete(
 ) -> ApiResult<Json<Value>> {
     let flows = Flows(vec![vec![STAGE_PASSWORD]]);
     let purpose = format!("delete_device {} {device_id}", authed.user_id);
-    state
-        .authorize_interactively(&purpose, &flows, body.auth.as_ref(), Some(&authed))
-        .await?;
+    if !manages_devices(&state, &authed) {
+        state
+            .authorize_interactively(&purpose, &flows, body.auth.as_ref(), Some(&authed))
+            .await?;
+    }
     state
         .accounts
         .delete_devices(authed.localpart(), &[device_id])
@@ -117,9 +142,11 @@ pub async fn delete_many(
 ) -> ApiResult<Json<Value>> {
     let flows = Flows(vec![vec![STAGE_PASSWORD]]);
     let purpose = format!("delete_devices {}", authed.user_id);
-    state
-        .authorize_interactively(&purpose, &flows, body.auth.as_ref(), Some(&authed))
-        .await?;
+    if !manages_devices(&state, &authed) {
+        state
+            .authorize_interactively(&purpose, &flows, body.auth.as_ref(), Some(&authed))
+            .await?;
+    }
     state
         .accounts
         .delete_devices(authed.localpart(), &body.devices)

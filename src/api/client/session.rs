@@ -81,6 +81,9 @@ pub async fn login(
         ip: Some(ip),
     };
     if let Some(service) = service {
+        if service.device_management {
+            return Err(appservice_login_unsupported());
+        }
         let user = match (&body.identifier, &body.user) {
             (Some(identifier), _) if identifier.kind == "m.id.user" => identifier.user.clone(),
             (None, user) => user.clone(),
@@ -155,6 +158,16 @@ pub async fn login(
         .await?;
     tracing::info!(user_id = %login.user_id, device_id = %login.device_id, "logged in");
     Ok(Json(logged_in(&state, &login)))
+}
+
+/// A service that manages its devices itself (MSC4190) makes them with
+/// `PUT /devices/{deviceId}`, not by logging in.
+pub fn appservice_login_unsupported() -> MatrixError {
+    MatrixError::new(
+        axum::http::StatusCode::BAD_REQUEST,
+        "M_APPSERVICE_LOGIN_UNSUPPORTED",
+        "This application service manages its devices (MSC4190): it cannot log in".to_owned(),
+    )
 }
 
 /// The application service whose `as_token` a request carries: 401 when
