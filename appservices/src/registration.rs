@@ -341,7 +341,8 @@ namespaces:
 
     #[test]
     fn duplicates_are_refused_naming_the_file() {
-        let check = |second: (String, Registration), expected: &str| {
+        let check = |(_, second): (String, Registration), expected: &str| {
+            let second = ("b.yaml".to_owned(), second);
             let first = named("a", "t1", "t2", "bot_a");
             let error = Registrations::new("example.org", vec![first, second]).unwrap_err();
             assert_eq!(error.file, "b.yaml");

@@ -43,6 +43,12 @@ pub async fn upload(
     Auth(authed): Auth,
     JsonBody(body): JsonBody<UploadBody>,
 ) -> ApiResult<Json<Value>> {
+    if authed.device_id.is_empty() {
+        // An application service acting without naming a device.
+        return Err(MatrixError::missing_param(
+            "To upload keys, name the device (org.matrix.msc3202.device_id)",
+        ));
+    }
     let user = parse_user(&authed.user_id.to_string())?;
     let counts = state
         .e2ee

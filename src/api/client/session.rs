@@ -71,14 +71,14 @@ pub async fn login(
         "m.login.application_service" => Some(appservice_of(&state, token.as_deref())?),
         _ => None,
     };
-    if service.is_none_or(|service| service.rate_limited) {
+    if service.is_none() {
         state.rate_limiter.check(Kind::Login, &ip)?;
     }
     let device = NewDevice {
         device_id: body.device_id.clone(),
         display_name: body.initial_device_display_name.clone(),
         wants_refresh_token: body.refresh_token,
-        ip: Some(ip),
+        ip: Some(ip.clone()),
     };
     if let Some(service) = service {
         if service.device_management {
@@ -95,6 +95,10 @@ pub async fn login(
             .resolve_local_user(&user)
             .ok_or_else(|| MatrixError::forbidden("Invalid username"))?;
         let user_id = state.accounts.user_id(&localpart).to_string();
+        // The spec exempts the service's sender from its rate limits.
+        if service.rate_limited && user_id != service.sender {
+            state.rate_limiter.check(Kind::Login, &ip)?;
+        }
         if !service.may_masquerade_as(&user_id) {
             return Err(Error::Exclusive(format!(
                 "{user_id} is not in the application service's namespaces"

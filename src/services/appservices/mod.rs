@@ -421,3 +421,113 @@ fn encode(segment: &str) -> String {
         .collect::<String>()
         .replace('+', "%20")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn appservices() -> Appservices {
+        let yaml = |id: &str, body: &str| {
+            let text = format!(
+                "id: {id}\nurl: null\nas_token: {id}-as\nhs_token: {id}-hs\nsender_localpart: {id}_bot\n{body}"
+            );
+            (id.to_owned(), Registration::from_yaml(&text).unwrap())
+        };
+        let irc = yaml(
+            "irc",
+            "namespaces:\n  users: [{exclusive: true, regex: '@irc_.*'}]\n  aliases: [{exclusive: true, regex: '#irc_.*'}]\n",
+        );
+        let watcher = yaml(
+            "watcher",
+            "namespaces:\n  users: [{exclusive: false, regex: '@.*:other'}]\n  rooms: [{exclusive: false, regex: '!watched'}]\n",
+        );
+        let registrations = Registrations::new("example.org", vec![irc, watcher]).unwrap();
+        Appservices::new(registrations, AppservicesConfig::default()).unwrap()
+    }
+
+    fn is_exclusive(result: Result<()>) -> bool {
+        matches!(result, Err(Error::Exclusive(_)))
+    }
+
+    #[test]
+    fn exclusive_users_and_aliases_are_refused_to_others() {
+        let services = appservices();
+        let irc = services.registrations.by_id("irc");
+        let watcher = services.registrations.by_id("watcher");
+        assert!(is_exclusive(
+            services.check_user_free("@irc_bob:example.org", None)
+        ));
+        assert!(is_exclusive(
+            services.check_user_free("@irc_bob:example.org", watcher)
+        ));
+        assert!(services
+            .check_user_free("@irc_bob:example.org", irc)
+            .is_ok());
+        // A service's sender is its own too.
+        assert!(is_exclusive(
+            services.check_user_free("@irc_bot:example.org", None)
+        ));
+        // Not exclusive: anyone may have it.
+        assert!(services.check_user_free("@carol:other", None).is_ok());
+        assert!(is_exclusive(
+            services.check_alias_free("#irc_x:example.org", None)
+        ));
+        assert!(services.check_alias_free("#irc_x:example.org", irc).is_ok());
+        // A service names only aliases of its namespaces.
+        assert!(is_exclusive(
+            services.check_alias_free("#mine:example.org", irc)
+        ));
+        assert!(services.check_alias_free("#mine:example.org", None).is_ok());
+    }
+
+    #[test]
+    fn a_room_interests_by_members_aliases_and_id() {
+        let services = appservices();
+        let members = |users: &[&str]| users.iter().map(|u| u.to_string()).collect::<Vec<_>>();
+        let none: &[usize] = &[];
+        assert_eq!(
+            &*services.interest_of("!r", &members(&["@a:example.org"]), &[]),
+            none
+        );
+        assert_eq!(
+            &*services.interest_of("!r", &members(&["@irc_a:example.org"]), &[]),
+            &[0]
+        );
+        assert_eq!(
+            &*services.interest_of("!r", &members(&["@irc_bot:example.org"]), &[]),
+            &[0]
+        );
+        assert_eq!(
+            &*services.interest_of("!r", &[], &["#irc_chan:example.org".to_owned()]),
+            &[0]
+        );
+        assert_eq!(
+            &*services.interest_of("!watched:example.org", &[], &[]),
+            &[1]
+        );
+        assert_eq!(
+            &*services.interest_of(
+                "!watched",
+                &members(&["@irc_a:example.org", "@b:other"]),
+                &[]
+            ),
+            &[0, 1]
+        );
+        assert!(services.concerns_user("@b:other"));
+        assert!(!services.concerns_user("@b:example.org"));
+    }
+
+    #[test]
+    fn remembered_interest_is_forgotten_with_the_draft() {
+        let services = Arc::new(appservices());
+        services.remember_interest("!r", Arc::from([0usize]));
+        assert!(services.remembered_interest("!r").is_some());
+        {
+            let mut reset = InterestReset::new(services.clone());
+            reset.rooms.insert("!r".to_owned());
+            // Remembered again meanwhile (a reader of the database).
+            services.remember_interest("!r", Arc::from([]));
+        }
+        assert!(services.remembered_interest("!r").is_none());
+    }
+}
