@@ -207,7 +207,12 @@ async fn tokens_masquerading_and_exclusive_namespaces() {
             Some(&alice),
         )
         .await;
-    assert_ne!(event["origin_server_ts"], 5);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let ts = event["origin_server_ts"].as_u64().unwrap();
+    assert!(now_ms.abs_diff(ts) < 60_000, "now, not 5: {ts}");
 
     // Aliases of the namespace are the service's alone, and it has no others.
     let alias_path = |alias: &str| format!("/_matrix/client/v3/directory/room/{alias}");
@@ -592,6 +597,30 @@ async fn delivery_retries_queries_and_a_hanging_service() {
         assert!(a < b, "in order");
     }
 
+    // Once its last user left, the room's messages no longer reach it
+    // (the leave itself does: it is about its user).
+    let leave = format!("/_matrix/client/v3/rooms/{room_id}/leave?user_id=@irc_known:localhost");
+    let (status, _) = server.post(&leave, Some(IRC_AS), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let unheard = send_text(&server, &alice, &room_id, "m3", "three").await;
+    // A message in a room it is in, sent after: once that arrives, the
+    // other would have too.
+    let other_room = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let join = format!("/_matrix/client/v3/rooms/{other_room}/join?user_id=@irc_known:localhost");
+    let (status, _) = server.post(&join, Some(IRC_AS), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let heard = send_text(&server, &alice, &other_room, "m4", "four").await;
+    eventually("the message of the other room", || {
+        delivered(&seen.lock().unwrap(), &heard)
+    })
+    .await;
+    assert!(
+        !delivered(&seen.lock().unwrap(), &unheard),
+        "a room it left"
+    );
+
     // An unknown alias of the namespace: the service makes it on demand.
     let (status, answer) = server
         .get(
@@ -892,4 +921,107 @@ async fn ephemeral_data_device_extensions_and_rate_limits() {
         )
         .await;
     assert_error(&answer, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+}
+
+#[tokio::test]
+async fn a_room_interests_a_service_through_its_alias() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let namespaces =
+        "namespaces:\n  aliases:\n    - exclusive: false\n      regex: '#watched_.*:localhost'\n";
+    let file = write(
+        dir.path(),
+        "watch.yaml",
+        &registration("watch", Some(port), "watch-as", IRC_HS, namespaces),
+    );
+    let server = start(vec![file], dir).await;
+    let seen: Shared = Arc::default();
+    play_service(port, seen.clone(), server.base.clone()).await;
+    let alice = token(&server.register("alice").await);
+    let room_id = server.create_room(&alice, json!({})).await;
+    let before = send_text(&server, &alice, &room_id, "w1", "before the alias").await;
+    let path = "/_matrix/client/v3/directory/room/%23watched_room:localhost";
+    let (status, _) = server
+        .put(path, Some(&alice), json!({ "room_id": room_id }))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let after = send_text(&server, &alice, &room_id, "w2", "after the alias").await;
+    let events = || taken(&seen, "events");
+    eventually("the message after the alias", || {
+        events().iter().any(|e| e["event_id"] == after.as_str())
+    })
+    .await;
+    assert!(!events().iter().any(|e| e["event_id"] == before.as_str()));
+    // Without the alias, the room is of no interest again.
+    let (status, _) = server
+        .call(reqwest::Method::DELETE, path, Some(&alice), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let gone = send_text(&server, &alice, &room_id, "w3", "alias gone").await;
+    let elsewhere = server
+        .create_room(&alice, json!({ "room_alias_name": "watched_two" }))
+        .await;
+    let marker = send_text(&server, &alice, &elsewhere, "w4", "marker").await;
+    eventually("the marker", || {
+        events().iter().any(|e| e["event_id"] == marker.as_str())
+    })
+    .await;
+    assert!(!events().iter().any(|e| e["event_id"] == gone.as_str()));
+}
+
+#[tokio::test]
+async fn a_bridge_hears_the_users_of_other_servers() {
+    use common::federation::{start_federating, TestCa};
+    let ca = TestCa::new();
+    let port = free_port(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let files = tempfile::tempdir().unwrap();
+    let file = files.path().join("irc.yaml");
+    let one = start_federating(&ca, "127.0.0.2", |config| {
+        let name = config.server_name.replace('.', "\\.");
+        let namespaces = format!(
+            "namespaces:\n  users:\n    - exclusive: true\n      regex: '@irc_.*:{name}'\n"
+        );
+        std::fs::write(
+            &file,
+            registration("irc", Some(port), IRC_AS, IRC_HS, &namespaces),
+        )
+        .unwrap();
+        config.appservices.registration_files = vec![file.clone()];
+        config.appservices.retry_base_ms = 100;
+    })
+    .await;
+    let two = start_federating(&ca, "127.0.0.3", |_| {}).await;
+    let seen: Shared = Arc::default();
+    play_service(port, seen.clone(), one.base.clone()).await;
+    let (bob, _) = two.register_named("bob", "Bob").await;
+    let room_id = two
+        .create_room(&bob, json!({ "preset": "public_chat" }))
+        .await;
+
+    // Bob invites a bridged user that does not exist yet: the service is
+    // asked, the user made, and the invite pushed to the service.
+    let ghost = format!("@irc_known:{}", one.server_name());
+    let path = format!("/_matrix/client/v3/rooms/{room_id}/invite");
+    let (status, answer) = two
+        .post(&path, Some(&bob), json!({ "user_id": ghost }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let invited = || {
+        taken(&seen, "events")
+            .iter()
+            .any(|e| e["state_key"] == ghost.as_str() && e["content"]["membership"] == "invite")
+    };
+    eventually("the invite reaching the service", invited).await;
+
+    // The service joins its user, and Bob's messages reach it.
+    let join = format!("/_matrix/client/v3/rooms/{room_id}/join?user_id={ghost}");
+    let (status, answer) = one.post(&join, Some(IRC_AS), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let sent = send_text(&two, &bob, &room_id, "f1", "hello bridge from afar").await;
+    eventually("Bob's message reaching the service", || {
+        taken(&seen, "events")
+            .iter()
+            .any(|e| e["event_id"] == sent.as_str())
+    })
+    .await;
 }

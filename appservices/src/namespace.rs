@@ -22,19 +22,23 @@ pub struct Namespace {
 impl Namespace {
     /// Compiles `regex`; the error says what is wrong with it.
     pub fn new(regex: &str, exclusive: bool) -> Result<Self, String> {
-        let anchored = Regex::new(&format!("^(?:{regex})")).map_err(|e| {
-            // The parser's message draws the expression over several
-            // lines; its last line says what is wrong.
-            let text = e.to_string();
-            let why = text
-                .lines()
-                .rev()
-                .find(|line| !line.trim().is_empty())
-                .unwrap_or_default()
-                .trim_start_matches("error: ")
-                .to_owned();
-            format!("invalid regex {regex:?}: {why}")
-        })?;
+        // Checked alone first, so that the anchor cannot be closed off
+        // by a stray parenthesis of the expression (`a)|(b`).
+        let anchored = Regex::new(regex)
+            .and_then(|_| Regex::new(&format!("^(?:{regex})")))
+            .map_err(|e| {
+                // The parser's message draws the expression over several
+                // lines; its last line says what is wrong.
+                let text = e.to_string();
+                let why = text
+                    .lines()
+                    .rev()
+                    .find(|line| !line.trim().is_empty())
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ")
+                    .to_owned();
+                format!("invalid regex {regex:?}: {why}")
+            })?;
         Ok(Namespace {
             exclusive,
             regex: regex.to_owned(),
@@ -160,6 +164,11 @@ mod tests {
         assert!(namespaces.has_user("@carol:other.org"));
         assert!(!namespaces.claims_user("@carol:other.org"));
         assert!(!namespaces.has_user("@carol:example.org"));
+    }
+
+    #[test]
+    fn the_anchor_cannot_be_escaped() {
+        assert!(Namespace::new("x)|(.*", true).is_err());
     }
 
     #[test]

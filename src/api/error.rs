@@ -97,16 +97,17 @@ impl From<Error> for MatrixError {
         match error {
             Error::Forbidden(_) => plain(StatusCode::FORBIDDEN, "M_FORBIDDEN"),
             Error::Exclusive(_) => plain(StatusCode::BAD_REQUEST, "M_EXCLUSIVE"),
-            Error::AppserviceUnreachable {
-                status,
-                errcode,
-                answer,
-                ..
-            } => {
-                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            Error::AppservicePing(failure) => {
+                use crate::services::appservices::PingFailure;
+                let (status, errcode) = match &failure {
+                    PingFailure::UrlNotSet => (StatusCode::BAD_REQUEST, "M_URL_NOT_SET"),
+                    PingFailure::TimedOut => (StatusCode::GATEWAY_TIMEOUT, "M_CONNECTION_TIMEOUT"),
+                    PingFailure::Unreachable(_) => (StatusCode::BAD_GATEWAY, "M_CONNECTION_FAILED"),
+                    PingFailure::BadStatus { .. } => (StatusCode::BAD_GATEWAY, "M_BAD_STATUS"),
+                };
                 let mut error = plain(status, errcode);
-                if let Some((code, body)) = answer {
-                    error.body["status"] = json!(code);
+                if let PingFailure::BadStatus { status, body } = failure {
+                    error.body["status"] = json!(status);
                     error.body["body"] = json!(body);
                 }
                 error

@@ -538,13 +538,18 @@ impl Accounts {
         display_name: Option<String>,
     ) -> Result<bool> {
         ids::check_device_id(device_id).map_err(Error::InvalidParam)?;
-        if self.device(localpart, device_id)?.is_some() {
-            self.rename_device(localpart, device_id, display_name)
-                .await?;
-            return Ok(false);
-        }
+        // Under the account's lock: a device a login made meanwhile is
+        // renamed, never given new tokens.
         let _guard = self.locks.lock(localpart).await;
         let mut batch = Batch::new();
+        let key = DeviceKey::new(localpart, device_id);
+        if let Some(mut record) = self.storage.get(tables::DEVICES, &key)? {
+            record.display_name = display_name;
+            batch.put(tables::DEVICES, &key, &record);
+            let _device_list = self.device_list_changed(&mut batch, localpart);
+            self.storage.commit(batch).await?;
+            return Ok(false);
+        }
         let device = NewDevice {
             device_id: Some(device_id.to_owned()),
             display_name,

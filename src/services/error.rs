@@ -14,15 +14,9 @@ pub enum Error {
     /// outside the namespaces of the service asking.
     #[error("{0}")]
     Exclusive(String),
-    /// An application service ping that failed: (status, errcode, what
-    /// happened, and the service's answer when it gave one).
-    #[error("{message}")]
-    AppserviceUnreachable {
-        status: u16,
-        errcode: &'static str,
-        message: String,
-        answer: Option<(u16, String)>,
-    },
+    /// An application service ping that failed.
+    #[error("{0}")]
+    AppservicePing(super::appservices::PingFailure),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]

@@ -127,9 +127,11 @@ impl Services {
         let registrations = config
             .appservice_registrations()
             .map_err(|e| Error::Internal(e.to_string()))?;
+        let last_position = appservices::last_queued_position(&storage)?;
         let appservices = Arc::new(appservices::Appservices::new(
             registrations,
             config.appservices.clone(),
+            last_position,
         )?);
         let rooms = Rooms::new(
             storage.clone(),

@@ -18,9 +18,15 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new() -> Arc<Self> {
+        Self::starting_after(0)
+    }
+
+    /// An outbox whose positions all come after `last`, the highest one
+    /// already stored, even if the clock went back since it was handed out.
+    pub fn starting_after(last: u64) -> Arc<Self> {
         let (wake, woken) = mpsc::unbounded_channel();
         Arc::new(Outbox {
-            last_position: AtomicU64::new(0),
+            last_position: AtomicU64::new(last),
             wake,
             woken: Mutex::new(Some(woken)),
         })

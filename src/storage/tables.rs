@@ -80,9 +80,11 @@ pub const APPSERVICE_QUEUE: Table<(String, u64), AppserviceItem> = Table::new(Cf
 pub const APPSERVICE_TXNS: Table<String, OutboundTxn> = Table::new(Cf::AppserviceTxns);
 /// `ephemeral_upto` → the stream position up to which receipts,
 /// presence, to-device messages and device lists were looked at for
-/// application services.
+/// application services; `txn:{id}` → a service's last transaction number.
 pub const APPSERVICE_STATE: Table<String, u64> = Table::new(Cf::AppserviceState);
 pub const APPSERVICE_EPHEMERAL_UPTO: &str = "ephemeral_upto";
+/// `txn:` + application service ID → the number of its last transaction.
+pub const APPSERVICE_TXN_PREFIX: &str = "txn:";
 
 /// Something waiting to be pushed to an application service.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -30,7 +30,6 @@ pub async fn get_profile(
             .await?;
         return Ok(Json(profile));
     }
-    state.ensure_appservice_user(&user_id).await?;
     let profile = local_profile(&state, &user_id)?;
     Ok(Json(Value::Object(profile)))
 }
@@ -50,7 +49,6 @@ pub async fn get_field(
             None => Err(MatrixError::not_found("Profile field not found")),
         };
     }
-    state.ensure_appservice_user(&user_id).await?;
     let profile = local_profile(&state, &user_id)?;
     let value = profile
         .get(&key)

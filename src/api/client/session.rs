@@ -18,14 +18,14 @@ use crate::services::accounts::{Login, NewDevice};
 use crate::services::error::Error;
 use crate::services::rate_limit::Kind;
 
-/// `GET /_matrix/client/v3/login`: passwords, and login tokens when
-/// signing in from an existing session is on (`POST /login/get_token`
-/// gives them).
+/// `GET /_matrix/client/v3/login`: passwords, application services' logins
+/// when some are configured, and login tokens when signing in from an
+/// existing session is on (`POST /login/get_token` gives them).
 pub async fn login_flows(State(state): State<AppState>) -> Json<Value> {
-    let mut flows = vec![
-        json!({ "type": "m.login.password" }),
-        json!({ "type": "m.login.application_service" }),
-    ];
+    let mut flows = vec![json!({ "type": "m.login.password" })];
+    if !state.appservices.is_empty() {
+        flows.push(json!({ "type": "m.login.application_service" }));
+    }
     if state.config.login_via_existing_session.enabled {
         flows.push(json!({ "type": "m.login.token", "get_login_token": true }));
     }

@@ -71,7 +71,7 @@ async fn round(services: &Services, typing_seen: &mut TypingSerial) -> Result<bo
         return Ok(false);
     };
     let mut queued: Queued = Vec::new();
-    typing_changes(services, typing_seen, &mut queued)?;
+    let typing_now = typing_changes(services, *typing_seen, &mut queued)?;
     let (upto, more) = if from < current {
         let range = KeyRange {
             lower: (from + 1).encode(),
@@ -91,6 +91,7 @@ async fn round(services: &Services, typing_seen: &mut TypingSerial) -> Result<bo
         (from, false)
     };
     if queued.is_empty() && upto == from {
+        *typing_seen = typing_now;
         return Ok(false);
     }
     let appservices = &services.appservices;
@@ -100,6 +101,9 @@ async fn round(services: &Services, typing_seen: &mut TypingSerial) -> Result<bo
         let Some(service) = appservices.registrations.iter().nth(index) else {
             continue;
         };
+        if service.url.is_none() {
+            continue;
+        }
         let position = appservices.outbox.next_position();
         batch.put(
             tables::APPSERVICE_QUEUE,
@@ -110,6 +114,8 @@ async fn round(services: &Services, typing_seen: &mut TypingSerial) -> Result<bo
     }
     batch.put(tables::APPSERVICE_STATE, &upto_key, &upto);
     storage.commit(batch).await?;
+    // Only now: a failed round looks at the same typing changes again.
+    *typing_seen = typing_now;
     for id in woken {
         appservices.outbox.wake(&id);
     }
@@ -312,11 +318,15 @@ fn services_sharing_rooms_with(services: &Services, user: &UserId) -> Result<BTr
     Ok(found)
 }
 
-/// `m.typing` for the rooms whose notices changed since `seen`.
-fn typing_changes(services: &Services, seen: &mut TypingSerial, queued: &mut Queued) -> Result<()> {
+/// `m.typing` for the rooms whose notices changed since `seen`; the
+/// serial they are current at.
+fn typing_changes(
+    services: &Services,
+    seen: TypingSerial,
+    queued: &mut Queued,
+) -> Result<TypingSerial> {
     let registrations = &services.appservices.registrations;
-    let (serial, rooms) = services.user_data.typing_changed_since(*seen);
-    *seen = serial;
+    let (serial, rooms) = services.user_data.typing_changed_since(seen);
     for (room_id, users) in rooms {
         let Ok(room) = RoomId::parse(&room_id) else {
             continue;
@@ -341,5 +351,5 @@ fn typing_changes(services: &Services, seen: &mut TypingSerial, queued: &mut Que
             }
         }
     }
-    Ok(())
+    Ok(serial)
 }

@@ -12,6 +12,7 @@ pub mod ephemeral;
 pub mod sender;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,13 @@ use crate::config::AppservicesConfig;
 const MAX_REMEMBERED_ROOMS: usize = 100_000;
 /// Largest answer read from a service's query or third-party look-up.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+/// Users and aliases a service said it does not know, remembered this
+/// long, at most this many.
+const REFUSAL_REMEMBERED: Duration = Duration::from_secs(60);
+const MAX_REMEMBERED_REFUSALS: usize = 10_000;
+/// Longest a query, look-up or ping may take, whatever the transactions'
+/// time-out: a client waits for it.
+const MAX_QUERY_TIME: Duration = Duration::from_secs(10);
 
 /// The application services and what the server knows about them.
 pub struct Appservices {
@@ -37,10 +45,21 @@ pub struct Appservices {
     /// Room ID → the indices (in `registrations`) of the services a
     /// room's joined members, aliases or ID interest.
     interest: Mutex<HashMap<String, Arc<[usize]>>>,
+    /// Bumped by every `forget_room`: an interest computed from the
+    /// database before a change is not remembered after it.
+    interest_epoch: AtomicU64,
+    /// User IDs and aliases the services said they do not know, until when.
+    refused: Mutex<HashMap<String, Instant>>,
 }
 
 impl Appservices {
-    pub fn new(registrations: Registrations, config: AppservicesConfig) -> Result<Self> {
+    /// `last_position`: the highest queue position in the database, so
+    /// that new items come after it even if the clock went back.
+    pub fn new(
+        registrations: Registrations,
+        config: AppservicesConfig,
+        last_position: u64,
+    ) -> Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.request_timeout_ms))
             .redirect(reqwest::redirect::Policy::none())
@@ -49,9 +68,11 @@ impl Appservices {
         Ok(Appservices {
             registrations,
             config,
-            outbox: Outbox::new(),
+            outbox: Outbox::starting_after(last_position),
             http,
             interest: Mutex::new(HashMap::new()),
+            interest_epoch: AtomicU64::new(0),
+            refused: Mutex::new(HashMap::new()),
         })
     }
 
@@ -126,6 +147,45 @@ impl Appservices {
             .collect()
     }
 
+    /// Queues an event into `batch` for every service with a URL that is
+    /// interested in it: through its room (`through_room`, indices into
+    /// the registrations), its sender, or the user a member event is
+    /// about (`member`). The IDs of the services to wake once the batch
+    /// has committed.
+    pub fn queue_event_into(
+        &self,
+        batch: &mut crate::storage::Batch,
+        event_id: &str,
+        sender: &str,
+        member: Option<&str>,
+        through_room: &[usize],
+    ) -> Vec<String> {
+        let mut queued = Vec::new();
+        for (index, service) in self.registrations.iter().enumerate() {
+            if service.url.is_none() {
+                // Nothing would ever send it.
+                continue;
+            }
+            let interested = through_room.contains(&index)
+                || service.is_interested_in_user(sender)
+                || member.is_some_and(|user| service.is_interested_in_user(user));
+            if !interested {
+                continue;
+            }
+            let position = self.outbox.next_position();
+            let item = crate::storage::tables::AppserviceItem::Event {
+                event_id: event_id.to_owned(),
+            };
+            batch.put(
+                crate::storage::tables::APPSERVICE_QUEUE,
+                &(service.id.clone(), position),
+                &item,
+            );
+            queued.push(service.id.clone());
+        }
+        queued
+    }
+
     /// Whether any service could be interested in this user.
     pub fn concerns_user(&self, user_id: &str) -> bool {
         self.registrations
@@ -138,8 +198,19 @@ impl Appservices {
         interest.get(room_id).cloned()
     }
 
-    pub fn remember_interest(&self, room_id: &str, services: Arc<[usize]>) {
+    /// The epoch to pass to [`Appservices::remember_interest`], read
+    /// before the interest is computed.
+    pub fn interest_epoch(&self) -> u64 {
+        self.interest_epoch.load(Ordering::SeqCst)
+    }
+
+    /// Remembers a room's interest computed at `epoch`, unless a room's
+    /// members or aliases changed since.
+    pub fn remember_interest(&self, room_id: &str, services: Arc<[usize]>, epoch: u64) {
         let mut interest = self.interest.lock().unwrap_or_else(|e| e.into_inner());
+        if self.interest_epoch.load(Ordering::SeqCst) != epoch {
+            return;
+        }
         if interest.len() >= MAX_REMEMBERED_ROOMS {
             interest.clear();
         }
@@ -150,36 +221,48 @@ impl Appservices {
     /// again when next needed.
     pub fn forget_room(&self, room_id: &str) {
         let mut interest = self.interest.lock().unwrap_or_else(|e| e.into_inner());
+        self.interest_epoch.fetch_add(1, Ordering::SeqCst);
         interest.remove(room_id);
     }
 
-    /// `GET /_matrix/app/v1/users/{userId}`: asks the services whose
-    /// namespaces hold the user whether it exists; the service that
-    /// answered yes (and has created it by then, the spec says).
+    /// `GET /_matrix/app/v1/users/{userId}`: asks the service that
+    /// claims the user exclusively whether it exists; that service when
+    /// it said yes (having created it, the spec says). A no is
+    /// remembered for a minute, so that asking again costs nothing.
     pub async fn query_user(&self, user_id: &str) -> Option<&Registration> {
-        for service in self.registrations.iter() {
-            if !service.namespaces.has_user(user_id) {
-                continue;
-            }
-            let path = format!("/_matrix/app/v1/users/{}", encode(user_id));
-            if self.ask(service, &path).await.is_ok() {
-                return Some(service);
-            }
-        }
-        None
+        let service = self.registrations.exclusive_owner_of_user(user_id)?;
+        let path = format!("/_matrix/app/v1/users/{}", encode(user_id));
+        self.ask_unless_refused(service, user_id, &path)
+            .await
+            .then_some(service)
     }
 
-    /// `GET /_matrix/app/v1/rooms/{roomAlias}`: asks the services whose
-    /// namespaces hold the alias to create its room; whether one did.
+    /// `GET /_matrix/app/v1/rooms/{roomAlias}`: asks the service that
+    /// claims the alias exclusively to create its room; whether it did.
     pub async fn query_alias(&self, alias: &str) -> bool {
-        for service in self.registrations.iter() {
-            if !service.namespaces.has_alias(alias) {
-                continue;
+        let Some(service) = self.registrations.exclusive_owner_of_alias(alias) else {
+            return false;
+        };
+        let path = format!("/_matrix/app/v1/rooms/{}", encode(alias));
+        self.ask_unless_refused(service, alias, &path).await
+    }
+
+    /// Asks `path` of the service unless it refused `id` lately.
+    async fn ask_unless_refused(&self, service: &Registration, id: &str, path: &str) -> bool {
+        let now = Instant::now();
+        {
+            let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+            refused.retain(|_, until| *until > now);
+            if refused.contains_key(id) {
+                return false;
             }
-            let path = format!("/_matrix/app/v1/rooms/{}", encode(alias));
-            if self.ask(service, &path).await.is_ok() {
-                return true;
-            }
+        }
+        if self.ask(service, path).await.is_ok() {
+            return true;
+        }
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        if refused.len() < MAX_REMEMBERED_REFUSALS {
+            refused.insert(id.to_owned(), now + REFUSAL_REMEMBERED);
         }
         false
     }
@@ -187,12 +270,7 @@ impl Appservices {
     /// `POST /_matrix/app/v1/ping` to `service`; how long it took.
     pub async fn ping(&self, service: &Registration, transaction_id: Option<&str>) -> Result<u64> {
         let Some(url) = &service.url else {
-            return Err(Error::AppserviceUnreachable {
-                status: 400,
-                errcode: "M_URL_NOT_SET",
-                message: "The application service has no URL".to_owned(),
-                answer: None,
-            });
+            return Err(Error::AppservicePing(PingFailure::UrlNotSet));
         };
         let body = match transaction_id {
             Some(id) => json!({ "transaction_id": id }),
@@ -203,71 +281,59 @@ impl Appservices {
             .http
             .post(format!("{url}/_matrix/app/v1/ping"))
             .bearer_auth(&service.hs_token)
+            .timeout(self.query_time())
             .json(&body)
             .send()
-            .await;
-        let unreachable = |status, errcode, message: String, answer| Error::AppserviceUnreachable {
-            status,
-            errcode,
-            message,
-            answer,
-        };
-        let answer = answer.map_err(|e| {
-            if e.is_timeout() {
-                unreachable(
-                    504,
-                    "M_CONNECTION_TIMEOUT",
-                    "The application service did not answer in time".to_owned(),
-                    None,
-                )
-            } else {
-                unreachable(
-                    502,
-                    "M_CONNECTION_FAILED",
-                    format!("Cannot reach the application service: {e}"),
-                    None,
-                )
-            }
-        })?;
+            .await
+            .map_err(|e| {
+                Error::AppservicePing(if e.is_timeout() {
+                    PingFailure::TimedOut
+                } else {
+                    PingFailure::Unreachable(e.to_string())
+                })
+            })?;
         let status = answer.status();
         if !status.is_success() {
-            let text = answer.text().await.unwrap_or_default();
-            let text: String = text.chars().take(4096).collect();
-            return Err(unreachable(
-                502,
-                "M_BAD_STATUS",
-                format!("The application service answered {}", status.as_u16()),
-                Some((status.as_u16(), text)),
-            ));
+            let body = read_bounded(answer, 4096).await.unwrap_or_default();
+            return Err(Error::AppservicePing(PingFailure::BadStatus {
+                status: status.as_u16(),
+                body: String::from_utf8_lossy(&body).into_owned(),
+            }));
         }
         Ok(started.elapsed().as_millis() as u64)
     }
 
-    /// A third-party look-up (`/_matrix/app/v1/thirdparty/...`) asked of
-    /// every service that bridges `protocol` (every service when `None`);
-    /// the answers that came back.
+    /// The time-out of queries, look-ups and pings.
+    fn query_time(&self) -> Duration {
+        Duration::from_millis(self.config.request_timeout_ms).min(MAX_QUERY_TIME)
+    }
+
+    /// A third-party look-up (`/_matrix/app/v1/thirdparty/...`) asked at
+    /// once of every service that bridges `protocol` (every service with
+    /// protocols when `None`); the answers that came back in time.
     pub async fn third_party(
         &self,
         protocol: Option<&str>,
         path_and_query: &str,
     ) -> Vec<(String, Value)> {
-        let mut answers = Vec::new();
-        for service in self.registrations.iter() {
-            let bridges = match protocol {
-                Some(protocol) => service.protocols.iter().any(|p| p == protocol),
-                None => !service.protocols.is_empty(),
-            };
-            if !bridges {
-                continue;
-            }
-            match self.ask(service, path_and_query).await {
-                Ok(answer) => answers.push((service.id.clone(), answer)),
-                Err(error) => {
-                    tracing::warn!(appservice = %service.id, %error, "third-party look-up failed")
-                }
-            }
-        }
+        let asked = self.registrations.iter().filter(|service| match protocol {
+            Some(protocol) => service.protocols.iter().any(|p| p == protocol),
+            None => !service.protocols.is_empty(),
+        });
+        let answers = futures_util::future::join_all(
+            asked.map(|service| async move { (service, self.ask(service, path_and_query).await) }),
+        )
+        .await;
         answers
+            .into_iter()
+            .filter_map(|(service, answer)| match answer {
+                Ok(answer) => Some((service.id.clone(), answer)),
+                Err(error) => {
+                    tracing::warn!(appservice = %service.id, %error, "third-party look-up failed");
+                    None
+                }
+            })
+            .collect()
     }
 
     /// A `GET` to a service; its JSON answer when it said 2xx.
@@ -279,6 +345,7 @@ impl Appservices {
             .http
             .get(format!("{url}{path_and_query}"))
             .bearer_auth(&service.hs_token)
+            .timeout(self.query_time())
             .send()
             .await
             .map_err(|e| Error::RemoteUnavailable(e.to_string()))?;
@@ -288,13 +355,9 @@ impl Appservices {
                 answer.status()
             )));
         }
-        let body = answer
-            .bytes()
+        let body = read_bounded(answer, MAX_ANSWER_BYTES)
             .await
-            .map_err(|e| Error::RemoteUnavailable(e.to_string()))?;
-        if body.len() > MAX_ANSWER_BYTES {
-            return Err(Error::RemoteUnavailable("answer too large".to_owned()));
-        }
+            .ok_or_else(|| Error::RemoteUnavailable("answer unreadable or too large".to_owned()))?;
         Ok(serde_json::from_slice(&body).unwrap_or(json!({})))
     }
 
@@ -415,6 +478,51 @@ impl Drop for InterestReset {
     }
 }
 
+/// The highest queue position stored for any service (0 for none): one
+/// seek per service that has a queue.
+pub fn last_queued_position(storage: &crate::storage::Storage) -> Result<u64> {
+    use crate::storage::tables;
+    use crate::storage::{Direction, KeyRange};
+    let mut last = 0;
+    for id in sender::queued_services(storage)? {
+        let newest = storage.scan(
+            tables::APPSERVICE_QUEUE,
+            &KeyRange::prefix(&tables::str_prefix(&id)),
+            Direction::Backward,
+            1,
+        )?;
+        if let Some(((_, position), _)) = newest.first() {
+            last = last.max(*position);
+        }
+    }
+    Ok(last)
+}
+
+/// Why a ping did not reach the service.
+#[derive(Debug, thiserror::Error)]
+pub enum PingFailure {
+    #[error("The application service has no URL")]
+    UrlNotSet,
+    #[error("The application service did not answer in time")]
+    TimedOut,
+    #[error("Cannot reach the application service: {0}")]
+    Unreachable(String),
+    #[error("The application service answered {status}")]
+    BadStatus { status: u16, body: String },
+}
+
+/// An answer's body, or `None` past `limit` bytes or on a read error.
+async fn read_bounded(mut answer: reqwest::Response, limit: usize) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = answer.chunk().await.ok()? {
+        if body.len() + chunk.len() > limit {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Some(body)
+}
+
 /// Percent-encodes one path segment.
 fn encode(segment: &str) -> String {
     form_urlencoded::byte_serialize(segment.as_bytes())
@@ -442,7 +550,7 @@ mod tests {
             "namespaces:\n  users: [{exclusive: false, regex: '@.*:other'}]\n  rooms: [{exclusive: false, regex: '!watched'}]\n",
         );
         let registrations = Registrations::new("example.org", vec![irc, watcher]).unwrap();
-        Appservices::new(registrations, AppservicesConfig::default()).unwrap()
+        Appservices::new(registrations, AppservicesConfig::default(), 0).unwrap()
     }
 
     fn is_exclusive(result: Result<()>) -> bool {
@@ -520,14 +628,19 @@ mod tests {
     #[test]
     fn remembered_interest_is_forgotten_with_the_draft() {
         let services = Arc::new(appservices());
-        services.remember_interest("!r", Arc::from([0usize]));
+        services.remember_interest("!r", Arc::from([0usize]), services.interest_epoch());
         assert!(services.remembered_interest("!r").is_some());
         {
             let mut reset = InterestReset::new(services.clone());
             reset.rooms.insert("!r".to_owned());
             // Remembered again meanwhile (a reader of the database).
-            services.remember_interest("!r", Arc::from([]));
+            services.remember_interest("!r", Arc::from([]), services.interest_epoch());
         }
+        assert!(services.remembered_interest("!r").is_none());
+        // An interest read before a change is not remembered after it.
+        let epoch = services.interest_epoch();
+        services.forget_room("!other");
+        services.remember_interest("!r", Arc::from([0usize]), epoch);
         assert!(services.remembered_interest("!r").is_none());
     }
 }

@@ -4,8 +4,8 @@
 //!
 //! A transaction is written to `appservice_txns` before its first
 //! attempt, so that a retry (after an error, a time-out or a restart)
-//! sends the same ID and body; its ID is the queue position of its last
-//! item, which no other transaction of the service can have. Once the
+//! sends the same ID and body; its ID is one more than the service's
+//! last (`appservice_state`), so no two transactions share one. Once the
 //! service answered 2xx, its items are deleted with it in one batch. A
 //! service that fails or hangs is retried with exponential backoff and
 //! holds up only its own queue.
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::services::error::Result;
 use crate::services::Services;
 use crate::storage::tables::{self, AppserviceItem, OutboundTxn};
-use crate::storage::Batch;
+use crate::storage::{Batch, Direction, Key, KeyRange, Storage};
 
 /// Queue items looked at for one transaction.
 const MAX_ITEMS_SCANNED: usize = 1_000;
@@ -36,6 +36,9 @@ pub async fn run(services: Arc<Services>, stop: CancellationToken) {
     let Some(mut wakeups) = appservices.outbox.take_wakeups() else {
         return;
     };
+    if let Err(error) = drop_orphaned_queues(&services).await {
+        tracing::warn!(%error, "cannot drop the queues of removed application services");
+    }
     let mut workers = std::collections::HashMap::new();
     for (index, service) in appservices.registrations.iter().enumerate() {
         if service.url.is_none() {
@@ -100,6 +103,54 @@ async fn worker(
     }
 }
 
+/// Every service ID with queued items: one seek per service.
+pub fn queued_services(storage: &Storage) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    let mut lower = Vec::new();
+    loop {
+        let range = KeyRange { lower, upper: None };
+        let Some(((id, _), _)) = storage
+            .scan(tables::APPSERVICE_QUEUE, &range, Direction::Forward, 1)?
+            .into_iter()
+            .next()
+        else {
+            return Ok(found);
+        };
+        lower = (id.clone(), u64::MAX).encode();
+        lower.push(0);
+        found.push(id);
+    }
+}
+
+/// Deletes what is queued for services that are no longer configured, or
+/// have no URL now: nothing would ever send it.
+async fn drop_orphaned_queues(services: &Services) -> Result<()> {
+    let registrations = &services.appservices.registrations;
+    for id in queued_services(&services.storage)? {
+        if registrations.by_id(&id).is_some_and(|s| s.url.is_some()) {
+            continue;
+        }
+        loop {
+            let items = services.storage.scan_prefix(
+                tables::APPSERVICE_QUEUE,
+                &tables::str_prefix(&id),
+                MAX_ITEMS_SCANNED,
+            )?;
+            if items.is_empty() {
+                break;
+            }
+            let mut batch = Batch::new();
+            for (key, _) in items {
+                batch.delete(tables::APPSERVICE_QUEUE, &key);
+            }
+            batch.delete(tables::APPSERVICE_TXNS, &id);
+            services.storage.commit(batch).await?;
+        }
+        tracing::info!(appservice = %id, "dropped the queue of a service without a URL or registration");
+    }
+    Ok(())
+}
+
 /// Sends the service's transaction in flight, or makes the next one from
 /// its queue. `Ok(false)`: nothing to send.
 async fn send_next(
@@ -117,6 +168,9 @@ async fn send_next(
             Some(txn) => {
                 let mut batch = Batch::new();
                 batch.put(tables::APPSERVICE_TXNS, &key, &txn);
+                // The transaction's number, never used again.
+                let number: u64 = txn.txn_id.parse().unwrap_or(0);
+                batch.put(tables::APPSERVICE_STATE, &txn_counter_key(&key), &number);
                 storage.commit(batch).await.map_err(|e| e.to_string())?;
                 txn
             }
@@ -153,10 +207,14 @@ fn make_transaction(services: &Services, service: &Registration) -> Result<Optio
         })
         .collect();
     let taken = next_batch(&kinds);
-    let Some(((_, last), _)) = items.get(taken.checked_sub(1).unwrap_or(usize::MAX)) else {
+    if taken == 0 {
         return Ok(None);
-    };
-    let txn_id = last.to_string();
+    }
+    let previous = services
+        .storage
+        .get(tables::APPSERVICE_STATE, &txn_counter_key(&service.id))?
+        .unwrap_or(0);
+    let txn_id = (previous + 1).to_string();
     let mut txn = Transaction::default();
     let mut positions = Vec::with_capacity(taken);
     // The service's users whose devices the transaction mentions, for the
@@ -196,6 +254,11 @@ fn make_transaction(services: &Services, service: &Registration) -> Result<Optio
         body: txn.body(),
         positions,
     }))
+}
+
+/// The `appservice_state` key of a service's last transaction number.
+fn txn_counter_key(id: &str) -> String {
+    format!("{}{id}", tables::APPSERVICE_TXN_PREFIX)
 }
 
 /// MSC3202: the one-time key counts and unused fallback key types of the

@@ -589,6 +589,8 @@ pub async fn receive_invite(
             "{target} is not a user of this server"
         )));
     }
+    // A bridge's user that does not exist yet is asked about first.
+    services.ensure_appservice_user(target.as_str()).await?;
     if services.accounts.user(target.localpart())?.is_none() {
         return Err(Error::NotFound(format!("unknown user {target}")));
     }

@@ -558,8 +558,14 @@ impl<'a> Draft<'a> {
             return Ok(());
         }
         let room_id = pdu.room_id.as_str();
+        // Only the memberships of users a service could care about change
+        // which services a room interests.
         let is_member = pdu.kind.to_string() == "m.room.member";
-        let members_changed = self.state.keys().any(|(kind, _)| kind == "m.room.member");
+        let concerns = |user: &str| appservices.concerns_user(user);
+        let members_changed = self
+            .state
+            .keys()
+            .any(|(kind, user)| kind == "m.room.member" && concerns(user));
         let through_room = if members_changed {
             // Members this draft changed are not in the database yet.
             let members = self
@@ -572,36 +578,24 @@ impl<'a> Draft<'a> {
         } else {
             self.rooms.appservice_interest(&pdu.room_id)?
         };
-        if is_member {
+        if is_member && pdu.state_key.as_deref().is_some_and(concerns) {
             // The next event's interest is computed with this member.
             appservices.forget_room(room_id);
             self.interest_reset.rooms.insert(room_id.to_owned());
         }
-        for (index, service) in appservices.registrations.iter().enumerate() {
-            let about = is_member
-                && pdu
-                    .state_key
-                    .as_deref()
-                    .is_some_and(|user| service.is_interested_in_user(user));
-            if !(through_room.contains(&index)
-                || service.is_interested_in_user(pdu.sender.as_str())
-                || about)
-            {
-                continue;
-            }
-            let position = appservices.outbox.next_position();
-            let item = tables::AppserviceItem::Event {
-                event_id: pdu.event_id.to_string(),
-            };
-            self.batch.put(
-                tables::APPSERVICE_QUEUE,
-                &(service.id.clone(), position),
-                &item,
-            );
-            self.appservice_wakeups
-                .destinations
-                .insert(service.id.clone());
-        }
+        let member = if is_member {
+            pdu.state_key.as_deref()
+        } else {
+            None
+        };
+        let queued = appservices.queue_event_into(
+            &mut self.batch,
+            pdu.event_id.as_str(),
+            pdu.sender.as_str(),
+            member,
+            &through_room,
+        );
+        self.appservice_wakeups.destinations.extend(queued);
         Ok(())
     }
 
@@ -1105,6 +1099,11 @@ impl<'a> Draft<'a> {
                 .insert((kind.clone(), state_key.clone()), new_id.clone());
             if kind != "m.room.member" {
                 continue;
+            }
+            if self.rooms.appservices.concerns_user(&state_key) {
+                // State resolution changed a membership services count.
+                self.rooms.appservices.forget_room(room_id);
+                self.interest_reset.rooms.insert(room_id.to_owned());
             }
             let membership = |pdu: &Option<Arc<Pdu>>| {
                 pdu.as_ref()

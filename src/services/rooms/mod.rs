@@ -161,6 +161,7 @@ impl Rooms {
         if let Some(known) = appservices.remembered_interest(room_id.as_str()) {
             return Ok(known);
         }
+        let epoch = appservices.interest_epoch();
         let members: Vec<(String, String)> = self
             .storage
             .scan_prefix(
@@ -174,7 +175,7 @@ impl Rooms {
         let interest = self.appservice_interest_of(room_id.as_str(), members, |id| {
             Ok(self.pdu(id)?.map(|(pdu, _)| Arc::new(pdu)))
         })?;
-        appservices.remember_interest(room_id.as_str(), interest.clone());
+        appservices.remember_interest(room_id.as_str(), interest.clone(), epoch);
         Ok(interest)
     }
 

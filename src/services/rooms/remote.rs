@@ -465,9 +465,20 @@ impl Rooms {
             stream,
             forgotten: false,
         };
+        // A bridge learns of an invite of one of its users here.
+        let queued = self.appservices.queue_event_into(
+            &mut batch,
+            pdu.event_id.as_str(),
+            pdu.sender.as_str(),
+            Some(&target),
+            &[],
+        );
         batch.put(tables::USER_ROOMS, &(target, room_id), &membership);
         self.storage.commit(batch).await?;
         drop(reservation);
+        for id in queued {
+            self.appservices.outbox.wake(&id);
+        }
         Ok(())
     }
 
