@@ -967,6 +967,10 @@ async fn a_room_interests_a_service_through_its_alias() {
     })
     .await;
     assert!(!events().iter().any(|e| e["event_id"] == gone.as_str()));
+    // A room created with such an alias: its creation reaches it too.
+    assert!(events()
+        .iter()
+        .any(|e| e["type"] == "m.room.create" && e["room_id"] == elsewhere.as_str()));
 }
 
 #[tokio::test]

@@ -147,29 +147,19 @@ impl Appservices {
             .collect()
     }
 
-    /// Queues an event into `batch` for every service with a URL that is
-    /// interested in it: through its room (`through_room`, indices into
-    /// the registrations), its sender, or the user a member event is
-    /// about (`member`). The IDs of the services to wake once the batch
-    /// has committed.
+    /// Queues an event into `batch` for every service with a URL that
+    /// `wanted` picks (by index into the registrations); the IDs of the
+    /// services to wake once the batch has committed.
     pub fn queue_event_into(
         &self,
         batch: &mut crate::storage::Batch,
         event_id: &str,
-        sender: &str,
-        member: Option<&str>,
-        through_room: &[usize],
+        wanted: impl Fn(usize, &Registration) -> bool,
     ) -> Vec<String> {
         let mut queued = Vec::new();
         for (index, service) in self.registrations.iter().enumerate() {
-            if service.url.is_none() {
-                // Nothing would ever send it.
-                continue;
-            }
-            let interested = through_room.contains(&index)
-                || service.is_interested_in_user(sender)
-                || member.is_some_and(|user| service.is_interested_in_user(user));
-            if !interested {
+            // Without a URL nothing would ever send it.
+            if service.url.is_none() || !wanted(index, service) {
                 continue;
             }
             let position = self.outbox.next_position();
@@ -450,6 +440,21 @@ impl super::Services {
         }
         Ok(())
     }
+}
+
+/// Whether a service is interested in an event: through its room
+/// (`through_room`, indices into the registrations), its sender, or the
+/// user a member event is about (`member`).
+pub fn interested_in_event(
+    index: usize,
+    service: &Registration,
+    sender: &str,
+    member: Option<&str>,
+    through_room: &[usize],
+) -> bool {
+    through_room.contains(&index)
+        || service.is_interested_in_user(sender)
+        || member.is_some_and(|user| service.is_interested_in_user(user))
 }
 
 /// Rooms whose remembered interest is forgotten again when a draft is

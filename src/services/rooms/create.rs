@@ -216,6 +216,7 @@ impl Rooms {
             .ok_or_else(|| Error::Internal("a created room has an ID".to_owned()))?;
         if let Some(alias) = &alias {
             directory.add_alias_into(&mut draft.batch, alias, &room_id, creator)?;
+            draft.queue_appended_through_alias(alias.as_str());
         }
         if request.visibility == Some(Visibility::Public) {
             directory.set_public_into(&mut draft.batch, &room_id, true);

@@ -84,6 +84,8 @@ pub struct Draft<'a> {
     appservice_wakeups: PendingWakeups,
     /// Rooms whose members this draft changed.
     interest_reset: crate::services::appservices::InterestReset,
+    /// (service ID, event ID) pairs queued by this draft.
+    appservice_queued: std::collections::HashSet<(String, String)>,
     /// (destination, event ID) pairs queued by this draft.
     queued_now: std::collections::HashSet<(String, String)>,
 }
@@ -168,6 +170,7 @@ impl<'a> Draft<'a> {
             interest_reset: crate::services::appservices::InterestReset::new(
                 rooms.appservices.clone(),
             ),
+            appservice_queued: Default::default(),
             queued_now: Default::default(),
         }
     }
@@ -588,15 +591,51 @@ impl<'a> Draft<'a> {
         } else {
             None
         };
-        let queued = appservices.queue_event_into(
-            &mut self.batch,
-            pdu.event_id.as_str(),
-            pdu.sender.as_str(),
-            member,
-            &through_room,
-        );
-        self.appservice_wakeups.destinations.extend(queued);
+        let sender = pdu.sender.as_str();
+        let queued =
+            appservices.queue_event_into(&mut self.batch, pdu.event_id.as_str(), |i, s| {
+                crate::services::appservices::interested_in_event(
+                    i,
+                    s,
+                    sender,
+                    member,
+                    &through_room,
+                )
+            });
+        for id in queued {
+            self.appservice_queued
+                .insert((id.clone(), pdu.event_id.to_string()));
+            self.appservice_wakeups.destinations.insert(id);
+        }
         Ok(())
+    }
+
+    /// A new room gets `alias` in this draft's batch, after its events:
+    /// they are queued for the services the alias interests too.
+    pub fn queue_appended_through_alias(&mut self, alias: &str) {
+        let appservices = self.rooms.appservices.clone();
+        let through_alias: Vec<usize> = appservices
+            .registrations
+            .iter()
+            .enumerate()
+            .filter(|(_, service)| service.namespaces.has_alias(alias))
+            .map(|(index, _)| index)
+            .collect();
+        if through_alias.is_empty() {
+            return;
+        }
+        for pdu in self.appended.clone() {
+            let event_id = pdu.event_id.to_string();
+            let done = &self.appservice_queued;
+            let queued = appservices.queue_event_into(&mut self.batch, &event_id, |i, s| {
+                through_alias.contains(&i) && !done.contains(&(s.id.clone(), event_id.clone()))
+            });
+            for id in queued {
+                self.appservice_queued
+                    .insert((id.clone(), event_id.clone()));
+                self.appservice_wakeups.destinations.insert(id);
+            }
+        }
     }
 
     /// An event with `m.relates_to`: indexed under its parent, and a thread

@@ -466,13 +466,18 @@ impl Rooms {
             forgotten: false,
         };
         // A bridge learns of an invite of one of its users here.
-        let queued = self.appservices.queue_event_into(
-            &mut batch,
-            pdu.event_id.as_str(),
-            pdu.sender.as_str(),
-            Some(&target),
-            &[],
-        );
+        let sender = pdu.sender.as_str();
+        let queued =
+            self.appservices
+                .queue_event_into(&mut batch, pdu.event_id.as_str(), |i, s| {
+                    crate::services::appservices::interested_in_event(
+                        i,
+                        s,
+                        sender,
+                        Some(&target),
+                        &[],
+                    )
+                });
         batch.put(tables::USER_ROOMS, &(target, room_id), &membership);
         self.storage.commit(batch).await?;
         drop(reservation);
