@@ -1,6 +1,5 @@
 //! Transactions: what the homeserver pushes to an application service
-//! (`PUT /_matrix/app/v1/transactions/{txnId}`), how much goes in one,
-//! and how long to wait after a failure.
+//! (`PUT /_matrix/app/v1/transactions/{txnId}`) and how much goes in one.
 
 use std::collections::BTreeMap;
 
@@ -123,19 +122,6 @@ impl Transaction {
     }
 }
 
-/// Exponential backoff after `failures` failed attempts in a row:
-/// `base_ms * 2^(failures - 1)`, at most `max_ms`.
-pub fn backoff_ms(failures: u32, base_ms: u64, max_ms: u64) -> u64 {
-    if failures == 0 {
-        return 0;
-    }
-    let doublings = (failures - 1).min(63);
-    base_ms
-        .checked_mul(1u64 << doublings)
-        .unwrap_or(max_ms)
-        .min(max_ms)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,14 +180,5 @@ mod tests {
         assert!(body
             .get("org.matrix.msc3202.device_unused_fallback_key_types")
             .is_none());
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_its_cap() {
-        assert_eq!(backoff_ms(0, 500, 60_000), 0);
-        assert_eq!(backoff_ms(1, 500, 60_000), 500);
-        assert_eq!(backoff_ms(3, 500, 60_000), 2_000);
-        assert_eq!(backoff_ms(20, 500, 60_000), 60_000);
-        assert_eq!(backoff_ms(u32::MAX, 500, 60_000), 60_000);
     }
 }

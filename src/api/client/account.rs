@@ -55,7 +55,7 @@ pub async fn register(
     ClientIp(ip): ClientIp,
     BearerToken(token): BearerToken,
     Query(query): Query<RegisterQuery>,
-    JsonBody(body): JsonBody<RegisterBody>,
+    JsonBody(mut body): JsonBody<RegisterBody>,
 ) -> ApiResult<Json<Value>> {
     match query.kind.as_deref() {
         None | Some("user") => {}
@@ -105,18 +105,14 @@ pub async fn register(
     }
     let password = body
         .password
+        .take()
         .ok_or_else(|| MatrixError::missing_param("Missing params: password"))?;
     let localpart = match username {
         Some(username) => username,
         None => crate::ids::new_localpart(&mut rand::thread_rng()),
     };
     state.rate_limiter.check(Kind::Registration, &ip)?;
-    let device = (!body.inhibit_login).then_some(NewDevice {
-        device_id: body.device_id,
-        display_name: body.initial_device_display_name,
-        wants_refresh_token: body.refresh_token,
-        ip: Some(ip),
-    });
+    let device = body.device(ip);
     let (user_id, login) = state
         .accounts
         .register(&localpart, Some(&password), false, device)
@@ -133,10 +129,7 @@ pub async fn register(
             )
             .await?;
     }
-    Ok(Json(match login {
-        Some(login) => login_answer(&login),
-        None => json!({ "user_id": user_id.to_string() }),
-    }))
+    Ok(Json(registered(&user_id, login.as_ref())))
 }
 
 /// Registration by an application service (`m.login.application_service`,
@@ -147,7 +140,7 @@ async fn register_for_appservice(
     state: &AppState,
     service: &myelin_appservices::Registration,
     ip: String,
-    body: RegisterBody,
+    mut body: RegisterBody,
 ) -> ApiResult<Json<Value>> {
     if service.rate_limited {
         state.rate_limiter.check(Kind::Registration, &ip)?;
@@ -168,21 +161,37 @@ async fn register_for_appservice(
     if service.device_management && !body.inhibit_login {
         return Err(appservice_login_unsupported());
     }
-    let device = (!body.inhibit_login).then_some(NewDevice {
-        device_id: body.device_id,
-        display_name: body.initial_device_display_name,
-        wants_refresh_token: body.refresh_token,
-        ip: Some(ip),
-    });
+    let device = body.device(ip);
     let (user_id, login) = state
         .accounts
         .register_for_appservice(&localpart, device)
         .await?;
     tracing::info!(%user_id, appservice = %service.id, "registered for an application service");
-    Ok(Json(match login {
-        Some(login) => login_answer(&login),
+    Ok(Json(registered(&user_id, login.as_ref())))
+}
+
+impl RegisterBody {
+    /// The first device asked for, unless `inhibit_login`.
+    fn device(&mut self, ip: String) -> Option<NewDevice> {
+        (!self.inhibit_login).then(|| NewDevice {
+            device_id: self.device_id.take(),
+            display_name: self.initial_device_display_name.take(),
+            wants_refresh_token: self.refresh_token,
+            ip: Some(ip),
+        })
+    }
+}
+
+/// The answer to a registration: the new device's credentials, or the
+/// user ID alone without a login.
+fn registered(
+    user_id: &crate::ids::UserId,
+    login: Option<&crate::services::accounts::Login>,
+) -> Value {
+    match login {
+        Some(login) => login_answer(login),
         None => json!({ "user_id": user_id.to_string() }),
-    }))
+    }
 }
 
 fn check_password_length(password: &str) -> ApiResult<()> {

@@ -14,8 +14,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use myelin_appservices::transaction::{backoff_ms, next_batch, ItemKind, Transaction};
+use myelin_appservices::transaction::{next_batch, ItemKind, Transaction};
 use myelin_appservices::Registration;
+use myelin_federation::transaction::backoff_ms;
 use ruma::UserId;
 use serde_json::json;
 use tokio::sync::Notify;

@@ -760,14 +760,8 @@ impl<'a> Draft<'a> {
         let mut members: HashMap<String, String> = match &self.room_id {
             Some(room_id) => self
                 .rooms
-                .storage
-                .scan_prefix(
-                    tables::ROOM_STATE,
-                    &tables::str2_prefix(room_id.as_str(), "m.room.member"),
-                    usize::MAX,
-                )?
+                .member_event_ids(room_id.as_str())?
                 .into_iter()
-                .map(|((_, _, state_key), id)| (state_key, id))
                 .collect(),
             None => HashMap::new(),
         };

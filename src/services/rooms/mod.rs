@@ -162,21 +162,26 @@ impl Rooms {
             return Ok(known);
         }
         let epoch = appservices.interest_epoch();
-        let members: Vec<(String, String)> = self
-            .storage
-            .scan_prefix(
-                tables::ROOM_STATE,
-                &tables::str2_prefix(room_id.as_str(), "m.room.member"),
-                usize::MAX,
-            )?
-            .into_iter()
-            .map(|((_, _, user), event_id)| (user, event_id))
-            .collect();
+        let members = self.member_event_ids(room_id.as_str())?;
         let interest = self.appservice_interest_of(room_id.as_str(), members, |id| {
             Ok(self.pdu(id)?.map(|(pdu, _)| Arc::new(pdu)))
         })?;
         appservices.remember_interest(room_id.as_str(), interest.clone(), epoch);
         Ok(interest)
+    }
+
+    /// The current member events of a room: (user, event ID).
+    fn member_event_ids(&self, room_id: &str) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .storage
+            .scan_prefix(
+                tables::ROOM_STATE,
+                &tables::str2_prefix(room_id, "m.room.member"),
+                usize::MAX,
+            )?
+            .into_iter()
+            .map(|((_, _, user), event_id)| (user, event_id))
+            .collect())
     }
 
     /// The interest of a room with these (user, member event ID) entries;
