@@ -128,6 +128,15 @@ impl Registrations {
         self.all.iter()
     }
 
+    pub fn len(&self) -> usize {
+        self.all.len()
+    }
+
+    /// The registration at `index`, as [`Registrations::iter`] counts.
+    pub fn get(&self, index: usize) -> Option<&Registration> {
+        self.all.get(index)
+    }
+
     /// The service whose `as_token` this is.
     pub fn by_as_token(&self, token: &str) -> Option<&Registration> {
         self.by_as_token.get(token).map(|&index| &self.all[index])

@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use myelin_appservices::Registration;
 use ruma::{RoomId, UserId};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -98,7 +99,7 @@ async fn round(services: &Services, typing_seen: &mut TypingSerial) -> Result<bo
     let mut batch = Batch::new();
     let mut woken = BTreeSet::new();
     for (index, item) in queued {
-        let Some(service) = appservices.registrations.iter().nth(index) else {
+        let Some(service) = appservices.registrations.get(index) else {
             continue;
         };
         if service.url.is_none() {
@@ -140,17 +141,10 @@ fn entry_items(
                 return Ok(());
             };
             let interest = services.rooms.appservice_interest(&room)?;
-            let wanting: Vec<usize> = interest
+            if !interest
                 .iter()
-                .copied()
-                .filter(|&i| {
-                    registrations
-                        .iter()
-                        .nth(i)
-                        .is_some_and(|s| s.receive_ephemeral)
-                })
-                .collect();
-            if wanting.is_empty() {
+                .any(|&i| wants_ephemeral(registrations.get(i)))
+            {
                 return Ok(());
             }
             for (thread, receipt) in services
@@ -169,14 +163,14 @@ fn entry_items(
                     "room_id": room_id,
                     "content": { receipt.event_id: { "m.read": { user_id.clone(): read } } },
                 });
-                for &index in &wanting {
-                    queued.push((
-                        index,
-                        AppserviceItem::Ephemeral {
-                            event: event.clone(),
-                        },
-                    ));
-                }
+                let item = AppserviceItem::Ephemeral { event };
+                push_to(
+                    services,
+                    queued,
+                    interest.iter().copied(),
+                    wants_ephemeral,
+                    item,
+                );
             }
         }
         StreamEntry::Presence { user_id } => {
@@ -197,20 +191,9 @@ fn entry_items(
                     "currently_active": record.presence == "online",
                 },
             });
-            for index in services_sharing_rooms_with(services, &user)? {
-                if registrations
-                    .iter()
-                    .nth(index)
-                    .is_some_and(|s| s.receive_ephemeral)
-                {
-                    queued.push((
-                        index,
-                        AppserviceItem::Ephemeral {
-                            event: event.clone(),
-                        },
-                    ));
-                }
-            }
+            let sharing = services_sharing_rooms_with(services, &user)?;
+            let item = AppserviceItem::Ephemeral { event };
+            push_to(services, queued, sharing, wants_ephemeral, item);
         }
         StreamEntry::ToDevice { user_id, device_id } => {
             let key = (user_id.clone(), device_id.clone(), position);
@@ -224,34 +207,22 @@ fn entry_items(
                 "to_user_id": user_id,
                 "to_device_id": device_id,
             });
-            for (index, service) in registrations.iter().enumerate() {
-                if service.receive_ephemeral && service.is_interested_in_user(&user_id) {
-                    queued.push((
-                        index,
-                        AppserviceItem::ToDevice {
-                            message: pushed.clone(),
-                        },
-                    ));
-                }
-            }
+            let item = AppserviceItem::ToDevice { message: pushed };
+            let wants = |service: Option<&Registration>| {
+                service.is_some_and(|s| s.receive_ephemeral && s.is_interested_in_user(&user_id))
+            };
+            push_to(services, queued, 0..registrations.len(), wants, item);
         }
         StreamEntry::DeviceList { user_id } => {
             let Ok(user) = UserId::parse(&user_id) else {
                 return Ok(());
             };
-            for index in services_sharing_rooms_with(services, &user)? {
-                if registrations
-                    .iter()
-                    .nth(index)
-                    .is_some_and(|s| s.device_extensions)
-                {
-                    let item = AppserviceItem::DeviceList {
-                        user_id: user_id.clone(),
-                        left: false,
-                    };
-                    queued.push((index, item));
-                }
-            }
+            let sharing = services_sharing_rooms_with(services, &user)?;
+            let item = AppserviceItem::DeviceList {
+                user_id: user_id.clone(),
+                left: false,
+            };
+            push_to(services, queued, sharing, wants_device_lists, item);
         }
         StreamEntry::Event {
             member: Some(member),
@@ -287,16 +258,16 @@ fn left_items(
         return Ok(());
     }
     let still_shared = services_sharing_rooms_with(services, &user)?;
-    for index in services.rooms.appservice_interest(&room)?.iter().copied() {
-        let service = registrations.iter().nth(index);
-        if service.is_some_and(|s| s.device_extensions) && !still_shared.contains(&index) {
-            let item = AppserviceItem::DeviceList {
-                user_id: member.to_owned(),
-                left: true,
-            };
-            queued.push((index, item));
-        }
-    }
+    let interest = services.rooms.appservice_interest(&room)?;
+    let gone = interest
+        .iter()
+        .copied()
+        .filter(|i| !still_shared.contains(i));
+    let item = AppserviceItem::DeviceList {
+        user_id: member.to_owned(),
+        left: true,
+    };
+    push_to(services, queued, gone, wants_device_lists, item);
     Ok(())
 }
 
@@ -311,7 +282,7 @@ fn services_sharing_rooms_with(services: &Services, user: &UserId) -> Result<BTr
         .collect();
     for room in services.rooms.rooms_of_user(user, "join")? {
         found.extend(services.rooms.appservice_interest(&room)?.iter().copied());
-        if found.len() == registrations.iter().count() {
+        if found.len() == registrations.len() {
             break;
         }
     }
@@ -325,7 +296,6 @@ fn typing_changes(
     seen: TypingSerial,
     queued: &mut Queued,
 ) -> Result<TypingSerial> {
-    let registrations = &services.appservices.registrations;
     let (serial, rooms) = services.user_data.typing_changed_since(seen);
     for (room_id, users) in rooms {
         let Ok(room) = RoomId::parse(&room_id) else {
@@ -336,20 +306,40 @@ fn typing_changes(
             "room_id": room_id,
             "content": { "user_ids": users },
         });
-        for index in services.rooms.appservice_interest(&room)?.iter().copied() {
-            if registrations
-                .iter()
-                .nth(index)
-                .is_some_and(|s| s.receive_ephemeral)
-            {
-                queued.push((
-                    index,
-                    AppserviceItem::Ephemeral {
-                        event: event.clone(),
-                    },
-                ));
-            }
-        }
+        let interest = services.rooms.appservice_interest(&room)?;
+        let item = AppserviceItem::Ephemeral { event };
+        push_to(
+            services,
+            queued,
+            interest.iter().copied(),
+            wants_ephemeral,
+            item,
+        );
     }
     Ok(serial)
+}
+
+/// Queues `item` for each of the services `indices` (into the
+/// registrations) that `wants` it.
+fn push_to(
+    services: &Services,
+    queued: &mut Queued,
+    indices: impl IntoIterator<Item = usize>,
+    wants: impl Fn(Option<&Registration>) -> bool,
+    item: AppserviceItem,
+) {
+    let registrations = &services.appservices.registrations;
+    for index in indices {
+        if wants(registrations.get(index)) {
+            queued.push((index, item.clone()));
+        }
+    }
+}
+
+fn wants_ephemeral(service: Option<&Registration>) -> bool {
+    service.is_some_and(|s| s.receive_ephemeral)
+}
+
+fn wants_device_lists(service: Option<&Registration>) -> bool {
+    service.is_some_and(|s| s.device_extensions)
 }

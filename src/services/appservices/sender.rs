@@ -70,7 +70,7 @@ async fn worker(
     queued: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    let Some(service) = services.appservices.registrations.iter().nth(index) else {
+    let Some(service) = services.appservices.registrations.get(index) else {
         return;
     };
     let config = services.appservices.config().clone();
