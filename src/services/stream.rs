@@ -16,10 +16,15 @@
 //! flight; the write that completes 6 wakes 7's topics too. A reader
 //! registers its topics before it looks, and a wake-up that comes between
 //! its look and its wait is kept for it, so none is lost.
+//!
+//! The newest entries made visible are also kept in memory, in order
+//! ([`StreamCounter::recent`]): a reader a little behind reads its window
+//! there, without a database scan or a decode per entry. A reader's look
+//! then costs what its window holds, not a walk of the database.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use tokio::sync::Notify;
 
@@ -36,11 +41,22 @@ pub const EVERY_WRITE: &str = "**";
 /// room's timeline before everything this server saw live.
 pub const FIRST_POSITION: u64 = 1 << 32;
 
+/// Visible entries kept in memory, newest last.
+const RECENT_ENTRIES: usize = 32_768;
+
 pub struct StreamCounter {
     last: AtomicU64,
     positions: Mutex<Positions>,
     wakeups: Arc<Wakeups>,
     storage: Storage,
+    recent: RwLock<Recent>,
+}
+
+/// The newest visible entries, in position order.
+struct Recent {
+    entries: VecDeque<(u64, StreamEntry)>,
+    /// Every visible entry above this position is in `entries`.
+    complete_after: u64,
 }
 
 struct Positions {
@@ -49,8 +65,9 @@ struct Positions {
     /// of a position above it: a position whose batch failed has no row,
     /// so after a restart the counter would hand it out again.
     recorded: u64,
-    /// Committed positions above the current one, with their topics.
-    waiting: BTreeMap<u64, Vec<String>>,
+    /// Committed positions above the current one, with their topics and
+    /// entries.
+    waiting: BTreeMap<u64, (Vec<String>, StreamEntry)>,
 }
 
 /// Wakes the readers waiting on a topic.
@@ -143,6 +160,9 @@ pub struct Reservation {
     counter: Arc<StreamCounter>,
     position: u64,
     topics: Vec<String>,
+    entry: Option<StreamEntry>,
+    /// Set by the batch's commit.
+    committed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Reservation {
@@ -160,41 +180,48 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        // Whether the batch committed: its stream row is there or not.
-        let committed = self
-            .counter
-            .storage
-            .get(tables::STREAM, &self.position)
-            .is_ok_and(|row| row.is_some());
+        let committed = self.committed.load(Ordering::Acquire);
         let mut positions = self
             .counter
             .positions
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         positions.in_flight.remove(&self.position);
-        if committed {
+        if let (true, Some(entry)) = (committed, self.entry.take()) {
             positions.recorded = positions.recorded.max(self.position);
-            positions
-                .waiting
-                .insert(self.position, std::mem::take(&mut self.topics));
+            let topics = std::mem::take(&mut self.topics);
+            positions.waiting.insert(self.position, (topics, entry));
         }
         let current = current_of(&positions);
-        let visible: Vec<String> = match current.checked_add(1) {
+        let visible = match current.checked_add(1) {
             Some(above) => {
                 let still_waiting = positions.waiting.split_off(&above);
-                let visible = std::mem::replace(&mut positions.waiting, still_waiting);
-                visible.into_values().flatten().collect()
+                std::mem::replace(&mut positions.waiting, still_waiting)
             }
-            None => std::mem::take(&mut positions.waiting)
-                .into_values()
-                .flatten()
-                .collect(),
+            None => std::mem::take(&mut positions.waiting),
         };
-        drop(positions);
+        let mut topics = Vec::new();
         if !visible.is_empty() {
-            self.counter
-                .wakeups
-                .wake(visible.iter().map(String::as_str));
+            // Under the positions' lock, so that entries join the recent
+            // ones in position order, before a reader can see them current.
+            let mut recent = self
+                .counter
+                .recent
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            for (position, (entry_topics, entry)) in visible {
+                topics.extend(entry_topics);
+                recent.entries.push_back((position, entry));
+            }
+            while recent.entries.len() > RECENT_ENTRIES {
+                if let Some((position, _)) = recent.entries.pop_front() {
+                    recent.complete_after = position;
+                }
+            }
+        }
+        drop(positions);
+        if !topics.is_empty() {
+            self.counter.wakeups.wake(topics.iter().map(String::as_str));
         }
     }
 }
@@ -218,6 +245,10 @@ impl StreamCounter {
             }),
             wakeups,
             storage: storage.clone(),
+            recent: RwLock::new(Recent {
+                entries: VecDeque::new(),
+                complete_after: last,
+            }),
         })
     }
 
@@ -233,22 +264,63 @@ impl StreamCounter {
         positions.in_flight.insert(position);
         drop(positions);
         batch.put(tables::STREAM, &position, entry);
-        let topic = match entry {
+        let topics = match entry {
             StreamEntry::Event { room_id, .. } | StreamEntry::Receipt { room_id, .. } => {
-                room_id.clone()
+                vec![room_id.clone()]
             }
             StreamEntry::AccountData { user_id, .. } | StreamEntry::ToDevice { user_id, .. } => {
-                user_id.clone()
+                vec![user_id.clone()]
             }
-            // Everyone who shares a room may care: rare enough to wake all.
-            StreamEntry::Presence { .. } | StreamEntry::DeviceList { .. } => EVERYONE.to_owned(),
+            // The user's own devices and everyone who shares a room with
+            // them: the readers of the user and of each of their rooms.
+            StreamEntry::Presence { user_id } | StreamEntry::DeviceList { user_id } => {
+                let mut topics = self.joined_rooms(user_id);
+                topics.push(user_id.clone());
+                topics
+            }
         };
         let reservation = Reservation {
             counter: self.clone(),
             position,
-            topics: vec![topic],
+            topics,
+            entry: Some(entry.clone()),
+            committed: batch.committed_flag(),
         };
         (position, reservation)
+    }
+
+    /// The rooms `user_id` is joined to, as topics. Should the read fail,
+    /// every reader is woken instead: better an empty look than a missed one.
+    fn joined_rooms(&self, user_id: &str) -> Vec<String> {
+        match self
+            .storage
+            .scan_prefix(tables::USER_ROOMS, &tables::str_prefix(user_id), usize::MAX)
+        {
+            Ok(rows) => rows
+                .into_iter()
+                .filter(|(_, row)| row.membership == "join")
+                .map(|((_, room_id), _)| room_id)
+                .collect(),
+            Err(_) => vec![EVERYONE.to_owned()],
+        }
+    }
+
+    /// Calls `each` with every entry in (`after`, `upto`], in order, when
+    /// the window is among the recent entries kept in memory; `false`
+    /// (having called nothing) when it is not.
+    pub fn recent(&self, after: u64, upto: u64, mut each: impl FnMut(u64, &StreamEntry)) -> bool {
+        let recent = self.recent.read().unwrap_or_else(|e| e.into_inner());
+        if after < recent.complete_after {
+            return false;
+        }
+        let start = recent.entries.partition_point(|(p, _)| *p <= after);
+        for (position, entry) in recent.entries.range(start..) {
+            if *position > upto {
+                break;
+            }
+            each(*position, entry);
+        }
+        true
     }
 
     /// The highest position up to which every write has finished.
@@ -270,6 +342,7 @@ fn current_of(positions: &Positions) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::tables::UserRoom;
 
     #[tokio::test]
     async fn the_current_position_waits_for_the_oldest_write_in_flight() {
@@ -305,6 +378,7 @@ mod tests {
         let counter = Arc::new(StreamCounter::load(&storage, wakeups.clone()).unwrap());
         let room_reader = wakeups.register(vec!["!a:x".to_owned()]);
         let other_reader = wakeups.register(vec!["!b:x".to_owned()]);
+        let user_reader = wakeups.register(vec!["@a:x".to_owned()]);
         let event = |room: &str| StreamEntry::Event {
             room_id: room.to_owned(),
             event_id: "$e".to_owned(),
@@ -334,11 +408,79 @@ mod tests {
         storage.commit(batch).await.unwrap();
         drop(presence);
         assert!(
-            woken(&room_reader) && woken(&other_reader),
-            "presence wakes all"
+            woken(&user_reader) && !woken(&room_reader) && !woken(&other_reader),
+            "presence wakes the user's readers and those of the user's rooms (none here)"
         );
         drop(other_reader);
-        assert_eq!(wakeups.readers.lock().unwrap().len(), 2, "!a:x and *");
+        assert_eq!(wakeups.readers.lock().unwrap().len(), 3, "!a:x, @a:x and *");
+        let mut seen = Vec::new();
+        let base = FIRST_POSITION - 1;
+        assert!(counter.recent(base + 1, base + 3, |p, e| seen.push((p, e.clone()))));
+        assert_eq!(
+            seen.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            vec![base + 2, base + 3],
+            "the window's entries, in order, from memory"
+        );
+        assert_eq!(seen[0].1, event("!a:x"));
+    }
+
+    #[tokio::test]
+    async fn a_writers_presence_wakes_the_readers_of_its_joined_rooms() {
+        let storage = Storage::in_memory();
+        let mut batch = Batch::new();
+        let joined = UserRoom {
+            membership: "join".to_owned(),
+            event_id: "$j".to_owned(),
+            stream: 1,
+            forgotten: false,
+        };
+        let left = UserRoom {
+            membership: "leave".to_owned(),
+            ..joined.clone()
+        };
+        batch.put(
+            tables::USER_ROOMS,
+            &("@a:x".to_owned(), "!in:x".to_owned()),
+            &joined,
+        );
+        batch.put(
+            tables::USER_ROOMS,
+            &("@a:x".to_owned(), "!out:x".to_owned()),
+            &left,
+        );
+        storage.commit(batch).await.unwrap();
+        let wakeups = Arc::new(Wakeups::default());
+        let counter = Arc::new(StreamCounter::load(&storage, wakeups.clone()).unwrap());
+        let member = wakeups.register(vec!["!in:x".to_owned()]);
+        let former = wakeups.register(vec!["!out:x".to_owned()]);
+        let mut batch = Batch::new();
+        let entry = StreamEntry::DeviceList {
+            user_id: "@a:x".to_owned(),
+        };
+        let (_, reservation) = counter.next_into(&mut batch, &entry);
+        storage.commit(batch).await.unwrap();
+        drop(reservation);
+        assert!(futures_now(member.notified()));
+        assert!(!futures_now(former.notified()));
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_wakes_nobody_and_is_not_kept() {
+        let storage = Storage::in_memory();
+        let wakeups = Arc::new(Wakeups::default());
+        let counter = Arc::new(StreamCounter::load(&storage, wakeups.clone()).unwrap());
+        let reader = wakeups.register(vec!["@a:x".to_owned()]);
+        let entry = StreamEntry::AccountData {
+            user_id: "@a:x".to_owned(),
+            room_id: String::new(),
+            data_type: "t".to_owned(),
+        };
+        let (position, reservation) = counter.next_into(&mut Batch::new(), &entry);
+        drop(reservation);
+        assert!(!futures_now(reader.notified()));
+        let mut seen = 0;
+        assert!(counter.recent(position - 1, position, |_, _| seen += 1));
+        assert_eq!(seen, 0);
     }
 
     /// Whether a future is ready at once.

@@ -38,6 +38,35 @@ pub struct Changes {
 }
 
 impl Changes {
+    /// Adds what one stream entry changed for `user`.
+    fn note(&mut self, user: &UserId, entry: &StreamEntry) {
+        let insert = |set: &mut Option<BTreeSet<String>>, value: &str| {
+            if let Some(set) = set {
+                if !set.contains(value) {
+                    set.insert(value.to_owned());
+                }
+            }
+        };
+        match entry {
+            StreamEntry::Event {
+                room_id, member, ..
+            } => {
+                if let (Some(members), Some(member)) = (&mut self.members, member) {
+                    members.insert((room_id.clone(), member.clone()));
+                }
+                insert(&mut self.event_rooms, room_id)
+            }
+            StreamEntry::DeviceList { user_id } => insert(&mut self.device_list_users, user_id),
+            StreamEntry::ToDevice { .. } => {}
+            StreamEntry::Receipt { room_id, .. } => insert(&mut self.receipt_rooms, room_id),
+            StreamEntry::AccountData {
+                user_id, room_id, ..
+            } if user_id == user.as_str() => insert(&mut self.account_data_scopes, room_id),
+            StreamEntry::AccountData { .. } => {}
+            StreamEntry::Presence { user_id } => insert(&mut self.presence_users, user_id),
+        }
+    }
+
     pub fn room_has_events(&self, room_id: &str) -> bool {
         self.event_rooms
             .as_ref()
@@ -145,15 +174,22 @@ impl SyncStream {
     /// What changed for `user` in the positions after `since`, up to and
     /// including `upto`.
     pub fn changes(&self, user: &UserId, since: u64, upto: u64) -> Result<Changes> {
+        let mut changes = Changes {
+            event_rooms: Some(BTreeSet::new()),
+            receipt_rooms: Some(BTreeSet::new()),
+            account_data_scopes: Some(BTreeSet::new()),
+            presence_users: Some(BTreeSet::new()),
+            device_list_users: Some(BTreeSet::new()),
+            members: Some(BTreeSet::new()),
+        };
         if upto <= since {
-            return Ok(Changes {
-                event_rooms: Some(BTreeSet::new()),
-                receipt_rooms: Some(BTreeSet::new()),
-                account_data_scopes: Some(BTreeSet::new()),
-                presence_users: Some(BTreeSet::new()),
-                device_list_users: Some(BTreeSet::new()),
-                members: Some(BTreeSet::new()),
-            });
+            return Ok(changes);
+        }
+        let in_memory = self
+            .counter
+            .recent(since, upto, |_, entry| changes.note(user, entry));
+        if in_memory {
+            return Ok(changes);
         }
         let range = KeyRange {
             lower: since.saturating_add(1).encode(),
@@ -168,40 +204,8 @@ impl SyncStream {
         if entries.len() == MAX_WINDOW_ENTRIES {
             return Ok(Changes::default());
         }
-        let mut changes = Changes {
-            event_rooms: Some(BTreeSet::new()),
-            receipt_rooms: Some(BTreeSet::new()),
-            account_data_scopes: Some(BTreeSet::new()),
-            presence_users: Some(BTreeSet::new()),
-            device_list_users: Some(BTreeSet::new()),
-            members: Some(BTreeSet::new()),
-        };
-        let insert = |set: &mut Option<BTreeSet<String>>, value: String| {
-            if let Some(set) = set {
-                set.insert(value);
-            }
-        };
-        for (_, entry) in entries {
-            match entry {
-                StreamEntry::Event {
-                    room_id, member, ..
-                } => {
-                    if let (Some(members), Some(member)) = (&mut changes.members, member) {
-                        members.insert((room_id.clone(), member));
-                    }
-                    insert(&mut changes.event_rooms, room_id)
-                }
-                StreamEntry::DeviceList { user_id } => {
-                    insert(&mut changes.device_list_users, user_id)
-                }
-                StreamEntry::ToDevice { .. } => {}
-                StreamEntry::Receipt { room_id, .. } => insert(&mut changes.receipt_rooms, room_id),
-                StreamEntry::AccountData {
-                    user_id, room_id, ..
-                } if user_id == user.as_str() => insert(&mut changes.account_data_scopes, room_id),
-                StreamEntry::AccountData { .. } => {}
-                StreamEntry::Presence { user_id } => insert(&mut changes.presence_users, user_id),
-            }
+        for (_, entry) in &entries {
+            changes.note(user, entry);
         }
         Ok(changes)
     }

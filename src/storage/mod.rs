@@ -86,6 +86,9 @@ impl<K, V> Copy for Table<K, V> {}
 #[derive(Default)]
 pub struct Batch {
     raw: RawBatch,
+    /// Set once the batch has committed, for whoever waits on the outcome
+    /// (a stream position's reservation) without reading it back.
+    committed: Vec<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Batch {
@@ -109,6 +112,23 @@ impl Batch {
     /// Moves every change of `other` to the end of this batch.
     pub fn append(&mut self, other: Batch) {
         self.raw.ops.extend(other.raw.ops);
+        self.committed.extend(other.committed);
+    }
+
+    /// A flag set when this batch has committed durably.
+    pub fn committed_flag(&mut self) -> Arc<std::sync::atomic::AtomicBool> {
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.committed.push(flag.clone());
+        flag
+    }
+
+    /// Writes the batch, then sets its commit flags.
+    fn write_to(self, backend: &dyn Backend) -> Result<(), StorageError> {
+        backend.write(self.raw)?;
+        for flag in self.committed {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
+        Ok(())
     }
 }
 
@@ -208,14 +228,14 @@ impl Storage {
             return Ok(());
         }
         let backend = self.backend.clone();
-        tokio::task::spawn_blocking(move || backend.write(batch.raw))
+        tokio::task::spawn_blocking(move || batch.write_to(backend.as_ref()))
             .await
             .map_err(|e| StorageError::Task(e.to_string()))?
     }
 
     /// Commits a batch on the calling thread (start-up and command-line use).
     pub fn write_blocking(&self, batch: Batch) -> Result<(), StorageError> {
-        self.backend.write(batch.raw)
+        batch.write_to(self.backend.as_ref())
     }
 }
 
