@@ -757,6 +757,11 @@ impl SyncRequest<'_> {
     }
 }
 
+/// Rooms of the syncing user up to which `shares_room` reads the other
+/// user's membership in each (point reads); above, it reads the list of
+/// the other user's rooms (one scan) instead.
+const SHARED_ROOM_POINT_READS: usize = 16;
+
 /// Whether `other` is the user or is joined to one of `joined_rooms`.
 fn shares_room(
     state: &AppState,
@@ -766,6 +771,14 @@ fn shares_room(
 ) -> ApiResult<bool> {
     if other == user {
         return Ok(true);
+    }
+    if joined_rooms.len() <= SHARED_ROOM_POINT_READS {
+        for room_id in joined_rooms {
+            if state.rooms.membership(room_id, other)? == "join" {
+                return Ok(true);
+            }
+        }
+        return Ok(false);
     }
     let theirs = state.rooms.rooms_of_user(other, "join")?;
     Ok(theirs.iter().any(|room| joined_rooms.contains(room)))
