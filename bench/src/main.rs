@@ -52,6 +52,11 @@ enum Scenario {
         senders: usize,
         #[arg(long, value_enum, default_value_t = Transport::Sync)]
         transport: Transport,
+        /// First one unmeasured message into each room, delivered to all
+        /// before the measured ones start: the steady state, without each
+        /// recipient's first look at its room after connecting.
+        #[arg(long)]
+        warm_up: bool,
     },
     /// (b) Acknowledged sends per second with C concurrent senders.
     Throughput {
@@ -140,7 +145,13 @@ async fn main() {
             rate,
             senders,
             transport,
-        } => scenarios::latency(&server, clients, messages, rate, senders, transport).await,
+            warm_up,
+        } => {
+            scenarios::latency(
+                &server, clients, messages, rate, senders, transport, warm_up,
+            )
+            .await
+        }
         Scenario::Throughput { senders, seconds } => {
             scenarios::throughput(&server, senders, seconds).await
         }

@@ -89,6 +89,51 @@ async fn spawn_ws_reader(
     })
 }
 
+/// Tags of warm-up messages: above any measured message's.
+const WARM_UP_TAGS: u64 = 1 << 40;
+
+/// One message into each room, waited for until every recipient has it
+/// (or 30 s), and not measured: the cost of a recipient's first look at a
+/// room after connecting is left out of the steady state's figures.
+async fn warm_up_rooms(
+    server: &Server,
+    sender: &str,
+    rooms: &[(String, usize)],
+    arrivals: &Arrivals,
+) {
+    let expected: usize = rooms.iter().map(|(_, recipients)| recipients).sum();
+    for (n, (room_id, _)) in rooms.iter().enumerate() {
+        let tag = WARM_UP_TAGS + n as u64;
+        let txn = format!("{}-warm-{n}", server.run);
+        server
+            .send(sender, room_id, &txn, &format!("bench:{tag}"))
+            .await;
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    loop {
+        let got: usize = arrivals
+            .lock()
+            .expect("arrivals")
+            .iter()
+            .filter(|(tag, _)| **tag >= WARM_UP_TAGS)
+            .map(|(_, times)| times.len())
+            .sum();
+        if got >= expected || Instant::now() > deadline {
+            eprintln!(
+                "  warm-up: {got} of {expected} deliveries in {:?}",
+                started.elapsed()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    arrivals
+        .lock()
+        .expect("arrivals")
+        .retain(|tag, _| *tag < WARM_UP_TAGS);
+}
+
 async fn initial_since(server: &Server, token: &str) -> String {
     let answer = server.sync(token, None, 0).await.expect("an initial sync");
     answer["next_batch"]
@@ -146,6 +191,7 @@ pub async fn latency(
     rate: f64,
     senders: usize,
     transport: Transport,
+    warm_up: bool,
 ) -> Value {
     eprintln!("latency: {clients} clients over {transport:?}, {messages} messages at {rate}/s from {senders} senders");
     let sender_tokens = server.register_many("sender", senders.max(1)).await;
@@ -170,6 +216,9 @@ pub async fn latency(
     }
     eprintln!("\r  {clients} clients waiting");
     tokio::time::sleep(Duration::from_secs(2)).await;
+    if warm_up {
+        warm_up_rooms(server, &sender_tokens[0], &rooms, &arrivals).await;
+    }
 
     // Open loop: each send starts on schedule, answered or not.
     let answered: Arc<Mutex<HashMap<u64, (Instant, usize)>>> = Arc::default();
@@ -254,6 +303,7 @@ pub async fn latency(
     ));
     result["clients"] = json!(clients);
     result["senders"] = json!(senders);
+    result["warm_up"] = json!(warm_up);
     result["messages"] = json!(messages);
     result["acknowledged"] = json!(answered.len());
     result["expected"] = json!(expected);
