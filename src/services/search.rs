@@ -6,9 +6,10 @@
 //! `m.room.name` names and `m.room.topic` topics and deleting what a
 //! redaction removes. A crash loses at most what was not committed, which
 //! the indexer reads again; a deleted or unreadable index is made again
-//! from the start of the stream. A search waits (at most a second) for the
-//! indexer to reach the position current when it came, so that a message
-//! is found as soon as it is sent.
+//! from the start of the stream. The indexer adds what it reads at once
+//! and commits every few seconds, or at once when a search waits: a search
+//! waits (at most a second) for the index to reach the position current
+//! when it came, so that a message is found as soon as it is sent.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +34,10 @@ const ROUND_ENTRIES: usize = 1000;
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How long a search waits for the index to catch up.
 const CATCH_UP: Duration = Duration::from_secs(1);
+/// Documents added wait at most this long for their commit, unless a
+/// search waits for them: each commit makes a segment, and segments are
+/// merged, so committing every round would cost more than the indexing.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 /// Memory of the index writer.
 const WRITER_BYTES: usize = 20_000_000;
 
@@ -54,6 +59,10 @@ pub struct Search {
     fields: Fields,
     /// The stream position the committed index covers.
     indexed: AtomicU64,
+    /// The stream position the writer has read up to (committed or not).
+    added: AtomicU64,
+    /// The highest position a search waits for the index to cover.
+    wanted: AtomicU64,
 }
 
 /// One hit: the event and how well it matched.
@@ -122,6 +131,8 @@ impl Search {
             writer: Mutex::new(writer),
             fields,
             indexed: AtomicU64::new(indexed),
+            added: AtomicU64::new(indexed),
+            wanted: AtomicU64::new(0),
         })
     }
 
@@ -132,6 +143,7 @@ impl Search {
 
     /// Waits (at most a second) until the index covers `position`.
     pub async fn catch_up(&self, position: u64) {
+        self.wanted.fetch_max(position, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + CATCH_UP;
         while self.indexed() < position && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -211,10 +223,35 @@ impl Search {
         Ok((hits, count))
     }
 
-    /// One round of the indexer: the events after the indexed position,
-    /// committed with the new position; `true` when more are waiting.
-    fn index_round(&self, services: &Services, upto: u64) -> Result<bool> {
-        let from = self.indexed();
+    /// One round of the indexer: adds the events after the position read
+    /// up to, and commits (with the position reached) when `commit_due` or
+    /// a search waits. Answers (more are waiting, committed).
+    fn index_round(
+        &self,
+        services: &Services,
+        upto: u64,
+        commit_due: bool,
+    ) -> Result<(bool, bool)> {
+        let more = self.add_round(services, upto)?;
+        let added = self.added.load(Ordering::SeqCst);
+        let searched = self.wanted.load(Ordering::SeqCst) > self.indexed();
+        if added <= self.indexed() || !(commit_due || searched) {
+            return Ok((more, false));
+        }
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut commit = writer.prepare_commit().map_err(index_error)?;
+        commit.set_payload(&added.to_string());
+        commit.commit().map_err(index_error)?;
+        drop(writer);
+        self.reader.reload().map_err(index_error)?;
+        self.indexed.store(added, Ordering::SeqCst);
+        Ok((more, true))
+    }
+
+    /// Adds the events after the position read up to, to at most `upto`,
+    /// to the writer; `true` when more are waiting.
+    fn add_round(&self, services: &Services, upto: u64) -> Result<bool> {
+        let from = self.added.load(Ordering::SeqCst);
         if from >= upto {
             return Ok(false);
         }
@@ -232,7 +269,7 @@ impl Search {
             _ => upto,
         };
         let f = &self.fields;
-        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         for (position, entry) in entries {
             let StreamEntry::Event { event_id, .. } = entry else {
                 continue;
@@ -276,12 +313,7 @@ impl Search {
                 ))
                 .map_err(index_error)?;
         }
-        let mut commit = writer.prepare_commit().map_err(index_error)?;
-        commit.set_payload(&reached.to_string());
-        commit.commit().map_err(index_error)?;
-        drop(writer);
-        self.reader.reload().map_err(index_error)?;
-        self.indexed.store(reached, Ordering::SeqCst);
+        self.added.store(reached, Ordering::SeqCst);
         Ok(more)
     }
 }
@@ -300,14 +332,24 @@ pub fn index_dir(data_dir: &Path) -> PathBuf {
 
 /// Runs the indexer until `stop`.
 pub async fn run(services: Arc<Services>, stop: CancellationToken) {
+    let mut last_commit = tokio::time::Instant::now();
     loop {
         let upto = services.sync.current();
+        let commit_due = last_commit.elapsed() >= COMMIT_INTERVAL;
         let round = {
             let services = services.clone();
-            tokio::task::spawn_blocking(move || services.search.index_round(&services, upto)).await
+            tokio::task::spawn_blocking(move || {
+                services.search.index_round(&services, upto, commit_due)
+            })
+            .await
         };
         let more = match round {
-            Ok(Ok(more)) => more,
+            Ok(Ok((more, committed))) => {
+                if committed {
+                    last_commit = tokio::time::Instant::now();
+                }
+                more
+            }
             Ok(Err(error)) => {
                 tracing::warn!(%error, "indexing for search failed");
                 false
