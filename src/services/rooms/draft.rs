@@ -202,7 +202,7 @@ impl<'a> Draft<'a> {
                 return Ok(Some(pdu.clone()));
             }
         }
-        Ok(self.rooms.pdu(event_id)?.map(|(pdu, _)| Arc::new(pdu)))
+        self.rooms.pdu_shared(event_id)
     }
 
     /// The membership of `user_id` in the current state ("leave" if none).

@@ -50,6 +50,9 @@ pub struct Rooms {
     pub max_members: u64,
     /// (state group, user) → (history visibility, membership) there.
     visibility_memo: BoundedMemo<(u64, String), (String, String)>,
+    /// Event ID → the stored JSON and the event parsed from it, for the
+    /// events read again and again: auth events, current state.
+    parsed_memo: BoundedMemo<String, (Arc<str>, Arc<Pdu>)>,
     /// The timestamp of the last room created here. In room version 12 a
     /// room's ID is the hash of its create event, so two rooms created with
     /// the same content in the same millisecond would get one ID; each new
@@ -90,6 +93,9 @@ impl<K: std::hash::Hash + Eq, V: Clone> BoundedMemo<K, V> {
         entries.insert(key, value);
     }
 }
+
+/// Most parsed events remembered.
+const PARSED_MEMO_ENTRIES: usize = 4096;
 
 /// Most (state group, user) visibility facts remembered.
 const VISIBILITY_MEMO_ENTRIES: usize = 200_000;
@@ -144,6 +150,7 @@ impl Rooms {
             default_version,
             max_members,
             visibility_memo: BoundedMemo::new(VISIBILITY_MEMO_ENTRIES),
+            parsed_memo: BoundedMemo::new(PARSED_MEMO_ENTRIES),
             last_create_ts: AtomicU64::new(0),
             outbox: Outbox::new(),
             appservices,
@@ -253,6 +260,11 @@ impl Rooms {
         let Some(stored) = self.storage.get(tables::PDUS, &event_id.to_owned())? else {
             return Ok(None);
         };
+        let pdu = self.parse_stored(event_id, &stored)?;
+        Ok(Some((pdu, stored)))
+    }
+
+    fn parse_stored(&self, event_id: &str, stored: &StoredPdu) -> Result<Pdu> {
         let corrupt = |detail: String| crate::storage::StorageError::Corrupt {
             table: "pdus",
             detail,
@@ -260,9 +272,27 @@ impl Rooms {
         let json = serde_json::from_str(&stored.json).map_err(|e| corrupt(e.to_string()))?;
         let event_id = EventId::parse(event_id).map_err(|e| corrupt(e.to_string()))?;
         let room_id = RoomId::parse(&stored.room_id).map_err(|e| corrupt(e.to_string()))?;
-        let pdu =
-            Pdu::from_canonical(event_id, room_id, json).map_err(|e| corrupt(e.to_string()))?;
-        Ok(Some((pdu, stored)))
+        Ok(Pdu::from_canonical(event_id, room_id, json).map_err(|e| corrupt(e.to_string()))?)
+    }
+
+    /// An event, shared: parsed once while its stored JSON stays the same
+    /// (a redaction rewrites it), then read back by a point read and a
+    /// comparison of the text.
+    pub fn pdu_shared(&self, event_id: &str) -> Result<Option<Arc<Pdu>>> {
+        let Some(stored) = self.storage.get(tables::PDUS, &event_id.to_owned())? else {
+            return Ok(None);
+        };
+        if let Some((json, pdu)) = self.parsed_memo.get(&event_id.to_owned()) {
+            if *json == *stored.json {
+                return Ok(Some(pdu));
+            }
+        }
+        let pdu = Arc::new(self.parse_stored(event_id, &stored)?);
+        self.parsed_memo.insert(
+            event_id.to_owned(),
+            (Arc::from(stored.json.as_str()), pdu.clone()),
+        );
+        Ok(Some(pdu))
     }
 
     /// Every current state entry: (type, state key, event ID).
@@ -300,10 +330,10 @@ impl Rooms {
         room_id: &RoomId,
         kind: &str,
         state_key: &str,
-    ) -> Result<Option<Pdu>> {
+    ) -> Result<Option<Arc<Pdu>>> {
         let key = (room_id.to_string(), kind.to_owned(), state_key.to_owned());
         match self.storage.get(tables::ROOM_STATE, &key)? {
-            Some(event_id) => Ok(self.pdu(&event_id)?.map(|(pdu, _)| pdu)),
+            Some(event_id) => self.pdu_shared(&event_id),
             None => Ok(None),
         }
     }
