@@ -2,7 +2,7 @@
 # Measures Synapse and Myelin side by side on this machine, in one run, with
 # the same `bench` scenarios, and prints one table of both and their ratio.
 #
-#   bench/compare.sh            # the full run (about half an hour on 2 cores)
+#   bench/compare.sh            # the full run (about an hour on 2 cores)
 #   QUICK=1 bench/compare.sh    # smaller sizes, to try the setup
 #
 # Synapse comes from PyPI into a virtual environment, configured on loopback
@@ -126,6 +126,10 @@ stop_server() {
 # memory the allocator keeps would hide what connections cost.
 run_server() {
     local name=$1 phase=$2 port url results
+    # The soak is Myelin's alone.
+    if [ "$phase" = soak ] && [ "$name" != myelin ]; then
+        return 0
+    fi
     port=$(port_free)
     url="http://127.0.0.1:$port"
     results="$work/$name.results"
@@ -141,43 +145,65 @@ run_server() {
             | grep '^RESULT ' | sed 's/^RESULT //' >>"$results"
     }
     if [ "$phase" = memory ]; then
-        if [ "$quick" = 1 ]; then
-            scenario memory --connections 1000
-            [ "$name" = myelin ] && scenario memory --connections 1000 --transport ws
-        else
-            scenario memory --connections 1000
-            scenario memory --connections 10000
-            if [ "$name" = myelin ]; then
-                # The devices are made first, then the server starts afresh
-                # on the same data, so that logging in is not measured.
-                scenario devices --count 10000 --file "$work/devices.txt"
+        # WebSocket connections are of as many devices, made first; the
+        # server then starts afresh on the same data, so that neither
+        # logging in nor the memory it leaves behind is measured.
+        local sizes="1000 10000"
+        [ "$quick" = 1 ] && sizes="1000"
+        for connections in $sizes; do
+            scenario memory --connections "$connections"
+        done
+        if [ "$name" = myelin ]; then
+            local most=${sizes##* }
+            scenario devices --count "$most" --file "$work/devices.txt"
+            for connections in $sizes; do
                 stop_server
                 keep_data=1 "start_$name" "$port"
                 wait_for "$url"
-                scenario memory --connections 10000 --transport ws --tokens-file "$work/devices.txt"
-            fi
+                scenario memory --connections "$connections" --transport ws --tokens-file "$work/devices.txt"
+            done
+        fi
+    elif [ "$phase" = soak ]; then
+        # Ten minutes of steady load, memory read every 10 s.
+        if [ "$quick" = 1 ]; then
+            scenario soak --clients 100 --seconds 60 --rate 10
+        else
+            scenario soak --clients 1000 --seconds 600 --rate 10
         fi
     elif [ "$quick" = 1 ]; then
         scenario storage --messages 500
         scenario initial-sync --rooms 10
-        scenario throughput --senders 8 --seconds 5
+        for senders in 1 16; do
+            scenario throughput --senders "$senders" --seconds 5
+        done
         scenario fanout --members 100 --rounds 5
-        scenario latency --clients 100 --messages 50 --rate 10
+        scenario latency --clients 100 --messages 50 --rate 10 --warm-up
         scenario push --rooms 10 --messages 100 --rate 20
-        [ "$name" = myelin ] && scenario latency --clients 100 --messages 50 --rate 10 --transport ws
+        [ "$name" = myelin ] && scenario latency --clients 100 --messages 50 --rate 10 --transport ws --warm-up
     else
         scenario storage --messages 5000
         for rooms in 10 100 1000; do
             scenario initial-sync --rooms "$rooms"
         done
-        scenario throughput --senders 1 --seconds 20
-        scenario throughput --senders 16 --seconds 20
+        for senders in 1 4 16 64; do
+            scenario throughput --senders "$senders" --seconds 20
+        done
         scenario fanout --members 100 --rounds 20
-        scenario latency --clients 100 --messages 200 --rate 10
         scenario push --rooms 50 --messages 1000 --rate 20
+        # How latency grows with waiting clients: 100 and 1,000 on both
+        # servers, 10,000 on Myelin (Synapse needs many minutes to join
+        # 10,000 users to rooms). Each in the steady state (--warm-up), and
+        # 1,000 also from cold: the first message each recipient sees
+        # after connecting.
+        scenario latency --clients 100 --messages 200 --rate 10 --warm-up
+        scenario latency --clients 1000 --messages 200 --rate 10 --warm-up
         scenario latency --clients 1000 --messages 200 --rate 10
-        scenario latency --clients 1000 --messages 200 --rate 10 --senders 4
+        scenario latency --clients 1000 --messages 200 --rate 10 --senders 4 --warm-up
         if [ "$name" = myelin ]; then
+            scenario latency --clients 10000 --messages 200 --rate 10 --warm-up
+            for clients in 100 1000 10000; do
+                scenario latency --clients "$clients" --messages 200 --rate 10 --transport ws --warm-up
+            done
             scenario latency --clients 1000 --messages 200 --rate 10 --transport ws
         fi
     fi
@@ -185,10 +211,10 @@ run_server() {
 }
 
 # SERVERS and PHASES pick what runs: the servers, and the phases "first"
-# (every scenario but memory) and "memory"; the table is made of whatever
-# the results files hold.
+# (every scenario but memory and the soak), "memory" and "soak"; the table
+# is made of whatever the results files hold.
 for server in ${SERVERS:-synapse myelin}; do
-    for phase in ${PHASES:-first memory}; do
+    for phase in ${PHASES:-first memory soak}; do
         run_server "$server" "$phase"
     done
 done
@@ -206,6 +232,9 @@ def load(name):
             key += f" {row['clients']} clients"
             if row.get("senders", 1) > 1:
                 key += f", {row['senders']} senders"
+            key += ", steady" if row.get("warm_up") else ", cold"
+        if row["scenario"].startswith("soak"):
+            key += f" {row['clients']} clients, {row['seconds']} s at {row['rate']}/s"
         if row["scenario"] == "throughput":
             key += f" {row['senders']} senders"
         if row["scenario"].startswith("memory"):
@@ -223,6 +252,7 @@ figures = {
     "initial-sync": ["median_ms"],
     "storage": ["bytes_per_message"],
     "push": ["p50_ms", "p95_ms", "p99_ms", "max_ms"],
+    "soak": ["p99_ms", "rss_first_minute_mb", "rss_last_minute_mb", "rss_growth_percent"],
 }
 print(f"Synapse {version} (SQLite, WAL, synchronous={sqlite_sync}); Myelin (RocksDB, WAL synced before every answer)")
 print()

@@ -123,6 +123,18 @@ enum Scenario {
         #[arg(long, default_value_t = 20.0)]
         rate: f64,
     },
+    /// (i) A soak: steady sends to waiting clients for a long while, the
+    /// server's resident memory read every 10 s (needs `--pid`).
+    Soak {
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        #[arg(long, value_enum, default_value_t = Transport::Ws)]
+        transport: Transport,
+    },
     /// (f) Database bytes per stored message.
     Storage {
         #[arg(long, default_value_t = 5000)]
@@ -192,6 +204,15 @@ async fn main() {
             messages,
             rate,
         } => scenarios::push(&server, rooms, messages, rate).await,
+        Scenario::Soak {
+            clients,
+            seconds,
+            rate,
+            transport,
+        } => {
+            let pid = cli.pid.expect("soak needs --pid");
+            scenarios::soak(&server, pid, clients, seconds, rate, transport).await
+        }
         Scenario::Storage { messages } => {
             let dir = cli.data_dir.expect("storage needs --data-dir");
             scenarios::storage(&server, &dir, messages).await

@@ -983,3 +983,75 @@ pub async fn push(server: &Server, rooms: usize, messages: u64, rate: f64) -> Va
     result["not_pushed"] = json!(missing);
     result
 }
+
+/// (i) A soak: `clients` waiting, one sender at `rate` messages a second
+/// for `seconds`, the server's resident memory read every 10 s. Memory
+/// that keeps growing shows as the last minute's median above the first
+/// minute's (after the warm-up); the deliveries are measured as in
+/// `latency`.
+pub async fn soak(
+    server: &Server,
+    pid: u32,
+    clients: usize,
+    seconds: u64,
+    rate: f64,
+    transport: Transport,
+) -> Value {
+    let samples: Arc<Mutex<Vec<(f64, u64)>>> = Arc::default();
+    let started = Instant::now();
+    let sampler = {
+        let samples = samples.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                ticker.tick().await;
+                let at = started.elapsed().as_secs_f64();
+                samples
+                    .lock()
+                    .expect("samples")
+                    .push((at, resident_bytes(pid)));
+            }
+        })
+    };
+    let messages = (seconds as f64 * rate).round() as u64;
+    let mut result = latency(server, clients, messages, rate, 1, transport, true).await;
+    sampler.abort();
+    let samples = samples.lock().expect("samples").clone();
+    // The sending minutes are the last `seconds` before the end of sending;
+    // the deliveries' wait after it (at most 15 s) is left out too.
+    let end = started.elapsed().as_secs_f64();
+    let sending: Vec<u64> = samples
+        .iter()
+        .filter(|(at, _)| *at >= end - seconds as f64 - 15.0)
+        .map(|(_, bytes)| *bytes)
+        .collect();
+    let median = |readings: &[u64]| -> u64 {
+        let mut sorted = readings.to_vec();
+        sorted.sort_unstable();
+        sorted.get(sorted.len() / 2).copied().unwrap_or(0)
+    };
+    // A minute of readings at each end, never overlapping.
+    let minute = 6.min(sending.len() / 2).max(1).min(sending.len());
+    let first = median(&sending[..minute]);
+    let last = median(&sending[sending.len() - minute..]);
+    result["scenario"] = json!(format!(
+        "soak-{}",
+        match transport {
+            Transport::Sync => "sync",
+            Transport::Ws => "ws",
+        }
+    ));
+    result["seconds"] = json!(seconds);
+    result["rate"] = json!(rate);
+    let mb = |bytes: u64| (bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0;
+    result["rss_first_minute_mb"] = json!(mb(first));
+    result["rss_last_minute_mb"] = json!(mb(last));
+    result["rss_max_mb"] = json!(mb(sending.iter().max().copied().unwrap_or(0)));
+    result["rss_growth_percent"] = json!(if first > 0 {
+        ((last as f64 - first as f64) / first as f64 * 1000.0).round() / 10.0
+    } else {
+        0.0
+    });
+    result["rss_samples"] = json!(sending.len());
+    result
+}
