@@ -36,6 +36,16 @@ pub enum Transport {
     Ws,
 }
 
+impl Transport {
+    /// The transport's name in scenario names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Sync => "sync",
+            Transport::Ws => "ws",
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Scenario {
     /// (a) Send → delivery latency with N waiting clients, open loop.

@@ -294,13 +294,7 @@ pub async fn latency(
         }
     }
     let mut result = quantiles(&histogram);
-    result["scenario"] = json!(format!(
-        "latency-{}",
-        match transport {
-            Transport::Sync => "sync",
-            Transport::Ws => "ws",
-        }
-    ));
+    result["scenario"] = json!(format!("latency-{}", transport.name()));
     result["clients"] = json!(clients);
     result["senders"] = json!(senders);
     result["warm_up"] = json!(warm_up);
@@ -541,7 +535,7 @@ pub async fn memory(
     }
     let per = after.saturating_sub(before) as f64 / connections as f64;
     json!({
-        "scenario": format!("memory-{}", match transport { Transport::Sync => "sync", Transport::Ws => "ws" }),
+        "scenario": format!("memory-{}", transport.name()),
         "connections": connections,
         "rss_before_bytes": before,
         "rss_after_bytes": after,
@@ -1034,13 +1028,7 @@ pub async fn soak(
     let minute = 6.min(sending.len() / 2).max(1).min(sending.len());
     let first = median(&sending[..minute]);
     let last = median(&sending[sending.len() - minute..]);
-    result["scenario"] = json!(format!(
-        "soak-{}",
-        match transport {
-            Transport::Sync => "sync",
-            Transport::Ws => "ws",
-        }
-    ));
+    result["scenario"] = json!(format!("soak-{}", transport.name()));
     result["seconds"] = json!(seconds);
     result["rate"] = json!(rate);
     let mb = |bytes: u64| (bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0;
