@@ -106,6 +106,9 @@ enum Scenario {
     InitialSync {
         #[arg(long, default_value_t = 100)]
         rooms: usize,
+        /// Initial syncs measured, each from a new device.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// (g) Federation: events a second from the `--url` server to
     /// `--peer-url`'s, and send → remote `/sync` latency.
@@ -208,7 +211,9 @@ async fn main() {
             let peer = matrix::Server::new(&peer_url);
             scenarios::federation(&server, &peer, messages, senders, latency_messages, rate).await
         }
-        Scenario::InitialSync { rooms } => scenarios::initial_sync(&server, rooms).await,
+        Scenario::InitialSync { rooms, rounds } => {
+            scenarios::initial_sync(&server, rooms, rounds).await
+        }
         Scenario::Push {
             rooms,
             messages,
