@@ -8,6 +8,8 @@ use ruma::{
     EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId,
     RoomVersionId, UInt, UserId,
 };
+use std::sync::OnceLock;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
@@ -94,8 +96,13 @@ pub struct Pdu {
     pub auth_events: Vec<OwnedEventId>,
     pub redacts: Option<OwnedEventId>,
     pub depth: u64,
-    /// The whole signed event, as other servers receive it.
-    pub json: CanonicalJsonObject,
+    /// The whole signed event as canonical JSON text, as other servers
+    /// receive it and as it is stored.
+    text: Box<str>,
+    /// The same, parsed: kept from building or receiving the event, and
+    /// parsed from `text` on first use for an event read from storage,
+    /// which most readers (clients' timelines) never need.
+    json: OnceLock<CanonicalJsonObject>,
 }
 
 /// The fields of a PDU that the server reads.
@@ -170,20 +177,44 @@ impl Pdu {
         Pdu::from_canonical(event_id, room_id, canonical)
     }
 
-    /// Reads a stored or received PDU.
+    /// Reads a built or received PDU.
     pub fn from_canonical(
         event_id: OwnedEventId,
         room_id: OwnedRoomId,
         json: CanonicalJsonObject,
     ) -> Result<Pdu, EventError> {
-        let value = serde_json::to_value(&json).map_err(|e| EventError::Invalid(e.to_string()))?;
+        let whole = CanonicalJsonValue::Object(json);
+        let text = whole.to_string();
+        let CanonicalJsonValue::Object(json) = whole else {
+            unreachable!("made as an object")
+        };
+        let pdu = Pdu::from_text(event_id, room_id, text)?;
+        let _ = pdu.json.set(json);
+        Ok(pdu)
+    }
+
+    /// Reads a stored PDU from its canonical JSON text: only the fields the
+    /// server reads are parsed now, the whole object when it is first asked
+    /// for ([`Pdu::json`]).
+    pub fn from_text(
+        event_id: OwnedEventId,
+        room_id: OwnedRoomId,
+        text: String,
+    ) -> Result<Pdu, EventError> {
         let fields: PduFields =
-            serde_json::from_value(value).map_err(|e| EventError::Invalid(e.to_string()))?;
+            serde_json::from_str(&text).map_err(|e| EventError::Invalid(e.to_string()))?;
+        // Version 11 moved `redacts` into a redaction's content.
         let redacts = fields.redacts.or_else(|| {
-            serde_json::from_str::<Value>(fields.content.get())
+            if fields.kind != TimelineEventType::RoomRedaction {
+                return None;
+            }
+            #[derive(Deserialize)]
+            struct Redacts {
+                redacts: Option<OwnedEventId>,
+            }
+            serde_json::from_str::<Redacts>(fields.content.get())
                 .ok()
-                .and_then(|c| c.get("redacts")?.as_str().map(str::to_owned))
-                .and_then(|id| EventId::parse(id).ok())
+                .and_then(|c| c.redacts)
         });
         Ok(Pdu {
             event_id,
@@ -198,8 +229,26 @@ impl Pdu {
             auth_events: fields.auth_events,
             redacts,
             depth: fields.depth.into(),
-            json,
+            text: text.into_boxed_str(),
+            json: OnceLock::new(),
         })
+    }
+
+    /// The whole signed event, as other servers receive it.
+    pub fn json(&self) -> &CanonicalJsonObject {
+        self.json.get_or_init(|| {
+            // The text is canonical JSON that this server wrote (or read
+            // and checked before storing it); it parses.
+            serde_json::from_str(&self.text).unwrap_or_else(|e| {
+                tracing::error!(event_id = %self.event_id, "a stored event does not parse: {e}");
+                CanonicalJsonObject::new()
+            })
+        })
+    }
+
+    /// The canonical JSON text of the signed event.
+    pub fn json_str(&self) -> &str {
+        &self.text
     }
 
     /// The content as a JSON value.
@@ -213,7 +262,7 @@ impl Pdu {
 
     /// The event as this room version's redaction algorithm leaves it.
     pub fn redacted(&self, rules: &RoomVersionRules) -> Result<Pdu, EventError> {
-        let json = redact(self.json.clone(), &rules.redaction, None)
+        let json = redact(self.json().clone(), &rules.redaction, None)
             .map_err(|e| EventError::Invalid(e.to_string()))?;
         Pdu::from_canonical(self.event_id.clone(), self.room_id.clone(), json)
     }
@@ -238,9 +287,9 @@ impl Pdu {
         event
     }
 
-    /// The canonical JSON text of the signed event.
+    /// The canonical JSON text of the signed event, owned.
     pub fn json_text(&self) -> String {
-        CanonicalJsonValue::Object(self.json.clone()).to_string()
+        self.text.to_string()
     }
 }
 
@@ -343,11 +392,11 @@ mod tests {
             set.insert(key.key_id(), Base64::new(key.public_key().to_vec()));
             keys.insert("example.org".to_owned(), set);
             assert_eq!(
-                verify_event(&keys, &pdu.json, &rules).unwrap(),
+                verify_event(&keys, pdu.json(), &rules).unwrap(),
                 Verified::All
             );
             // Changing the content breaks the content hash, not the signature.
-            let mut tampered = pdu.json.clone();
+            let mut tampered = pdu.json().clone();
             tampered.insert(
                 "content".into(),
                 CanonicalJsonValue::Object(Default::default()),
@@ -356,8 +405,11 @@ mod tests {
                 verify_event(&keys, &tampered, &rules).unwrap(),
                 Verified::Signatures
             );
-            let reread =
-                Pdu::from_canonical(pdu.event_id.clone(), pdu.room_id.clone(), pdu.json.clone());
+            let reread = Pdu::from_canonical(
+                pdu.event_id.clone(),
+                pdu.room_id.clone(),
+                pdu.json().clone(),
+            );
             assert_eq!(reread.unwrap().content_value(), json!({ "body": "hi" }));
         }
     }

@@ -583,7 +583,7 @@ impl SyncRequest<'_> {
     /// An event in the format and with the fields the filter asks for.
     fn render(&self, pdu: &Pdu, stored: &StoredPdu) -> ApiResult<Value> {
         let event = match self.filter.event_format {
-            Some(EventFormat::Federation) => serde_json::to_value(&pdu.json)
+            Some(EventFormat::Federation) => serde_json::from_str(pdu.json_str())
                 .map_err(|e| crate::services::error::Error::Internal(e.to_string()))?,
             _ => render_event(self.state, pdu, Some(stored), self.authed)?,
         };

@@ -351,7 +351,7 @@ fn pending_rules(
         let Some(rules) = events::room_version_rules(version) else {
             continue;
         };
-        if myelin_federation::pdu::event_id(&pending.json, &rules)
+        if myelin_federation::pdu::event_id(pending.json(), &rules)
             .is_ok_and(|id| id == pending.event_id)
         {
             return Ok(rules);
@@ -401,7 +401,7 @@ pub async fn invite_remote(
                 .await
                 .map_err(|e| refused(&server, e))?;
             let signed = check_pdu(services, &answer["event"], &rules).await?;
-            let countersigned = signed.json.get("signatures").is_some_and(|s| match s {
+            let countersigned = signed.json().get("signatures").is_some_and(|s| match s {
                 ruma::CanonicalJsonValue::Object(s) => s.contains_key(server.as_str()),
                 _ => false,
             });

@@ -50,9 +50,10 @@ pub struct Rooms {
     pub max_members: u64,
     /// (state group, user) → (history visibility, membership) there.
     visibility_memo: BoundedMemo<(u64, String), (String, String)>,
-    /// Event ID → the stored JSON and the event parsed from it, for the
-    /// events read again and again: auth events, current state.
-    parsed_memo: BoundedMemo<String, (Arc<str>, Arc<Pdu>)>,
+    /// Event ID → the event parsed from its stored JSON (compared with the
+    /// stored text on each read), for the events read again and again:
+    /// auth events, current state.
+    parsed_memo: BoundedMemo<String, Arc<Pdu>>,
     /// The timestamp of the last room created here. In room version 12 a
     /// room's ID is the hash of its create event, so two rooms created with
     /// the same content in the same millisecond would get one ID; each new
@@ -65,37 +66,94 @@ pub struct Rooms {
     pub appservices: Arc<super::appservices::Appservices>,
 }
 
-/// A map that remembers facts that never go stale, up to a bound; when
-/// full it starts afresh (the facts can always be read again).
+/// A map that remembers facts that never go stale, up to a bound, and
+/// keeps those in use: entries live in two generations of half the bound
+/// each. A hit in the older one moves the entry to the newer; when the
+/// newer is full, the older is forgotten and the newer takes its place.
+/// (The facts can always be read again.)
 pub struct BoundedMemo<K, V> {
-    entries: std::sync::Mutex<std::collections::HashMap<K, V>>,
-    capacity: usize,
+    generations: std::sync::Mutex<Generations<K, V>>,
+    /// Most entries of one generation.
+    half: usize,
+}
+
+struct Generations<K, V> {
+    young: std::collections::HashMap<K, V>,
+    old: std::collections::HashMap<K, V>,
 }
 
 impl<K: std::hash::Hash + Eq, V: Clone> BoundedMemo<K, V> {
     pub fn new(capacity: usize) -> Self {
         BoundedMemo {
-            entries: std::sync::Mutex::new(std::collections::HashMap::new()),
-            capacity,
+            generations: std::sync::Mutex::new(Generations {
+                young: std::collections::HashMap::new(),
+                old: std::collections::HashMap::new(),
+            }),
+            half: (capacity / 2).max(1),
         }
     }
 
     pub fn get(&self, key: &K) -> Option<V> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.get(key).cloned()
+        let mut generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(value) = generations.young.get(key) {
+            return Some(value.clone());
+        }
+        let (key, value) = generations.old.remove_entry(key)?;
+        generations.put(key, value.clone(), self.half);
+        Some(value)
     }
 
     pub fn insert(&self, key: K, value: V) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= self.capacity {
-            entries.clear();
+        let mut generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        generations.old.remove(&key);
+        generations.put(key, value, self.half);
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V> Generations<K, V> {
+    fn put(&mut self, key: K, value: V, half: usize) {
+        if self.young.len() >= half && !self.young.contains_key(&key) {
+            self.old = std::mem::take(&mut self.young);
         }
-        entries.insert(key, value);
+        self.young.insert(key, value);
+    }
+}
+
+#[cfg(test)]
+mod memo_tests {
+    use super::BoundedMemo;
+
+    #[test]
+    fn entries_in_use_outlive_a_full_memo() {
+        let memo = BoundedMemo::new(4);
+        memo.insert(1, "one");
+        memo.insert(2, "two");
+        // The young generation is full: 1 and 2 become old.
+        memo.insert(3, "three");
+        // A hit moves 1 back to the young generation, beside 3.
+        assert_eq!(memo.get(&1), Some("one"));
+        // Full again: 2, never read since, is forgotten; 1 and 3 are kept.
+        memo.insert(4, "four");
+        assert_eq!(memo.get(&2), None);
+        assert_eq!(memo.get(&3), Some("three"));
+        assert_eq!(memo.get(&4), Some("four"));
+        assert_eq!(memo.get(&1), Some("one"));
+    }
+
+    #[test]
+    fn never_holds_more_than_its_bound() {
+        let memo = BoundedMemo::new(10);
+        for n in 0..1000 {
+            memo.insert(n, n);
+            let generations = memo.generations.lock().unwrap();
+            assert!(generations.young.len() + generations.old.len() <= 10);
+        }
+        assert_eq!(memo.get(&999), Some(999));
     }
 }
 
 /// Most parsed events remembered.
-const PARSED_MEMO_ENTRIES: usize = 4096;
+const PARSED_MEMO_ENTRIES: usize = 16_384;
 
 /// Most (state group, user) visibility facts remembered.
 const VISIBILITY_MEMO_ENTRIES: usize = 200_000;
@@ -269,10 +327,10 @@ impl Rooms {
             table: "pdus",
             detail,
         };
-        let json = serde_json::from_str(&stored.json).map_err(|e| corrupt(e.to_string()))?;
         let event_id = EventId::parse(event_id).map_err(|e| corrupt(e.to_string()))?;
         let room_id = RoomId::parse(&stored.room_id).map_err(|e| corrupt(e.to_string()))?;
-        Ok(Pdu::from_canonical(event_id, room_id, json).map_err(|e| corrupt(e.to_string()))?)
+        Ok(Pdu::from_text(event_id, room_id, stored.json.clone())
+            .map_err(|e| corrupt(e.to_string()))?)
     }
 
     /// An event, shared: parsed once while its stored JSON stays the same
@@ -282,16 +340,13 @@ impl Rooms {
         let Some(stored) = self.storage.get(tables::PDUS, &event_id.to_owned())? else {
             return Ok(None);
         };
-        if let Some((json, pdu)) = self.parsed_memo.get(&event_id.to_owned()) {
-            if *json == *stored.json {
+        if let Some(pdu) = self.parsed_memo.get(&event_id.to_owned()) {
+            if pdu.json_str() == stored.json {
                 return Ok(Some(pdu));
             }
         }
         let pdu = Arc::new(self.parse_stored(event_id, &stored)?);
-        self.parsed_memo.insert(
-            event_id.to_owned(),
-            (Arc::from(stored.json.as_str()), pdu.clone()),
-        );
+        self.parsed_memo.insert(event_id.to_owned(), pdu.clone());
         Ok(Some(pdu))
     }
 
@@ -306,8 +361,9 @@ impl Rooms {
             .collect())
     }
 
-    /// Current state events, optionally of one type only.
-    pub fn current_state(&self, room_id: &RoomId, kind: Option<&str>) -> Result<Vec<Pdu>> {
+    /// Current state events, optionally of one type only (shared: parsed
+    /// once while they stay current, see [`Rooms::pdu_shared`]).
+    pub fn current_state(&self, room_id: &RoomId, kind: Option<&str>) -> Result<Vec<Arc<Pdu>>> {
         let prefix = match kind {
             Some(kind) => tables::str2_prefix(room_id.as_str(), kind),
             None => tables::str_prefix(room_id.as_str()),
@@ -317,7 +373,7 @@ impl Rooms {
             .scan_prefix(tables::ROOM_STATE, &prefix, MAX_STATE_ENTRIES)?;
         let mut events = Vec::with_capacity(entries.len());
         for (_, event_id) in entries {
-            if let Some((pdu, _)) = self.pdu(&event_id)? {
+            if let Some(pdu) = self.pdu_shared(&event_id)? {
                 events.push(pdu);
             }
         }
@@ -557,7 +613,7 @@ impl Rooms {
     /// Redacts the target of a redaction in storage (the sender's right was
     /// checked before), and takes it out of the relations it was part of.
     fn apply_redaction(&self, draft: &mut Draft<'_>, redaction: &Pdu) -> Result<()> {
-        let top_level = redaction.json.get("redacts").and_then(|v| match v {
+        let top_level = redaction.json().get("redacts").and_then(|v| match v {
             ruma::CanonicalJsonValue::String(id) => Some(id.as_str()),
             _ => None,
         });

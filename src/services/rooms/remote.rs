@@ -613,7 +613,7 @@ impl Rooms {
     /// Adds this server's signature to another server's event (an invite
     /// of a local user).
     pub fn countersign(&self, pdu: &Pdu, rules: &RoomVersionRules) -> Result<Pdu> {
-        let mut json = pdu.json.clone();
+        let mut json = pdu.json().clone();
         ruma::signatures::hash_and_sign_event(
             &self.server_name,
             &*self.key,

@@ -80,7 +80,11 @@ impl Rooms {
         kind: Option<&str>,
     ) -> Result<Vec<Pdu>> {
         match reader {
-            Reader::Joined | Reader::Public => self.current_state(room_id, kind),
+            Reader::Joined | Reader::Public => Ok(self
+                .current_state(room_id, kind)?
+                .into_iter()
+                .map(std::sync::Arc::unwrap_or_clone)
+                .collect()),
             Reader::Former { state_group } => {
                 let mut state = self.state_at_group(state_group)?;
                 if let Some(kind) = kind {
