@@ -344,6 +344,13 @@ mod tests {
     use super::*;
     use crate::storage::tables::UserRoom;
 
+    /// A counter over `storage` and the wake-ups it signals.
+    fn counter_on(storage: &Storage) -> (Arc<Wakeups>, Arc<StreamCounter>) {
+        let wakeups = Arc::new(Wakeups::default());
+        let counter = Arc::new(StreamCounter::load(storage, wakeups.clone()).unwrap());
+        (wakeups, counter)
+    }
+
     #[tokio::test]
     async fn the_current_position_waits_for_the_oldest_write_in_flight() {
         let storage = Storage::in_memory();
@@ -374,8 +381,7 @@ mod tests {
     #[tokio::test]
     async fn readers_are_woken_by_their_topics_once_the_write_is_current() {
         let storage = Storage::in_memory();
-        let wakeups = Arc::new(Wakeups::default());
-        let counter = Arc::new(StreamCounter::load(&storage, wakeups.clone()).unwrap());
+        let (wakeups, counter) = counter_on(&storage);
         let room_reader = wakeups.register(vec!["!a:x".to_owned()]);
         let other_reader = wakeups.register(vec!["!b:x".to_owned()]);
         let user_reader = wakeups.register(vec!["@a:x".to_owned()]);
@@ -449,8 +455,7 @@ mod tests {
             &left,
         );
         storage.commit(batch).await.unwrap();
-        let wakeups = Arc::new(Wakeups::default());
-        let counter = Arc::new(StreamCounter::load(&storage, wakeups.clone()).unwrap());
+        let (wakeups, counter) = counter_on(&storage);
         let member = wakeups.register(vec!["!in:x".to_owned()]);
         let former = wakeups.register(vec!["!out:x".to_owned()]);
         let mut batch = Batch::new();
@@ -467,8 +472,7 @@ mod tests {
     #[tokio::test]
     async fn a_write_that_fails_wakes_nobody_and_is_not_kept() {
         let storage = Storage::in_memory();
-        let wakeups = Arc::new(Wakeups::default());
-        let counter = Arc::new(StreamCounter::load(&storage, wakeups.clone()).unwrap());
+        let (wakeups, counter) = counter_on(&storage);
         let reader = wakeups.register(vec!["@a:x".to_owned()]);
         let entry = StreamEntry::AccountData {
             user_id: "@a:x".to_owned(),
