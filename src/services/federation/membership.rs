@@ -168,7 +168,7 @@ async fn join_through(
         urlencode(pdu.event_id.as_str())
     );
     let body: Value =
-        serde_json::from_str(&pdu.json_text()).map_err(|e| Error::Internal(e.to_string()))?;
+        serde_json::from_str(pdu.json_str()).map_err(|e| Error::Internal(e.to_string()))?;
     let answer = services
         .federation
         .client
@@ -240,7 +240,7 @@ pub async fn leave_remote(
         urlencode(pdu.event_id.as_str())
     );
     let body: Value =
-        serde_json::from_str(&pdu.json_text()).map_err(|e| Error::Internal(e.to_string()))?;
+        serde_json::from_str(pdu.json_str()).map_err(|e| Error::Internal(e.to_string()))?;
     services
         .federation
         .client
@@ -270,8 +270,8 @@ pub async fn knock_remote(
                 urlencode(room_id.as_str()),
                 urlencode(pdu.event_id.as_str())
             );
-            let body: Value = serde_json::from_str(&pdu.json_text())
-                .map_err(|e| Error::Internal(e.to_string()))?;
+            let body: Value =
+                serde_json::from_str(pdu.json_str()).map_err(|e| Error::Internal(e.to_string()))?;
             let answer = services
                 .federation
                 .client
@@ -382,8 +382,8 @@ pub async fn invite_remote(
         .append_countersigned(room_id, sender, new, |pdu, version| async move {
             let rules = events::room_version_rules(&version)
                 .ok_or_else(|| Error::UnsupportedRoomVersion(version.to_string()))?;
-            let event: Value = serde_json::from_str(&pdu.json_text())
-                .map_err(|e| Error::Internal(e.to_string()))?;
+            let event: Value =
+                serde_json::from_str(pdu.json_str()).map_err(|e| Error::Internal(e.to_string()))?;
             let path = format!(
                 "/_matrix/federation/v2/invite/{}/{}",
                 urlencode(room_id.as_str()),
@@ -616,7 +616,7 @@ pub async fn receive_invite(
 
 /// A PDU as other servers receive it.
 pub fn pdu_value(pdu: &Pdu) -> Result<Value> {
-    serde_json::from_str(&pdu.json_text()).map_err(|e| Error::Internal(e.to_string()))
+    serde_json::from_str(pdu.json_str()).map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// The server part of the sender of the invite (or knock answer) a user

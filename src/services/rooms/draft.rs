@@ -407,7 +407,7 @@ impl<'a> Draft<'a> {
             EventError::TooLarge => Error::TooLarge(e.to_string()),
             EventError::Invalid(message) => Error::BadJson(message),
         })?;
-        if pdu.json_text().len() > MAX_PDU_BYTES {
+        if pdu.json_str().len() > MAX_PDU_BYTES {
             return Err(Error::TooLarge(format!(
                 "the signed event is larger than {MAX_PDU_BYTES} bytes"
             )));

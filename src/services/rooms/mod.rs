@@ -337,16 +337,17 @@ impl Rooms {
     /// (a redaction rewrites it), then read back by a point read and a
     /// comparison of the text.
     pub fn pdu_shared(&self, event_id: &str) -> Result<Option<Arc<Pdu>>> {
-        let Some(stored) = self.storage.get(tables::PDUS, &event_id.to_owned())? else {
+        let key = event_id.to_owned();
+        let Some(stored) = self.storage.get(tables::PDUS, &key)? else {
             return Ok(None);
         };
-        if let Some(pdu) = self.parsed_memo.get(&event_id.to_owned()) {
+        if let Some(pdu) = self.parsed_memo.get(&key) {
             if pdu.json_str() == stored.json {
                 return Ok(Some(pdu));
             }
         }
         let pdu = Arc::new(self.parse_stored(event_id, &stored)?);
-        self.parsed_memo.insert(event_id.to_owned(), pdu.clone());
+        self.parsed_memo.insert(key, pdu.clone());
         Ok(Some(pdu))
     }
 
