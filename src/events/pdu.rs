@@ -415,6 +415,38 @@ mod tests {
     }
 
     #[test]
+    fn an_event_read_from_its_stored_text_is_the_event_that_was_built() {
+        let target = EventId::parse("$target").unwrap();
+        let content = json!({ "redacts": target, "reason": "spam" });
+        let (redaction, _, _) = build(RoomVersionId::V11, "m.room.redaction", None, content);
+        // `redacts` in the content means nothing outside a redaction.
+        let content = json!({ "body": "hi", "redacts": target });
+        let (message, _, _) = build(RoomVersionId::V11, "m.room.message", None, content);
+        for built in [&redaction, &message] {
+            let text = built.json_text();
+            let read = Pdu::from_text(built.event_id.clone(), built.room_id.clone(), text.clone())
+                .unwrap();
+            assert_eq!(read.json_str(), text);
+            assert_eq!(read.json(), built.json(), "the whole object, parsed on use");
+            assert_eq!(read.sender, built.sender);
+            assert_eq!(read.kind, built.kind);
+            assert_eq!(read.content.get(), built.content.get());
+            assert_eq!(read.auth_events, built.auth_events);
+            assert_eq!(read.prev_events, built.prev_events);
+            assert_eq!(read.depth, 7);
+            assert_eq!(read.redacts, built.redacts);
+        }
+        assert_eq!(redaction.redacts, Some(target));
+        assert_eq!(message.redacts, None);
+        let not_json = Pdu::from_text(
+            redaction.event_id.clone(),
+            redaction.room_id.clone(),
+            "{".to_owned(),
+        );
+        assert!(not_json.is_err());
+    }
+
+    #[test]
     fn oversized_events_are_refused() {
         let rules = RoomVersionId::V12.rules().unwrap();
         let key = SigningKey::generate("k1").unwrap();
