@@ -12,13 +12,13 @@ use std::sync::Arc;
 
 use super::error::Result;
 use super::push::{evaluate, Decision, RoomContext};
-use super::push_rules::PushRules;
-use super::push_rules::PUSH_RULES;
+use super::push_rules::{PushRules, RoomLevels, PUSH_RULES};
 use super::rooms::Rooms;
 use super::sync::{UnreadCounts, UnreadMemo};
 use super::user_data::UserData;
 use super::Services;
 use crate::events::Pdu;
+use crate::storage::tables::RoomRecord;
 use crate::storage::Direction;
 
 /// The rules of one user in one room, ready to judge its events.
@@ -39,7 +39,7 @@ impl Judge {
         Ok(Judge {
             user: user.to_owned(),
             ruleset: push_rules.shared(user_data, user)?,
-            room: room_context(rooms, room_id, user)?,
+            room: room_context(rooms, push_rules, room_id, user)?,
         })
     }
 
@@ -100,15 +100,29 @@ pub fn thread_of(pdu: &Pdu) -> Option<String> {
 }
 
 /// What the push conditions need of the room, as it stands, for `user`:
-/// a few point reads (the room's record, the user's member event, the
-/// power levels and create events), never a scan of the members.
-pub fn room_context(rooms: &Rooms, room_id: &RoomId, user: &UserId) -> Result<RoomContext> {
-    let member_count = rooms.room(room_id)?.map_or(0, |room| room.joined_members);
+/// two point reads (the room's record, the user's member event), and the
+/// room's power levels as remembered for its current state, never a scan
+/// of the members.
+pub fn room_context(
+    rooms: &Rooms,
+    push_rules: &PushRules,
+    room_id: &RoomId,
+    user: &UserId,
+) -> Result<RoomContext> {
+    let (member_count, power_levels) = match rooms.room(room_id)? {
+        Some(record) => (
+            record.joined_members,
+            push_rules.room_levels(room_id, record.state_group, || {
+                power_levels(rooms, room_id, &record)
+            })?,
+        ),
+        None => (0, Arc::new(None)),
+    };
     Ok(RoomContext {
         room_id: OwnedRoomId::from(room_id),
         member_count,
         display_name: display_name(rooms, room_id, user)?,
-        power_levels: power_levels(rooms, room_id)?,
+        power_levels,
     })
 }
 
@@ -125,13 +139,7 @@ fn display_name(rooms: &Rooms, room_id: &RoomId, user: &UserId) -> Result<String
 }
 
 /// The room's power levels as ruma's push conditions read them.
-fn power_levels(
-    rooms: &Rooms,
-    room_id: &RoomId,
-) -> Result<Option<ruma::push::PushConditionPowerLevelsCtx>> {
-    let Some(record) = rooms.room(room_id)? else {
-        return Ok(None);
-    };
+fn power_levels(rooms: &Rooms, room_id: &RoomId, record: &RoomRecord) -> Result<RoomLevels> {
     let Some(rules) = RoomVersionId::try_from(record.version.as_str())
         .ok()
         .and_then(|version| version.rules())

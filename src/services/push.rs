@@ -16,6 +16,7 @@ use ruma::push::{
 use ruma::serde::Raw;
 use ruma::{OwnedRoomId, OwnedUserId, UInt};
 use serde_json::Value;
+use std::sync::Arc;
 
 /// What the conditions need to know of the room and the user.
 #[derive(Clone, Debug)]
@@ -25,8 +26,9 @@ pub struct RoomContext {
     pub member_count: u64,
     /// The user's display name in the room (their localpart without one).
     pub display_name: String,
-    /// The room's power levels, for `sender_notification_permission`.
-    pub power_levels: Option<PushConditionPowerLevelsCtx>,
+    /// The room's power levels, for `sender_notification_permission`
+    /// (shared by every member's context).
+    pub power_levels: Arc<Option<PushConditionPowerLevelsCtx>>,
 }
 
 /// What the rules decided.
@@ -61,7 +63,7 @@ pub fn evaluate(
         user.clone(),
         room.display_name.clone(),
     );
-    context.power_levels = room.power_levels.clone();
+    context.power_levels = Option::clone(&room.power_levels);
     // Nothing in the evaluation waits (thread subscriptions, the only
     // asynchronous condition, are not used), so it completes at once.
     let Some(rule) = ruleset.get_match(&raw, &context).now_or_never().flatten() else {
@@ -110,7 +112,7 @@ mod tests {
             room_id: owned_room_id!("!room:x"),
             member_count,
             display_name: "Alice Liddell".to_owned(),
-            power_levels: Some(levels.into()),
+            power_levels: Arc::new(Some(levels.into())),
         }
     }
 

@@ -9,8 +9,8 @@
 
 use std::sync::Arc;
 
-use ruma::push::{Action, NewPushRule, RuleKind, Ruleset};
-use ruma::UserId;
+use ruma::push::{Action, NewPushRule, PushConditionPowerLevelsCtx, RuleKind, Ruleset};
+use ruma::{RoomId, UserId};
 use serde_json::{json, Value};
 
 use super::error::{Error, Result};
@@ -23,6 +23,12 @@ pub const PUSH_RULES: &str = "m.push_rules";
 
 /// Most users whose parsed rules are remembered.
 const CACHED_RULESETS: usize = 100_000;
+/// Most rooms whose power levels, as the rules read them, are remembered.
+const CACHED_ROOM_LEVELS: usize = 16_384;
+
+/// A room's power levels as the push conditions read them (`None`: the
+/// room has none the conditions can use).
+pub type RoomLevels = Option<PushConditionPowerLevelsCtx>;
 
 /// The rules of every user, read and written through their account data.
 pub struct PushRules {
@@ -32,6 +38,9 @@ pub struct PushRules {
     /// account data (0: never changed), so that judging an event does not
     /// parse them again.
     cache: BoundedMemo<String, (u64, Arc<Ruleset>)>,
+    /// Room ID → its power levels as read at the room's state group, so
+    /// that judging an event for each member reads and parses them once.
+    room_levels: BoundedMemo<String, (u64, Arc<RoomLevels>)>,
 }
 
 impl Default for PushRules {
@@ -39,6 +48,7 @@ impl Default for PushRules {
         PushRules {
             locks: StripedLocks::new(64),
             cache: BoundedMemo::new(CACHED_RULESETS),
+            room_levels: BoundedMemo::new(CACHED_ROOM_LEVELS),
         }
     }
 }
@@ -59,6 +69,25 @@ impl PushRules {
         self.cache
             .insert(user.to_string(), (version, ruleset.clone()));
         Ok(ruleset)
+    }
+
+    /// The room's power levels at `state_group` (its current state), from
+    /// the memo while the room's state is unchanged, else from `read`.
+    pub fn room_levels(
+        &self,
+        room_id: &RoomId,
+        state_group: u64,
+        read: impl FnOnce() -> Result<RoomLevels>,
+    ) -> Result<Arc<RoomLevels>> {
+        if let Some((cached, levels)) = self.room_levels.get(&room_id.to_string()) {
+            if cached == state_group {
+                return Ok(levels);
+            }
+        }
+        let levels = Arc::new(read()?);
+        self.room_levels
+            .insert(room_id.to_string(), (state_group, levels.clone()));
+        Ok(levels)
     }
 
     /// The user's rules: the server defaults with the user's changes.
