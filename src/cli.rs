@@ -9,9 +9,9 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat, CONFIG_FILE_ENV};
 use crate::services::accounts::Accounts;
+use crate::services::archive::Archiver;
 use crate::services::clock::SystemClock;
 use crate::services::stream::StreamCounter;
-use crate::storage::Storage;
 
 #[derive(Parser, Debug)]
 #[command(name = "myelin", version, about = "Myelin, a Matrix homeserver")]
@@ -38,6 +38,23 @@ enum Command {
         #[command(subcommand)]
         action: ReportCommand,
     },
+    /// The archive tier of old events; the server must not be running.
+    Archive {
+        #[command(subcommand)]
+        action: ArchiveCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ArchiveCommand {
+    /// Print how many events are hot and archived, and their bytes per
+    /// event, as one JSON object.
+    Status,
+    /// Finish the mover's pass now (or make one), as the server would.
+    Run,
+    /// Rewrite the event tables' files into their settled, compressed
+    /// form, so that `status` shows their lasting size.
+    Compact,
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,6 +119,7 @@ pub fn main() -> ExitCode {
             .map_err(|e| e.to_string()),
         Command::User { action } => runtime.block_on(user_command(config, action)),
         Command::Report { action } => report_command(config, action),
+        Command::Archive { action } => runtime.block_on(archive_command(config, action)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -146,9 +164,24 @@ fn init_logging(config: &Config) {
     }
 }
 
+async fn archive_command(config: Config, action: ArchiveCommand) -> Result<(), String> {
+    let storage = crate::server::open_storage(&config).map_err(|e| e.to_string())?;
+    let archiver = Archiver::new(storage, Arc::new(SystemClock), config.archive.clone());
+    match action {
+        ArchiveCommand::Status => {}
+        ArchiveCommand::Run => {
+            let moved = archiver.pass(None).await.map_err(|e| e.to_string())?;
+            eprintln!("{moved} events archived");
+        }
+        ArchiveCommand::Compact => archiver.compact().map_err(|e| e.to_string())?,
+    }
+    let status = archiver.status().map_err(|e| e.to_string())?;
+    println!("{}", status.to_json());
+    Ok(())
+}
+
 fn report_command(config: Config, action: ReportCommand) -> Result<(), String> {
-    let storage = Storage::open(&config.data_dir.join("db"), config.storage.sync_writes)
-        .map_err(|e| e.to_string())?;
+    let storage = crate::server::open_storage(&config).map_err(|e| e.to_string())?;
     let reports = crate::services::reports::Reports::new(storage).map_err(|e| e.to_string())?;
     match action {
         ReportCommand::List { after, limit } => {
@@ -161,8 +194,7 @@ fn report_command(config: Config, action: ReportCommand) -> Result<(), String> {
 }
 
 async fn user_command(config: Config, action: UserCommand) -> Result<(), String> {
-    let storage = Storage::open(&config.data_dir.join("db"), config.storage.sync_writes)
-        .map_err(|e| e.to_string())?;
+    let storage = crate::server::open_storage(&config).map_err(|e| e.to_string())?;
     // Device changes made here take stream positions like the server's.
     let stream = StreamCounter::load(&storage, Arc::default()).map_err(|e| e.to_string())?;
     let accounts = Accounts::new(

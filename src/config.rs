@@ -63,6 +63,7 @@ pub struct Config {
     pub email: EmailConfig,
     pub push: PushConfig,
     pub appservices: AppservicesConfig,
+    pub archive: ArchiveConfig,
 }
 
 /// Signing in on a new device from one already signed in
@@ -115,6 +116,7 @@ impl Default for Config {
             email: EmailConfig::default(),
             push: PushConfig::default(),
             appservices: AppservicesConfig::default(),
+            archive: ArchiveConfig::default(),
         }
     }
 }
@@ -444,6 +446,42 @@ impl EmailConfig {
     }
 }
 
+/// The archive tier: old events move to tables stored for size.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    /// Whether the mover runs. Archived events stay readable either way.
+    pub enabled: bool,
+    /// Events older than this many days move to the archive.
+    pub after_days: u64,
+    /// Another directory (another disk) for the archive's files; empty:
+    /// with the database. Fixed once events are archived.
+    pub path: Option<PathBuf>,
+    /// The zstd level of the archive's settled files (1 to 22).
+    pub zstd_level: i32,
+    /// A pass over the hot events starts this often.
+    pub interval_minutes: u64,
+    /// Events looked at in one batch (one atomic change).
+    pub batch_size: usize,
+    /// Pause between batches, so the mover takes a bounded share of the
+    /// disk and the processor.
+    pub pause_ms: u64,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            enabled: true,
+            after_days: 30,
+            path: None,
+            zstd_level: 19,
+            interval_minutes: 60,
+            batch_size: 500,
+            pause_ms: 20,
+        }
+    }
+}
+
 /// Push notifications through the push gateways of pushers.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -719,6 +757,15 @@ impl Config {
             ));
         }
         let fail = |key: &str, problem: String| Err(ConfigError(format!("{key}: {problem}")));
+        if !(1..=22).contains(&self.archive.zstd_level) {
+            return fail("archive.zstd_level", "must be 1 to 22".to_owned());
+        }
+        if self.archive.batch_size == 0 || self.archive.interval_minutes == 0 {
+            return fail(
+                "archive.batch_size",
+                "archive.batch_size and archive.interval_minutes must not be 0".to_owned(),
+            );
+        }
         if let Err(problem) = validate_server_name(&self.server_name) {
             return fail("server_name", problem);
         }

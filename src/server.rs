@@ -124,11 +124,25 @@ async fn bind_federation(config: &Config) -> Result<Option<FederationListener>, 
     Ok(Some(FederationListener { tcp, addr, tls }))
 }
 
+/// Opens the database under the data directory as the configuration says
+/// (the server and the command line alike).
+pub fn open_storage(config: &Config) -> Result<Storage, crate::storage::StorageError> {
+    let archive = crate::storage::ArchiveFiles {
+        path: config.archive.path.clone(),
+        zstd_level: config.archive.zstd_level,
+    };
+    Storage::open_with(
+        &config.data_dir.join("db"),
+        config.storage.sync_writes,
+        &archive,
+    )
+}
+
 async fn prepare(
     config: Config,
     clock: Arc<dyn Clock>,
 ) -> Result<(Arc<Services>, Listeners), ServerError> {
-    let storage = Storage::open(&config.data_dir.join("db"), config.storage.sync_writes)?;
+    let storage = open_storage(&config)?;
     if !config.storage.sync_writes {
         tracing::warn!("storage.sync_writes is off: a crash may lose acknowledged writes");
     }
@@ -184,6 +198,11 @@ async fn serve(
         services.clone(),
         stop_federation.clone(),
     ));
+    let archive_task = services
+        .config
+        .archive
+        .enabled
+        .then(|| tokio::spawn(services.archive.clone().run(stop_federation.clone())));
     let sweeper_task = tokio::spawn(sweep_threepid_sessions(
         services.clone(),
         stop_federation.clone(),
@@ -241,6 +260,7 @@ async fn serve(
         announcer_task,
         Some(indexer_task),
         Some(sweeper_task),
+        archive_task,
         Some(notifier_task),
         Some(push_sender_task),
         Some(appservice_sender_task),

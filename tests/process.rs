@@ -512,3 +512,163 @@ fn a_crash_during_uploads_loses_no_acknowledged_media() {
         }
     });
 }
+
+/// Event IDs in the hot and the archived events table, read from the
+/// database itself (the server must be stopped).
+fn event_tiers(data_dir: &Path) -> (Vec<String>, Vec<String>) {
+    use myelin::storage::tables::{ARCHIVED_PDUS, PDUS};
+    use myelin::storage::{Direction, KeyRange, Storage};
+    let storage = Storage::open(&data_dir.join("db"), true).unwrap();
+    let everything = KeyRange::prefix(b"");
+    let ids = |table| -> Vec<String> {
+        storage
+            .scan(table, &everything, Direction::Forward, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    };
+    (ids(PDUS), ids(ARCHIVED_PDUS))
+}
+
+#[test]
+fn a_crash_during_the_archive_mover_loses_and_repeats_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut command = myelin(root.path());
+    command.env("MYELIN_ARCHIVE__ENABLED", "false");
+    let mut server = ServerProcess::start(command);
+    let http = reqwest::Client::new();
+    let (token, room_id) = runtime.block_on(async {
+        let body = json!({
+            "username": "archivist", "password": PASSWORD,
+            "auth": { "type": "m.login.dummy" },
+        });
+        let answer: Value = http
+            .post(server.url("/_matrix/client/v3/register"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = answer["access_token"].as_str().unwrap().to_owned();
+        let room: Value = http
+            .post(server.url("/_matrix/client/v3/createRoom"))
+            .bearer_auth(&token)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (token, room["room_id"].as_str().unwrap().to_owned())
+    });
+    let sent: Vec<String> = runtime.block_on(async {
+        let mut sent = Vec::new();
+        for n in 0..400 {
+            let path = format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/t{n}");
+            let answer: Value = http
+                .put(server.url(&path))
+                .bearer_auth(&token)
+                .json(&json!({ "msgtype": "m.text", "body": format!("message {n}") }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            sent.push(answer["event_id"].as_str().unwrap().to_owned());
+        }
+        sent
+    });
+    let pid = server.child.id() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    server.child.wait().unwrap();
+    drop(server);
+    let (hot, archived) = event_tiers(root.path());
+    assert!(archived.is_empty());
+    let all: std::collections::BTreeSet<String> = hot.into_iter().collect();
+
+    // Everything is old enough at once; small batches with pauses, so the
+    // kill lands in the middle of the pass.
+    let archiving = |command: &mut Command| {
+        command
+            .env("MYELIN_ARCHIVE__AFTER_DAYS", "0")
+            .env("MYELIN_ARCHIVE__BATCH_SIZE", "10")
+            .env("MYELIN_ARCHIVE__PAUSE_MS", "40");
+    };
+    let mut command = myelin(root.path());
+    archiving(&mut command);
+    let mut server = ServerProcess::start(command);
+    std::thread::sleep(Duration::from_millis(600));
+    let pid = server.child.id() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    server.child.wait().unwrap();
+    drop(server);
+
+    let (hot, archived) = event_tiers(root.path());
+    assert!(
+        !archived.is_empty() && archived.len() < sent.len(),
+        "the kill must land in the middle of the pass: {} archived",
+        archived.len()
+    );
+    let check = |hot: &[String], archived: &[String]| {
+        let hot: std::collections::BTreeSet<&String> = hot.iter().collect();
+        for id in archived {
+            assert!(!hot.contains(id), "{id} is in both tiers");
+        }
+        let union: std::collections::BTreeSet<String> =
+            hot.into_iter().chain(archived).cloned().collect();
+        assert_eq!(union, all, "events lost or made up");
+    };
+    check(&hot, &archived);
+
+    // The pass resumes where it stopped and finishes.
+    let mut command = myelin(root.path());
+    archiving(&mut command);
+    let output = run(command.args(["archive", "run"]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["pass_under_way"], false, "{status}");
+    let (hot, archived) = event_tiers(root.path());
+    check(&hot, &archived);
+    for id in &sent {
+        assert!(archived.contains(id), "{id} was not archived");
+    }
+
+    // Every message reads back exactly once, in order.
+    let mut command = myelin(root.path());
+    command.env("MYELIN_ARCHIVE__ENABLED", "false");
+    let server = ServerProcess::start(command);
+    let read: Vec<(String, String)> = runtime.block_on(async {
+        let path = format!("/_matrix/client/v3/rooms/{room_id}/messages?dir=f&limit=1000");
+        let answer: Value = http
+            .get(server.url(&path))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "m.room.message")
+            .map(|e| {
+                let body = e["content"]["body"].as_str().unwrap().to_owned();
+                (e["event_id"].as_str().unwrap().to_owned(), body)
+            })
+            .collect()
+    });
+    let expected: Vec<(String, String)> = sent
+        .iter()
+        .enumerate()
+        .map(|(n, id)| (id.clone(), format!("message {n}")))
+        .collect();
+    assert_eq!(read, expected);
+}

@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod appservices;
+pub mod archive;
 pub mod clock;
 pub mod connections;
 pub mod delivery;
@@ -100,6 +101,7 @@ pub struct Services {
     pub pushers: pushers::Pushers,
     pub delivery: notifier::Delivery,
     pub appservices: Arc<appservices::Appservices>,
+    pub archive: Arc<archive::Archiver>,
     storage: Storage,
     clock: Arc<dyn Clock>,
 }
@@ -170,6 +172,11 @@ impl Services {
                 appservices.clone(),
             ),
             appservices,
+            archive: Arc::new(archive::Archiver::new(
+                storage.clone(),
+                clock.clone(),
+                config.archive.clone(),
+            )),
             accounts: Accounts::new(
                 storage.clone(),
                 config.server_name.clone(),

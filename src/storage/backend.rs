@@ -129,11 +129,21 @@ pub enum Cf {
     AppserviceTxns,
     /// How far the stream has been looked at for application services.
     AppserviceState,
+    /// Events moved to the archive tier, by event ID.
+    ArchivedPdus,
+    /// Relations of archived events, by the event they relate to.
+    ArchivedRelations,
+    /// State groups older than their room's latest snapshot.
+    ArchivedStateGroups,
+    /// Events recently edited, redacted, replied or reacted to: kept hot.
+    Touched,
+    /// Where the archive mover stands in its pass.
+    ArchiveState,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 57] = [
+    pub const ALL: [Cf; 62] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -191,6 +201,11 @@ impl Cf {
         Cf::AppserviceQueue,
         Cf::AppserviceTxns,
         Cf::AppserviceState,
+        Cf::ArchivedPdus,
+        Cf::ArchivedRelations,
+        Cf::ArchivedStateGroups,
+        Cf::Touched,
+        Cf::ArchiveState,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -253,7 +268,21 @@ impl Cf {
             Cf::AppserviceQueue => "appservice_queue",
             Cf::AppserviceTxns => "appservice_txns",
             Cf::AppserviceState => "appservice_state",
+            Cf::ArchivedPdus => "archived_pdus",
+            Cf::ArchivedRelations => "archived_relations",
+            Cf::ArchivedStateGroups => "archived_state_groups",
+            Cf::Touched => "touched",
+            Cf::ArchiveState => "archive_state",
         }
+    }
+
+    /// Whether the table is part of the archive tier: cold data, stored
+    /// for size rather than speed (and where `archive.path` says).
+    pub fn is_archive(self) -> bool {
+        matches!(
+            self,
+            Cf::ArchivedPdus | Cf::ArchivedRelations | Cf::ArchivedStateGroups
+        )
     }
 
     /// Position in [`Cf::ALL`], for backends that keep one slot per table.
@@ -365,6 +394,25 @@ pub trait Backend: Send + Sync + 'static {
         direction: Direction,
         limit: usize,
     ) -> Result<Entries, StorageError>;
+
+    /// How many rows the table holds and their bytes, as the backend can
+    /// tell without reading them (RocksDB: estimates).
+    fn table_size(&self, cf: Cf) -> Result<TableSize, StorageError>;
+
+    /// Rewrites the table's files so that deleted rows are gone and every
+    /// row is stored as its settled form (RocksDB: a full compaction).
+    fn compact(&self, cf: Cf) -> Result<(), StorageError>;
+}
+
+/// A table's size as its backend knows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableSize {
+    /// Rows (an estimate in RocksDB).
+    pub rows: u64,
+    /// Bytes in files, compressed.
+    pub disk_bytes: u64,
+    /// Bytes written but not yet in files (RocksDB's memtables).
+    pub memory_bytes: u64,
 }
 
 #[cfg(test)]

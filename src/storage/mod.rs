@@ -14,20 +14,25 @@ pub mod tables;
 
 use std::marker::PhantomData;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use backend::{prefix_successor, Backend, Cf, Direction, KeyRange, RawBatch};
+pub use backend::{prefix_successor, Backend, Cf, Direction, KeyRange, RawBatch, TableSize};
 pub use memory::MemoryBackend;
-pub use rocks::RocksBackend;
+pub use rocks::{ArchiveFiles, RocksBackend};
 
 /// The on-disk format version this build writes and understands.
 ///
 /// Raise it whenever a table's key or value layout changes, and teach
 /// [`Storage::check_schema`] to migrate from the previous version.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// Version 2 added the archive tier's tables. Nothing moves when a version
+/// 1 database is opened (the tables start empty), but a build that knows
+/// only version 1 must not open a database whose events may have moved
+/// where it would not look.
+pub const SCHEMA_VERSION: u32 = 2;
 
 const SCHEMA_VERSION_KEY: &str = "schema_version";
 
@@ -74,6 +79,29 @@ impl<K, V> Table<K, V> {
     }
 }
 
+/// A table whose rows may have moved to the archive tier: the hot table
+/// and its archived twin, with the same keys and values. A row is in one
+/// of the two, never both: the archive mover moves it in one batch, and a
+/// rewrite ([`Batch::put_hot`]) brings it back hot.
+pub struct Tiered<K, V> {
+    pub hot: Table<K, V>,
+    pub archived: Table<K, V>,
+}
+
+impl<K, V> Tiered<K, V> {
+    pub const fn new(hot: Table<K, V>, archived: Table<K, V>) -> Self {
+        Tiered { hot, archived }
+    }
+}
+
+impl<K, V> Clone for Tiered<K, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<K, V> Copy for Tiered<K, V> {}
+
 impl<K, V> Clone for Table<K, V> {
     fn clone(&self) -> Self {
         *self
@@ -82,6 +110,9 @@ impl<K, V> Clone for Table<K, V> {
 
 impl<K, V> Copy for Table<K, V> {}
 
+/// A condition a batch commits under: a row still holds what was read.
+type Expectation = Box<dyn Fn(&dyn Backend) -> Result<bool, StorageError> + Send>;
+
 /// Typed changes that commit together or not at all.
 #[derive(Default)]
 pub struct Batch {
@@ -89,6 +120,11 @@ pub struct Batch {
     /// Set once the batch has committed, for whoever waits on the outcome
     /// (a stream position's reservation) without reading it back.
     committed: Vec<Arc<std::sync::atomic::AtomicBool>>,
+    /// Rewrites a row that the archive mover may be moving: committed
+    /// under the tier lock, never between the mover's check and write.
+    tiered: bool,
+    /// What must still hold for the batch to commit (the mover's reads).
+    expectations: Vec<Expectation>,
 }
 
 impl Batch {
@@ -105,6 +141,39 @@ impl Batch {
         self.raw.delete(table.cf, key.encode());
     }
 
+    /// Writes a row of a tiered table hot, taking it out of the archive
+    /// if it was there: for a row that existed before (a redaction, a
+    /// relation forgotten), which may be archived or being archived.
+    pub fn put_hot<K: Key, V: Serialize>(&mut self, tiers: Tiered<K, V>, key: &K, value: &V) {
+        self.put(tiers.hot, key, value);
+        self.delete(tiers.archived, key);
+        self.tiered = true;
+    }
+
+    /// Deletes a row of a tiered table from both tiers.
+    pub fn delete_tiered<K: Key, V>(&mut self, tiers: Tiered<K, V>, key: &K) {
+        self.delete(tiers.hot, key);
+        self.delete(tiers.archived, key);
+        self.tiered = true;
+    }
+
+    /// Commits only if `table[key]` still holds `value` then (see
+    /// [`Storage::commit_checked`]).
+    pub fn expect<K, V>(&mut self, table: Table<K, V>, key: &K, value: V)
+    where
+        K: Key,
+        V: DeserializeOwned + PartialEq + Send + 'static,
+    {
+        let key = key.encode();
+        self.expectations
+            .push(Box::new(move |backend: &dyn Backend| {
+                Ok(match backend.get(table.cf, &key)? {
+                    Some(bytes) => decode_value::<V>(table.cf, &bytes)? == value,
+                    None => false,
+                })
+            }));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.raw.is_empty()
     }
@@ -113,6 +182,8 @@ impl Batch {
     pub fn append(&mut self, other: Batch) {
         self.raw.ops.extend(other.raw.ops);
         self.committed.extend(other.committed);
+        self.tiered |= other.tiered;
+        self.expectations.extend(other.expectations);
     }
 
     /// A flag set when this batch has committed durably.
@@ -122,13 +193,27 @@ impl Batch {
         flag
     }
 
-    /// Writes the batch, then sets its commit flags.
-    fn write_to(self, backend: &dyn Backend) -> Result<(), StorageError> {
+    /// Writes the batch if its expectations hold, then sets its commit
+    /// flags; `false` when an expectation failed and nothing was written.
+    /// A batch that rewrites or checks tiered rows is written under the
+    /// tier lock, so that no rewrite lands between the mover's check and
+    /// its write.
+    fn write_to(self, backend: &dyn Backend, tier_lock: &Mutex<()>) -> Result<bool, StorageError> {
+        let _guard = (self.tiered || !self.expectations.is_empty()).then(|| {
+            tier_lock
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        });
+        for expectation in &self.expectations {
+            if !expectation(backend)? {
+                return Ok(false);
+            }
+        }
         backend.write(self.raw)?;
         for flag in self.committed {
             flag.store(true, std::sync::atomic::Ordering::Release);
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -136,14 +221,31 @@ impl Batch {
 #[derive(Clone)]
 pub struct Storage {
     backend: Arc<dyn Backend>,
+    /// Serializes batches that rewrite rows of tiered tables with the
+    /// archive mover's checked batches.
+    tier_lock: Arc<Mutex<()>>,
 }
 
 impl Storage {
     /// Opens the RocksDB database in `path` and checks its schema version.
     pub fn open(path: &Path, sync_writes: bool) -> Result<Self, StorageError> {
+        Self::open_with(path, sync_writes, &ArchiveFiles::default())
+    }
+
+    /// Opens the RocksDB database in `path`, the archive tier's tables
+    /// stored as `archive` says, and checks its schema version.
+    pub fn open_with(
+        path: &Path,
+        sync_writes: bool,
+        archive: &ArchiveFiles,
+    ) -> Result<Self, StorageError> {
         std::fs::create_dir_all(path)
             .map_err(|e| StorageError::Backend(format!("cannot create {}: {e}", path.display())))?;
-        Self::with_backend(Arc::new(RocksBackend::open(path, sync_writes)?))
+        Self::with_backend(Arc::new(RocksBackend::open_with(
+            path,
+            sync_writes,
+            archive,
+        )?))
     }
 
     /// A fresh in-memory database, for tests.
@@ -153,7 +255,10 @@ impl Storage {
 
     /// Wraps a backend after checking (or recording) its schema version.
     pub fn with_backend(backend: Arc<dyn Backend>) -> Result<Self, StorageError> {
-        let storage = Storage { backend };
+        let storage = Storage {
+            backend,
+            tier_lock: Arc::default(),
+        };
         storage.check_schema()?;
         Ok(storage)
     }
@@ -165,6 +270,12 @@ impl Storage {
                 found,
                 supported: SCHEMA_VERSION,
             }),
+            Some(found) if found < SCHEMA_VERSION => {
+                // From 1 to 2: the archive tier's tables, created empty.
+                let mut batch = Batch::new();
+                batch.put(tables::META, &key, &SCHEMA_VERSION);
+                self.write_blocking(batch)
+            }
             Some(_) => Ok(()),
             None => {
                 let mut batch = Batch::new();
@@ -189,6 +300,41 @@ impl Storage {
             Some(bytes) => decode_value(table.cf, &bytes).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// One row of a tiered table, hot or archived.
+    pub fn get_tiered<K: Key, V: DeserializeOwned>(
+        &self,
+        tiers: Tiered<K, V>,
+        key: &K,
+    ) -> Result<Option<V>, StorageError> {
+        match self.get(tiers.hot, key)? {
+            Some(value) => Ok(Some(value)),
+            None => self.get(tiers.archived, key),
+        }
+    }
+
+    /// Up to `limit` rows of a tiered table whose encoded key starts with
+    /// `prefix`, from both tiers, in key order.
+    pub fn scan_prefix_tiered<K: Key, V: DeserializeOwned>(
+        &self,
+        tiers: Tiered<K, V>,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(K, V)>, StorageError> {
+        let hot = self.scan_prefix(tiers.hot, prefix, limit)?;
+        let archived = self.scan_prefix(tiers.archived, prefix, limit)?;
+        if archived.is_empty() {
+            return Ok(hot);
+        }
+        let mut rows: Vec<(Vec<u8>, (K, V))> = hot
+            .into_iter()
+            .chain(archived)
+            .map(|(key, value)| (key.encode(), (key, value)))
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows.truncate(limit);
+        Ok(rows.into_iter().map(|(_, row)| row).collect())
     }
 
     /// Up to `limit` entries whose encoded key starts with `prefix`, in order.
@@ -227,15 +373,38 @@ impl Storage {
         if batch.is_empty() {
             return Ok(());
         }
+        self.commit_checked(batch).await.map(|_| ())
+    }
+
+    /// Commits a batch durably if every row it expects (see
+    /// [`Batch::expect`]) still holds what was expected; `false` when one
+    /// changed, and then nothing was written.
+    pub async fn commit_checked(&self, batch: Batch) -> Result<bool, StorageError> {
+        if batch.is_empty() {
+            return Ok(true);
+        }
         let backend = self.backend.clone();
-        tokio::task::spawn_blocking(move || batch.write_to(backend.as_ref()))
+        let tier_lock = self.tier_lock.clone();
+        tokio::task::spawn_blocking(move || batch.write_to(backend.as_ref(), &tier_lock))
             .await
             .map_err(|e| StorageError::Task(e.to_string()))?
     }
 
     /// Commits a batch on the calling thread (start-up and command-line use).
     pub fn write_blocking(&self, batch: Batch) -> Result<(), StorageError> {
-        batch.write_to(self.backend.as_ref())
+        batch
+            .write_to(self.backend.as_ref(), &self.tier_lock)
+            .map(|_| ())
+    }
+
+    /// Rewrites a table's files (see [`Backend::compact`]).
+    pub fn compact(&self, table: Cf) -> Result<(), StorageError> {
+        self.backend.compact(table)
+    }
+
+    /// The backend's own figures for a table (see [`Backend::table_size`]).
+    pub fn table_size(&self, table: Cf) -> Result<TableSize, StorageError> {
+        self.backend.table_size(table)
     }
 }
 

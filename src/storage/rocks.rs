@@ -6,14 +6,14 @@
 //! concurrent writers share one fsync: callers write from separate blocking
 //! threads, and a leader thread syncs the log once for the whole group.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, IteratorMode, Options,
+    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, DBPath, IteratorMode, Options,
     ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
-use super::backend::{Backend, BatchOp, Cf, Direction, Entries, KeyRange, RawBatch};
+use super::backend::{Backend, BatchOp, Cf, Direction, Entries, KeyRange, RawBatch, TableSize};
 use super::StorageError;
 
 /// A RocksDB database opened with every column family of [`Cf::ALL`].
@@ -29,6 +29,21 @@ impl RocksBackend {
     /// opened too, so that a newer database reaches the schema check and
     /// fails there with a clear message instead of a RocksDB error.
     pub fn open(path: &Path, sync_writes: bool) -> Result<Self, StorageError> {
+        Self::open_with(path, sync_writes, &ArchiveFiles::default())
+    }
+
+    /// Opens (or creates) the database in `path`, with the archive tier's
+    /// tables stored as `archive` says.
+    pub fn open_with(
+        path: &Path,
+        sync_writes: bool,
+        archive: &ArchiveFiles,
+    ) -> Result<Self, StorageError> {
+        if let Some(dir) = &archive.path {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StorageError::Backend(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
         let mut options = base_options();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
@@ -41,9 +56,14 @@ impl RocksBackend {
                 }
             }
         }
-        let descriptors = names
-            .into_iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, base_options()));
+        let descriptors = names.into_iter().map(|name| {
+            let options = match Cf::ALL.iter().find(|cf| cf.name() == name) {
+                Some(cf) if cf.is_archive() => archive_options(archive)?,
+                _ => base_options(),
+            };
+            Ok(ColumnFamilyDescriptor::new(name, options))
+        });
+        let descriptors = descriptors.collect::<Result<Vec<_>, StorageError>>()?;
         let db = DB::open_cf_descriptors(&options, path, descriptors)
             .map_err(|e| open_error(path, e))?;
         Ok(RocksBackend { db, sync_writes })
@@ -64,6 +84,62 @@ fn base_options() -> Options {
     table.set_bloom_filter(10.0, false);
     options.set_block_based_table_factory(&table);
     options
+}
+
+/// Where and how the archive tier's tables are stored.
+#[derive(Clone, Debug)]
+pub struct ArchiveFiles {
+    /// Another directory (another disk) for their files; `None`: with the
+    /// rest of the database.
+    pub path: Option<PathBuf>,
+    /// The zstd level of their settled (bottommost) files.
+    pub zstd_level: i32,
+}
+
+impl Default for ArchiveFiles {
+    fn default() -> Self {
+        ArchiveFiles {
+            path: None,
+            zstd_level: 19,
+        }
+    }
+}
+
+/// Dictionary size of the archive's zstd compression, and the sample each
+/// dictionary is trained on (zstd's advice: about a hundred times larger).
+const ARCHIVE_DICTIONARY_BYTES: i32 = 64 * 1024;
+const ARCHIVE_TRAINING_BYTES: i32 = 100 * ARCHIVE_DICTIONARY_BYTES;
+/// Block size of the archive's files: large blocks compress chat text far
+/// better, and archived rows are read rarely.
+const ARCHIVE_BLOCK_BYTES: usize = 64 * 1024;
+
+/// The archive tier's tables: written once, read rarely, kept for years.
+/// Recent files use zstd at a cheap level; the settled (bottommost) files,
+/// where nearly all the data ends up, use zstd at `zstd_level` with a
+/// dictionary trained on the file's own rows, and large blocks.
+fn archive_options(archive: &ArchiveFiles) -> Result<Options, StorageError> {
+    let mut options = Options::default();
+    options.set_compression_type(DBCompressionType::Zstd);
+    options.set_compression_options(-14, 3, 0, 0);
+    options.set_bottommost_compression_type(DBCompressionType::Zstd);
+    options.set_bottommost_compression_options(
+        -14,
+        archive.zstd_level,
+        0,
+        ARCHIVE_DICTIONARY_BYTES,
+        true,
+    );
+    options.set_bottommost_zstd_max_train_bytes(ARCHIVE_TRAINING_BYTES, true);
+    options.set_level_compaction_dynamic_level_bytes(true);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_size(ARCHIVE_BLOCK_BYTES);
+    table.set_bloom_filter(10.0, false);
+    options.set_block_based_table_factory(&table);
+    if let Some(dir) = &archive.path {
+        let path = DBPath::new(dir, u64::MAX).map_err(backend_error)?;
+        options.set_cf_paths(&[path]);
+    }
+    Ok(options)
 }
 
 fn open_error(path: &Path, error: rocksdb::Error) -> StorageError {
@@ -122,5 +198,31 @@ impl Backend for RocksBackend {
             entries.push((key.into_vec(), value.into_vec()));
         }
         Ok(entries)
+    }
+
+    fn table_size(&self, cf: Cf) -> Result<TableSize, StorageError> {
+        let handle = self.handle(cf)?;
+        let property = |name: &str| -> Result<u64, StorageError> {
+            Ok(self
+                .db
+                .property_int_value_cf(handle, name)
+                .map_err(backend_error)?
+                .unwrap_or(0))
+        };
+        Ok(TableSize {
+            rows: property("rocksdb.estimate-num-keys")?,
+            disk_bytes: property("rocksdb.live-sst-files-size")?,
+            memory_bytes: property("rocksdb.cur-size-all-mem-tables")?,
+        })
+    }
+
+    fn compact(&self, cf: Cf) -> Result<(), StorageError> {
+        let handle = self.handle(cf)?;
+        self.db.flush_cf(handle).map_err(backend_error)?;
+        let mut options = rocksdb::CompactOptions::default();
+        options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        self.db
+            .compact_range_cf_opt(handle, None::<&[u8]>, None::<&[u8]>, &options);
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Cf, Key, Table};
+use super::{Cf, Key, Table, Tiered};
 
 /// Database facts by name; see `docs/storage.md` for the names in use.
 pub const META: Table<String, u32> = Table::new(Cf::Meta);
@@ -110,6 +110,16 @@ pub const REMOTE_SIGNATURES: Table<(String, String, String), serde_json::Value> 
     Table::new(Cf::RemoteSignatures);
 /// Events by event ID.
 pub const PDUS: Table<String, StoredPdu> = Table::new(Cf::Pdus);
+/// Events moved to the archive tier, stored as in [`PDUS`].
+pub const ARCHIVED_PDUS: Table<String, StoredPdu> = Table::new(Cf::ArchivedPdus);
+/// Every event, wherever its tier.
+pub const PDU_TIERS: Tiered<String, StoredPdu> = Tiered::new(PDUS, ARCHIVED_PDUS);
+/// Event ID → when (ms) it was last edited, redacted, replied or reacted
+/// to: the archive mover leaves it hot while that is recent.
+pub const TOUCHED: Table<String, u64> = Table::new(Cf::Touched);
+/// The archive mover's place: `cursor` (the last event ID looked at in
+/// the pass under way) and `pass` (the pass's number).
+pub const ARCHIVE_STATE: Table<String, serde_json::Value> = Table::new(Cf::ArchiveState);
 /// (room ID, stream position) → event ID.
 pub const TIMELINE: Table<(String, u64), String> = Table::new(Cf::Timeline);
 /// Stream position → the event written at it.
@@ -118,6 +128,12 @@ pub const STREAM: Table<u64, StreamEntry> = Table::new(Cf::Stream);
 pub const ROOM_STATE: Table<(String, String, String), String> = Table::new(Cf::RoomState);
 /// State group ID → a snapshot or a delta on an earlier group.
 pub const STATE_GROUPS: Table<u64, StateGroup> = Table::new(Cf::StateGroups);
+/// State groups older than their room's latest snapshot, moved to the
+/// archive tier.
+pub const ARCHIVED_STATE_GROUPS: Table<u64, StateGroup> = Table::new(Cf::ArchivedStateGroups);
+/// Every state group, wherever its tier.
+pub const STATE_GROUP_TIERS: Tiered<u64, StateGroup> =
+    Tiered::new(STATE_GROUPS, ARCHIVED_STATE_GROUPS);
 /// Room ID → what the server keeps about the room as a whole.
 pub const ROOMS: Table<String, RoomRecord> = Table::new(Cf::Rooms);
 /// (user ID, room ID) → the user's membership in the room.
@@ -245,6 +261,11 @@ pub const PRESENCE: Table<String, PresenceRecord> = Table::new(Cf::Presence);
 
 /// (parent event ID, stream) → the relating event.
 pub const RELATIONS: Table<(String, u64), Relation> = Table::new(Cf::Relations);
+/// Relations of archived events, keyed as in [`RELATIONS`].
+pub const ARCHIVED_RELATIONS: Table<(String, u64), Relation> = Table::new(Cf::ArchivedRelations);
+/// Every relation, wherever its tier.
+pub const RELATION_TIERS: Tiered<(String, u64), Relation> =
+    Tiered::new(RELATIONS, ARCHIVED_RELATIONS);
 /// (room ID, root event ID) → the thread's summary.
 pub const THREADS: Table<(String, String), ThreadRecord> = Table::new(Cf::Threads);
 /// (room ID, stream of the latest reply) → the thread's root event ID.

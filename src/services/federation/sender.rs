@@ -242,7 +242,7 @@ fn make_transaction(federation: &Federation, destination: &str) -> Result<Option
     let mut entries: Vec<(u64, Option<Queued<Box<RawValue>>>)> = Vec::new();
     for ((_, position), item) in items {
         let raw = match item {
-            OutboxItem::Pdu(event_id) => match storage.get(tables::PDUS, &event_id)? {
+            OutboxItem::Pdu(event_id) => match storage.get_tiered(tables::PDU_TIERS, &event_id)? {
                 Some(stored) => Some(
                     RawValue::from_string(stored.json)
                         .map(Queued::Pdu)

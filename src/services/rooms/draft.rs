@@ -290,6 +290,13 @@ impl<'a> Draft<'a> {
         Ok(())
     }
 
+    /// Marks `event_id` as used by `by` (an edit, a reaction, a reply, a
+    /// redaction), so the archive mover leaves it hot for a while.
+    pub fn touch(&mut self, event_id: &str, by: &Pdu) {
+        let when = u64::from(by.origin_server_ts.get());
+        self.batch.put(tables::TOUCHED, &event_id.to_owned(), &when);
+    }
+
     /// Takes a redacted event out of the relation it was part of: out of
     /// its parent's relations and, for a thread reply, out of the thread.
     pub fn forget_relation(&mut self, event: &Pdu, stream: u64) -> Result<()> {
@@ -301,7 +308,7 @@ impl<'a> Draft<'a> {
             return Ok(());
         };
         self.batch
-            .delete(tables::RELATIONS, &(parent.to_owned(), stream));
+            .delete_tiered(tables::RELATION_TIERS, &(parent.to_owned(), stream));
         if rel_type != "m.thread" {
             return Ok(());
         }
@@ -317,7 +324,7 @@ impl<'a> Draft<'a> {
         let replies: Vec<(u64, String)> = self
             .rooms
             .storage
-            .scan_prefix(tables::RELATIONS, &tables::str_prefix(parent), 100_000)?
+            .scan_prefix_tiered(tables::RELATION_TIERS, &tables::str_prefix(parent), 100_000)?
             .into_iter()
             .filter(|((_, s), relation)| *s != stream && relation.rel_type == "m.thread")
             .map(|((_, s), relation)| (s, relation.event_id))
@@ -645,6 +652,17 @@ impl<'a> Draft<'a> {
         let Some(relates_to) = content.get("m.relates_to") else {
             return Ok(());
         };
+        // Edited, reacted or replied to: the parent stays hot a while.
+        for parent in [
+            relates_to.get("event_id"),
+            relates_to.pointer("/m.in_reply_to/event_id"),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        {
+            self.touch(parent, pdu);
+        }
         let (Some(rel_type), Some(parent)) = (
             relates_to.get("rel_type").and_then(Value::as_str),
             relates_to.get("event_id").and_then(Value::as_str),
@@ -749,7 +767,7 @@ impl<'a> Draft<'a> {
             let group = self
                 .rooms
                 .storage
-                .get(tables::STATE_GROUPS, &self.record.state_group)?;
+                .get_tiered(tables::STATE_GROUP_TIERS, &self.record.state_group)?;
             self.state_chain_length = group.map_or(MAX_STATE_CHAIN, |g| g.chain_length);
         }
         Ok(self.state_chain_length)

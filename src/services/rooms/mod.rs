@@ -315,7 +315,10 @@ impl Rooms {
 
     /// An event and how it is stored.
     pub fn pdu(&self, event_id: &str) -> Result<Option<(Pdu, StoredPdu)>> {
-        let Some(stored) = self.storage.get(tables::PDUS, &event_id.to_owned())? else {
+        let Some(stored) = self
+            .storage
+            .get_tiered(tables::PDU_TIERS, &event_id.to_owned())?
+        else {
             return Ok(None);
         };
         let pdu = self.parse_stored(event_id, &stored)?;
@@ -338,7 +341,7 @@ impl Rooms {
     /// comparison of the text.
     pub fn pdu_shared(&self, event_id: &str) -> Result<Option<Arc<Pdu>>> {
         let key = event_id.to_owned();
-        let Some(stored) = self.storage.get(tables::PDUS, &key)? else {
+        let Some(stored) = self.storage.get_tiered(tables::PDU_TIERS, &key)? else {
             return Ok(None);
         };
         if let Some(pdu) = self.parsed_memo.get(&key) {
@@ -634,7 +637,9 @@ impl Rooms {
         draft.forget_relation(&target, stored.stream)?;
         stored.json = redacted.json_text();
         stored.redacted_because = Some(redaction.event_id.to_string());
-        draft.batch.put(tables::PDUS, &target_id, &stored);
+        // Back to the hot tier if it was archived, and kept there a while.
+        draft.batch.put_hot(tables::PDU_TIERS, &target_id, &stored);
+        draft.touch(&target_id, redaction);
         Ok(())
     }
 
@@ -730,7 +735,7 @@ impl Rooms {
             }
             let group = self
                 .storage
-                .get(tables::STATE_GROUPS, &id)?
+                .get_tiered(tables::STATE_GROUP_TIERS, &id)?
                 .ok_or_else(|| Error::Internal(format!("state group {id} is missing")))?;
             next = group.prev;
             chain.push(group);

@@ -109,7 +109,7 @@ impl Rooms {
         let prefix = tables::str_prefix(parent);
         Ok(self
             .storage
-            .scan_prefix(tables::RELATIONS, &prefix, MAX_RELATIONS)?
+            .scan_prefix_tiered(tables::RELATION_TIERS, &prefix, MAX_RELATIONS)?
             .into_iter()
             .map(|((_, stream), relation)| (stream, relation))
             .collect())

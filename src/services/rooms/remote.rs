@@ -55,7 +55,10 @@ impl Rooms {
 
     /// The state after an event that has state here (not an outlier).
     pub fn state_after_event(&self, event_id: &str) -> Result<Option<StateIds>> {
-        match self.storage.get(tables::PDUS, &event_id.to_owned())? {
+        match self
+            .storage
+            .get_tiered(tables::PDU_TIERS, &event_id.to_owned())?
+        {
             Some(stored) if !stored.outlier => {
                 Ok(Some(self.state_ids_at_group(stored.state_group)?))
             }
@@ -455,7 +458,7 @@ impl Rooms {
         reservation.also_wake(&target);
         let mut stored = Self::outlier_record(pdu);
         stored.stream = stream;
-        batch.put(tables::PDUS, &event_id, &stored);
+        batch.put_hot(tables::PDU_TIERS, &event_id, &stored);
         if let Some(stripped) = stripped {
             batch.put(tables::INVITE_STATE, &event_id, &stripped);
         }
@@ -697,7 +700,7 @@ impl Rooms {
         };
         draft
             .batch
-            .put(tables::PDUS, &pdu.event_id.to_string(), &stored);
+            .put_hot(tables::PDU_TIERS, &pdu.event_id.to_string(), &stored);
         self.storage.commit(draft.batch).await?;
         Ok(())
     }
@@ -766,7 +769,7 @@ impl Rooms {
         };
         let Some(oldest_stored) = self
             .storage
-            .get(tables::PDUS, &oldest.event_id.to_string())?
+            .get_tiered(tables::PDU_TIERS, &oldest.event_id.to_string())?
         else {
             return Ok(0);
         };
@@ -775,7 +778,7 @@ impl Rooms {
         let group = match (
             &oldest.state_key,
             self.storage
-                .get(tables::STATE_GROUPS, &oldest_stored.state_group)?,
+                .get_tiered(tables::STATE_GROUP_TIERS, &oldest_stored.state_group)?,
         ) {
             (Some(_), Some(group)) => group.prev.unwrap_or(oldest_stored.state_group),
             _ => oldest_stored.state_group,
@@ -832,7 +835,7 @@ impl Rooms {
             };
             draft
                 .batch
-                .put(tables::PDUS, &pdu.event_id.to_string(), &record);
+                .put_hot(tables::PDU_TIERS, &pdu.event_id.to_string(), &record);
             draft.batch.put(
                 tables::TIMELINE,
                 &(room_id.to_string(), position),

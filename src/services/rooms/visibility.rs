@@ -222,7 +222,7 @@ impl Rooms {
             if id == 0 || (visibility_event.is_some() && member_event.is_some()) {
                 break;
             }
-            let Some(group) = self.storage.get(tables::STATE_GROUPS, &id)? else {
+            let Some(group) = self.storage.get_tiered(tables::STATE_GROUP_TIERS, &id)? else {
                 break;
             };
             for (kind, state_key, event_id) in group.entries.iter().rev() {

@@ -1,0 +1,408 @@
+//! The archive tier: events older than `archive.after_days` move from the
+//! hot tables to their archived twins (`docs/storage.md`), stored for size
+//! rather than speed, and every read looks in both (`Tiered`).
+//!
+//! The mover walks the hot events in passes, one batch at a time. A batch
+//! moves each old event with what only it uses (its relation row, and for
+//! a state event its state group when that is older than the room's latest
+//! snapshot) and records the mover's place, in one atomic change that
+//! commits only if every row moved still holds what was read
+//! ([`Storage::commit_checked`]): a crash loses and repeats nothing, and a
+//! redaction racing the mover wins. Events still in use stay hot: a room's
+//! current state, and events edited, redacted, replied or reacted to
+//! within the same window (`touched`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ruma::{OwnedEventId, OwnedRoomId};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::clock::Clock;
+use super::error::{Error, Result};
+use crate::config::ArchiveConfig;
+use crate::events::Pdu;
+use crate::storage::tables::{self, StoredPdu};
+use crate::storage::{Batch, Cf, Direction, Key, KeyRange, Storage, TableSize};
+
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+/// The key of the mover's place in the pass under way.
+const CURSOR: &str = "cursor";
+/// The key of the number of passes finished.
+const PASSES: &str = "passes";
+/// Tries of a batch whose rows changed under it before the pass gives up
+/// until the next one.
+const TRIES: usize = 3;
+
+/// What one batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Hot events looked at.
+    pub looked_at: usize,
+    /// Events moved to the archive.
+    pub archived: usize,
+    /// Whether the pass reached the last hot event.
+    pub finished: bool,
+}
+
+/// The archive tier's mover and its figures.
+pub struct Archiver {
+    storage: Storage,
+    clock: Arc<dyn Clock>,
+    config: ArchiveConfig,
+}
+
+impl Archiver {
+    pub fn new(storage: Storage, clock: Arc<dyn Clock>, config: ArchiveConfig) -> Self {
+        Archiver {
+            storage,
+            clock,
+            config,
+        }
+    }
+
+    /// Events whose `origin_server_ts` is before this are old enough.
+    fn cutoff(&self) -> u64 {
+        self.clock
+            .now_ms()
+            .saturating_sub(self.config.after_days.saturating_mul(DAY_MS))
+    }
+
+    /// Runs passes until `stop`: one at start-up, then every
+    /// `interval_minutes`, each batch followed by `pause_ms`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let interval = Duration::from_secs(self.config.interval_minutes.saturating_mul(60));
+        loop {
+            match self.pass(Some(&stop)).await {
+                Ok(moved) if moved > 0 => tracing::info!(moved, "archive pass finished"),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "archive pass failed"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// Goes on with the pass under way (or starts one) until it finishes
+    /// or `stop`; the number of events moved.
+    pub async fn pass(&self, stop: Option<&CancellationToken>) -> Result<u64> {
+        let pause = Duration::from_millis(self.config.pause_ms);
+        let mut moved = 0;
+        loop {
+            let report = self.batch().await?;
+            moved += report.archived as u64;
+            if report.finished {
+                self.forget_old_touches().await?;
+                return Ok(moved);
+            }
+            if let Some(stop) = stop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(moved),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            } else if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+
+    /// One batch: the next `batch_size` hot events after the mover's place.
+    pub async fn batch(&self) -> Result<BatchReport> {
+        for _ in 0..TRIES {
+            if let Some(report) = self.try_batch().await? {
+                return Ok(report);
+            }
+        }
+        Err(Error::Internal(
+            "events kept changing under the archive mover".to_owned(),
+        ))
+    }
+
+    /// One batch, or `None` when a row changed between its read and the
+    /// commit (nothing was written then).
+    async fn try_batch(&self) -> Result<Option<BatchReport>> {
+        let cursor: Option<String> = self
+            .storage
+            .get(tables::ARCHIVE_STATE, &CURSOR.to_owned())?
+            .and_then(|v| v.as_str().map(str::to_owned));
+        let mut lower = cursor.as_ref().map(Key::encode).unwrap_or_default();
+        if cursor.is_some() {
+            // The first key after the cursor.
+            lower.push(0);
+        }
+        let range = KeyRange { lower, upper: None };
+        let limit = self.config.batch_size;
+        let rows = self
+            .storage
+            .scan(tables::PDUS, &range, Direction::Forward, limit)?;
+        let finished = rows.len() < limit;
+        let cutoff = self.cutoff();
+        let mut batch = Batch::new();
+        let mut snapshots = Snapshots::default();
+        let mut report = BatchReport {
+            looked_at: rows.len(),
+            finished,
+            ..BatchReport::default()
+        };
+        for (event_id, stored) in &rows {
+            let pdu = match parse(event_id, stored) {
+                Ok(pdu) => pdu,
+                Err(error) => {
+                    tracing::warn!(%event_id, %error, "unreadable event left where it is");
+                    continue;
+                }
+            };
+            if self.stays_hot(event_id, stored, &pdu, cutoff)? {
+                continue;
+            }
+            self.move_event(&mut batch, &mut snapshots, event_id, stored, &pdu)?;
+            report.archived += 1;
+        }
+        match rows.last() {
+            Some((last, _)) if !finished => {
+                batch.put(tables::ARCHIVE_STATE, &CURSOR.to_owned(), &json!(last))
+            }
+            _ => {
+                batch.delete(tables::ARCHIVE_STATE, &CURSOR.to_owned());
+                let passes = self.passes()? + 1;
+                batch.put(tables::ARCHIVE_STATE, &PASSES.to_owned(), &json!(passes));
+            }
+        }
+        Ok(self.storage.commit_checked(batch).await?.then_some(report))
+    }
+
+    /// Whether an event stays in the hot tier: it is recent, or recently
+    /// used, or part of its room's current state.
+    fn stays_hot(
+        &self,
+        event_id: &str,
+        stored: &StoredPdu,
+        pdu: &Pdu,
+        cutoff: u64,
+    ) -> Result<bool> {
+        if u64::from(pdu.origin_server_ts.get()) >= cutoff {
+            return Ok(true);
+        }
+        if let Some(touched) = self.storage.get(tables::TOUCHED, &event_id.to_owned())? {
+            if touched >= cutoff {
+                return Ok(true);
+            }
+        }
+        if let Some(state_key) = &pdu.state_key {
+            let key = (
+                stored.room_id.clone(),
+                pdu.kind.to_string(),
+                state_key.clone(),
+            );
+            let current = self.storage.get(tables::ROOM_STATE, &key)?;
+            if current.as_deref() == Some(event_id) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Adds to `batch` the move of one event and of what only it uses.
+    fn move_event(
+        &self,
+        batch: &mut Batch,
+        snapshots: &mut Snapshots,
+        event_id: &str,
+        stored: &StoredPdu,
+        pdu: &Pdu,
+    ) -> Result<()> {
+        let key = event_id.to_owned();
+        batch.expect(tables::PDUS, &key, stored.clone());
+        batch.put(tables::ARCHIVED_PDUS, &key, stored);
+        batch.delete(tables::PDUS, &key);
+        let content = pdu.content_value();
+        let parent = content
+            .pointer("/m.relates_to/event_id")
+            .and_then(Value::as_str);
+        if let (Some(parent), true) = (parent, stored.stream > 0) {
+            let key = (parent.to_owned(), stored.stream);
+            if let Some(relation) = self.storage.get(tables::RELATIONS, &key)? {
+                batch.expect(tables::RELATIONS, &key, relation.clone());
+                batch.put(tables::ARCHIVED_RELATIONS, &key, &relation);
+                batch.delete(tables::RELATIONS, &key);
+            }
+        }
+        let group_id = stored.state_group;
+        let own_group = pdu.state_key.is_some() && !stored.outlier && group_id != 0;
+        if own_group && group_id < snapshots.latest(&self.storage, &stored.room_id)? {
+            if let Some(group) = self.storage.get(tables::STATE_GROUPS, &group_id)? {
+                batch.expect(tables::STATE_GROUPS, &group_id, group.clone());
+                batch.put(tables::ARCHIVED_STATE_GROUPS, &group_id, &group);
+                batch.delete(tables::STATE_GROUPS, &group_id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the marks of use older than the window: those events may
+    /// go to the archive at the next pass.
+    async fn forget_old_touches(&self) -> Result<()> {
+        let cutoff = self.cutoff();
+        let mut lower = Vec::new();
+        loop {
+            let range = KeyRange {
+                lower: lower.clone(),
+                upper: None,
+            };
+            let limit = self.config.batch_size;
+            let rows = self
+                .storage
+                .scan(tables::TOUCHED, &range, Direction::Forward, limit)?;
+            let mut batch = Batch::new();
+            for (event_id, when) in &rows {
+                if *when < cutoff {
+                    batch.delete(tables::TOUCHED, event_id);
+                }
+            }
+            self.storage.commit(batch).await?;
+            match rows.last() {
+                Some((last, _)) if rows.len() == limit => {
+                    lower = last.encode();
+                    lower.push(0);
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Passes finished since the database was made.
+    fn passes(&self) -> Result<u64> {
+        Ok(self
+            .storage
+            .get(tables::ARCHIVE_STATE, &PASSES.to_owned())?
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0))
+    }
+
+    /// Where an event is stored: `"hot"`, `"archived"`, or `None` when
+    /// it is not stored at all.
+    pub fn tier(&self, event_id: &str) -> Result<Option<&'static str>> {
+        let key = event_id.to_owned();
+        if self.storage.get(tables::PDUS, &key)?.is_some() {
+            return Ok(Some("hot"));
+        }
+        Ok(self
+            .storage
+            .get(tables::ARCHIVED_PDUS, &key)?
+            .map(|_| "archived"))
+    }
+
+    /// Events hot and archived, their bytes, and the mover's place.
+    pub fn status(&self) -> Result<ArchiveStatus> {
+        let cursor = self
+            .storage
+            .get(tables::ARCHIVE_STATE, &CURSOR.to_owned())?
+            .and_then(|v| v.as_str().map(str::to_owned));
+        Ok(ArchiveStatus {
+            hot: self.storage.table_size(Cf::Pdus)?,
+            archived: self.storage.table_size(Cf::ArchivedPdus)?,
+            archived_relations: self.storage.table_size(Cf::ArchivedRelations)?.rows,
+            archived_state_groups: self.storage.table_size(Cf::ArchivedStateGroups)?.rows,
+            passes: self.passes()?,
+            pass_under_way: cursor.is_some(),
+        })
+    }
+
+    /// Rewrites the event tables' files into their settled form (for
+    /// figures that do not depend on when RocksDB last compacted).
+    pub fn compact(&self) -> Result<()> {
+        for cf in [
+            Cf::Pdus,
+            Cf::ArchivedPdus,
+            Cf::Relations,
+            Cf::ArchivedRelations,
+            Cf::StateGroups,
+            Cf::ArchivedStateGroups,
+        ] {
+            self.storage.compact(cf)?;
+        }
+        Ok(())
+    }
+}
+
+/// The archive's figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArchiveStatus {
+    pub hot: TableSize,
+    pub archived: TableSize,
+    /// Rows of the archived relations and state groups (estimates).
+    pub archived_relations: u64,
+    pub archived_state_groups: u64,
+    pub passes: u64,
+    pub pass_under_way: bool,
+}
+
+impl ArchiveStatus {
+    /// As `myelin archive status` prints it: one JSON object.
+    pub fn to_json(&self) -> Value {
+        let tier = |size: &TableSize| {
+            let bytes = size.disk_bytes + size.memory_bytes;
+            json!({
+                "events": size.rows,
+                "bytes": bytes,
+                "disk_bytes": size.disk_bytes,
+                "bytes_per_event": bytes.checked_div(size.rows).unwrap_or(0),
+            })
+        };
+        json!({
+            "hot": tier(&self.hot),
+            "archived": tier(&self.archived),
+            "archived_relations": self.archived_relations,
+            "archived_state_groups": self.archived_state_groups,
+            "passes": self.passes,
+            "pass_under_way": self.pass_under_way,
+        })
+    }
+}
+
+/// Each room's latest snapshot group, worked out once per batch.
+#[derive(Default)]
+struct Snapshots(HashMap<String, u64>);
+
+impl Snapshots {
+    /// The latest snapshot in the chain of the room's current state group:
+    /// groups before it serve only older events.
+    fn latest(&mut self, storage: &Storage, room_id: &str) -> Result<u64> {
+        if let Some(found) = self.0.get(room_id) {
+            return Ok(*found);
+        }
+        let mut group_id = storage
+            .get(tables::ROOMS, &room_id.to_owned())?
+            .map_or(0, |room| room.state_group);
+        while group_id != 0 {
+            match storage.get(tables::STATE_GROUPS, &group_id)? {
+                Some(group) => match group.prev {
+                    Some(prev) => group_id = prev,
+                    None => break,
+                },
+                None => {
+                    group_id = 0;
+                }
+            }
+        }
+        self.0.insert(room_id.to_owned(), group_id);
+        Ok(group_id)
+    }
+}
+
+fn parse(event_id: &str, stored: &StoredPdu) -> Result<Pdu> {
+    let corrupt = |detail: String| {
+        Error::from(crate::storage::StorageError::Corrupt {
+            table: "pdus",
+            detail,
+        })
+    };
+    let event_id = OwnedEventId::try_from(event_id).map_err(|e| corrupt(e.to_string()))?;
+    let room_id =
+        OwnedRoomId::try_from(stored.room_id.as_str()).map_err(|e| corrupt(e.to_string()))?;
+    Pdu::from_text(event_id, room_id, stored.json.clone()).map_err(|e| corrupt(e.to_string()))
+}
