@@ -166,7 +166,12 @@ fn init_logging(config: &Config) {
 
 async fn archive_command(config: Config, action: ArchiveCommand) -> Result<(), String> {
     let storage = crate::server::open_storage(&config).map_err(|e| e.to_string())?;
-    let archiver = Archiver::new(storage, Arc::new(SystemClock), config.archive.clone());
+    let archiver = Archiver::new(
+        storage,
+        Arc::new(SystemClock),
+        config.archive.clone(),
+        config.retention.clone(),
+    );
     match action {
         ArchiveCommand::Status => {}
         ArchiveCommand::Run => {

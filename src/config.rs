@@ -64,6 +64,7 @@ pub struct Config {
     pub push: PushConfig,
     pub appservices: AppservicesConfig,
     pub archive: ArchiveConfig,
+    pub retention: RetentionConfig,
 }
 
 /// Signing in on a new device from one already signed in
@@ -117,6 +118,7 @@ impl Default for Config {
             push: PushConfig::default(),
             appservices: AppservicesConfig::default(),
             archive: ArchiveConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -482,6 +484,17 @@ impl Default for ArchiveConfig {
     }
 }
 
+/// Deleting events past their lifetime instead of archiving them.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Off by default: every event is kept.
+    pub enabled: bool,
+    /// The longest any event is kept, in days, whatever its room asks;
+    /// `None`: as long as the room's `m.room.retention` says.
+    pub max_lifetime_days: Option<u64>,
+}
+
 /// Push notifications through the push gateways of pushers.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -765,6 +778,9 @@ impl Config {
                 "archive.batch_size",
                 "archive.batch_size and archive.interval_minutes must not be 0".to_owned(),
             );
+        }
+        if self.retention.max_lifetime_days == Some(0) {
+            return fail("retention.max_lifetime_days", "must not be 0".to_owned());
         }
         if let Err(problem) = validate_server_name(&self.server_name) {
             return fail("server_name", problem);

@@ -198,11 +198,9 @@ async fn serve(
         services.clone(),
         stop_federation.clone(),
     ));
-    let archive_task = services
-        .config
-        .archive
-        .enabled
-        .then(|| tokio::spawn(services.archive.clone().run(stop_federation.clone())));
+    let archiving = services.config.archive.enabled || services.config.retention.enabled;
+    let archive_task =
+        archiving.then(|| tokio::spawn(services.archive.clone().run(stop_federation.clone())));
     let sweeper_task = tokio::spawn(sweep_threepid_sessions(
         services.clone(),
         stop_federation.clone(),

@@ -11,6 +11,15 @@
 //! redaction racing the mover wins. Events still in use stay hot: a room's
 //! current state, and events edited, redacted, replied or reacted to
 //! within the same window (`touched`).
+//!
+//! With `retention.enabled`, the same passes delete the non-state events
+//! past their lifetime (their room's `m.room.retention` `max_lifetime`, in
+//! milliseconds, capped by `retention.max_lifetime_days`) from either
+//! tier, with their timeline entry, their relation and thread summary
+//! entries, and their marks of use, instead of archiving them: no
+//! endpoint finds them after. An event that is still one of its room's
+//! forward extremities is kept until a later event follows it, so that
+//! the room's graph stays whole.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::clock::Clock;
 use super::error::{Error, Result};
-use crate::config::ArchiveConfig;
+use super::rooms::draft::forget_relations;
+use crate::config::{ArchiveConfig, RetentionConfig};
 use crate::events::Pdu;
 use crate::storage::tables::{self, StoredPdu};
 use crate::storage::{Batch, Cf, Direction, Key, KeyRange, Storage, TableSize};
@@ -32,6 +42,8 @@ const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 const CURSOR: &str = "cursor";
 /// The key of the number of passes finished.
 const PASSES: &str = "passes";
+/// The key of the expiry walk's place in the archived events.
+const EXPIRY_CURSOR: &str = "expiry_cursor";
 /// Tries of a batch whose rows changed under it before the pass gives up
 /// until the next one.
 const TRIES: usize = 3;
@@ -43,23 +55,42 @@ pub struct BatchReport {
     pub looked_at: usize,
     /// Events moved to the archive.
     pub archived: usize,
+    /// Events deleted past their lifetime.
+    pub expired: usize,
     /// Whether the pass reached the last hot event.
     pub finished: bool,
 }
 
 /// The archive tier's mover and its figures.
+#[derive(Clone)]
 pub struct Archiver {
     storage: Storage,
     clock: Arc<dyn Clock>,
     config: ArchiveConfig,
+    retention: RetentionConfig,
+}
+
+/// Which table a walk goes through.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// The hot events: archive the old ones, delete the expired ones.
+    Hot,
+    /// The archived events: delete the expired ones.
+    Archived,
 }
 
 impl Archiver {
-    pub fn new(storage: Storage, clock: Arc<dyn Clock>, config: ArchiveConfig) -> Self {
+    pub fn new(
+        storage: Storage,
+        clock: Arc<dyn Clock>,
+        config: ArchiveConfig,
+        retention: RetentionConfig,
+    ) -> Self {
         Archiver {
             storage,
             clock,
             config,
+            retention,
         }
     }
 
@@ -75,8 +106,13 @@ impl Archiver {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let interval = Duration::from_secs(self.config.interval_minutes.saturating_mul(60));
         loop {
+            let started = std::time::Instant::now();
             match self.pass(Some(&stop)).await {
-                Ok(moved) if moved > 0 => tracing::info!(moved, "archive pass finished"),
+                Ok(moved) if moved > 0 => tracing::info!(
+                    moved,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "archive pass finished"
+                ),
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "archive pass failed"),
             }
@@ -92,10 +128,21 @@ impl Archiver {
     pub async fn pass(&self, stop: Option<&CancellationToken>) -> Result<u64> {
         let pause = Duration::from_millis(self.config.pause_ms);
         let mut moved = 0;
+        let mut walk = Walk::Hot;
         loop {
-            let report = self.batch().await?;
+            let report = self.batch(walk).await?;
             moved += report.archived as u64;
+            if report.expired > 0 {
+                tracing::info!(
+                    expired = report.expired,
+                    "events past their lifetime deleted"
+                );
+            }
             if report.finished {
+                if walk == Walk::Hot && self.retention.enabled {
+                    walk = Walk::Archived;
+                    continue;
+                }
                 self.forget_old_touches().await?;
                 return Ok(moved);
             }
@@ -111,9 +158,9 @@ impl Archiver {
     }
 
     /// One batch: the next `batch_size` hot events after the mover's place.
-    pub async fn batch(&self) -> Result<BatchReport> {
+    async fn batch(&self, walk: Walk) -> Result<BatchReport> {
         for _ in 0..TRIES {
-            if let Some(report) = self.try_batch().await? {
+            if let Some(report) = self.try_batch(walk).await? {
                 return Ok(report);
             }
         }
@@ -123,11 +170,26 @@ impl Archiver {
     }
 
     /// One batch, or `None` when a row changed between its read and the
-    /// commit (nothing was written then).
-    async fn try_batch(&self) -> Result<Option<BatchReport>> {
+    /// commit (nothing was written then). The reads and the choices run
+    /// on a blocking thread, off the runtime that serves requests.
+    async fn try_batch(&self, walk: Walk) -> Result<Option<BatchReport>> {
+        let this = self.clone();
+        let (batch, report) = tokio::task::spawn_blocking(move || this.prepare_batch(walk))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))??;
+        Ok(self.storage.commit_checked(batch).await?.then_some(report))
+    }
+
+    /// Reads the next `batch_size` hot events after the mover's place and
+    /// makes the batch that moves the old ones and records the new place.
+    fn prepare_batch(&self, walk: Walk) -> Result<(Batch, BatchReport)> {
+        let (table, cursor_key) = match walk {
+            Walk::Hot => (tables::PDUS, CURSOR),
+            Walk::Archived => (tables::ARCHIVED_PDUS, EXPIRY_CURSOR),
+        };
         let cursor: Option<String> = self
             .storage
-            .get(tables::ARCHIVE_STATE, &CURSOR.to_owned())?
+            .get(tables::ARCHIVE_STATE, &cursor_key.to_owned())?
             .and_then(|v| v.as_str().map(str::to_owned));
         let mut lower = cursor.as_ref().map(Key::encode).unwrap_or_default();
         if cursor.is_some() {
@@ -138,11 +200,13 @@ impl Archiver {
         let limit = self.config.batch_size;
         let rows = self
             .storage
-            .scan(tables::PDUS, &range, Direction::Forward, limit)?;
+            .scan(table, &range, Direction::Forward, limit)?;
         let finished = rows.len() < limit;
         let cutoff = self.cutoff();
         let mut batch = Batch::new();
         let mut snapshots = Snapshots::default();
+        let mut lifetimes = Lifetimes::default();
+        let mut expiring: Vec<(Pdu, u64)> = Vec::new();
         let mut report = BatchReport {
             looked_at: rows.len(),
             finished,
@@ -156,23 +220,121 @@ impl Archiver {
                     continue;
                 }
             };
-            if self.stays_hot(event_id, stored, &pdu, cutoff)? {
+            if self.expired(&mut lifetimes, event_id, stored, &pdu)? {
+                self.expire(&mut batch, table, event_id, stored, &pdu);
+                expiring.push((pdu, stored.stream));
+                report.expired += 1;
+                continue;
+            }
+            if walk == Walk::Archived
+                || !self.config.enabled
+                || self.stays_hot(event_id, stored, &pdu, cutoff)?
+            {
                 continue;
             }
             self.move_event(&mut batch, &mut snapshots, event_id, stored, &pdu)?;
             report.archived += 1;
         }
-        match rows.last() {
-            Some((last, _)) if !finished => {
-                batch.put(tables::ARCHIVE_STATE, &CURSOR.to_owned(), &json!(last))
-            }
-            _ => {
-                batch.delete(tables::ARCHIVE_STATE, &CURSOR.to_owned());
-                let passes = self.passes()? + 1;
-                batch.put(tables::ARCHIVE_STATE, &PASSES.to_owned(), &json!(passes));
+        let forgotten: Vec<(&Pdu, u64)> = expiring.iter().map(|(pdu, s)| (pdu, *s)).collect();
+        forget_relations(&self.storage, &mut batch, &forgotten)?;
+        for (pdu, _) in &expiring {
+            // A thread root takes its thread's summary with it.
+            let key = (pdu.room_id.to_string(), pdu.event_id.to_string());
+            if let Some(thread) = self.storage.get(tables::THREADS, &key)? {
+                batch.delete(tables::THREADS, &key);
+                batch.delete(
+                    tables::THREAD_ACTIVITY,
+                    &(key.0.clone(), thread.latest_stream),
+                );
             }
         }
-        Ok(self.storage.commit_checked(batch).await?.then_some(report))
+        match rows.last() {
+            Some((last, _)) if !finished => {
+                batch.put(tables::ARCHIVE_STATE, &cursor_key.to_owned(), &json!(last))
+            }
+            _ => {
+                batch.delete(tables::ARCHIVE_STATE, &cursor_key.to_owned());
+                if walk == Walk::Hot {
+                    let passes = self.passes()? + 1;
+                    batch.put(tables::ARCHIVE_STATE, &PASSES.to_owned(), &json!(passes));
+                }
+            }
+        }
+        Ok((batch, report))
+    }
+
+    /// Whether a non-state event is past its lifetime (and no longer one
+    /// of its room's forward extremities).
+    fn expired(
+        &self,
+        lifetimes: &mut Lifetimes,
+        event_id: &str,
+        stored: &StoredPdu,
+        pdu: &Pdu,
+    ) -> Result<bool> {
+        if !self.retention.enabled || pdu.state_key.is_some() {
+            return Ok(false);
+        }
+        let Some(lifetime) = lifetimes.of(self, &stored.room_id)? else {
+            return Ok(false);
+        };
+        let ts = u64::from(pdu.origin_server_ts.get());
+        if ts.saturating_add(lifetime) > self.clock.now_ms() {
+            return Ok(false);
+        }
+        let room = self.storage.get(tables::ROOMS, &stored.room_id)?;
+        Ok(!room.is_some_and(|room| room.forward_extremities.iter().any(|id| id == event_id)))
+    }
+
+    /// Adds to `batch` the deletion of an expired event from `table` (its
+    /// tier), its timeline entry and its marks of use; the relations go
+    /// with [`forget_relations`].
+    fn expire(
+        &self,
+        batch: &mut Batch,
+        table: crate::storage::Table<String, StoredPdu>,
+        event_id: &str,
+        stored: &StoredPdu,
+        pdu: &Pdu,
+    ) {
+        let key = event_id.to_owned();
+        batch.expect(table, &key, stored.clone());
+        batch.delete_tiered(tables::PDU_TIERS, &key);
+        if stored.stream > 0 && !stored.outlier {
+            batch.delete(tables::TIMELINE, &(pdu.room_id.to_string(), stored.stream));
+        }
+        batch.delete(tables::TOUCHED, &key);
+    }
+
+    /// The lifetime of a room's non-state events, in milliseconds: its
+    /// `m.room.retention` `max_lifetime` (raised to its `min_lifetime`),
+    /// capped by `retention.max_lifetime_days`; `None`: forever.
+    fn room_lifetime(&self, room_id: &str) -> Result<Option<u64>> {
+        let server = self
+            .retention
+            .max_lifetime_days
+            .map(|days| days.saturating_mul(DAY_MS));
+        let key = (
+            room_id.to_owned(),
+            "m.room.retention".to_owned(),
+            String::new(),
+        );
+        let mut room = None;
+        if let Some(event_id) = self.storage.get(tables::ROOM_STATE, &key)? {
+            if let Some(stored) = self.storage.get_tiered(tables::PDU_TIERS, &event_id)? {
+                let content = parse(&event_id, &stored)?.content_value();
+                let max = content["max_lifetime"].as_u64();
+                let min = content["min_lifetime"].as_u64();
+                room = match (max, min) {
+                    (Some(max), Some(min)) => Some(max.max(min)),
+                    (max, _) => max,
+                };
+            }
+        }
+        Ok(match (room, server) {
+            (Some(room), Some(server)) => Some(room.min(server)),
+            (room, server) => room.or(server),
+        })
     }
 
     /// Whether an event stays in the hot tier: it is recent, or recently
@@ -344,13 +506,14 @@ pub struct ArchiveStatus {
 impl ArchiveStatus {
     /// As `myelin archive status` prints it: one JSON object.
     pub fn to_json(&self) -> Value {
+        // Rows not yet flushed count as events but not as bytes on disk:
+        // `myelin archive compact` first gives exact sizes.
         let tier = |size: &TableSize| {
-            let bytes = size.disk_bytes + size.memory_bytes;
             json!({
                 "events": size.rows,
-                "bytes": bytes,
                 "disk_bytes": size.disk_bytes,
-                "bytes_per_event": bytes.checked_div(size.rows).unwrap_or(0),
+                "unflushed_bytes": size.memory_bytes,
+                "bytes_per_event": size.disk_bytes.checked_div(size.rows).unwrap_or(0),
             })
         };
         json!({
@@ -361,6 +524,21 @@ impl ArchiveStatus {
             "passes": self.passes,
             "pass_under_way": self.pass_under_way,
         })
+    }
+}
+
+/// Each room's lifetime, worked out once per batch.
+#[derive(Default)]
+struct Lifetimes(HashMap<String, Option<u64>>);
+
+impl Lifetimes {
+    fn of(&mut self, archiver: &Archiver, room_id: &str) -> Result<Option<u64>> {
+        if let Some(found) = self.0.get(room_id) {
+            return Ok(*found);
+        }
+        let lifetime = archiver.room_lifetime(room_id)?;
+        self.0.insert(room_id.to_owned(), lifetime);
+        Ok(lifetime)
     }
 }
 

@@ -176,6 +176,7 @@ impl Services {
                 storage.clone(),
                 clock.clone(),
                 config.archive.clone(),
+                config.retention.clone(),
             )),
             accounts: Accounts::new(
                 storage.clone(),

@@ -8,7 +8,7 @@
 //! (say, the third event of a `createRoom`) writes nothing.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use ruma::events::StateEventType;
@@ -26,7 +26,7 @@ use crate::storage::tables::{
     self, OutboxItem, Relation, RoomRecord, StateGroup, StoredPdu, StreamEntry, ThreadRecord,
     UserRoom,
 };
-use crate::storage::{Batch, StorageError};
+use crate::storage::{Batch, Storage, StorageError};
 use myelin_federation::pdu::{MAX_ID_BYTES, MAX_PDU_BYTES};
 
 /// Deltas after which a state group is stored as a full snapshot again.
@@ -300,50 +300,7 @@ impl<'a> Draft<'a> {
     /// Takes a redacted event out of the relation it was part of: out of
     /// its parent's relations and, for a thread reply, out of the thread.
     pub fn forget_relation(&mut self, event: &Pdu, stream: u64) -> Result<()> {
-        let content = event.content_value();
-        let (Some(rel_type), Some(parent)) = (
-            content["m.relates_to"]["rel_type"].as_str(),
-            content["m.relates_to"]["event_id"].as_str(),
-        ) else {
-            return Ok(());
-        };
-        self.batch
-            .delete_tiered(tables::RELATION_TIERS, &(parent.to_owned(), stream));
-        if rel_type != "m.thread" {
-            return Ok(());
-        }
-        let room_id = event.room_id.to_string();
-        let key = (room_id.clone(), parent.to_owned());
-        let Some(mut thread) = self.rooms.storage.get(tables::THREADS, &key)? else {
-            return Ok(());
-        };
-        self.batch.delete(
-            tables::THREAD_ACTIVITY,
-            &(room_id.clone(), thread.latest_stream),
-        );
-        let replies: Vec<(u64, String)> = self
-            .rooms
-            .storage
-            .scan_prefix_tiered(tables::RELATION_TIERS, &tables::str_prefix(parent), 100_000)?
-            .into_iter()
-            .filter(|((_, s), relation)| *s != stream && relation.rel_type == "m.thread")
-            .map(|((_, s), relation)| (s, relation.event_id))
-            .collect();
-        match replies.last() {
-            Some((latest_stream, latest_id)) => {
-                thread.count = replies.len() as u64;
-                thread.latest_stream = *latest_stream;
-                thread.latest_event_id = latest_id.clone();
-                self.batch.put(tables::THREADS, &key, &thread);
-                self.batch.put(
-                    tables::THREAD_ACTIVITY,
-                    &(room_id, *latest_stream),
-                    &parent.to_owned(),
-                );
-            }
-            None => self.batch.delete(tables::THREADS, &key),
-        }
-        Ok(())
+        forget_relations(&self.rooms.storage, &mut self.batch, &[(event, stream)])
     }
 
     /// The power levels and creators in the current state.
@@ -1227,4 +1184,60 @@ pub fn membership_of(content: &Value) -> String {
 
 fn parse_event_id(id: &str) -> Result<OwnedEventId> {
     EventId::parse(id).map_err(|e| Error::Internal(format!("stored event ID {id}: {e}")))
+}
+
+/// Takes events (with their stream positions) out of the relations they
+/// were part of (a redaction, an expiry): out of their parents' relations
+/// and, for thread replies, out of their threads, whose summaries are made
+/// again from the replies left.
+pub fn forget_relations(
+    storage: &Storage,
+    batch: &mut Batch,
+    events: &[(&Pdu, u64)],
+) -> Result<()> {
+    // Per thread (room ID, root): the positions of the replies taken out.
+    let mut threads: BTreeMap<(String, String), Vec<u64>> = BTreeMap::new();
+    for (event, stream) in events {
+        let content = event.content_value();
+        let (Some(rel_type), Some(parent)) = (
+            content["m.relates_to"]["rel_type"].as_str(),
+            content["m.relates_to"]["event_id"].as_str(),
+        ) else {
+            continue;
+        };
+        batch.delete_tiered(tables::RELATION_TIERS, &(parent.to_owned(), *stream));
+        if rel_type == "m.thread" {
+            threads
+                .entry((event.room_id.to_string(), parent.to_owned()))
+                .or_default()
+                .push(*stream);
+        }
+    }
+    for ((room_id, root), removed) in threads {
+        let key = (room_id.clone(), root.clone());
+        let Some(mut thread) = storage.get(tables::THREADS, &key)? else {
+            continue;
+        };
+        batch.delete(
+            tables::THREAD_ACTIVITY,
+            &(room_id.clone(), thread.latest_stream),
+        );
+        let replies: Vec<(u64, String)> = storage
+            .scan_prefix_tiered(tables::RELATION_TIERS, &tables::str_prefix(&root), 100_000)?
+            .into_iter()
+            .filter(|((_, s), relation)| !removed.contains(s) && relation.rel_type == "m.thread")
+            .map(|((_, s), relation)| (s, relation.event_id))
+            .collect();
+        match replies.last() {
+            Some((latest_stream, latest_id)) => {
+                thread.count = replies.len() as u64;
+                thread.latest_stream = *latest_stream;
+                thread.latest_event_id = latest_id.clone();
+                batch.put(tables::THREADS, &key, &thread);
+                batch.put(tables::THREAD_ACTIVITY, &(room_id, *latest_stream), &root);
+            }
+            None => batch.delete(tables::THREADS, &key),
+        }
+    }
+    Ok(())
 }
