@@ -7,6 +7,7 @@
 //! memory scenario read its resident memory, `--data-dir` lets the storage
 //! scenario measure its database.
 
+mod archive;
 mod matrix;
 mod scenarios;
 
@@ -153,6 +154,30 @@ enum Scenario {
         #[arg(long, default_value_t = 5000)]
         messages: usize,
     },
+    /// (j) The archive tier: a history of realistic chat (messages,
+    /// replies, edits, reactions) in rooms of five, its rooms written to
+    /// `--state` for `archive-read` (see `bench/archive.sh`).
+    ArchiveFill {
+        #[arg(long, default_value_t = 10)]
+        rooms: usize,
+        #[arg(long, default_value_t = 20000)]
+        messages: usize,
+        #[arg(long)]
+        state: std::path::PathBuf,
+    },
+    /// Every `/messages` page of the rooms `archive-fill` made, newest to
+    /// oldest, each timed.
+    ArchiveRead {
+        #[arg(long)]
+        state: std::path::PathBuf,
+    },
+    /// Steady sends, open loop, each acknowledgement timed.
+    ArchiveLive {
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+    },
 }
 
 #[tokio::main]
@@ -228,6 +253,13 @@ async fn main() {
             let pid = cli.pid.expect("soak needs --pid");
             scenarios::soak(&server, pid, clients, seconds, rate, transport).await
         }
+        Scenario::ArchiveFill {
+            rooms,
+            messages,
+            state,
+        } => archive::fill(&server, rooms, messages, &state).await,
+        Scenario::ArchiveRead { state } => archive::read(&server, &state).await,
+        Scenario::ArchiveLive { seconds, rate } => archive::live(&server, seconds, rate).await,
         Scenario::Storage { messages } => {
             let dir = cli.data_dir.expect("storage needs --data-dir");
             scenarios::storage(&server, &dir, messages).await

@@ -142,7 +142,7 @@ async fn initial_since(server: &Server, token: &str) -> String {
         .to_owned()
 }
 
-fn histogram() -> Histogram<u64> {
+pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
 }
 
@@ -150,7 +150,7 @@ fn ms(micros: u64) -> f64 {
     (micros as f64 / 1000.0 * 100.0).round() / 100.0
 }
 
-fn quantiles(histogram: &Histogram<u64>) -> Value {
+pub fn quantiles(histogram: &Histogram<u64>) -> Value {
     json!({
         "p50_ms": ms(histogram.value_at_quantile(0.50)),
         "p95_ms": ms(histogram.value_at_quantile(0.95)),
