@@ -12,6 +12,7 @@ use crate::services::accounts::Accounts;
 use crate::services::archive::Archiver;
 use crate::services::clock::SystemClock;
 use crate::services::stream::StreamCounter;
+use crate::storage::{Storage, StorageError};
 
 #[derive(Parser, Debug)]
 #[command(name = "myelin", version, about = "Myelin, a Matrix homeserver")]
@@ -38,7 +39,8 @@ enum Command {
         #[command(subcommand)]
         action: ReportCommand,
     },
-    /// The archive tier of old events; the server must not be running.
+    /// The archive tier of old events; `run` and `compact` need the server
+    /// stopped.
     Archive {
         #[command(subcommand)]
         action: ArchiveCommand,
@@ -48,7 +50,7 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum ArchiveCommand {
     /// Print how many events are hot and archived, and their bytes per
-    /// event, as one JSON object.
+    /// event, as one JSON object (also while the server runs).
     Status,
     /// Finish the mover's pass now (or make one), as the server would.
     Run,
@@ -165,7 +167,16 @@ fn init_logging(config: &Config) {
 }
 
 async fn archive_command(config: Config, action: ArchiveCommand) -> Result<(), String> {
-    let storage = crate::server::open_storage(&config).map_err(|e| e.to_string())?;
+    let storage = match (crate::server::open_storage(&config), &action) {
+        (Ok(storage), _) => storage,
+        // The server has the database: its figures can still be read.
+        (Err(StorageError::InUse(_)), ArchiveCommand::Status) => Storage::open_read_only(
+            &config.data_dir.join("db"),
+            &crate::server::archive_files(&config),
+        )
+        .map_err(|e| e.to_string())?,
+        (Err(error), _) => return Err(error.to_string()),
+    };
     let archiver = Archiver::new(
         storage,
         Arc::new(SystemClock),

@@ -127,15 +127,19 @@ async fn bind_federation(config: &Config) -> Result<Option<FederationListener>, 
 /// Opens the database under the data directory as the configuration says
 /// (the server and the command line alike).
 pub fn open_storage(config: &Config) -> Result<Storage, crate::storage::StorageError> {
-    let archive = crate::storage::ArchiveFiles {
-        path: config.archive.path.clone(),
-        zstd_level: config.archive.zstd_level,
-    };
     Storage::open_with(
         &config.data_dir.join("db"),
         config.storage.sync_writes,
-        &archive,
+        &archive_files(config),
     )
+}
+
+/// Where and how the configuration stores the archive tier's tables.
+pub fn archive_files(config: &Config) -> crate::storage::ArchiveFiles {
+    crate::storage::ArchiveFiles {
+        path: config.archive.path.clone(),
+        zstd_level: config.archive.zstd_level,
+    }
 }
 
 async fn prepare(

@@ -672,3 +672,123 @@ fn a_crash_during_the_archive_mover_loses_and_repeats_nothing() {
         .collect();
     assert_eq!(read, expected);
 }
+
+#[test]
+fn the_archive_lives_where_configured_and_its_status_reads_while_serving() {
+    let root = tempfile::tempdir().unwrap();
+    let cold = root.path().join("cold");
+    let data = root.path().join("data");
+    let configured = |command: &mut Command| {
+        command
+            .env("MYELIN_ARCHIVE__PATH", &cold)
+            .env("MYELIN_ARCHIVE__AFTER_DAYS", "0");
+    };
+    let mut command = myelin(&data);
+    configured(&mut command);
+    let server = ServerProcess::start(command);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let (token, room_id) = runtime.block_on(async {
+        let body = json!({
+            "username": "mover", "password": PASSWORD,
+            "auth": { "type": "m.login.dummy" },
+        });
+        let answer: Value = http
+            .post(server.url("/_matrix/client/v3/register"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = answer["access_token"].as_str().unwrap().to_owned();
+        let room: Value = http
+            .post(server.url("/_matrix/client/v3/createRoom"))
+            .bearer_auth(&token)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let room_id = room["room_id"].as_str().unwrap().to_owned();
+        for n in 0..30 {
+            let path = format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/m{n}");
+            let response = http
+                .put(server.url(&path))
+                .bearer_auth(&token)
+                .json(&json!({ "msgtype": "m.text", "body": format!("cold {n}") }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        (token, room_id)
+    });
+
+    // The server holds the database; the status reads it anyway.
+    let mut command = myelin(&data);
+    configured(&mut command);
+    let output = run(command.args(["archive", "status"]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(status["hot"]["events"].as_u64().unwrap() >= 30, "{status}");
+    // Moving needs the database to itself.
+    let mut command = myelin(&data);
+    configured(&mut command);
+    let output = run(command.args(["archive", "run"]));
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("in use"),
+        "{}",
+        text(&output.stderr)
+    );
+    drop(server);
+
+    for action in ["run", "compact"] {
+        let mut command = myelin(&data);
+        configured(&mut command);
+        let output = run(command.args(["archive", action]));
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    let mut command = myelin(&data);
+    configured(&mut command);
+    let status: Value =
+        serde_json::from_slice(&run(command.args(["archive", "status"])).stdout).unwrap();
+    assert!(
+        status["archived"]["events"].as_u64().unwrap() >= 30,
+        "{status}"
+    );
+    let files: Vec<String> = std::fs::read_dir(&cold)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(files.iter().any(|name| name.ends_with(".sst")), "{files:?}");
+
+    let mut command = myelin(&data);
+    configured(&mut command);
+    let server = ServerProcess::start(command);
+    let bodies: Vec<String> = runtime.block_on(async {
+        let path = format!("/_matrix/client/v3/rooms/{room_id}/messages?dir=f&limit=100");
+        let page: Value = http
+            .get(server.url(&path))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        page["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "m.room.message")
+            .map(|e| e["content"]["body"].as_str().unwrap().to_owned())
+            .collect()
+    });
+    let expected: Vec<String> = (0..30).map(|n| format!("cold {n}")).collect();
+    assert_eq!(bodies, expected);
+}

@@ -253,6 +253,22 @@ impl Storage {
         Self::with_backend(Arc::new(MemoryBackend::new())).expect("an empty store has no schema")
     }
 
+    /// Opens an existing RocksDB database for reading only, while another
+    /// process may have it open; its schema version must be this build's.
+    pub fn open_read_only(path: &Path, archive: &ArchiveFiles) -> Result<Self, StorageError> {
+        let storage = Storage {
+            backend: Arc::new(RocksBackend::open_read_only(path, archive)?),
+            tier_lock: Arc::default(),
+        };
+        match storage.schema_version()? {
+            Some(SCHEMA_VERSION) => Ok(storage),
+            found => Err(StorageError::Backend(format!(
+                "cannot read the database at {} read-only: its schema version is {found:?}, this build's {SCHEMA_VERSION}",
+                path.display()
+            ))),
+        }
+    }
+
     /// Wraps a backend after checking (or recording) its schema version.
     pub fn with_backend(backend: Arc<dyn Backend>) -> Result<Self, StorageError> {
         let storage = Storage {

@@ -48,25 +48,24 @@ impl RocksBackend {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
 
-        let mut names: Vec<String> = Cf::ALL.iter().map(|cf| cf.name().to_owned()).collect();
-        if let Ok(existing) = DB::list_cf(&options, path) {
-            for name in existing {
-                if name != rocksdb::DEFAULT_COLUMN_FAMILY_NAME && !names.contains(&name) {
-                    names.push(name);
-                }
-            }
-        }
-        let descriptors = names.into_iter().map(|name| {
-            let options = match Cf::ALL.iter().find(|cf| cf.name() == name) {
-                Some(cf) if cf.is_archive() => archive_options(archive)?,
-                _ => base_options(),
-            };
-            Ok(ColumnFamilyDescriptor::new(name, options))
-        });
-        let descriptors = descriptors.collect::<Result<Vec<_>, StorageError>>()?;
+        let descriptors = descriptors(&options, path, archive)?;
         let db = DB::open_cf_descriptors(&options, path, descriptors)
             .map_err(|e| open_error(path, e))?;
         Ok(RocksBackend { db, sync_writes })
+    }
+
+    /// Opens an existing database for reading only, beside the process
+    /// that has it open (`myelin archive status` while the server runs):
+    /// it sees what was written up to the moment it opened.
+    pub fn open_read_only(path: &Path, archive: &ArchiveFiles) -> Result<Self, StorageError> {
+        let options = base_options();
+        let descriptors = descriptors(&options, path, archive)?;
+        let db = DB::open_cf_descriptors_read_only(&options, path, descriptors, false)
+            .map_err(|e| open_error(path, e))?;
+        Ok(RocksBackend {
+            db,
+            sync_writes: false,
+        })
     }
 
     fn handle(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily, StorageError> {
@@ -74,6 +73,35 @@ impl RocksBackend {
             .cf_handle(cf.name())
             .ok_or_else(|| StorageError::Backend(format!("column family {} missing", cf.name())))
     }
+}
+
+/// Every column family to open, with its options: this build's, and those
+/// found on disk that this build does not know (opened so that a newer
+/// database reaches the schema check and fails there with a clear message
+/// instead of a RocksDB error).
+fn descriptors(
+    options: &Options,
+    path: &Path,
+    archive: &ArchiveFiles,
+) -> Result<Vec<ColumnFamilyDescriptor>, StorageError> {
+    let mut names: Vec<String> = Cf::ALL.iter().map(|cf| cf.name().to_owned()).collect();
+    if let Ok(existing) = DB::list_cf(options, path) {
+        for name in existing {
+            if name != rocksdb::DEFAULT_COLUMN_FAMILY_NAME && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| {
+            let options = match Cf::ALL.iter().find(|cf| cf.name() == name) {
+                Some(cf) if cf.is_archive() => archive_options(archive)?,
+                _ => base_options(),
+            };
+            Ok(ColumnFamilyDescriptor::new(name, options))
+        })
+        .collect()
 }
 
 fn base_options() -> Options {
