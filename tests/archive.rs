@@ -113,16 +113,7 @@ async fn make_history(server: &TestServer, clock: &ManualClock) -> History {
     .await;
     clock.advance_ms(20 * DAY_MS);
     let reacted_lately = old[4].clone();
-    let (status, answer) = server
-        .put(
-            &format!("/_matrix/client/v3/rooms/{room_id}/send/m.reaction/react"),
-            Some(&token),
-            json!({ "m.relates_to": {
-                "rel_type": "m.annotation", "event_id": reacted_lately, "key": "👍",
-            }}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
+    react(server, &token, &room_id, "react", &reacted_lately).await;
     let mut recent = Vec::new();
     for n in 0..4 {
         recent.push(
@@ -147,6 +138,21 @@ async fn make_history(server: &TestServer, clock: &ManualClock) -> History {
         thread_root,
         since,
     }
+}
+
+/// Reacts 👍 to `target`; the reaction's event ID.
+async fn react(server: &TestServer, token: &str, room_id: &str, txn: &str, target: &str) -> String {
+    let (status, answer) = server
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room_id}/send/m.reaction/{txn}"),
+            Some(token),
+            json!({ "m.relates_to": {
+                "rel_type": "m.annotation", "event_id": target, "key": "👍",
+            }}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer["event_id"].as_str().unwrap().to_owned()
 }
 
 fn token_of(answer: Value) -> String {
@@ -386,17 +392,7 @@ async fn events_past_their_lifetime_are_gone_from_every_endpoint() {
         )
         .await;
     let topic = topic["event_id"].as_str().unwrap().to_owned();
-    let (status, reaction) = server
-        .put(
-            &format!("/_matrix/client/v3/rooms/{room}/send/m.reaction/r1"),
-            Some(&token),
-            json!({ "m.relates_to": {
-                "rel_type": "m.annotation", "event_id": topic, "key": "👍",
-            }}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{reaction}");
-    let reaction = reaction["event_id"].as_str().unwrap().to_owned();
+    let reaction = react(&server, &token, &room, "r1", &topic).await;
     let old = send_text(&server, &token, &room, "old", "zebra crossing long ago").await;
     let root = send_text(&server, &token, &room, "root", "a thread root").await;
     let reply = send_message(

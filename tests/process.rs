@@ -513,6 +513,88 @@ fn a_crash_during_uploads_loses_no_acknowledged_media() {
     });
 }
 
+/// Registers `username` and makes a room: (access token, room ID).
+async fn user_with_room(
+    http: &reqwest::Client,
+    server: &ServerProcess,
+    username: &str,
+) -> (String, String) {
+    let body = json!({
+        "username": username, "password": PASSWORD,
+        "auth": { "type": "m.login.dummy" },
+    });
+    let answer: Value = http
+        .post(server.url("/_matrix/client/v3/register"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = answer["access_token"].as_str().unwrap().to_owned();
+    let room: Value = http
+        .post(server.url("/_matrix/client/v3/createRoom"))
+        .bearer_auth(&token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (token, room["room_id"].as_str().unwrap().to_owned())
+}
+
+/// Sends `body` as message `txn`; its event ID.
+async fn send_text(
+    http: &reqwest::Client,
+    server: &ServerProcess,
+    (token, room_id): (&str, &str),
+    txn: &str,
+    body: &str,
+) -> String {
+    let path = format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{txn}");
+    let response = http
+        .put(server.url(&path))
+        .bearer_auth(token)
+        .json(&json!({ "msgtype": "m.text", "body": body }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value = response.json().await.unwrap();
+    answer["event_id"].as_str().unwrap().to_owned()
+}
+
+/// The room's messages, oldest first, as (event ID, body).
+async fn messages(
+    http: &reqwest::Client,
+    server: &ServerProcess,
+    (token, room_id): (&str, &str),
+) -> Vec<(String, String)> {
+    let path = format!("/_matrix/client/v3/rooms/{room_id}/messages?dir=f&limit=1000");
+    let page: Value = http
+        .get(server.url(&path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| {
+            let body = e["content"]["body"].as_str().unwrap().to_owned();
+            (e["event_id"].as_str().unwrap().to_owned(), body)
+        })
+        .collect()
+}
+
 /// Event IDs in the hot and the archived events table, read from the
 /// database itself (the server must be stopped).
 fn event_tiers(data_dir: &Path) -> (Vec<String>, Vec<String>) {
@@ -539,48 +621,13 @@ fn a_crash_during_the_archive_mover_loses_and_repeats_nothing() {
     command.env("MYELIN_ARCHIVE__ENABLED", "false");
     let mut server = ServerProcess::start(command);
     let http = reqwest::Client::new();
-    let (token, room_id) = runtime.block_on(async {
-        let body = json!({
-            "username": "archivist", "password": PASSWORD,
-            "auth": { "type": "m.login.dummy" },
-        });
-        let answer: Value = http
-            .post(server.url("/_matrix/client/v3/register"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = answer["access_token"].as_str().unwrap().to_owned();
-        let room: Value = http
-            .post(server.url("/_matrix/client/v3/createRoom"))
-            .bearer_auth(&token)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        (token, room["room_id"].as_str().unwrap().to_owned())
-    });
+    let (token, room_id) = runtime.block_on(user_with_room(&http, &server, "archivist"));
+    let room = (token.as_str(), room_id.as_str());
     let sent: Vec<String> = runtime.block_on(async {
         let mut sent = Vec::new();
         for n in 0..400 {
-            let path = format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/t{n}");
-            let answer: Value = http
-                .put(server.url(&path))
-                .bearer_auth(&token)
-                .json(&json!({ "msgtype": "m.text", "body": format!("message {n}") }))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            sent.push(answer["event_id"].as_str().unwrap().to_owned());
+            let body = format!("message {n}");
+            sent.push(send_text(&http, &server, room, &format!("t{n}"), &body).await);
         }
         sent
     });
@@ -643,28 +690,7 @@ fn a_crash_during_the_archive_mover_loses_and_repeats_nothing() {
     let mut command = myelin(root.path());
     command.env("MYELIN_ARCHIVE__ENABLED", "false");
     let server = ServerProcess::start(command);
-    let read: Vec<(String, String)> = runtime.block_on(async {
-        let path = format!("/_matrix/client/v3/rooms/{room_id}/messages?dir=f&limit=1000");
-        let answer: Value = http
-            .get(server.url(&path))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        answer["chunk"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["type"] == "m.room.message")
-            .map(|e| {
-                let body = e["content"]["body"].as_str().unwrap().to_owned();
-                (e["event_id"].as_str().unwrap().to_owned(), body)
-            })
-            .collect()
-    });
+    let read = runtime.block_on(messages(&http, &server, room));
     let expected: Vec<(String, String)> = sent
         .iter()
         .enumerate()
@@ -688,44 +714,12 @@ fn the_archive_lives_where_configured_and_its_status_reads_while_serving() {
     let server = ServerProcess::start(command);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let http = reqwest::Client::new();
-    let (token, room_id) = runtime.block_on(async {
-        let body = json!({
-            "username": "mover", "password": PASSWORD,
-            "auth": { "type": "m.login.dummy" },
-        });
-        let answer: Value = http
-            .post(server.url("/_matrix/client/v3/register"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let token = answer["access_token"].as_str().unwrap().to_owned();
-        let room: Value = http
-            .post(server.url("/_matrix/client/v3/createRoom"))
-            .bearer_auth(&token)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let room_id = room["room_id"].as_str().unwrap().to_owned();
+    let (token, room_id) = runtime.block_on(user_with_room(&http, &server, "mover"));
+    let room = (token.as_str(), room_id.as_str());
+    runtime.block_on(async {
         for n in 0..30 {
-            let path = format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/m{n}");
-            let response = http
-                .put(server.url(&path))
-                .bearer_auth(&token)
-                .json(&json!({ "msgtype": "m.text", "body": format!("cold {n}") }))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), StatusCode::OK);
+            send_text(&http, &server, room, &format!("m{n}"), &format!("cold {n}")).await;
         }
-        (token, room_id)
     });
 
     // The server holds the database; the status reads it anyway.
@@ -770,25 +764,11 @@ fn the_archive_lives_where_configured_and_its_status_reads_while_serving() {
     let mut command = myelin(&data);
     configured(&mut command);
     let server = ServerProcess::start(command);
-    let bodies: Vec<String> = runtime.block_on(async {
-        let path = format!("/_matrix/client/v3/rooms/{room_id}/messages?dir=f&limit=100");
-        let page: Value = http
-            .get(server.url(&path))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        page["chunk"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["type"] == "m.room.message")
-            .map(|e| e["content"]["body"].as_str().unwrap().to_owned())
-            .collect()
-    });
+    let bodies: Vec<String> = runtime
+        .block_on(messages(&http, &server, room))
+        .into_iter()
+        .map(|(_, body)| body)
+        .collect();
     let expected: Vec<String> = (0..30).map(|n| format!("cold {n}")).collect();
     assert_eq!(bodies, expected);
 }

@@ -331,7 +331,8 @@ pub async fn fill(
     })
 }
 
-/// Sends an event of any type; its event ID once acknowledged.
+/// Sends an event of any type; its event ID (a refused send stops the
+/// run: the history would not be the one asked for).
 async fn send_any(
     server: &Server,
     token: &str,
@@ -341,24 +342,11 @@ async fn send_any(
     content: Value,
 ) -> Option<String> {
     let txn = format!("{}-a{n}", server.run);
-    let url = server.url(&format!(
-        "/_matrix/client/v3/rooms/{room_id}/send/{kind}/{txn}"
-    ));
-    let response = server
-        .http
-        .put(url)
-        .bearer_auth(token)
-        .json(&content)
-        .send()
-        .await
-        .ok()?;
-    assert!(
-        response.status().is_success(),
-        "send refused: {}",
-        response.status()
-    );
-    let answer: Value = response.json().await.ok()?;
-    answer["event_id"].as_str().map(str::to_owned)
+    let id = server
+        .send_content(token, room_id, kind, &txn, &content)
+        .await;
+    assert!(id.is_some(), "send {n} refused");
+    id
 }
 
 /// Reads every room of `archive-fill` back from its newest page to its

@@ -196,15 +196,29 @@ impl Server {
         txn: &str,
         body: &str,
     ) -> Option<String> {
-        let url = self.url(&format!(
-            "/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{txn}"
-        ));
         let content = json!({ "msgtype": "m.text", "body": body });
+        self.send_content(token, room_id, "m.room.message", txn, &content)
+            .await
+    }
+
+    /// Sends an event of any type; its event ID once the server
+    /// acknowledged it.
+    pub async fn send_content(
+        &self,
+        token: &str,
+        room_id: &str,
+        kind: &str,
+        txn: &str,
+        content: &Value,
+    ) -> Option<String> {
+        let url = self.url(&format!(
+            "/_matrix/client/v3/rooms/{room_id}/send/{kind}/{txn}"
+        ));
         let response = self
             .http
             .put(url)
             .bearer_auth(token)
-            .json(&content)
+            .json(content)
             .send()
             .await
             .ok()?;

@@ -239,8 +239,7 @@ impl Storage {
         sync_writes: bool,
         archive: &ArchiveFiles,
     ) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(path)
-            .map_err(|e| StorageError::Backend(format!("cannot create {}: {e}", path.display())))?;
+        create_dir(path)?;
         Self::with_backend(Arc::new(RocksBackend::open_with(
             path,
             sync_writes,
@@ -422,6 +421,12 @@ impl Storage {
     pub fn table_size(&self, table: Cf) -> Result<TableSize, StorageError> {
         self.backend.table_size(table)
     }
+}
+
+/// Makes a directory and its parents, as a storage error.
+fn create_dir(path: &Path) -> Result<(), StorageError> {
+    std::fs::create_dir_all(path)
+        .map_err(|e| StorageError::Backend(format!("cannot create {}: {e}", path.display())))
 }
 
 fn decode_value<V: DeserializeOwned>(cf: Cf, bytes: &[u8]) -> Result<V, StorageError> {

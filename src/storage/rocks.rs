@@ -40,9 +40,7 @@ impl RocksBackend {
         archive: &ArchiveFiles,
     ) -> Result<Self, StorageError> {
         if let Some(dir) = &archive.path {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StorageError::Backend(format!("cannot create {}: {e}", dir.display()))
-            })?;
+            super::create_dir(dir)?;
         }
         let mut options = base_options();
         options.create_if_missing(true);
