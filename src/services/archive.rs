@@ -18,8 +18,9 @@
 //! tier, with their timeline entry, their relation and thread summary
 //! entries, and their marks of use, instead of archiving them: no
 //! endpoint finds them after. An event that is still one of its room's
-//! forward extremities is kept until a later event follows it, so that
-//! the room's graph stays whole.
+//! forward extremities is redacted instead (its room version's rules),
+//! and deleted once a later event follows it, so that the room's graph
+//! stays whole.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -220,11 +221,23 @@ impl Archiver {
                     continue;
                 }
             };
-            if self.expired(&mut lifetimes, event_id, stored, &pdu)? {
-                self.expire(&mut batch, table, event_id, stored, &pdu);
-                expiring.push((pdu, stored.stream));
-                report.expired += 1;
-                continue;
+            match self.expiry(&mut lifetimes, event_id, stored, &pdu)? {
+                Expiry::Delete => {
+                    self.expire(&mut batch, table, event_id, stored, &pdu);
+                    expiring.push((pdu, stored.stream));
+                    report.expired += 1;
+                    continue;
+                }
+                Expiry::Redact(redacted) => {
+                    batch.expect(table, event_id, stored.clone());
+                    let mut kept = stored.clone();
+                    kept.json = redacted;
+                    batch.put(table, event_id, &kept);
+                    expiring.push((pdu, stored.stream));
+                    report.expired += 1;
+                    continue;
+                }
+                Expiry::Keep => {}
             }
             if walk == Walk::Archived
                 || !self.config.enabled
@@ -263,27 +276,47 @@ impl Archiver {
         Ok((batch, report))
     }
 
-    /// Whether a non-state event is past its lifetime (and no longer one
-    /// of its room's forward extremities).
-    fn expired(
+    /// What retention asks of an event: a non-state event past its
+    /// lifetime is deleted, or, while it is one of its room's forward
+    /// extremities (the next event must still name it), redacted by its
+    /// room version's rules and kept until another event follows it.
+    fn expiry(
         &self,
         lifetimes: &mut Lifetimes,
         event_id: &str,
         stored: &StoredPdu,
         pdu: &Pdu,
-    ) -> Result<bool> {
+    ) -> Result<Expiry> {
         if !self.retention.enabled || pdu.state_key.is_some() {
-            return Ok(false);
+            return Ok(Expiry::Keep);
         }
         let Some(lifetime) = lifetimes.of(self, &stored.room_id)? else {
-            return Ok(false);
+            return Ok(Expiry::Keep);
         };
         let ts = u64::from(pdu.origin_server_ts.get());
         if ts.saturating_add(lifetime) > self.clock.now_ms() {
-            return Ok(false);
+            return Ok(Expiry::Keep);
         }
-        let room = self.storage.get(tables::ROOMS, &stored.room_id)?;
-        Ok(!room.is_some_and(|room| room.forward_extremities.iter().any(|id| id == event_id)))
+        let Some(room) = self.storage.get(tables::ROOMS, &stored.room_id)? else {
+            return Ok(Expiry::Delete);
+        };
+        if !room.forward_extremities.iter().any(|id| id == event_id) {
+            return Ok(Expiry::Delete);
+        }
+        let rules = ruma::RoomVersionId::try_from(room.version.as_str())
+            .ok()
+            .and_then(|version| crate::events::room_version_rules(&version));
+        let Some(rules) = rules else {
+            return Ok(Expiry::Keep);
+        };
+        let redacted = pdu
+            .redacted(&rules)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(if redacted.json_str() == pdu.json_str() {
+            Expiry::Keep
+        } else {
+            Expiry::Redact(redacted.json_text())
+        })
     }
 
     /// Adds to `batch` the deletion of an expired event from `table` (its
@@ -525,6 +558,14 @@ impl ArchiveStatus {
             "pass_under_way": self.pass_under_way,
         })
     }
+}
+
+/// What retention does with one event.
+enum Expiry {
+    Keep,
+    Delete,
+    /// Keep it in this redacted form (its canonical JSON).
+    Redact(String),
 }
 
 /// Each room's lifetime, worked out once per batch.
