@@ -14,6 +14,7 @@ fn conformance(make: &dyn Fn() -> Arc<dyn Backend>) {
     tables_are_separate(make().as_ref());
     schema_version_is_recorded_and_checked(make);
     typed_tables_round_trip(make);
+    tiered_rows_and_checked_commits(make);
 }
 
 fn put(backend: &dyn Backend, cf: Cf, key: &[u8], value: &[u8]) {
@@ -171,6 +172,95 @@ fn typed_tables_round_trip(make: &dyn Fn() -> Arc<dyn Backend>) {
             ..
         }
     ));
+}
+
+/// A tiered row is read from either tier; a checked batch commits only if
+/// what it read is unchanged; a rewrite brings a row back hot.
+fn tiered_rows_and_checked_commits(make: &dyn Fn() -> Arc<dyn Backend>) {
+    let storage = Storage::with_backend(make()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let key = "$event".to_owned();
+    let record = |json: &str| tables::StoredPdu {
+        room_id: "!room:x".to_owned(),
+        json: json.to_owned(),
+        stream: 1,
+        state_group: 0,
+        txn_id: None,
+        sender_device: None,
+        redacted_because: None,
+        replaces_state: None,
+        outlier: false,
+        soft_failed: false,
+    };
+    let mut batch = Batch::new();
+    batch.put(tables::PDUS, &key, &record("{}"));
+    storage.write_blocking(batch).unwrap();
+
+    // A move whose read is stale writes nothing.
+    let move_from = |read: tables::StoredPdu| {
+        let mut batch = Batch::new();
+        batch.expect(tables::PDUS, &key, read.clone());
+        batch.put(tables::ARCHIVED_PDUS, &key, &read);
+        batch.delete(tables::PDUS, &key);
+        batch
+    };
+    let stale = move_from(record("{\"old\":1}"));
+    assert!(!runtime.block_on(storage.commit_checked(stale)).unwrap());
+    assert_eq!(storage.get(tables::ARCHIVED_PDUS, &key).unwrap(), None);
+    assert_eq!(storage.get(tables::PDUS, &key).unwrap(), Some(record("{}")));
+
+    // A move of what is there commits; reads find the row archived.
+    assert!(runtime
+        .block_on(storage.commit_checked(move_from(record("{}"))))
+        .unwrap());
+    assert_eq!(storage.get(tables::PDUS, &key).unwrap(), None);
+    assert_eq!(
+        storage.get_tiered(tables::PDU_TIERS, &key).unwrap(),
+        Some(record("{}"))
+    );
+
+    // A rewrite brings it back hot, in one tier only.
+    let mut batch = Batch::new();
+    batch.put_hot(tables::PDU_TIERS, &key, &record("{\"new\":1}"));
+    storage.write_blocking(batch).unwrap();
+    assert_eq!(storage.get(tables::ARCHIVED_PDUS, &key).unwrap(), None);
+    assert_eq!(
+        storage.get_tiered(tables::PDU_TIERS, &key).unwrap(),
+        Some(record("{\"new\":1}"))
+    );
+
+    // Scans of a tiered table merge both tiers in key order.
+    let relation = |id: &str| tables::Relation {
+        event_id: id.to_owned(),
+        rel_type: "m.annotation".to_owned(),
+        event_type: "m.reaction".to_owned(),
+        sender: "@a:x".to_owned(),
+    };
+    let mut batch = Batch::new();
+    batch.put(tables::RELATIONS, &("$p".to_owned(), 1), &relation("$1"));
+    batch.put(
+        tables::ARCHIVED_RELATIONS,
+        &("$p".to_owned(), 2),
+        &relation("$2"),
+    );
+    batch.put(tables::RELATIONS, &("$p".to_owned(), 3), &relation("$3"));
+    batch.put(
+        tables::RELATIONS,
+        &("$q".to_owned(), 1),
+        &relation("$other"),
+    );
+    storage.write_blocking(batch).unwrap();
+    let rows = storage
+        .scan_prefix_tiered(tables::RELATION_TIERS, &tables::str_prefix("$p"), 10)
+        .unwrap();
+    let ids: Vec<&str> = rows.iter().map(|(_, r)| r.event_id.as_str()).collect();
+    assert_eq!(ids, ["$1", "$2", "$3"]);
+    let rows = storage
+        .scan_prefix_tiered(tables::RELATION_TIERS, &tables::str_prefix("$p"), 2)
+        .unwrap();
+    assert_eq!(rows.len(), 2);
 }
 
 #[test]
