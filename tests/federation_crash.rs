@@ -51,6 +51,16 @@ retry_max_ms = 1000
 }
 
 /// Starts the binary and waits for the client listener's address.
+/// A server process, killed when dropped (also when an assertion fails).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn spawn(config: &Path) -> (Child, SocketAddr) {
     let mut child = Command::new(BINARY)
         .env_clear()
@@ -209,7 +219,7 @@ async fn every_acknowledged_event_and_to_device_message_reaches_the_peer_once_ac
     assert!(acknowledged.len() < 2000, "the kill came during the burst");
 
     // Restarted, the sender finishes delivering from its durable queue.
-    let (mut child, _) = spawn(&config);
+    let restarted = Running(spawn(&config).0);
     let expected: Vec<String> = (0..acknowledged.len())
         .map(|i| format!("burst {i}"))
         .collect();
@@ -221,8 +231,6 @@ async fn every_acknowledged_event_and_to_device_message_reaches_the_peer_once_ac
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
     eprintln!(
         "{} acknowledged, {} seen before the kill, {} arrived",
         expected.len(),
@@ -266,6 +274,10 @@ async fn every_acknowledged_event_and_to_device_message_reaches_the_peer_once_ac
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The restarted sender keeps running until both checks are done: a
+    // to-device message queued behind the last room event may still be
+    // on its way when that event has arrived.
+    drop(restarted);
     let wanted: Vec<u64> = (0..expected.len() as u64).collect();
     assert!(
         numbers.len() >= wanted.len(),
