@@ -26,16 +26,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ruma::{OwnedEventId, OwnedRoomId};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::clock::Clock;
 use super::error::{Error, Result};
 use super::rooms::draft::forget_relations;
+use super::rooms::parse_stored;
 use crate::config::{ArchiveConfig, RetentionConfig};
 use crate::events::Pdu;
-use crate::storage::tables::{self, StoredPdu};
+use crate::storage::tables::{self, RoomRecord, StoredPdu};
 use crate::storage::{Batch, Cf, Direction, Key, KeyRange, Storage, TableSize};
 
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
@@ -192,12 +192,10 @@ impl Archiver {
             .storage
             .get(tables::ARCHIVE_STATE, &cursor_key.to_owned())?
             .and_then(|v| v.as_str().map(str::to_owned));
-        let mut lower = cursor.as_ref().map(Key::encode).unwrap_or_default();
-        if cursor.is_some() {
-            // The first key after the cursor.
-            lower.push(0);
-        }
-        let range = KeyRange { lower, upper: None };
+        let range = match &cursor {
+            Some(cursor) => KeyRange::after(&cursor.encode()),
+            None => KeyRange::prefix(b""),
+        };
         let limit = self.config.batch_size;
         let rows = self
             .storage
@@ -205,8 +203,7 @@ impl Archiver {
         let finished = rows.len() < limit;
         let cutoff = self.cutoff();
         let mut batch = Batch::new();
-        let mut snapshots = Snapshots::default();
-        let mut lifetimes = Lifetimes::default();
+        let mut rooms = RoomFacts::default();
         let mut expiring: Vec<(Pdu, u64)> = Vec::new();
         let mut report = BatchReport {
             looked_at: rows.len(),
@@ -214,14 +211,14 @@ impl Archiver {
             ..BatchReport::default()
         };
         for (event_id, stored) in &rows {
-            let pdu = match parse(event_id, stored) {
+            let pdu = match parse_stored(event_id, stored) {
                 Ok(pdu) => pdu,
                 Err(error) => {
                     tracing::warn!(%event_id, %error, "unreadable event left where it is");
                     continue;
                 }
             };
-            match self.expiry(&mut lifetimes, event_id, stored, &pdu)? {
+            match self.expiry(&mut rooms, event_id, stored, &pdu)? {
                 Expiry::Delete => {
                     self.expire(&mut batch, table, event_id, stored, &pdu);
                     expiring.push((pdu, stored.stream));
@@ -245,7 +242,7 @@ impl Archiver {
             {
                 continue;
             }
-            self.move_event(&mut batch, &mut snapshots, event_id, stored, &pdu)?;
+            self.move_event(&mut batch, &mut rooms, event_id, stored, &pdu)?;
             report.archived += 1;
         }
         let forgotten: Vec<(&Pdu, u64)> = expiring.iter().map(|(pdu, s)| (pdu, *s)).collect();
@@ -282,7 +279,7 @@ impl Archiver {
     /// room version's rules and kept until another event follows it.
     fn expiry(
         &self,
-        lifetimes: &mut Lifetimes,
+        rooms: &mut RoomFacts,
         event_id: &str,
         stored: &StoredPdu,
         pdu: &Pdu,
@@ -290,14 +287,15 @@ impl Archiver {
         if !self.retention.enabled || pdu.state_key.is_some() {
             return Ok(Expiry::Keep);
         }
-        let Some(lifetime) = lifetimes.of(self, &stored.room_id)? else {
+        let facts = rooms.of(self, &stored.room_id)?;
+        let Some(lifetime) = facts.lifetime else {
             return Ok(Expiry::Keep);
         };
         let ts = u64::from(pdu.origin_server_ts.get());
         if ts.saturating_add(lifetime) > self.clock.now_ms() {
             return Ok(Expiry::Keep);
         }
-        let Some(room) = self.storage.get(tables::ROOMS, &stored.room_id)? else {
+        let Some(room) = &facts.record else {
             return Ok(Expiry::Delete);
         };
         if !room.forward_extremities.iter().any(|id| id == event_id) {
@@ -355,7 +353,7 @@ impl Archiver {
         let mut room = None;
         if let Some(event_id) = self.storage.get(tables::ROOM_STATE, &key)? {
             if let Some(stored) = self.storage.get_tiered(tables::PDU_TIERS, &event_id)? {
-                let content = parse(&event_id, &stored)?.content_value();
+                let content = parse_stored(&event_id, &stored)?.content_value();
                 let max = content["max_lifetime"].as_u64();
                 let min = content["min_lifetime"].as_u64();
                 room = match (max, min) {
@@ -405,15 +403,17 @@ impl Archiver {
     fn move_event(
         &self,
         batch: &mut Batch,
-        snapshots: &mut Snapshots,
+        rooms: &mut RoomFacts,
         event_id: &str,
         stored: &StoredPdu,
         pdu: &Pdu,
     ) -> Result<()> {
-        let key = event_id.to_owned();
-        batch.expect(tables::PDUS, &key, stored.clone());
-        batch.put(tables::ARCHIVED_PDUS, &key, stored);
-        batch.delete(tables::PDUS, &key);
+        batch.move_row(
+            tables::PDUS,
+            tables::ARCHIVED_PDUS,
+            &event_id.to_owned(),
+            stored.clone(),
+        );
         let content = pdu.content_value();
         let parent = content
             .pointer("/m.relates_to/event_id")
@@ -421,18 +421,24 @@ impl Archiver {
         if let (Some(parent), true) = (parent, stored.stream > 0) {
             let key = (parent.to_owned(), stored.stream);
             if let Some(relation) = self.storage.get(tables::RELATIONS, &key)? {
-                batch.expect(tables::RELATIONS, &key, relation.clone());
-                batch.put(tables::ARCHIVED_RELATIONS, &key, &relation);
-                batch.delete(tables::RELATIONS, &key);
+                batch.move_row(
+                    tables::RELATIONS,
+                    tables::ARCHIVED_RELATIONS,
+                    &key,
+                    relation,
+                );
             }
         }
         let group_id = stored.state_group;
         let own_group = pdu.state_key.is_some() && !stored.outlier && group_id != 0;
-        if own_group && group_id < snapshots.latest(&self.storage, &stored.room_id)? {
+        if own_group && group_id < rooms.of(self, &stored.room_id)?.latest_snapshot {
             if let Some(group) = self.storage.get(tables::STATE_GROUPS, &group_id)? {
-                batch.expect(tables::STATE_GROUPS, &group_id, group.clone());
-                batch.put(tables::ARCHIVED_STATE_GROUPS, &group_id, &group);
-                batch.delete(tables::STATE_GROUPS, &group_id);
+                batch.move_row(
+                    tables::STATE_GROUPS,
+                    tables::ARCHIVED_STATE_GROUPS,
+                    &group_id,
+                    group,
+                );
             }
         }
         Ok(())
@@ -442,12 +448,8 @@ impl Archiver {
     /// go to the archive at the next pass.
     async fn forget_old_touches(&self) -> Result<()> {
         let cutoff = self.cutoff();
-        let mut lower = Vec::new();
+        let mut range = KeyRange::prefix(b"");
         loop {
-            let range = KeyRange {
-                lower: lower.clone(),
-                upper: None,
-            };
             let limit = self.config.batch_size;
             let rows = self
                 .storage
@@ -460,10 +462,7 @@ impl Archiver {
             }
             self.storage.commit(batch).await?;
             match rows.last() {
-                Some((last, _)) if rows.len() == limit => {
-                    lower = last.encode();
-                    lower.push(0);
-                }
+                Some((last, _)) if rows.len() == limit => range = KeyRange::after(&last.encode()),
                 _ => return Ok(()),
             }
         }
@@ -568,60 +567,48 @@ enum Expiry {
     Redact(String),
 }
 
-/// Each room's lifetime, worked out once per batch.
+/// What a batch needs of each room, read once per batch: its record, the
+/// latest snapshot in the chain of its current state group (groups before
+/// it serve only older events), and its events' lifetime.
 #[derive(Default)]
-struct Lifetimes(HashMap<String, Option<u64>>);
+struct RoomFacts(HashMap<String, Facts>);
 
-impl Lifetimes {
-    fn of(&mut self, archiver: &Archiver, room_id: &str) -> Result<Option<u64>> {
-        if let Some(found) = self.0.get(room_id) {
-            return Ok(*found);
-        }
-        let lifetime = archiver.room_lifetime(room_id)?;
-        self.0.insert(room_id.to_owned(), lifetime);
-        Ok(lifetime)
-    }
+struct Facts {
+    record: Option<RoomRecord>,
+    latest_snapshot: u64,
+    lifetime: Option<u64>,
 }
 
-/// Each room's latest snapshot group, worked out once per batch.
-#[derive(Default)]
-struct Snapshots(HashMap<String, u64>);
-
-impl Snapshots {
-    /// The latest snapshot in the chain of the room's current state group:
-    /// groups before it serve only older events.
-    fn latest(&mut self, storage: &Storage, room_id: &str) -> Result<u64> {
-        if let Some(found) = self.0.get(room_id) {
-            return Ok(*found);
+impl RoomFacts {
+    fn of(&mut self, archiver: &Archiver, room_id: &str) -> Result<&Facts> {
+        if !self.0.contains_key(room_id) {
+            let facts = Self::read(archiver, room_id)?;
+            self.0.insert(room_id.to_owned(), facts);
         }
-        let mut group_id = storage
-            .get(tables::ROOMS, &room_id.to_owned())?
-            .map_or(0, |room| room.state_group);
+        Ok(&self.0[room_id])
+    }
+
+    fn read(archiver: &Archiver, room_id: &str) -> Result<Facts> {
+        let storage = &archiver.storage;
+        let record = storage.get(tables::ROOMS, &room_id.to_owned())?;
+        let mut group_id = record.as_ref().map_or(0, |room| room.state_group);
         while group_id != 0 {
             match storage.get(tables::STATE_GROUPS, &group_id)? {
                 Some(group) => match group.prev {
                     Some(prev) => group_id = prev,
                     None => break,
                 },
-                None => {
-                    group_id = 0;
-                }
+                None => group_id = 0,
             }
         }
-        self.0.insert(room_id.to_owned(), group_id);
-        Ok(group_id)
-    }
-}
-
-fn parse(event_id: &str, stored: &StoredPdu) -> Result<Pdu> {
-    let corrupt = |detail: String| {
-        Error::from(crate::storage::StorageError::Corrupt {
-            table: "pdus",
-            detail,
+        let lifetime = match archiver.retention.enabled {
+            true => archiver.room_lifetime(room_id)?,
+            false => None,
+        };
+        Ok(Facts {
+            record,
+            latest_snapshot: group_id,
+            lifetime,
         })
-    };
-    let event_id = OwnedEventId::try_from(event_id).map_err(|e| corrupt(e.to_string()))?;
-    let room_id =
-        OwnedRoomId::try_from(stored.room_id.as_str()).map_err(|e| corrupt(e.to_string()))?;
-    Pdu::from_text(event_id, room_id, stored.json.clone()).map_err(|e| corrupt(e.to_string()))
+    }
 }

@@ -351,6 +351,15 @@ impl KeyRange {
         }
     }
 
+    /// Every key after `key`, to the end (a scan that goes on past the
+    /// last key it read).
+    pub fn after(key: &[u8]) -> Self {
+        let mut lower = key.to_vec();
+        // The smallest key greater than `key`.
+        lower.push(0);
+        KeyRange { lower, upper: None }
+    }
+
     /// The range as standard bounds, for ordered maps.
     pub fn bounds(&self) -> (Bound<&[u8]>, Bound<&[u8]>) {
         let upper = match &self.upper {

@@ -157,6 +157,18 @@ impl Batch {
         self.tiered = true;
     }
 
+    /// Moves a row from one table to another (the archive mover), if
+    /// `from[key]` still holds `value` when the batch commits.
+    pub fn move_row<K, V>(&mut self, from: Table<K, V>, to: Table<K, V>, key: &K, value: V)
+    where
+        K: Key,
+        V: Serialize + DeserializeOwned + PartialEq + Send + 'static,
+    {
+        self.put(to, key, &value);
+        self.delete(from, key);
+        self.expect(from, key, value);
+    }
+
     /// Commits only if `table[key]` still holds `value` then (see
     /// [`Storage::commit_checked`]).
     pub fn expect<K, V>(&mut self, table: Table<K, V>, key: &K, value: V)
@@ -255,10 +267,7 @@ impl Storage {
     /// Opens an existing RocksDB database for reading only, while another
     /// process may have it open; its schema version must be this build's.
     pub fn open_read_only(path: &Path, archive: &ArchiveFiles) -> Result<Self, StorageError> {
-        let storage = Storage {
-            backend: Arc::new(RocksBackend::open_read_only(path, archive)?),
-            tier_lock: Arc::default(),
-        };
+        let storage = Self::unchecked(Arc::new(RocksBackend::open_read_only(path, archive)?));
         match storage.schema_version()? {
             Some(SCHEMA_VERSION) => Ok(storage),
             found => Err(StorageError::Backend(format!(
@@ -268,12 +277,16 @@ impl Storage {
         }
     }
 
-    /// Wraps a backend after checking (or recording) its schema version.
-    pub fn with_backend(backend: Arc<dyn Backend>) -> Result<Self, StorageError> {
-        let storage = Storage {
+    fn unchecked(backend: Arc<dyn Backend>) -> Self {
+        Storage {
             backend,
             tier_lock: Arc::default(),
-        };
+        }
+    }
+
+    /// Wraps a backend after checking (or recording) its schema version.
+    pub fn with_backend(backend: Arc<dyn Backend>) -> Result<Self, StorageError> {
+        let storage = Self::unchecked(backend);
         storage.check_schema()?;
         Ok(storage)
     }

@@ -321,19 +321,8 @@ impl Rooms {
         else {
             return Ok(None);
         };
-        let pdu = self.parse_stored(event_id, &stored)?;
+        let pdu = parse_stored(event_id, &stored)?;
         Ok(Some((pdu, stored)))
-    }
-
-    fn parse_stored(&self, event_id: &str, stored: &StoredPdu) -> Result<Pdu> {
-        let corrupt = |detail: String| crate::storage::StorageError::Corrupt {
-            table: "pdus",
-            detail,
-        };
-        let event_id = EventId::parse(event_id).map_err(|e| corrupt(e.to_string()))?;
-        let room_id = RoomId::parse(&stored.room_id).map_err(|e| corrupt(e.to_string()))?;
-        Ok(Pdu::from_text(event_id, room_id, stored.json.clone())
-            .map_err(|e| corrupt(e.to_string()))?)
     }
 
     /// An event, shared: parsed once while its stored JSON stays the same
@@ -349,7 +338,7 @@ impl Rooms {
                 return Ok(Some(pdu));
             }
         }
-        let pdu = Arc::new(self.parse_stored(event_id, &stored)?);
+        let pdu = Arc::new(parse_stored(event_id, &stored)?);
         self.parsed_memo.insert(key, pdu.clone());
         Ok(Some(pdu))
     }
@@ -902,4 +891,16 @@ pub fn allowed_rooms(join_rules: &Value) -> Vec<OwnedRoomId> {
         .filter_map(|entry| entry["room_id"].as_str())
         .filter_map(|id| RoomId::parse(id).ok())
         .collect()
+}
+
+/// An event from its stored record, its fields read (see [`Pdu::from_text`]).
+pub fn parse_stored(event_id: &str, stored: &StoredPdu) -> Result<Pdu> {
+    let corrupt = |detail: String| crate::storage::StorageError::Corrupt {
+        table: "pdus",
+        detail,
+    };
+    let event_id = EventId::parse(event_id).map_err(|e| corrupt(e.to_string()))?;
+    let room_id = RoomId::parse(&stored.room_id).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Pdu::from_text(event_id, room_id, stored.json.clone())
+        .map_err(|e| corrupt(e.to_string()))?)
 }
