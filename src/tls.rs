@@ -38,7 +38,9 @@ pub fn acceptor(certificate: &Path, private_key: &Path) -> Result<TlsAcceptor, S
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| format!("{}: {e}", certificate.display()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: the server speaks no HTTP/2, and a client that was
+    // offered h2 would use it.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
