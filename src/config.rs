@@ -36,6 +36,9 @@ pub struct Config {
     pub registration: RegistrationMode,
     /// Tokens accepted when `registration = "token"`.
     pub registration_tokens: Vec<String>,
+    /// The secret of Synapse's shared-secret registration
+    /// (`/_synapse/admin/v1/register`); unset, that endpoint is off.
+    pub registration_shared_secret: Option<String>,
     /// Request rate limits per kind; `false` switches all of them off.
     pub rate_limits: RateLimits,
     /// Largest request body accepted, in bytes.
@@ -65,6 +68,8 @@ pub struct Config {
     pub appservices: AppservicesConfig,
     pub archive: ArchiveConfig,
     pub retention: RetentionConfig,
+    pub server_notices: ServerNoticesConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Signing in on a new device from one already signed in
@@ -98,6 +103,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./myelin-data"),
             registration: RegistrationMode::Disabled,
             registration_tokens: Vec::new(),
+            registration_shared_secret: None,
             rate_limits: RateLimits::default(),
             max_request_body_bytes: 20 * 1024 * 1024,
             refreshable_access_token_lifetime_ms: 5 * 60 * 1000,
@@ -119,6 +125,8 @@ impl Default for Config {
             appservices: AppservicesConfig::default(),
             archive: ArchiveConfig::default(),
             retention: RetentionConfig::default(),
+            server_notices: ServerNoticesConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -484,6 +492,41 @@ impl Default for ArchiveConfig {
     }
 }
 
+/// Notices from the server to its users (`POST
+/// /_synapse/admin/v1/send_server_notice`), sent by a user of its own in a
+/// room of their own per user.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerNoticesConfig {
+    /// Off by default, as in Synapse.
+    pub enabled: bool,
+    /// The localpart of the user that sends the notices, made when first
+    /// needed.
+    pub localpart: String,
+    pub display_name: String,
+    /// The name of each user's notice room.
+    pub room_name: String,
+}
+
+impl Default for ServerNoticesConfig {
+    fn default() -> Self {
+        ServerNoticesConfig {
+            enabled: false,
+            localpart: "notices".to_owned(),
+            display_name: "Server Notices".to_owned(),
+            room_name: "Server Notices".to_owned(),
+        }
+    }
+}
+
+/// The Prometheus metrics listener (`GET /metrics`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served; unset (the default), nowhere.
+    pub listen: Option<SocketAddr>,
+}
+
 /// Deleting events past their lifetime instead of archiving them.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -778,6 +821,21 @@ impl Config {
                 "archive.batch_size",
                 "archive.batch_size and archive.interval_minutes must not be 0".to_owned(),
             );
+        }
+        if self
+            .registration_shared_secret
+            .as_ref()
+            .is_some_and(|secret| secret.is_empty())
+        {
+            return fail("registration_shared_secret", "must not be empty".to_owned());
+        }
+        if self.server_notices.enabled {
+            if let Err(problem) = crate::ids::check_appservice_localpart(
+                &self.server_notices.localpart,
+                &self.server_name,
+            ) {
+                return fail("server_notices.localpart", problem);
+            }
         }
         if self.retention.max_lifetime_days == Some(0) {
             return fail("retention.max_lifetime_days", "must not be 0".to_owned());

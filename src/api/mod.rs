@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 pub mod federation;
 pub mod shared;
+pub mod synapse_admin;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,6 +109,7 @@ fn matrix_api(state: AppState) -> Router {
             "/_matrix/client/v1/media/preview_url",
             get(media::preview_url),
         )
+        .route("/_matrix/media/v3/preview_url", get(media::preview_url))
         .route("/_matrix/media/v3/config", get(media::config))
         .route(
             "/_matrix/client/v1/media/download/{server_name}/{media_id}",
@@ -148,6 +150,7 @@ fn matrix_api(state: AppState) -> Router {
     for prefix in CLIENT_PREFIXES {
         router = router.merge(client_routes(prefix));
     }
+    router = router.merge(synapse_admin::routes());
     let federation = &state.config.federation;
     if federation.enabled && federation.listen.is_none() {
         router = router.merge(federation::routes());

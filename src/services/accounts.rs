@@ -169,8 +169,9 @@ impl Accounts {
         self.create(localpart, password, admin, device).await
     }
 
-    /// Creates an application service's user: its localpart may begin
-    /// with `_` (bridges' users often do); no password.
+    /// Creates an application service's user, or the server's own notice
+    /// sender: its localpart may begin with `_` (bridges' users often do);
+    /// no password.
     pub async fn register_for_appservice(
         &self,
         localpart: &str,
@@ -614,6 +615,49 @@ impl Accounts {
             }
         }
         let _device_list = self.device_list_changed(&mut batch, localpart);
+        self.storage.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Every local account, by localpart (for admins).
+    pub fn all(&self) -> Result<Vec<(String, UserRecord)>> {
+        Ok(self.storage.scan_prefix(tables::USERS, &[], usize::MAX)?)
+    }
+
+    /// Makes a local user a server admin, or no longer one.
+    pub async fn set_admin(&self, localpart: &str, admin: bool) -> Result<()> {
+        let _guard = self.locks.lock(localpart).await;
+        let mut record = self
+            .user(localpart)?
+            .ok_or_else(|| Error::NotFound(format!("no local user {localpart}")))?;
+        if record.admin == admin {
+            return Ok(());
+        }
+        record.admin = admin;
+        let mut batch = Batch::new();
+        batch.put(tables::USERS, &localpart.to_owned(), &record);
+        self.storage.commit(batch).await?;
+        Ok(())
+    }
+
+    /// Gives a deactivated account a password again, so that it can log
+    /// in (an admin's doing; its profile starts afresh).
+    pub async fn reactivate(&self, localpart: &str, password: &str) -> Result<()> {
+        let hash = self.hash_password(password).await?;
+        let _guard = self.locks.lock(localpart).await;
+        let mut record = self
+            .user(localpart)?
+            .ok_or_else(|| Error::NotFound(format!("no local user {localpart}")))?;
+        if !record.deactivated {
+            return Ok(());
+        }
+        record.deactivated = false;
+        record.password_hash = Some(hash);
+        let mut batch = Batch::new();
+        batch.put(tables::USERS, &localpart.to_owned(), &record);
+        let mut profile = serde_json::Map::new();
+        profile.insert("displayname".to_owned(), localpart.into());
+        batch.put(tables::PROFILES, &localpart.to_owned(), &profile);
         self.storage.commit(batch).await?;
         Ok(())
     }

@@ -135,6 +135,7 @@ impl Media {
             filename: None,
             size: 0,
             pending_until: Some(until),
+            quarantined_by: None,
         };
         let mut batch = Batch::new();
         batch.put(
@@ -178,6 +179,7 @@ impl Media {
             filename: description.filename,
             size,
             pending_until: None,
+            quarantined_by: None,
         };
         let mut batch = Batch::new();
         batch.put(
@@ -264,6 +266,9 @@ impl Media {
         let Some(hash) = &record.content_hash else {
             return Ok(None);
         };
+        if record.quarantined_by.is_some() {
+            return Err(Error::NotFound("This media is quarantined".to_owned()));
+        }
         if hash.len() < 2 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(Error::Internal(format!("media {media_id} has a bad hash")));
         }
@@ -363,6 +368,7 @@ impl Media {
             filename: description.filename,
             size,
             pending_until: None,
+            quarantined_by: None,
         };
         let mut batch = Batch::new();
         batch.put(
@@ -435,6 +441,78 @@ impl Media {
         self.storage.commit(batch).await?;
         let path = self.path_of(&stored.content_hash);
         Ok((stored, path))
+    }
+
+    /// The media a local user uploaded, as (media ID, record).
+    pub fn of_uploader(&self, uploader: &str) -> Result<Vec<(String, MediaRecord)>> {
+        let prefix = tables::str_prefix(&self.server_name);
+        Ok(self
+            .storage
+            .scan_prefix(tables::MEDIA, &prefix, usize::MAX)?
+            .into_iter()
+            .filter(|(_, record)| record.uploader == uploader)
+            .map(|((_, media_id), record)| (media_id, record))
+            .collect())
+    }
+
+    /// Quarantines a media (`by` the admin) or lifts its quarantine
+    /// (`None`); `false` for an unknown media.
+    pub async fn set_quarantine(
+        &self,
+        server: &str,
+        media_id: &str,
+        by: Option<&str>,
+    ) -> Result<bool> {
+        let _guard = self.locks.lock(media_id).await;
+        let key = (server.to_owned(), media_id.to_owned());
+        let Some(mut record) = self.storage.get(tables::MEDIA, &key)? else {
+            return Ok(false);
+        };
+        record.quarantined_by = by.map(str::to_owned);
+        let mut batch = Batch::new();
+        batch.put(tables::MEDIA, &key, &record);
+        self.storage.commit(batch).await?;
+        Ok(true)
+    }
+
+    /// Deletes a media's record; its file and thumbnails go too unless
+    /// another media has the same content. `false` for an unknown media.
+    pub async fn delete(&self, server: &str, media_id: &str) -> Result<bool> {
+        let _guard = self.locks.lock(media_id).await;
+        let key = (server.to_owned(), media_id.to_owned());
+        let Some(record) = self.storage.get(tables::MEDIA, &key)? else {
+            return Ok(false);
+        };
+        let mut batch = Batch::new();
+        batch.delete(tables::MEDIA, &key);
+        let mut files = Vec::new();
+        let shared = match &record.content_hash {
+            None => true,
+            Some(hash) => self
+                .storage
+                .scan_prefix(tables::MEDIA, &[], usize::MAX)?
+                .iter()
+                .any(|(other, r)| other != &key && r.content_hash.as_ref() == Some(hash)),
+        };
+        if let (false, Some(hash)) = (shared, &record.content_hash) {
+            files.push(self.path_of(hash));
+            let thumbnails = self.storage.scan_prefix(
+                tables::MEDIA_THUMBNAILS,
+                &tables::str_prefix(hash),
+                1000,
+            )?;
+            for (thumb_key, thumb) in thumbnails {
+                batch.delete(tables::MEDIA_THUMBNAILS, &thumb_key);
+                files.push(self.path_of(&thumb.content_hash));
+            }
+        }
+        self.storage.commit(batch).await?;
+        for file in files {
+            if let Err(error) = std::fs::remove_file(&file) {
+                tracing::warn!(%error, file = %file.display(), "could not delete a media file");
+            }
+        }
+        Ok(true)
     }
 
     fn path_of(&self, hash: &str) -> PathBuf {

@@ -4,6 +4,7 @@
 //! built once, in [`Services::new`], and has no cycles.
 
 pub mod accounts;
+pub mod admin;
 pub mod appservices;
 pub mod archive;
 pub mod clock;
@@ -102,6 +103,7 @@ pub struct Services {
     pub delivery: notifier::Delivery,
     pub appservices: Arc<appservices::Appservices>,
     pub archive: Arc<archive::Archiver>,
+    pub admin: admin::AdminState,
     storage: Storage,
     clock: Arc<dyn Clock>,
 }
@@ -195,6 +197,7 @@ impl Services {
             push_rules: push_rules::PushRules::default(),
             pushers: pushers::Pushers::new(storage.clone(), clock.clone(), config.push_ip_policy()),
             delivery: notifier::Delivery::default(),
+            admin: admin::AdminState::default(),
             storage,
             uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),
             rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock.clone()),

@@ -139,11 +139,16 @@ pub enum Cf {
     Touched,
     /// Where the archive mover stands in its pass.
     ArchiveState,
+    /// Rooms an admin blocked: no local user may join or be invited.
+    BlockedRooms,
+    /// Local users erased by an admin: their events are hidden from those
+    /// who were not in the room when they were sent.
+    ErasedUsers,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 62] = [
+    pub const ALL: [Cf; 64] = [
         Cf::Meta,
         Cf::Users,
         Cf::Profiles,
@@ -206,6 +211,8 @@ impl Cf {
         Cf::ArchivedStateGroups,
         Cf::Touched,
         Cf::ArchiveState,
+        Cf::BlockedRooms,
+        Cf::ErasedUsers,
     ];
 
     /// The column family's name on disk. Never change one: it is the format.
@@ -273,6 +280,8 @@ impl Cf {
             Cf::ArchivedStateGroups => "archived_state_groups",
             Cf::Touched => "touched",
             Cf::ArchiveState => "archive_state",
+            Cf::BlockedRooms => "blocked_rooms",
+            Cf::ErasedUsers => "erased_users",
         }
     }
 

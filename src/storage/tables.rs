@@ -120,6 +120,17 @@ pub const TOUCHED: Table<String, u64> = Table::new(Cf::Touched);
 /// The archive mover's place: `cursor` (the last event ID looked at in
 /// the pass under way) and `pass` (the pass's number).
 pub const ARCHIVE_STATE: Table<String, serde_json::Value> = Table::new(Cf::ArchiveState);
+/// Room ID → who blocked it and when.
+pub const BLOCKED_ROOMS: Table<String, AdminMark> = Table::new(Cf::BlockedRooms);
+/// User ID of a local user → who erased them and when.
+pub const ERASED_USERS: Table<String, AdminMark> = Table::new(Cf::ErasedUsers);
+
+/// Who among the admins did something, and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminMark {
+    pub by: String,
+    pub ts: u64,
+}
 /// (room ID, stream position) → event ID.
 pub const TIMELINE: Table<(String, u64), String> = Table::new(Cf::Timeline);
 /// Stream position → the event written at it.
@@ -325,6 +336,9 @@ pub struct MediaRecord {
     pub size: u64,
     /// For a pending media ID: when it stops waiting for its content.
     pub pending_until: Option<u64>,
+    /// The admin who quarantined it: it is then never served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined_by: Option<String>,
 }
 
 /// (SHA-256 of the original, size as `{width}x{height}-{method}`) → the

@@ -119,7 +119,8 @@ pub async fn join(
     JsonBody(body): JsonBody<ReasonBody>,
 ) -> ApiResult<Json<Value>> {
     let room_id = parse_room(&room_id)?;
-    enter_room(&state, &authed, &room_id, Vec::new(), "join", body.reason).await
+    let user = parse_user(&authed.user_id.to_string())?;
+    enter_room(&state, &user, &room_id, Vec::new(), "join", body.reason).await
 }
 
 /// `POST /_matrix/client/v3/join/{roomIdOrAlias}`
@@ -132,7 +133,8 @@ pub async fn join_by_id_or_alias(
 ) -> ApiResult<Json<Value>> {
     let (room_id, mut servers) = resolve_target(&state, &target).await?;
     servers.extend(via_servers(&query));
-    enter_room(&state, &authed, &room_id, servers, "join", body.reason).await
+    let user = parse_user(&authed.user_id.to_string())?;
+    enter_room(&state, &user, &room_id, servers, "join", body.reason).await
 }
 
 /// The `via` (and the older `server_name`) query parameters.
@@ -145,17 +147,17 @@ fn via_servers(query: &Option<String>) -> Vec<OwnedServerName> {
 
 /// Joins or knocks on a room this server knows, with the user's profile in
 /// the member event; answers the room ID.
-async fn enter_room(
+pub(crate) async fn enter_room(
     state: &AppState,
-    authed: &crate::services::accounts::Authed,
+    user: &UserId,
     room_id: &RoomId,
     mut servers: Vec<OwnedServerName>,
     membership: &str,
     reason: Option<String>,
 ) -> ApiResult<Json<Value>> {
-    let user = parse_user(&authed.user_id.to_string())?;
+    state.rooms.check_not_blocked(room_id, membership)?;
     if !state.rooms.server_in_room(room_id)? {
-        if let Some(server) = federated::inviting_server(state, room_id, &user)? {
+        if let Some(server) = federated::inviting_server(state, room_id, user)? {
             servers.push(server);
         }
         if let Some(server) = room_id.server_name() {
@@ -171,7 +173,7 @@ async fn enter_room(
         }
         if !unique.is_empty() && state.federation.enabled() {
             let mut content = reason_content(reason);
-            if let Some(profile) = state.profiles.profile(authed.localpart())? {
+            if let Some(profile) = state.profiles.profile(user.localpart())? {
                 for key in ["displayname", "avatar_url"] {
                     if let Some(value) = profile.get(key) {
                         content[key] = value.clone();
@@ -179,9 +181,9 @@ async fn enter_room(
                 }
             }
             if membership == "knock" {
-                federated::knock_remote(state, room_id, &user, &unique, content).await?;
+                federated::knock_remote(state, room_id, user, &unique, content).await?;
             } else {
-                federated::join_remote(state, room_id, &user, &unique, content).await?;
+                federated::join_remote(state, room_id, user, &unique, content).await?;
             }
             return Ok(Json(json!({ "room_id": room_id })));
         }
@@ -196,14 +198,11 @@ async fn enter_room(
             "No known servers to {action} this room through"
         )));
     }
-    let profile = state
-        .profiles
-        .profile(authed.localpart())?
-        .map(Value::Object);
+    let profile = state.profiles.profile(user.localpart())?.map(Value::Object);
     let content = reason_content(reason);
     state
         .rooms
-        .set_membership(room_id, &user, &user, membership, content, profile)
+        .set_membership(room_id, user, user, membership, content, profile)
         .await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
@@ -377,7 +376,8 @@ pub async fn knock(
 ) -> ApiResult<Json<Value>> {
     let (room_id, mut servers) = resolve_target(&state, &target).await?;
     servers.extend(via_servers(&query));
-    enter_room(&state, &authed, &room_id, servers, "knock", body.reason).await
+    let user = parse_user(&authed.user_id.to_string())?;
+    enter_room(&state, &user, &room_id, servers, "knock", body.reason).await
 }
 
 /// A room ID, or the room an alias points to (asked of the alias's

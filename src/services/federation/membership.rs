@@ -53,6 +53,7 @@ pub async fn join_remote(
     servers: &[OwnedServerName],
     content: Value,
 ) -> Result<OwnedEventId> {
+    services.rooms.check_not_blocked(room_id, "join")?;
     first_of(services, servers, room_id, "join", |server| {
         join_through(services, server, room_id, user, content.clone())
     })
@@ -261,6 +262,7 @@ pub async fn knock_remote(
     servers: &[OwnedServerName],
     content: Value,
 ) -> Result<OwnedEventId> {
+    services.rooms.check_not_blocked(room_id, "knock")?;
     first_of(services, servers, room_id, "knock on", |server| {
         let content = content.clone();
         async move {
@@ -573,6 +575,7 @@ pub async fn receive_invite(
     if pdu.kind.to_string() != "m.room.member" || membership_of(&pdu.content_value()) != "invite" {
         return Err(Error::BadJson("the event is not an invite".to_owned()));
     }
+    services.rooms.check_not_blocked(room_id, "invite")?;
     if pdu.sender.server_name() != origin {
         return Err(Error::Forbidden(format!(
             "{origin} cannot act for {}",

@@ -4,6 +4,7 @@
 //! every draft commits as one atomic batch. Stream positions come from one
 //! counter shared by all rooms.
 
+pub mod admin;
 pub mod create;
 pub mod draft;
 pub mod power;
@@ -64,6 +65,8 @@ pub struct Rooms {
     /// The application services, whose queues take the events they are
     /// interested in.
     pub appservices: Arc<super::appservices::Appservices>,
+    /// Blocked rooms and erased users.
+    marks: admin::AdminMarks,
 }
 
 /// A map that remembers facts that never go stale, up to a bound, and
@@ -198,7 +201,6 @@ impl Rooms {
             .first()
             .map_or(0, |(id, _)| *id);
         Ok(Rooms {
-            storage,
             server_name,
             key,
             clock,
@@ -212,6 +214,8 @@ impl Rooms {
             last_create_ts: AtomicU64::new(0),
             outbox: Outbox::new(),
             appservices,
+            marks: admin::AdminMarks::load(&storage)?,
+            storage,
         })
     }
 
@@ -450,6 +454,10 @@ impl Rooms {
         new: NewEvent,
         origin: Origin,
     ) -> Result<OwnedEventId> {
+        if new.kind == "m.room.member" {
+            let membership = new.content["membership"].as_str().unwrap_or_default();
+            self.check_not_blocked(room_id, membership)?;
+        }
         let _guard = self.locks.lock(room_id.as_str()).await;
         if let (Some(device_id), Some((txn_key, _))) = (&origin.device_id, &origin.txn) {
             let key = (sender.to_string(), device_id.clone(), txn_key.clone());

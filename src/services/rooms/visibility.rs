@@ -136,6 +136,9 @@ impl Rooms {
                 facts
             }
         };
+        if membership != "join" && self.is_erased(pdu.sender.as_str()) {
+            return Ok(false);
+        }
         Ok(match visibility.as_str() {
             "world_readable" => true,
             _ if membership == "join" => true,
