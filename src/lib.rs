@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod events;
 pub mod ids;
+pub mod metrics;
 pub mod server;
 pub mod services;
 pub mod storage;

@@ -40,6 +40,8 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     /// The federation listener's address, when it has one of its own.
     pub federation_addr: Option<SocketAddr>,
+    /// The metrics listener's address, when `metrics.listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub services: Arc<Services>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServerError>>,
@@ -70,6 +72,10 @@ pub async fn start_with_clock(
     let (services, listeners) = prepare(config, clock).await?;
     let addr = listeners.main.local_addr().map_err(ServerError::Serve)?;
     let federation_addr = listeners.federation.as_ref().map(|f| f.addr);
+    let metrics_addr = match &listeners.metrics {
+        Some(listener) => Some(listener.local_addr().map_err(ServerError::Serve)?),
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(listeners, services.clone(), async {
         let _ = shutdown_rx.await;
@@ -77,6 +83,7 @@ pub async fn start_with_clock(
     Ok(RunningServer {
         addr,
         federation_addr,
+        metrics_addr,
         services,
         shutdown: Some(shutdown_tx),
         task,
@@ -94,6 +101,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 struct Listeners {
     main: TcpListener,
     federation: Option<FederationListener>,
+    metrics: Option<TcpListener>,
 }
 
 struct FederationListener {
@@ -157,6 +165,14 @@ async fn prepare(
             source,
         })?;
     let federation = bind_federation(&config).await?;
+    let metrics = match config.metrics.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
     let services = Services::new(Arc::new(config), storage, clock)
         .map_err(|e| ServerError::Start(e.to_string()))?;
     let services = Arc::new(services);
@@ -165,6 +181,7 @@ async fn prepare(
         Listeners {
             main: listener,
             federation,
+            metrics,
         },
     ))
 }
@@ -180,6 +197,13 @@ async fn serve(
     let federation_task = listeners.federation.map(|federation| {
         tokio::spawn(serve_federation(
             federation,
+            services.clone(),
+            stop_federation.clone(),
+        ))
+    });
+    let metrics_task = listeners.metrics.map(|listener| {
+        tokio::spawn(serve_metrics(
+            listener,
             services.clone(),
             stop_federation.clone(),
         ))
@@ -267,6 +291,7 @@ async fn serve(
         Some(push_sender_task),
         Some(appservice_sender_task),
         Some(appservice_ephemeral_task),
+        metrics_task,
     ]
     .into_iter()
     .flatten()
@@ -282,6 +307,19 @@ async fn serve(
     // services (and with them the database) close when dropped here.
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves `GET /metrics` on the metrics listener until `stop`.
+async fn serve_metrics(listener: TcpListener, services: Arc<Services>, stop: CancellationToken) {
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, "metrics listening");
+    let app = api::metrics::router(services);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    if let Err(error) = served {
+        tracing::error!(%error, "the metrics listener failed");
+    }
 }
 
 /// Serves the federation API on its own listener until `stop`.

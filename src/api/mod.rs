@@ -7,6 +7,7 @@ pub mod client;
 pub mod error;
 pub mod extract;
 pub mod federation;
+pub mod metrics;
 pub mod shared;
 pub mod synapse_admin;
 
@@ -162,6 +163,10 @@ fn matrix_api(state: AppState) -> Router {
 /// per request.
 fn finish(router: Router<AppState>, state: AppState) -> Router {
     router
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .fallback(|| async { MatrixError::unrecognized(StatusCode::NOT_FOUND) })
         .method_not_allowed_fallback(|| async {
             MatrixError::unrecognized(StatusCode::METHOD_NOT_ALLOWED)

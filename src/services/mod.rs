@@ -104,6 +104,8 @@ pub struct Services {
     pub appservices: Arc<appservices::Appservices>,
     pub archive: Arc<archive::Archiver>,
     pub admin: admin::AdminState,
+    /// The HTTP requests' figures, for the metrics listener.
+    pub requests: crate::metrics::RequestMetrics,
     storage: Storage,
     clock: Arc<dyn Clock>,
 }
@@ -198,12 +200,35 @@ impl Services {
             pushers: pushers::Pushers::new(storage.clone(), clock.clone(), config.push_ip_policy()),
             delivery: notifier::Delivery::default(),
             admin: admin::AdminState::default(),
+            requests: Default::default(),
             storage,
             uia: Uia::new(config.uia_session_timeout_ms, clock.clone()),
             rate_limiter: RateLimiter::new(config.rate_limits.clone(), clock.clone()),
             clock,
             config,
         })
+    }
+
+    /// The commits' figures, for metrics.
+    pub fn commit_stats(&self) -> &crate::storage::CommitStats {
+        self.storage.commit_stats()
+    }
+
+    /// The storage engine's figures, for metrics.
+    pub fn engine_stats(&self) -> Option<crate::storage::EngineStats> {
+        self.storage.engine_stats()
+    }
+
+    /// Items waiting in the durable queues (federation, application
+    /// services, pushers), by the engine's estimate.
+    pub fn queue_depths(&self) -> Result<[(&'static str, u64); 3]> {
+        use crate::storage::Cf;
+        let rows = |table: Cf| -> Result<u64> { Ok(self.storage.table_size(table)?.rows) };
+        Ok([
+            ("federation", rows(Cf::FederationOutbox)?),
+            ("appservices", rows(Cf::AppserviceQueue)?),
+            ("pushers", rows(Cf::PushQueue)?),
+        ])
     }
 
     /// The current time, for answers that say how long ago something was.

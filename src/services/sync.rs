@@ -94,6 +94,8 @@ pub struct SyncStream {
     /// (room ID, user ID) → the unread counts last worked out, so the next
     /// sync counts only the events after them.
     pub unread: BoundedMemo<(String, String), UnreadMemo>,
+    /// Readers waiting for news now (see [`SyncStream::wait`]).
+    waiting: std::sync::atomic::AtomicU64,
 }
 
 /// A user's unread counts in a room as of a stream position.
@@ -143,7 +145,31 @@ impl SyncStream {
             counter,
             wakeups,
             unread: BoundedMemo::new(UNREAD_MEMO_ENTRIES),
+            waiting: Default::default(),
         }
+    }
+
+    /// Waits for a wake-up of `registration` or the deadline, whichever
+    /// comes first, counted among the waiting readers meanwhile.
+    pub async fn wait(&self, registration: &Registration, deadline: tokio::time::Instant) {
+        use std::sync::atomic::Ordering;
+        struct Counted<'a>(&'a std::sync::atomic::AtomicU64);
+        impl Drop for Counted<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _counted = Counted(&self.waiting);
+        tokio::select! {
+            () = registration.notified() => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+
+    /// Readers waiting in [`SyncStream::wait`] now.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The position up to which every write is complete.

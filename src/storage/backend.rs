@@ -420,6 +420,43 @@ pub trait Backend: Send + Sync + 'static {
     /// Rewrites the table's files so that deleted rows are gone and every
     /// row is stored as its settled form (RocksDB: a full compaction).
     fn compact(&self, cf: Cf) -> Result<(), StorageError>;
+
+    /// The engine's own figures (memory, compactions, stalls); `None` for
+    /// a backend that has none.
+    fn engine_stats(&self) -> Option<EngineStats> {
+        None
+    }
+
+    /// Writes a consistent copy of the whole database into `dir`, which
+    /// must not exist, while writes go on (RocksDB: a checkpoint, hard
+    /// links where it can).
+    fn checkpoint(&self, dir: &std::path::Path) -> Result<(), StorageError> {
+        let _ = dir;
+        Err(StorageError::Backend(
+            "this storage backend cannot make a checkpoint".to_owned(),
+        ))
+    }
+}
+
+/// What a storage engine tells of itself, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EngineStats {
+    /// Bytes in memtables, over every table.
+    pub memtable_bytes: u64,
+    /// Bytes of the block caches in use.
+    pub block_cache_bytes: u64,
+    /// Bytes of the tables' files.
+    pub sst_bytes: u64,
+    pub running_compactions: u64,
+    pub running_flushes: u64,
+    /// Bytes compactions still have to rewrite, by the engine's estimate.
+    pub pending_compaction_bytes: u64,
+    /// Writes stopped (1) until compactions catch up.
+    pub write_stopped: u64,
+    /// The rate writes are slowed to, bytes a second (0: not slowed).
+    pub delayed_write_rate: u64,
+    /// Seconds writers stalled since the engine opened.
+    pub stall_seconds: f64,
 }
 
 /// A table's size as its backend knows it.

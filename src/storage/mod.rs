@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-pub use backend::{prefix_successor, Backend, Cf, Direction, KeyRange, RawBatch, TableSize};
+pub use backend::{
+    prefix_successor, Backend, Cf, Direction, EngineStats, KeyRange, RawBatch, TableSize,
+};
 pub use memory::MemoryBackend;
 pub use rocks::{ArchiveFiles, RocksBackend};
 
@@ -236,6 +238,23 @@ pub struct Storage {
     /// Serializes batches that rewrite rows of tiered tables with the
     /// archive mover's checked batches.
     tier_lock: Arc<Mutex<()>>,
+    commits: Arc<CommitStats>,
+}
+
+/// How long commits took (the durable write, the sync included) and how
+/// many operations their batches held.
+pub struct CommitStats {
+    pub seconds: crate::metrics::Histogram,
+    pub operations: crate::metrics::Histogram,
+}
+
+impl Default for CommitStats {
+    fn default() -> Self {
+        CommitStats {
+            seconds: crate::metrics::Histogram::new(&crate::metrics::LATENCY_BUCKETS),
+            operations: crate::metrics::Histogram::new(&crate::metrics::SIZE_BUCKETS),
+        }
+    }
 }
 
 impl Storage {
@@ -281,6 +300,7 @@ impl Storage {
         Storage {
             backend,
             tier_lock: Arc::default(),
+            commits: Arc::default(),
         }
     }
 
@@ -413,9 +433,33 @@ impl Storage {
         }
         let backend = self.backend.clone();
         let tier_lock = self.tier_lock.clone();
-        tokio::task::spawn_blocking(move || batch.write_to(backend.as_ref(), &tier_lock))
-            .await
-            .map_err(|e| StorageError::Task(e.to_string()))?
+        let commits = self.commits.clone();
+        tokio::task::spawn_blocking(move || {
+            let operations = batch.raw.ops.len();
+            let started = std::time::Instant::now();
+            let written = batch.write_to(backend.as_ref(), &tier_lock);
+            commits.seconds.observe(started.elapsed().as_secs_f64());
+            commits.operations.observe(operations as f64);
+            written
+        })
+        .await
+        .map_err(|e| StorageError::Task(e.to_string()))?
+    }
+
+    /// The commits' figures since the store was opened.
+    pub fn commit_stats(&self) -> &CommitStats {
+        &self.commits
+    }
+
+    /// The engine's own figures (see [`Backend::engine_stats`]).
+    pub fn engine_stats(&self) -> Option<EngineStats> {
+        self.backend.engine_stats()
+    }
+
+    /// Writes a consistent copy of the database into `dir` (see
+    /// [`Backend::checkpoint`]).
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), StorageError> {
+        self.backend.checkpoint(dir)
     }
 
     /// Commits a batch on the calling thread (start-up and command-line use).

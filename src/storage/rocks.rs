@@ -13,7 +13,9 @@ use rocksdb::{
     ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
-use super::backend::{Backend, BatchOp, Cf, Direction, Entries, KeyRange, RawBatch, TableSize};
+use super::backend::{
+    Backend, BatchOp, Cf, Direction, EngineStats, Entries, KeyRange, RawBatch, TableSize,
+};
 use super::StorageError;
 
 /// A RocksDB database opened with every column family of [`Cf::ALL`].
@@ -168,6 +170,21 @@ fn archive_options(archive: &ArchiveFiles) -> Result<Options, StorageError> {
     Ok(options)
 }
 
+/// The seconds of `Cumulative stall: HH:MM:SS.mmm H:M:S` in RocksDB's
+/// `rocksdb.dbstats` text.
+fn cumulative_stall_seconds(text: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with("Cumulative stall:"))?;
+    let clock = line
+        .trim_start_matches("Cumulative stall:")
+        .split_whitespace()
+        .next()?;
+    let mut parts = clock.split(':');
+    let hours: f64 = parts.next()?.parse().ok()?;
+    let minutes: f64 = parts.next()?.parse().ok()?;
+    let seconds: f64 = parts.next()?.parse().ok()?;
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
 fn open_error(path: &Path, error: rocksdb::Error) -> StorageError {
     let text = error.to_string();
     if text.contains("lock") {
@@ -242,6 +259,44 @@ impl Backend for RocksBackend {
         })
     }
 
+    fn engine_stats(&self) -> Option<EngineStats> {
+        let mut stats = EngineStats::default();
+        for cf in Cf::ALL {
+            let Ok(handle) = self.handle(cf) else {
+                continue;
+            };
+            let property = |name: &str| {
+                self.db
+                    .property_int_value_cf(handle, name)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+            };
+            stats.memtable_bytes += property("rocksdb.cur-size-all-mem-tables");
+            stats.block_cache_bytes += property("rocksdb.block-cache-usage");
+            stats.sst_bytes += property("rocksdb.live-sst-files-size");
+            stats.pending_compaction_bytes += property("rocksdb.estimate-pending-compaction-bytes");
+        }
+        let property = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        stats.running_compactions = property("rocksdb.num-running-compactions");
+        stats.running_flushes = property("rocksdb.num-running-flushes");
+        stats.write_stopped = property("rocksdb.is-write-stopped");
+        stats.delayed_write_rate = property("rocksdb.actual-delayed-write-rate");
+        stats.stall_seconds = self
+            .db
+            .property_value("rocksdb.dbstats")
+            .ok()
+            .flatten()
+            .and_then(|text| cumulative_stall_seconds(&text))
+            .unwrap_or(0.0);
+        Some(stats)
+    }
+
+    fn checkpoint(&self, dir: &Path) -> Result<(), StorageError> {
+        let checkpoint = rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(backend_error)?;
+        checkpoint.create_checkpoint(dir).map_err(backend_error)
+    }
+
     fn compact(&self, cf: Cf) -> Result<(), StorageError> {
         let handle = self.handle(cf)?;
         self.db.flush_cf(handle).map_err(backend_error)?;
@@ -250,5 +305,15 @@ impl Backend for RocksBackend {
         self.db
             .compact_range_cf_opt(handle, None::<&[u8]>, None::<&[u8]>, &options);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod stall_tests {
+    #[test]
+    fn the_cumulative_stall_is_read_from_the_db_stats() {
+        let text = "** DB Stats **\nUptime(secs): 10.0 total\nCumulative stall: 01:02:03.500 H:M:S, 0.0 percent\nInterval stall: 00:00:0.000 H:M:S, 0.0 percent\n";
+        assert_eq!(super::cumulative_stall_seconds(text), Some(3723.5));
+        assert_eq!(super::cumulative_stall_seconds("nothing"), None);
     }
 }

@@ -22,7 +22,7 @@ use super::membership::parse_user;
 use super::room_events::render_event;
 use super::sync::{
     device_lists, receipts_event, register_reader, room_is_named, room_members, stripped_state,
-    wait, SyncToken,
+    SyncToken,
 };
 use crate::api::error::{ApiResult, MatrixError};
 use crate::api::extract::{Auth, JsonBody, Query};
@@ -165,7 +165,7 @@ pub async fn sliding_sync(
             }
             return Ok(Json(answer));
         }
-        wait(&registration, deadline).await;
+        state.sync.wait(&registration, deadline).await;
     }
 }
 

@@ -117,7 +117,7 @@ pub async fn sync(
         if !empty || since.is_none() || query.full_state || waited_enough {
             return Ok(Json(answer));
         }
-        wait(&registration, deadline).await;
+        state.sync.wait(&registration, deadline).await;
     }
 }
 
@@ -167,14 +167,6 @@ pub fn register_reader(state: &AppState, user: &OwnedUserId) -> ApiResult<Regist
         .map(|(room_id, _)| room_id.to_string())
         .collect();
     Ok(state.sync.register(user, &rooms))
-}
-
-/// Waits for a wake-up or the deadline, whichever comes first.
-pub async fn wait(registration: &Registration, deadline: tokio::time::Instant) {
-    tokio::select! {
-        () = registration.notified() => {}
-        () = tokio::time::sleep_until(deadline) => {}
-    }
 }
 
 /// `set_presence`: `online` (the default) or `unavailable` marks the user
