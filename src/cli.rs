@@ -12,6 +12,7 @@ use crate::services::accounts::Accounts;
 use crate::services::archive::Archiver;
 use crate::services::clock::SystemClock;
 use crate::services::stream::StreamCounter;
+use crate::services::Services;
 use crate::storage::{Storage, StorageError};
 
 #[derive(Parser, Debug)]
@@ -44,6 +45,34 @@ enum Command {
     Archive {
         #[command(subcommand)]
         action: ArchiveCommand,
+    },
+    /// List and delete rooms; the server must not be running.
+    Room {
+        #[command(subcommand)]
+        action: RoomCommand,
+    },
+    /// Write a consistent backup of the database and its media files into
+    /// DIR (new or empty); while the server runs, the server takes it.
+    Backup { dir: PathBuf },
+    /// Make the configured data directory (which must have no database
+    /// yet) from the backup in DIR.
+    Restore { dir: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+enum RoomCommand {
+    /// Print every room this server has, one JSON object per line.
+    List,
+    /// Take every local member out of a room, remove its local aliases and
+    /// directory entry, and delete everything stored about it.
+    Delete {
+        room_id: String,
+        /// Also block the room: no local user may join it again.
+        #[arg(long)]
+        block: bool,
+        /// Keep the room's events and state (only take the members out).
+        #[arg(long)]
+        no_purge: bool,
     },
 }
 
@@ -85,6 +114,21 @@ enum UserCommand {
         #[arg(long)]
         admin: bool,
     },
+    /// Print every local account, one JSON object per line.
+    List {
+        /// Deactivated accounts too.
+        #[arg(long)]
+        deactivated: bool,
+    },
+    /// Deactivate an account for good: its devices, profile and email
+    /// addresses go and it leaves every room.
+    Deactivate {
+        name: String,
+        /// Also hide the user's events from those who were not in the room
+        /// when they were sent.
+        #[arg(long)]
+        erase: bool,
+    },
     /// Set a new password and log out every device of the account.
     ResetPassword {
         name: String,
@@ -122,6 +166,9 @@ pub fn main() -> ExitCode {
         Command::User { action } => runtime.block_on(user_command(config, action)),
         Command::Report { action } => report_command(config, action),
         Command::Archive { action } => runtime.block_on(archive_command(config, action)),
+        Command::Room { action } => runtime.block_on(room_command(config, action)),
+        Command::Backup { dir } => runtime.block_on(backup_command(config, dir)),
+        Command::Restore { dir } => restore_command(config, dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -209,7 +256,180 @@ fn report_command(config: Config, action: ReportCommand) -> Result<(), String> {
     Ok(())
 }
 
+/// The whole service graph over the database, for the commands that act
+/// as the server would (the server must be stopped).
+fn services(config: Config) -> Result<Services, String> {
+    let storage = crate::server::open_storage(&config).map_err(|e| e.to_string())?;
+    Services::new(Arc::new(config), storage, Arc::new(SystemClock)).map_err(|e| e.to_string())
+}
+
+/// Who the command line's admin actions are recorded as.
+const OPERATOR: &str = "the command line";
+
+async fn room_command(config: Config, action: RoomCommand) -> Result<(), String> {
+    let services = services(config)?;
+    match action {
+        RoomCommand::List => {
+            for room_id in services.rooms.room_ids().map_err(|e| e.to_string())? {
+                let Some(record) = services.rooms.room(&room_id).map_err(|e| e.to_string())? else {
+                    continue;
+                };
+                let name = services
+                    .rooms
+                    .state_event(&room_id, "m.room.name", "")
+                    .map_err(|e| e.to_string())?
+                    .and_then(|event| event.content_value()["name"].as_str().map(str::to_owned));
+                let line = serde_json::json!({
+                    "room_id": room_id,
+                    "name": name,
+                    "version": record.version,
+                    "joined_members": record.joined_members,
+                    "invited_members": record.invited_members,
+                    "created_ts": record.created_ts,
+                });
+                println!("{line}");
+            }
+        }
+        RoomCommand::Delete {
+            room_id,
+            block,
+            no_purge,
+        } => {
+            let room_id = ruma::RoomId::parse(&room_id)
+                .map_err(|_| format!("{room_id:?} is not a room ID"))?;
+            let how = crate::services::admin::DeleteRoom {
+                block,
+                purge: !no_purge,
+                force_purge: false,
+            };
+            let shutdown = services
+                .delete_room_now(&room_id, OPERATOR, &how, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let line = serde_json::to_string(&shutdown).map_err(|e| e.to_string())?;
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+async fn backup_command(config: Config, dir: PathBuf) -> Result<(), String> {
+    let dest = std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let manifest = match crate::server::open_storage(&config) {
+        Ok(storage) => {
+            let now = crate::services::clock::Clock::now_ms(&SystemClock);
+            crate::services::backup::create(
+                &storage,
+                &config.data_dir,
+                &config.server_name,
+                now,
+                &dest,
+            )?
+        }
+        // The server has the database: it takes the backup itself.
+        Err(StorageError::InUse(_)) => backup_through_server(&config, &dest).await?,
+        Err(error) => return Err(error.to_string()),
+    };
+    println!(
+        "{}",
+        serde_json::to_string(&manifest).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+/// Asks the running server (through its control socket) for a backup.
+async fn backup_through_server(
+    config: &Config,
+    dest: &std::path::Path,
+) -> Result<crate::services::backup::Manifest, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let socket = crate::server::control_socket(config);
+    let stream = tokio::net::UnixStream::connect(&socket)
+        .await
+        .map_err(|e| {
+            format!(
+                "the database is in use, and the server's control socket {} does not answer: {e}",
+                socket.display()
+            )
+        })?;
+    let (read, mut write) = stream.into_split();
+    let request = serde_json::json!({ "backup": dest });
+    write
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(read)
+        .read_line(&mut line)
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| format!("the server answered {line:?}: {e}"))?;
+    if let Some(error) = answer["error"].as_str() {
+        return Err(error.to_owned());
+    }
+    serde_json::from_value(answer["ok"].clone()).map_err(|e| e.to_string())
+}
+
+fn restore_command(config: Config, dir: PathBuf) -> Result<(), String> {
+    let manifest = crate::services::backup::restore(
+        &dir,
+        &config.data_dir,
+        &crate::server::archive_files(&config),
+        &config.server_name,
+    )?;
+    eprintln!(
+        "restored the backup of {} taken at {} ms into {}",
+        manifest.server_name,
+        manifest.created_ms,
+        config.data_dir.display()
+    );
+    Ok(())
+}
+
+/// Deactivates an account as the admin API does (it leaves its rooms).
+async fn deactivate_command(config: Config, name: &str, erase: bool) -> Result<(), String> {
+    let services = services(config)?;
+    let localpart = services
+        .accounts
+        .resolve_local_user(name)
+        .ok_or_else(|| format!("{name} is not a user of this server"))?;
+    let exists = services
+        .accounts
+        .user(&localpart)
+        .map_err(|e| e.to_string())?
+        .is_some_and(|record| !record.deactivated);
+    if !exists {
+        return Err(format!("no active user {name} on this server"));
+    }
+    services
+        .deactivate_account(&localpart, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let user_id = services.accounts.user_id(&localpart).to_string();
+    if erase {
+        let user = ruma::UserId::parse(user_id.as_str()).map_err(|e| e.to_string())?;
+        services
+            .rooms
+            .erase_user(&user, OPERATOR)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    println!(
+        "deactivated {user_id}{}",
+        if erase { " (erased)" } else { "" }
+    );
+    Ok(())
+}
+
 async fn user_command(config: Config, action: UserCommand) -> Result<(), String> {
+    // Deactivation acts in rooms: it needs the whole service graph.
+    let action = match action {
+        UserCommand::Deactivate { name, erase } => {
+            return deactivate_command(config, &name, erase).await
+        }
+        other => other,
+    };
     let storage = crate::server::open_storage(&config).map_err(|e| e.to_string())?;
     // Device changes made here take stream positions like the server's.
     let stream = StreamCounter::load(&storage, Arc::default()).map_err(|e| e.to_string())?;
@@ -222,6 +442,23 @@ async fn user_command(config: Config, action: UserCommand) -> Result<(), String>
         Arc::new(stream),
     );
     match action {
+        UserCommand::List { deactivated } => {
+            for (localpart, record) in accounts.all().map_err(|e| e.to_string())? {
+                if record.deactivated && !deactivated {
+                    continue;
+                }
+                let line = serde_json::json!({
+                    "user_id": accounts.user_id(&localpart).to_string(),
+                    "admin": record.admin,
+                    "deactivated": record.deactivated,
+                    "locked": record.locked,
+                    "suspended": record.suspended,
+                    "created_ts": record.created_ts,
+                });
+                println!("{line}");
+            }
+        }
+        UserCommand::Deactivate { .. } => unreachable!("handled before the store opened"),
         UserCommand::Add {
             name,
             password,

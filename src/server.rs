@@ -201,6 +201,11 @@ async fn serve(
             stop_federation.clone(),
         ))
     });
+    let control_task = tokio::spawn(serve_control(
+        control_socket(&services.config),
+        services.clone(),
+        stop_federation.clone(),
+    ));
     let metrics_task = listeners.metrics.map(|listener| {
         tokio::spawn(serve_metrics(
             listener,
@@ -292,6 +297,7 @@ async fn serve(
         Some(appservice_sender_task),
         Some(appservice_ephemeral_task),
         metrics_task,
+        Some(control_task),
     ]
     .into_iter()
     .flatten()
@@ -307,6 +313,76 @@ async fn serve(
     // services (and with them the database) close when dropped here.
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The control socket in the data directory, through which the command
+/// line asks the running server for what needs it (`myelin backup`).
+pub fn control_socket(config: &Config) -> std::path::PathBuf {
+    config.data_dir.join("control.sock")
+}
+
+/// A request on the control socket: one JSON line, answered by one.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ControlRequest {
+    /// Take a backup into this (absolute) directory.
+    Backup(std::path::PathBuf),
+}
+
+/// Serves the control socket until `stop`. Only the server's own user
+/// can connect: the socket is made with mode 0600.
+async fn serve_control(path: std::path::PathBuf, services: Arc<Services>, stop: CancellationToken) {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    // A socket left by a server that did not stop cleanly.
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::warn!(%error, path = %path.display(), "no control socket");
+            return;
+        }
+    };
+    if let Err(error) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
+        tracing::warn!(%error, "cannot restrict the control socket");
+        return;
+    }
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "control socket accept failed");
+                    continue;
+                }
+            },
+        };
+        let services = services.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = BufReader::new(read.take(64 * 1024));
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let answer = match serde_json::from_str::<ControlRequest>(&line) {
+                Ok(ControlRequest::Backup(dest)) if dest.is_absolute() => {
+                    tracing::info!(dest = %dest.display(), "backup asked on the control socket");
+                    match services.backup(dest).await {
+                        Ok(manifest) => serde_json::json!({ "ok": manifest }),
+                        Err(error) => serde_json::json!({ "error": error }),
+                    }
+                }
+                Ok(ControlRequest::Backup(_)) => {
+                    serde_json::json!({ "error": "the backup directory must be an absolute path" })
+                }
+                Err(error) => serde_json::json!({ "error": format!("bad request: {error}") }),
+            };
+            let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
+        });
+    }
+    let _ = std::fs::remove_file(&path);
 }
 
 /// Serves `GET /metrics` on the metrics listener until `stop`.

@@ -473,8 +473,10 @@ async fn deactivate(
     }
     let unbind = state.deactivate_account(user.localpart(), None).await?;
     if erase {
-        let admin_id = parse_user(&admin.user_id.to_string())?;
-        state.rooms.erase_user(&user, &admin_id).await?;
+        state
+            .rooms
+            .erase_user(&user, &admin.user_id.to_string())
+            .await?;
     }
     Ok(Json(json!({ "id_server_unbind_result": unbind })))
 }
@@ -927,8 +929,7 @@ async fn delete_room_v2(
 ) -> ApiResult<Json<Value>> {
     let how = body.how()?;
     let room_id = room_to_delete(&state, &room_id, &how)?;
-    let admin_id = parse_user(&admin.user_id.to_string())?;
-    let delete_id = state.delete_room(room_id, admin_id, how);
+    let delete_id = state.delete_room(room_id, admin.user_id.to_string(), how);
     Ok(Json(json!({ "delete_id": delete_id })))
 }
 
@@ -942,9 +943,8 @@ async fn delete_room_v1(
 ) -> ApiResult<Json<Value>> {
     let how = body.how()?;
     let room_id = room_to_delete(&state, &room_id, &how)?;
-    let admin_id = parse_user(&admin.user_id.to_string())?;
     let shutdown = state
-        .delete_room_now(&room_id, &admin_id, &how, None)
+        .delete_room_now(&room_id, &admin.user_id.to_string(), &how, None)
         .await?;
     Ok(Json(serde_json::to_value(shutdown).map_err(|e| {
         MatrixError::from(crate::services::error::Error::Internal(e.to_string()))

@@ -148,7 +148,7 @@ impl Services {
     pub fn delete_room(
         self: &Arc<Self>,
         room_id: OwnedRoomId,
-        admin: OwnedUserId,
+        by: String,
         how: DeleteRoom,
     ) -> String {
         let delete_id = ids::new_secret("", &mut rand::thread_rng());
@@ -163,7 +163,7 @@ impl Services {
         let id = delete_id.clone();
         tokio::spawn(async move {
             let outcome = services
-                .delete_room_now(&room_id, &admin, &how, Some(&id))
+                .delete_room_now(&room_id, &by, &how, Some(&id))
                 .await;
             services.update_deletion(&id, |deletion| match outcome {
                 Ok(shutdown) => {
@@ -183,16 +183,17 @@ impl Services {
     /// Deletes a room: every local member leaves it (or has their invite
     /// or knock withdrawn), its local aliases go, it leaves the public
     /// directory; with `block`, no local user may enter it again; with
-    /// `purge`, everything stored about it is deleted.
+    /// `purge`, everything stored about it is deleted. `by` names the admin
+    /// (or the command line) for the block's record.
     pub async fn delete_room_now(
         &self,
         room_id: &RoomId,
-        admin: &UserId,
+        by: &str,
         how: &DeleteRoom,
         delete_id: Option<&str>,
     ) -> Result<Shutdown> {
         if how.block {
-            self.rooms.set_blocked(room_id, admin, true).await?;
+            self.rooms.set_blocked(room_id, by, true).await?;
         }
         let mut shutdown = Shutdown::default();
         if self.rooms.room(room_id)?.is_none() {
@@ -233,14 +234,14 @@ impl Services {
         for alias in self.directory.aliases(room_id)? {
             if let Ok(parsed) = ruma::RoomAliasId::parse(&alias) {
                 self.directory
-                    .delete_alias(&parsed, admin, true, &self.rooms)
+                    .delete_alias(&parsed, None, &self.rooms)
                     .await?;
                 shutdown.local_aliases.push(alias);
             }
         }
         if self.directory.is_public(room_id)? {
             self.directory
-                .set_visibility(room_id, admin, true, false, &self.rooms)
+                .set_visibility(room_id, None, false, &self.rooms)
                 .await?;
         }
         if how.purge {

@@ -125,12 +125,12 @@ impl Directory {
     }
 
     /// `DELETE /directory/room/{alias}`: by the alias's creator, a server
-    /// admin, or a member who may change the room's canonical alias.
+    /// admin (`requester` `None`), or a member who may change the room's
+    /// canonical alias.
     pub async fn delete_alias(
         &self,
         alias: &RoomAliasId,
-        requester: &UserId,
-        is_admin: bool,
+        requester: Option<&UserId>,
         rooms: &Rooms,
     ) -> Result<()> {
         let _guard = self.lock_alias(alias).await;
@@ -139,15 +139,19 @@ impl Directory {
             .get(tables::ALIASES, &alias.to_string())?
             .ok_or_else(|| Error::NotFound(format!("Room alias {alias} not found")))?;
         let room_id = RoomId::parse(&record.room_id).map_err(|e| Error::Internal(e.to_string()))?;
-        let allowed = is_admin
-            || record.creator == requester.as_str()
-            || (rooms.membership(&room_id, requester)? == "join" && {
-                let view = rooms.power_view(&room_id)?;
-                view.reaches(
-                    requester.as_str(),
-                    view.event_level("m.room.canonical_alias", true),
-                )
-            });
+        let allowed = match requester {
+            None => true,
+            Some(requester) => {
+                record.creator == requester.as_str()
+                    || (rooms.membership(&room_id, requester)? == "join" && {
+                        let view = rooms.power_view(&room_id)?;
+                        view.reaches(
+                            requester.as_str(),
+                            view.event_level("m.room.canonical_alias", true),
+                        )
+                    })
+            }
+        };
         if !allowed {
             return Err(Error::Forbidden("You may not delete this alias".to_owned()));
         }
@@ -210,19 +214,18 @@ impl Directory {
     }
 
     /// `PUT /directory/list/room/{roomId}`: by a member who may change the
-    /// room's canonical alias, or a server admin.
+    /// room's canonical alias, or a server admin (`requester` `None`).
     pub async fn set_visibility(
         &self,
         room_id: &RoomId,
-        requester: &UserId,
-        is_admin: bool,
+        requester: Option<&UserId>,
         public: bool,
         rooms: &Rooms,
     ) -> Result<()> {
         if rooms.room(room_id)?.is_none() {
             return Err(Error::NotFound(format!("Unknown room {room_id}")));
         }
-        if !is_admin {
+        if let Some(requester) = requester {
             rooms.require_joined(room_id, requester)?;
             let view = rooms.power_view(room_id)?;
             let needed = view.event_level("m.room.canonical_alias", true);

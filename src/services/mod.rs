@@ -7,6 +7,7 @@ pub mod accounts;
 pub mod admin;
 pub mod appservices;
 pub mod archive;
+pub mod backup;
 pub mod clock;
 pub mod connections;
 pub mod delivery;
@@ -207,6 +208,23 @@ impl Services {
             clock,
             config,
         })
+    }
+
+    /// Takes a backup into `dest` while the server runs (see
+    /// [`backup::create`]).
+    pub async fn backup(
+        &self,
+        dest: std::path::PathBuf,
+    ) -> std::result::Result<backup::Manifest, String> {
+        let storage = self.storage.clone();
+        let data_dir = self.config.data_dir.clone();
+        let server_name = self.config.server_name.clone();
+        let now = self.now_ms();
+        tokio::task::spawn_blocking(move || {
+            backup::create(&storage, &data_dir, &server_name, now, &dest)
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// The commits' figures, for metrics.

@@ -456,6 +456,11 @@ impl Storage {
         self.backend.engine_stats()
     }
 
+    /// The files of each table (see [`Backend::table_files`]).
+    pub fn table_files(&self) -> Result<Vec<(Cf, String)>, StorageError> {
+        self.backend.table_files()
+    }
+
     /// Writes a consistent copy of the database into `dir` (see
     /// [`Backend::checkpoint`]).
     pub fn checkpoint(&self, dir: &Path) -> Result<(), StorageError> {

@@ -292,6 +292,19 @@ impl Backend for RocksBackend {
         Some(stats)
     }
 
+    fn table_files(&self) -> Result<Vec<(Cf, String)>, StorageError> {
+        let files = self.db.live_files().map_err(backend_error)?;
+        Ok(files
+            .into_iter()
+            .filter_map(|file| {
+                let cf = Cf::ALL
+                    .into_iter()
+                    .find(|cf| cf.name() == file.column_family_name)?;
+                Some((cf, file.name.trim_start_matches('/').to_owned()))
+            })
+            .collect())
+    }
+
     fn checkpoint(&self, dir: &Path) -> Result<(), StorageError> {
         let checkpoint = rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(backend_error)?;
         checkpoint.create_checkpoint(dir).map_err(backend_error)

@@ -81,7 +81,7 @@ pub async fn delete_alias(
         .is_some_and(|u| u.admin);
     state
         .directory
-        .delete_alias(&alias, &user, is_admin, &state.rooms)
+        .delete_alias(&alias, (!is_admin).then_some(&*user), &state.rooms)
         .await?;
     Ok(Json(json!({})))
 }
@@ -149,7 +149,12 @@ pub async fn set_visibility(
         .is_some_and(|u| u.admin);
     state
         .directory
-        .set_visibility(&room_id, &user, is_admin, public, &state.rooms)
+        .set_visibility(
+            &room_id,
+            (!is_admin).then_some(&*user),
+            public,
+            &state.rooms,
+        )
         .await?;
     Ok(Json(json!({})))
 }

@@ -66,12 +66,12 @@ impl Rooms {
     }
 
     /// Blocks or unblocks a room, recording which admin did.
-    pub async fn set_blocked(&self, room_id: &RoomId, by: &UserId, blocked: bool) -> Result<()> {
+    pub async fn set_blocked(&self, room_id: &RoomId, by: &str, blocked: bool) -> Result<()> {
         let mut batch = Batch::new();
         let key = room_id.to_string();
         if blocked {
             let mark = AdminMark {
-                by: by.to_string(),
+                by: by.to_owned(),
                 ts: self.clock.now_ms(),
             };
             batch.put(tables::BLOCKED_ROOMS, &key, &mark);
@@ -119,9 +119,9 @@ impl Rooms {
 
     /// Marks a local user erased: from now on their events are hidden from
     /// every reader who was not joined to the room when they were sent.
-    pub async fn erase_user(&self, user: &UserId, by: &UserId) -> Result<()> {
+    pub async fn erase_user(&self, user: &UserId, by: &str) -> Result<()> {
         let mark = AdminMark {
-            by: by.to_string(),
+            by: by.to_owned(),
             ts: self.clock.now_ms(),
         };
         let mut batch = Batch::new();
