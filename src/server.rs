@@ -318,7 +318,7 @@ async fn serve(
 /// The control socket in the data directory, through which the command
 /// line asks the running server for what needs it (`myelin backup`).
 pub fn control_socket(config: &Config) -> std::path::PathBuf {
-    config.data_dir.join("control.sock")
+    config.data_dir.join("control").join("socket")
 }
 
 /// A request on the control socket: one JSON line, answered by one.
@@ -330,10 +330,22 @@ enum ControlRequest {
 }
 
 /// Serves the control socket until `stop`. Only the server's own user
-/// can connect: the socket is made with mode 0600.
+/// can connect: the socket is made in a directory of mode 0700.
 async fn serve_control(path: std::path::PathBuf, services: Arc<Services>, stop: CancellationToken) {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let Some(dir) = path.parent() else {
+        return;
+    };
+    let private = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)));
+    if let Err(error) = private {
+        tracing::warn!(%error, dir = %dir.display(), "no control socket");
+        return;
+    }
     // A socket left by a server that did not stop cleanly.
     let _ = std::fs::remove_file(&path);
     let listener = match tokio::net::UnixListener::bind(&path) {
@@ -343,17 +355,15 @@ async fn serve_control(path: std::path::PathBuf, services: Arc<Services>, stop: 
             return;
         }
     };
-    if let Err(error) = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)) {
-        tracing::warn!(%error, "cannot restrict the control socket");
-        return;
-    }
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(error) => {
+                    // Out of descriptors, say: wait rather than spin.
                     tracing::warn!(%error, "control socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     continue;
                 }
             },

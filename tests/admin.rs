@@ -487,6 +487,39 @@ async fn admins_list_make_change_and_deactivate_users_and_their_devices() {
     assert_eq!(seen["content"]["body"], "remember me");
     let hidden = server.get(&event, Some(&erin)).await;
     assert_error(&hidden, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    // Reactivated with a new password, carol is no longer erased.
+    let (status, carol_back) = server
+        .put(
+            "/_synapse/admin/v2/users/@carol:localhost",
+            Some(&admin),
+            json!({ "deactivated": false, "password": "carol again" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{carol_back}");
+    assert_eq!(carol_back["deactivated"], false);
+    assert_eq!(carol_back["erased"], false);
+    assert_eq!(
+        login_status(&server, "carol", "carol again").await,
+        StatusCode::OK
+    );
+    // Deactivation with no body at all, as curl sends it.
+    let response = server
+        .http
+        .post(server.url("/_synapse/admin/v1/deactivate/@carol:localhost"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        login_status(&server, "carol", "carol again").await,
+        StatusCode::FORBIDDEN
+    );
+    // Erased again by that second deactivation? No: it did not ask to.
+    let (_, carol_now) = server
+        .get("/_synapse/admin/v2/users/@carol:localhost", Some(&admin))
+        .await;
+    assert_eq!(carol_now["erased"], false);
     let (_, deactivated_list) = server
         .get("/_synapse/admin/v2/users?deactivated=true", Some(&admin))
         .await;
@@ -613,6 +646,9 @@ async fn admins_list_inspect_join_and_delete_rooms() {
         .await;
     assert_error(&unknown, StatusCode::NOT_FOUND, "M_NOT_FOUND");
 
+    let (_, before) = server.get("/_matrix/client/v3/sync", Some(&bob)).await;
+    let since = before["next_batch"].as_str().unwrap().to_owned();
+
     // Delete the public room in the background, blocked and purged.
     let (status, started) = server
         .call(
@@ -673,7 +709,16 @@ async fn admins_list_inspect_join_and_delete_rooms() {
             Some(&bob),
         )
         .await;
-    assert_eq!(messages.0, StatusCode::FORBIDDEN, "{}", messages.1);
+    // Bob, a former member, reads up to his leave: of the room's history
+    // only his leave is left.
+    assert_eq!(messages.0, StatusCode::OK, "{}", messages.1);
+    let kinds: Vec<&str> = messages.1["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["m.room.member"], "{}", messages.1);
     let blocked = server
         .post(
             &format!("/_matrix/client/v3/rooms/{public}/join"),
@@ -685,6 +730,35 @@ async fn admins_list_inspect_join_and_delete_rooms() {
     let (status, sync) = server.get("/_matrix/client/v3/sync", Some(&bob)).await;
     assert_eq!(status, StatusCode::OK, "{sync}");
     assert!(sync["rooms"]["join"].get(&public).is_none(), "{sync}");
+    // A client that synced before learns that it left.
+    let (status, sync) = server
+        .get(
+            &format!("/_matrix/client/v3/sync?since={since}"),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{sync}");
+    let left = &sync["rooms"]["leave"][&public];
+    let leave = left["timeline"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "m.room.member" && e["state_key"] == "@bob:localhost");
+    assert_eq!(
+        leave.map(|e| &e["content"]["membership"]),
+        Some(&json!("leave")),
+        "{sync}"
+    );
+    // A second deletion of the room finds nothing to delete.
+    let again = server
+        .call(
+            Method::DELETE,
+            &format!("/_synapse/admin/v2/rooms/{public}"),
+            Some(&admin),
+            Some(json!({})),
+        )
+        .await;
+    assert_error(&again, StatusCode::NOT_FOUND, "M_NOT_FOUND");
 
     // The synchronous v1 deletion, without purge: the members leave.
     let (status, shutdown) = server
@@ -795,6 +869,34 @@ async fn admins_list_quarantine_and_delete_media() {
         )
         .await;
     assert_eq!(media["total"], 1);
+    // The same bytes uploaded twice share one file: deleting one media
+    // keeps the other readable.
+    let mut twins = Vec::new();
+    for _ in 0..2 {
+        let response = server
+            .http
+            .post(server.url("/_matrix/media/v3/upload?filename=twin.txt"))
+            .bearer_auth(&bob)
+            .body(b"twin content".to_vec())
+            .send()
+            .await
+            .unwrap();
+        let answer: Value = response.json().await.unwrap();
+        let uri = answer["content_uri"].as_str().unwrap();
+        twins.push(uri.rsplit('/').next().unwrap().to_owned());
+    }
+    let twin_path = format!("/_synapse/admin/v1/media/localhost/{}", twins[0]);
+    let (status, _) = server
+        .call(Method::DELETE, &twin_path, Some(&admin), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(download(twins[0].clone()).await, StatusCode::NOT_FOUND);
+    assert_eq!(download(twins[1].clone()).await, StatusCode::OK);
+    let twin_path = format!("/_synapse/admin/v1/media/localhost/{}", twins[1]);
+    let (status, _) = server
+        .call(Method::DELETE, &twin_path, Some(&admin), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
     let again = server.call(Method::DELETE, &path, Some(&admin), None).await;
     assert_error(&again, StatusCode::NOT_FOUND, "M_NOT_FOUND");
     // The file itself is gone from the media directory.

@@ -293,14 +293,15 @@ async fn list_users(
         }
         let user = user_json(&state, &localpart, &record)?;
         let user_id = user["name"].as_str().unwrap_or_default();
+        let has = |text: &str, part: &str| text.to_lowercase().contains(&part.to_lowercase());
         if let Some(part) = &query.user_id {
-            if !user_id.contains(part.as_str()) {
+            if !has(user_id, part) {
                 continue;
             }
         }
         if let Some(part) = &query.name {
             let display = user["displayname"].as_str().unwrap_or_default();
-            if !user_id.contains(part.as_str()) && !display.contains(part.as_str()) {
+            if !has(user_id, part) && !has(display, part) {
                 continue;
             }
         }
@@ -399,6 +400,7 @@ async fn put_user(
                 MatrixError::invalid_param("Reactivating a user needs a password")
             })?;
             state.accounts.reactivate(localpart, password).await?;
+            state.rooms.unerase_user(&user).await?;
         } else if let Some(password) = &body.password {
             state
                 .accounts
@@ -464,10 +466,17 @@ async fn deactivate(
     State(state): State<AppState>,
     Admin(admin): Admin,
     Path(user_id): Path<String>,
-    JsonBody(body): JsonBody<DeactivateBody>,
+    body: axum::body::Bytes,
 ) -> ApiResult<Json<Value>> {
     let user = local_user(&state, &user_id)?;
-    let erase = body.erase;
+    // An empty body is no erase, as Synapse takes it.
+    let erase = if body.is_empty() {
+        false
+    } else {
+        serde_json::from_slice::<DeactivateBody>(&body)
+            .map_err(|e| MatrixError::bad_json(e.to_string()))?
+            .erase
+    };
     if state.accounts.user(user.localpart())?.is_none() {
         return Err(MatrixError::not_found("User not found"));
     }
@@ -620,8 +629,12 @@ async fn user_media(
             )))
         }
     }
-    // Synapse's default is newest first: `dir` b unless asked otherwise.
-    let backwards = query.dir.is_none() || query.backwards()?;
+    // With neither order nor direction asked, newest first (as Synapse).
+    let backwards = if query.order_by.is_none() && query.dir.is_none() {
+        true
+    } else {
+        query.backwards()?
+    };
     let total = media.len();
     let (page, next) = page_of(media, from, limit, backwards);
     let page: Vec<Value> = page
@@ -929,7 +942,9 @@ async fn delete_room_v2(
 ) -> ApiResult<Json<Value>> {
     let how = body.how()?;
     let room_id = room_to_delete(&state, &room_id, &how)?;
-    let delete_id = state.delete_room(room_id, admin.user_id.to_string(), how);
+    let delete_id = state
+        .delete_room(room_id, admin.user_id.to_string(), how)
+        .ok_or_else(|| MatrixError::invalid_param("The room is being deleted already"))?;
     Ok(Json(json!({ "delete_id": delete_id })))
 }
 

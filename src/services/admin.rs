@@ -86,9 +86,18 @@ impl Services {
         let now = self.now_ms();
         let mut nonces = self.admin.nonces.lock().expect("nonces lock");
         nonces.retain(|_, issued| now.saturating_sub(*issued) < NONCE_LIFETIME_MS);
-        if nonces.len() < MAX_NONCES {
-            nonces.insert(nonce.clone(), now);
+        // At the bound the oldest goes, so that a flood of requests cannot
+        // keep every new nonce from being usable.
+        if nonces.len() >= MAX_NONCES {
+            let oldest = nonces
+                .iter()
+                .min_by_key(|(_, issued)| **issued)
+                .map(|(nonce, _)| nonce.clone());
+            if let Some(oldest) = oldest {
+                nonces.remove(&oldest);
+            }
         }
+        nonces.insert(nonce.clone(), now);
         nonce
     }
 
@@ -145,12 +154,20 @@ impl Services {
 
     /// Starts deleting a room (see [`Services::delete_room_now`]) in the
     /// background; answers the deletion's ID.
+    /// `None` when a deletion of the room is under way already.
     pub fn delete_room(
         self: &Arc<Self>,
         room_id: OwnedRoomId,
         by: String,
         how: DeleteRoom,
-    ) -> String {
+    ) -> Option<String> {
+        let under_way = self
+            .deletions_of_room(&room_id)
+            .iter()
+            .any(|d| matches!(d.status, "shutting_down" | "purging"));
+        if under_way {
+            return None;
+        }
         let delete_id = ids::new_secret("", &mut rand::thread_rng());
         self.record_deletion(RoomDeletion {
             delete_id: delete_id.clone(),
@@ -177,7 +194,7 @@ impl Services {
                 }
             });
         });
-        delete_id
+        Some(delete_id)
     }
 
     /// Deletes a room: every local member leaves it (or has their invite
@@ -362,14 +379,15 @@ impl Services {
             self.set_profile_field(&localpart, "displayname", json!(name))
                 .await?;
         }
-        for room_id in self.rooms.rooms_of_user(&sender, "join")? {
-            let membership = self.rooms.membership(&room_id, user)?;
-            let tagged = self
-                .user_data
-                .tags(user, &room_id)?
-                .contains_key(SERVER_NOTICE_TAG);
-            if matches!(membership.as_str(), "join" | "invite") && tagged {
-                return Ok(room_id);
+        for membership in ["join", "invite"] {
+            for room_id in self.rooms.rooms_of_user(user, membership)? {
+                let tagged = self
+                    .user_data
+                    .tags(user, &room_id)?
+                    .contains_key(SERVER_NOTICE_TAG);
+                if tagged && self.rooms.membership(&room_id, &sender)? == "join" {
+                    return Ok(room_id);
+                }
             }
         }
         let request = CreateRoom {

@@ -146,9 +146,21 @@ pub fn restore(
         std::fs::remove_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
     }
     copy_tree(&source.join("db"), &partial)?;
+    let media = source.join("media");
+    if media.exists() {
+        copy_tree(&media, &data_dir.join("media"))?;
+    }
+    // An index of another database would skip the restored events: the
+    // next start makes it anew from them.
+    let search = data_dir.join("search");
+    if search.exists() {
+        std::fs::remove_dir_all(&search).map_err(|e| format!("{}: {e}", search.display()))?;
+    }
+    sync_tree(&partial)?;
     if let Some(archive_dir) = &archive.path {
         // The checkpoint holds every table's files in one directory; the
         // archive tables' files go where the configuration keeps them.
+        // Last, so that an earlier failure leaves nothing there.
         let files = Storage::open_read_only(&partial, &ArchiveFiles::default())
             .and_then(|copy| copy.table_files())
             .map_err(|e| e.to_string())?;
@@ -170,12 +182,8 @@ pub fn restore(
                 .map_err(|e| format!("{}: {e}", target.display()))?;
         }
         sync_dir(archive_dir)?;
+        sync_dir(&partial)?;
     }
-    let media = source.join("media");
-    if media.exists() {
-        copy_tree(&media, &data_dir.join("media"))?;
-    }
-    sync_tree(&partial)?;
     std::fs::rename(&partial, &db).map_err(|e| format!("{}: {e}", db.display()))?;
     sync_dir(data_dir)?;
     Ok(manifest)

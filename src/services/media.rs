@@ -32,6 +32,10 @@ pub struct Media {
     config: MediaConfig,
     clock: Arc<dyn Clock>,
     locks: StripedLocks,
+    /// Held by content hash from a file's placement until its record is
+    /// committed, and by a deletion while it decides whether the file goes,
+    /// so that a deletion never removes a file a new record names.
+    content_locks: StripedLocks,
     /// Thumbnails being made at once: each decodes a whole image.
     thumbnailers: tokio::sync::Semaphore,
 }
@@ -89,6 +93,7 @@ impl Media {
             config,
             clock,
             locks: StripedLocks::new(64),
+            content_locks: StripedLocks::new(64),
             thumbnailers: tokio::sync::Semaphore::new(2),
         }
     }
@@ -170,7 +175,7 @@ impl Media {
             None => new_media_id(),
         };
         let size = incoming.size;
-        let hash = self.put_in_place(incoming).await?;
+        let (hash, _content) = self.put_in_place(incoming).await?;
         let record = MediaRecord {
             uploader: uploader.to_owned(),
             created_ts: self.clock.now_ms(),
@@ -214,18 +219,29 @@ impl Media {
     }
 
     /// Stores bytes at hand (at most `limit`) as a file named by their
-    /// hash: the hash and the size.
-    async fn keep(&self, bytes: &[u8], limit: u64) -> Result<(String, u64)> {
+    /// hash: the hash, the size, and the content's lock, to hold until the
+    /// record naming the file is committed.
+    async fn keep(
+        &self,
+        bytes: &[u8],
+        limit: u64,
+    ) -> Result<(String, u64, tokio::sync::MutexGuard<'_, ()>)> {
         let mut incoming = self.incoming_up_to(limit)?;
         incoming.write(bytes)?;
         let size = incoming.size;
-        Ok((self.put_in_place(incoming).await?, size))
+        let (hash, content) = self.put_in_place(incoming).await?;
+        Ok((hash, size, content))
     }
 
     /// Syncs the temporary file, renames it to its content hash (keeping an
-    /// identical file already there) and syncs the directory.
-    async fn put_in_place(&self, incoming: Incoming) -> Result<String> {
+    /// identical file already there) and syncs the directory. Answers the
+    /// hash and the content's lock (see `content_locks`).
+    async fn put_in_place(
+        &self,
+        incoming: Incoming,
+    ) -> Result<(String, tokio::sync::MutexGuard<'_, ()>)> {
         let hash = crate::storage::tables::to_hex(&incoming.hasher.clone().finalize());
+        let content = self.content_locks.lock(&hash).await;
         let final_dir = self.dir.join(&hash[..2]);
         let final_path = final_dir.join(&hash);
         let temp_path = incoming.path.clone();
@@ -253,7 +269,7 @@ impl Media {
         // Dropping `incoming` removes the temporary file if it is still
         // there (the content was already stored).
         drop(incoming);
-        Ok(hash)
+        Ok((hash, content))
     }
 
     /// A stored file's record and path; `None` for an unknown or pending
@@ -330,7 +346,7 @@ impl Media {
                  of at most {limit} pixels"
             )),
         })?;
-        let (content_hash, size) = self.keep(&made.bytes, u64::MAX).await?;
+        let (content_hash, size, _content) = self.keep(&made.bytes, u64::MAX).await?;
         let stored = ThumbnailRecord {
             content_hash,
             content_type: made.content_type.to_owned(),
@@ -359,7 +375,7 @@ impl Media {
         description: Description,
         bytes: &[u8],
     ) -> Result<(MediaRecord, PathBuf)> {
-        let (hash, size) = self.keep(bytes, self.config.max_upload_bytes).await?;
+        let (hash, size, _content) = self.keep(bytes, self.config.max_upload_bytes).await?;
         let record = MediaRecord {
             uploader: String::new(),
             created_ts: self.clock.now_ms(),
@@ -404,6 +420,14 @@ impl Media {
         height: u32,
         method: Method,
     ) -> Result<Option<(ThumbnailRecord, PathBuf)>> {
+        let media = (server.to_owned(), media_id.to_owned());
+        let quarantined = self
+            .storage
+            .get(tables::MEDIA, &media)?
+            .is_some_and(|record| record.quarantined_by.is_some());
+        if quarantined {
+            return Err(Error::NotFound("This media is quarantined".to_owned()));
+        }
         let key = Self::remote_thumbnail_key(server, media_id, width, height, method);
         Ok(self
             .storage
@@ -427,7 +451,7 @@ impl Media {
         content_type: String,
         bytes: &[u8],
     ) -> Result<(ThumbnailRecord, PathBuf)> {
-        let (content_hash, size) = self.keep(bytes, self.config.max_upload_bytes).await?;
+        let (content_hash, size, _content) = self.keep(bytes, self.config.max_upload_bytes).await?;
         let stored = ThumbnailRecord {
             content_hash,
             content_type,
@@ -476,7 +500,8 @@ impl Media {
     }
 
     /// Deletes a media's record; its file and thumbnails go too unless
-    /// another media has the same content. `false` for an unknown media.
+    /// another record names the same content. `false` for an unknown
+    /// media.
     pub async fn delete(&self, server: &str, media_id: &str) -> Result<bool> {
         let _guard = self.locks.lock(media_id).await;
         let key = (server.to_owned(), media_id.to_owned());
@@ -485,25 +510,35 @@ impl Media {
         };
         let mut batch = Batch::new();
         batch.delete(tables::MEDIA, &key);
-        let mut files = Vec::new();
-        let shared = match &record.content_hash {
-            None => true,
-            Some(hash) => self
-                .storage
-                .scan_prefix(tables::MEDIA, &[], usize::MAX)?
-                .iter()
-                .any(|(other, r)| other != &key && r.content_hash.as_ref() == Some(hash)),
+        let Some(hash) = record.content_hash else {
+            self.storage.commit(batch).await?;
+            return Ok(true);
         };
-        if let (false, Some(hash)) = (shared, &record.content_hash) {
-            files.push(self.path_of(hash));
-            let thumbnails = self.storage.scan_prefix(
-                tables::MEDIA_THUMBNAILS,
-                &tables::str_prefix(hash),
-                1000,
-            )?;
-            for (thumb_key, thumb) in thumbnails {
-                batch.delete(tables::MEDIA_THUMBNAILS, &thumb_key);
-                files.push(self.path_of(&thumb.content_hash));
+        // No file is placed for this content, nor a record of it committed,
+        // while this deletion decides.
+        let _content = self.content_locks.lock(&hash).await;
+        let media = self.storage.scan_prefix(tables::MEDIA, &[], usize::MAX)?;
+        let thumbnails = self
+            .storage
+            .scan_prefix(tables::MEDIA_THUMBNAILS, &[], usize::MAX)?;
+        let named_elsewhere = media
+            .iter()
+            .any(|(other, r)| other != &key && r.content_hash.as_ref() == Some(&hash))
+            || thumbnails.iter().any(|(_, t)| t.content_hash == hash);
+        let mut files = Vec::new();
+        if !named_elsewhere {
+            files.push(self.path_of(&hash));
+            for (thumb_key, thumb) in thumbnails.iter().filter(|(k, _)| k.0 == hash) {
+                batch.delete(tables::MEDIA_THUMBNAILS, thumb_key);
+                let others = thumbnails
+                    .iter()
+                    .any(|(k, t)| k.0 != hash && t.content_hash == thumb.content_hash);
+                let original = media
+                    .iter()
+                    .any(|(_, r)| r.content_hash.as_deref() == Some(thumb.content_hash.as_str()));
+                if !others && !original {
+                    files.push(self.path_of(&thumb.content_hash));
+                }
             }
         }
         self.storage.commit(batch).await?;

@@ -427,15 +427,15 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
-    /// Writes a consistent copy of the whole database into `dir`, which
-    /// must not exist, while writes go on (RocksDB: a checkpoint, hard
-    /// links where it can).
     /// The files that hold each table's rows, by file name (RocksDB: the
     /// live table files); empty for a backend without files.
     fn table_files(&self) -> Result<Vec<(Cf, String)>, StorageError> {
         Ok(Vec::new())
     }
 
+    /// Writes a consistent copy of the whole database into `dir`, which
+    /// must not exist, while writes go on (RocksDB: a checkpoint, hard
+    /// links where it can).
     fn checkpoint(&self, dir: &std::path::Path) -> Result<(), StorageError> {
         let _ = dir;
         Err(StorageError::Backend(

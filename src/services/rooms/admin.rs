@@ -135,18 +135,63 @@ impl Rooms {
         Ok(())
     }
 
+    /// Lifts an erasure (a reactivated account's new events are seen).
+    pub async fn unerase_user(&self, user: &UserId) -> Result<()> {
+        let mut batch = Batch::new();
+        batch.delete(tables::ERASED_USERS, &user.to_string());
+        self.storage.commit(batch).await?;
+        self.marks
+            .erased
+            .write()
+            .expect("marks lock")
+            .remove(user.as_str());
+        Ok(())
+    }
+
     /// Deletes everything stored about a room: its events (both tiers)
     /// with their relations, its state groups and current state, its
-    /// timeline, threads and receipts, its members' membership rows and
-    /// room account data, and its record. Its stream rows stay (readers
-    /// skip positions whose event is gone). The events found are those of
-    /// its timeline, of every state group reached from them and from the
-    /// current state, and of their auth chains.
+    /// timeline, threads and receipts, its remote members' membership rows,
+    /// the room account data of its members, and its record. Its stream
+    /// rows stay (readers skip positions whose event is gone). The events
+    /// found are those of its timeline, of every state group reached from
+    /// them and from the current state, and of their auth chains.
+    ///
+    /// The local members' current membership events (their leaves, once
+    /// the room was shut down) stay, with their timeline rows, membership
+    /// rows and the state groups under them: so that their clients' next
+    /// sync shows the room left, and the federation and application
+    /// service queues still find the leave events they carry.
     pub async fn purge(&self, room_id: &RoomId) -> Result<Purged> {
         let _guard = self.locks.lock(room_id.as_str()).await;
         let room = room_id.to_string();
         let room_prefix = tables::str_prefix(&room);
+        let local = format!(":{}", self.server_name);
         let mut batch = Batch::new();
+
+        let mut kept_events = BTreeSet::new();
+        let mut kept_groups = BTreeSet::new();
+        let member_prefix = tables::str2_prefix(&room, "m.room.member");
+        for ((_, _, member), event_id) in
+            self.storage
+                .scan_prefix(tables::ROOM_STATE, &member_prefix, usize::MAX)?
+        {
+            if !member.ends_with(&local) {
+                continue;
+            }
+            if let Some(stored) = self.storage.get_tiered(tables::PDU_TIERS, &event_id)? {
+                let mut next = Some(stored.state_group);
+                while let Some(group_id) = next.filter(|id| *id != 0) {
+                    if !kept_groups.insert(group_id) {
+                        break;
+                    }
+                    next = self
+                        .storage
+                        .get_tiered(tables::STATE_GROUP_TIERS, &group_id)?
+                        .and_then(|group| group.prev);
+                }
+            }
+            kept_events.insert(event_id);
+        }
 
         let mut events: BTreeSet<String> = BTreeSet::new();
         let mut groups: BTreeSet<u64> = BTreeSet::new();
@@ -156,7 +201,9 @@ impl Rooms {
             self.storage
                 .scan_prefix(tables::TIMELINE, &room_prefix, usize::MAX)?
         {
-            batch.delete(tables::TIMELINE, &key);
+            if !kept_events.contains(&event_id) {
+                batch.delete(tables::TIMELINE, &key);
+            }
             pending_events.push(event_id);
         }
         if let Some(record) = self.room(room_id)? {
@@ -198,6 +245,8 @@ impl Rooms {
             }
         }
 
+        events.retain(|event_id| !kept_events.contains(event_id));
+        groups.retain(|group_id| !kept_groups.contains(group_id));
         for event_id in &events {
             batch.delete_tiered(tables::PDU_TIERS, event_id);
             batch.delete(tables::TOUCHED, event_id);
@@ -222,7 +271,9 @@ impl Rooms {
             batch.delete(tables::ROOM_STATE, &key);
         }
         for member in &members {
-            batch.delete(tables::USER_ROOMS, &(member.clone(), room.clone()));
+            if !member.ends_with(&local) {
+                batch.delete(tables::USER_ROOMS, &(member.clone(), room.clone()));
+            }
             let data = tables::str2_prefix(member, &room);
             for (key, _) in self
                 .storage
