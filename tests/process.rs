@@ -771,4 +771,37 @@ fn the_archive_lives_where_configured_and_its_status_reads_while_serving() {
         .collect();
     let expected: Vec<String> = (0..30).map(|n| format!("cold {n}")).collect();
     assert_eq!(bodies, expected);
+
+    // A backup taken while this server runs restores into another data
+    // directory whose archive lives elsewhere again.
+    let backup = root.path().join("backup");
+    let mut command = myelin(&data);
+    configured(&mut command);
+    let output = run(command.arg("backup").arg(&backup));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    drop(server);
+    let cold_again = root.path().join("cold-again");
+    let data_again = root.path().join("data-again");
+    let mut command = myelin(&data_again);
+    command
+        .env("MYELIN_ARCHIVE__PATH", &cold_again)
+        .env("MYELIN_ARCHIVE__AFTER_DAYS", "0");
+    let output = run(command.arg("restore").arg(&backup));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let moved: Vec<String> = std::fs::read_dir(&cold_again)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(moved.iter().any(|name| name.ends_with(".sst")), "{moved:?}");
+    let mut command = myelin(&data_again);
+    command
+        .env("MYELIN_ARCHIVE__PATH", &cold_again)
+        .env("MYELIN_ARCHIVE__AFTER_DAYS", "0");
+    let server = ServerProcess::start(command);
+    let bodies: Vec<String> = runtime
+        .block_on(messages(&http, &server, room))
+        .into_iter()
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(bodies, expected);
 }

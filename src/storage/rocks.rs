@@ -22,6 +22,8 @@ use super::StorageError;
 pub struct RocksBackend {
     db: DB,
     sync_writes: bool,
+    /// How the archive tables are stored (in another directory, maybe).
+    archive: ArchiveFiles,
 }
 
 impl RocksBackend {
@@ -51,7 +53,11 @@ impl RocksBackend {
         let descriptors = descriptors(&options, path, archive)?;
         let db = DB::open_cf_descriptors(&options, path, descriptors)
             .map_err(|e| open_error(path, e))?;
-        Ok(RocksBackend { db, sync_writes })
+        Ok(RocksBackend {
+            db,
+            sync_writes,
+            archive: archive.clone(),
+        })
     }
 
     /// Opens an existing database for reading only, beside the process
@@ -65,6 +71,7 @@ impl RocksBackend {
         Ok(RocksBackend {
             db,
             sync_writes: false,
+            archive: archive.clone(),
         })
     }
 
@@ -169,6 +176,9 @@ fn archive_options(archive: &ArchiveFiles) -> Result<Options, StorageError> {
     }
     Ok(options)
 }
+
+/// Bytes of rows written at once by a copying backup.
+const COPY_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// The seconds of `Cumulative stall: HH:MM:SS.mmm H:M:S` in RocksDB's
 /// `rocksdb.dbstats` text.
@@ -306,8 +316,46 @@ impl Backend for RocksBackend {
     }
 
     fn checkpoint(&self, dir: &Path) -> Result<(), StorageError> {
-        let checkpoint = rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(backend_error)?;
-        checkpoint.create_checkpoint(dir).map_err(backend_error)
+        if self.archive.path.is_none() {
+            let checkpoint =
+                rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(backend_error)?;
+            return checkpoint.create_checkpoint(dir).map_err(backend_error);
+        }
+        // RocksDB's checkpoint cannot follow tables kept in another
+        // directory: copy every row as of one snapshot into a new database
+        // in `dir` instead (all its files there).
+        let snapshot = self.db.snapshot();
+        let local = ArchiveFiles {
+            path: None,
+            zstd_level: self.archive.zstd_level,
+        };
+        let copy = RocksBackend::open_with(dir, false, &local)?;
+        for cf in Cf::ALL {
+            let mut options = ReadOptions::default();
+            options.set_snapshot(&snapshot);
+            let mut batch = WriteBatch::default();
+            let mut bytes = 0;
+            for row in self
+                .db
+                .iterator_cf_opt(self.handle(cf)?, options, IteratorMode::Start)
+            {
+                let (key, value) = row.map_err(backend_error)?;
+                bytes += key.len() + value.len();
+                batch.put_cf(copy.handle(cf)?, key, value);
+                if bytes >= COPY_BATCH_BYTES {
+                    copy.db
+                        .write(std::mem::take(&mut batch))
+                        .map_err(backend_error)?;
+                    bytes = 0;
+                }
+            }
+            copy.db.write(batch).map_err(backend_error)?;
+        }
+        copy.db.flush().map_err(backend_error)?;
+        for cf in Cf::ALL {
+            copy.db.flush_cf(copy.handle(cf)?).map_err(backend_error)?;
+        }
+        Ok(())
     }
 
     fn compact(&self, cf: Cf) -> Result<(), StorageError> {
