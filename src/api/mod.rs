@@ -162,11 +162,16 @@ fn matrix_api(state: AppState) -> Router {
 /// Unknown paths and methods as Matrix errors, CORS, and a tracing span
 /// per request.
 fn finish(router: Router<AppState>, state: AppState) -> Router {
-    router
-        .route_layer(axum::middleware::from_fn_with_state(
+    // Requests are timed only when someone can scrape the figures.
+    let router = if state.config.metrics.listen.is_some() {
+        router.route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
         ))
+    } else {
+        router
+    };
+    router
         .fallback(|| async { MatrixError::unrecognized(StatusCode::NOT_FOUND) })
         .method_not_allowed_fallback(|| async {
             MatrixError::unrecognized(StatusCode::METHOD_NOT_ALLOWED)
