@@ -403,18 +403,10 @@ async fn deactivate_command(config: Config, name: &str, erase: bool) -> Result<(
         return Err(format!("no active user {name} on this server"));
     }
     services
-        .deactivate_account(&localpart, None)
+        .deactivate_account(&localpart, None, erase.then_some(OPERATOR))
         .await
         .map_err(|e| e.to_string())?;
     let user_id = services.accounts.user_id(&localpart).to_string();
-    if erase {
-        let user = ruma::UserId::parse(user_id.as_str()).map_err(|e| e.to_string())?;
-        services
-            .rooms
-            .erase_user(&user, OPERATOR)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
     println!(
         "deactivated {user_id}{}",
         if erase { " (erased)" } else { "" }

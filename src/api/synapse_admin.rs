@@ -88,11 +88,7 @@ impl FromRequestParts<AppState> for Admin {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let Auth(authed) = Auth::from_request_parts(parts, state).await?;
-        let admin = state
-            .accounts
-            .user(authed.localpart())?
-            .is_some_and(|record| record.admin);
-        if !admin {
+        if !super::client::admin::is_admin(state, &authed)? {
             return Err(MatrixError::forbidden("You are not a server admin"));
         }
         tracing::info!(
@@ -420,7 +416,7 @@ async fn put_user(
             .user(localpart)?
             .is_some_and(|r| r.deactivated)
     {
-        state.deactivate_account(localpart, None).await?;
+        state.deactivate_account(localpart, None, None).await?;
     }
     if let Some(name) = &body.displayname {
         state
@@ -480,13 +476,10 @@ async fn deactivate(
     if state.accounts.user(user.localpart())?.is_none() {
         return Err(MatrixError::not_found("User not found"));
     }
-    let unbind = state.deactivate_account(user.localpart(), None).await?;
-    if erase {
-        state
-            .rooms
-            .erase_user(&user, &admin.user_id.to_string())
-            .await?;
-    }
+    let by = admin.user_id.to_string();
+    let unbind = state
+        .deactivate_account(user.localpart(), None, erase.then_some(by.as_str()))
+        .await?;
     Ok(Json(json!({ "id_server_unbind_result": unbind })))
 }
 
@@ -856,7 +849,7 @@ async fn room_details(
     let mut room =
         room_json(&state, &room_id)?.ok_or_else(|| MatrixError::not_found("Room not found"))?;
     let mut devices = 0;
-    for user in state.rooms.joined_local_members(&room_id)? {
+    for user in state.rooms.local_members(&room_id, &["join"])? {
         devices += state.accounts.devices(user.localpart())?.len();
     }
     room["joined_local_devices"] = json!(devices);

@@ -131,8 +131,8 @@ impl Services {
             mac.update(b"\0");
             mac.update(user_type.as_bytes());
         }
-        let given =
-            decode_hex(request.mac).ok_or_else(|| Error::Forbidden("HMAC incorrect".to_owned()))?;
+        let given = crate::storage::tables::from_hex(request.mac)
+            .ok_or_else(|| Error::Forbidden("HMAC incorrect".to_owned()))?;
         mac.verify_slice(&given)
             .map_err(|_| Error::Forbidden("HMAC incorrect".to_owned()))?;
         let localpart = request.username.to_lowercase();
@@ -219,23 +219,11 @@ impl Services {
             }
             return Err(Error::NotFound(format!("Unknown room {room_id}")));
         }
-        let suffix = format!(":{}", self.config.server_name);
-        for member in self.rooms.current_state(room_id, Some("m.room.member"))? {
-            let Some(target) = member.state_key.as_deref() else {
-                continue;
-            };
-            let membership = member.content_value()["membership"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            if !target.ends_with(&suffix)
-                || !matches!(membership.as_str(), "join" | "invite" | "knock")
-            {
-                continue;
-            }
-            let Ok(user) = UserId::parse(target) else {
-                continue;
-            };
+        for user in self
+            .rooms
+            .local_members(room_id, &["join", "invite", "knock"])?
+        {
+            let target = user.as_str();
             let left = self
                 .rooms
                 .set_membership(room_id, &user, &user, "leave", json!({}), None)
@@ -423,28 +411,5 @@ impl Services {
             })
             .await?;
         Ok(room_id)
-    }
-}
-
-/// Bytes from lower- or upper-case hex; `None` when it is not hex.
-fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    if !hex.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::decode_hex;
-
-    #[test]
-    fn hex_decodes_both_cases_and_refuses_the_rest() {
-        assert_eq!(decode_hex("00fFa1"), Some(vec![0, 255, 161]));
-        assert_eq!(decode_hex("abc"), None);
-        assert_eq!(decode_hex("zz"), None);
     }
 }

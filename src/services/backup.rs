@@ -7,10 +7,11 @@
 //! The search index is not in it: a server rebuilds the index from the
 //! events at its first start.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::media::{content_file, media_dir};
 use crate::storage::tables;
 use crate::storage::{ArchiveFiles, Storage};
 
@@ -84,17 +85,15 @@ pub fn create(
         media_bytes: 0,
         missing_media_files: 0,
     };
+    let (media, copied_media) = (media_dir(data_dir), media_dir(dest));
     for hash in hashes {
-        if hash.len() < 2 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(format!("a media record names a bad file: {hash:?}"));
-        }
-        let relative = PathBuf::from("media").join(&hash[..2]).join(&hash);
-        let source = data_dir.join(&relative);
+        let bad = || format!("a media record names a bad file: {hash:?}");
+        let source = content_file(&media, &hash).ok_or_else(bad)?;
         let Ok(metadata) = std::fs::metadata(&source) else {
             manifest.missing_media_files += 1;
             continue;
         };
-        let target = dest.join(&relative);
+        let target = content_file(&copied_media, &hash).ok_or_else(bad)?;
         link_or_copy(&source, &target)?;
         manifest.media_files += 1;
         manifest.media_bytes += metadata.len();
@@ -103,7 +102,7 @@ pub fn create(
         &dest.join(MANIFEST),
         &serde_json::to_vec_pretty(&manifest).map_err(|e| e.to_string())?,
     )?;
-    sync_tree(&dest.join("media"))?;
+    sync_tree(&copied_media)?;
     sync_dir(dest)?;
     Ok(manifest)
 }
@@ -146,9 +145,9 @@ pub fn restore(
         std::fs::remove_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
     }
     copy_tree(&source.join("db"), &partial)?;
-    let media = source.join("media");
+    let media = media_dir(source);
     if media.exists() {
-        copy_tree(&media, &data_dir.join("media"))?;
+        copy_tree(&media, &media_dir(data_dir))?;
     }
     // An index of another database would skip the restored events: the
     // next start makes it anew from them.

@@ -88,7 +88,7 @@ impl Media {
     ) -> Self {
         Media {
             storage,
-            dir: data_dir.join("media"),
+            dir: media_dir(data_dir),
             server_name,
             config,
             clock,
@@ -285,10 +285,8 @@ impl Media {
         if record.quarantined_by.is_some() {
             return Err(Error::NotFound("This media is quarantined".to_owned()));
         }
-        if hash.len() < 2 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(Error::Internal(format!("media {media_id} has a bad hash")));
-        }
-        let path = self.path_of(hash);
+        let path = content_file(&self.dir, hash)
+            .ok_or_else(|| Error::Internal(format!("media {media_id} has a bad hash")))?;
         Ok(Some((record, path)))
     }
 
@@ -565,4 +563,18 @@ fn new_media_id() -> String {
 
 fn io_error(error: std::io::Error) -> Error {
     Error::Internal(format!("media storage: {error}"))
+}
+
+/// Where the media files of a data directory are.
+pub fn media_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("media")
+}
+
+/// The file of a content hash under the media directory
+/// (`<first two hex digits>/<hash>`); `None` for a hash that is not hex.
+pub fn content_file(media_dir: &Path, hash: &str) -> Option<PathBuf> {
+    if hash.len() < 2 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(media_dir.join(&hash[..2]).join(hash))
 }

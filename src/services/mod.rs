@@ -259,11 +259,13 @@ impl Services {
     ///
     /// Its email addresses are removed first, and unbound from `id_server`
     /// or the identity servers they were bound on; returns the
-    /// `id_server_unbind_result`.
+    /// `id_server_unbind_result`. With `erased_by` (an admin, or the
+    /// command line), the user is also erased (see `Rooms::erase_user`).
     pub async fn deactivate_account(
         &self,
         localpart: &str,
         id_server: Option<&str>,
+        erased_by: Option<&str>,
     ) -> Result<&'static str> {
         let user = ruma::UserId::parse(self.accounts.user_id(localpart).to_string())
             .map_err(|e| Error::Internal(e.to_string()))?;
@@ -282,6 +284,9 @@ impl Services {
                     tracing::warn!(%error, %room_id, "could not leave a room on deactivation");
                 }
             }
+        }
+        if let Some(by) = erased_by {
+            self.rooms.erase_user(&user, by).await?;
         }
         Ok(unbound)
     }

@@ -794,6 +794,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hex_decodes_both_cases_and_refuses_the_rest() {
+        assert_eq!(from_hex("00fFa1"), Some(vec![0, 255, 161]));
+        assert_eq!(from_hex("abc"), None);
+        assert_eq!(from_hex("zz"), None);
+    }
+
+    #[test]
     fn device_keys_round_trip_and_group_by_user() {
         let key = DeviceKey::new("alice", "ABCDEF");
         assert_eq!(DeviceKey::decode(&key.encode()), Some(key.clone()));

@@ -365,7 +365,7 @@ pub async fn deactivate(
         .authorize_interactively(&purpose, &flows, body.auth.as_ref(), Some(&authed))
         .await?;
     let unbound = state
-        .deactivate_account(authed.localpart(), body.id_server.as_deref())
+        .deactivate_account(authed.localpart(), body.id_server.as_deref(), None)
         .await?;
     tracing::info!(user_id = %authed.user_id, "deactivated");
     Ok(Json(json!({ "id_server_unbind_result": unbound })))

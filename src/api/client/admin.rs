@@ -14,7 +14,7 @@ use crate::api::AppState;
 use crate::services::accounts::{Authed, Restriction};
 
 /// Whether the caller is a server admin.
-fn is_admin(state: &AppState, authed: &Authed) -> ApiResult<bool> {
+pub(crate) fn is_admin(state: &AppState, authed: &Authed) -> ApiResult<bool> {
     Ok(state
         .accounts
         .user(authed.localpart())?

@@ -47,6 +47,19 @@ pub struct Purged {
     pub state_groups: usize,
 }
 
+/// Adds to `batch` the deletion of every row of `table` under `prefix`.
+fn delete_prefix<K: crate::storage::Key, V: serde::de::DeserializeOwned>(
+    storage: &Storage,
+    batch: &mut Batch,
+    table: crate::storage::Table<K, V>,
+    prefix: &[u8],
+) -> Result<()> {
+    for (key, _) in storage.scan_prefix(table, prefix, usize::MAX)? {
+        batch.delete(table, &key);
+    }
+    Ok(())
+}
+
 impl Rooms {
     /// Whether an admin blocked the room: no local user may join, knock or
     /// be invited.
@@ -98,13 +111,21 @@ impl Rooms {
             .collect())
     }
 
-    /// The local users joined to a room.
-    pub fn joined_local_members(&self, room_id: &RoomId) -> Result<Vec<ruma::OwnedUserId>> {
+    /// The local users whose current membership in a room is one of
+    /// `memberships`.
+    pub fn local_members(
+        &self,
+        room_id: &RoomId,
+        memberships: &[&str],
+    ) -> Result<Vec<ruma::OwnedUserId>> {
         let suffix = format!(":{}", self.server_name);
         Ok(self
             .current_state(room_id, Some("m.room.member"))?
             .iter()
-            .filter(|event| event.content_value()["membership"] == "join")
+            .filter(|event| {
+                let membership = event.content_value()["membership"].clone();
+                memberships.iter().any(|wanted| membership == *wanted)
+            })
             .filter_map(|event| event.state_key.as_deref())
             .filter(|key| key.ends_with(&suffix))
             .filter_map(|key| UserId::parse(key).ok())
@@ -252,9 +273,7 @@ impl Rooms {
             batch.delete(tables::TOUCHED, event_id);
             let prefix = tables::str_prefix(event_id);
             for table in [tables::RELATIONS, tables::ARCHIVED_RELATIONS] {
-                for (key, _) in self.storage.scan_prefix(table, &prefix, usize::MAX)? {
-                    batch.delete(table, &key);
-                }
+                delete_prefix(&self.storage, &mut batch, table, &prefix)?;
             }
         }
         for group_id in &groups {
@@ -275,31 +294,16 @@ impl Rooms {
                 batch.delete(tables::USER_ROOMS, &(member.clone(), room.clone()));
             }
             let data = tables::str2_prefix(member, &room);
-            for (key, _) in self
-                .storage
-                .scan_prefix(tables::ACCOUNT_DATA, &data, usize::MAX)?
-            {
-                batch.delete(tables::ACCOUNT_DATA, &key);
-            }
+            delete_prefix(&self.storage, &mut batch, tables::ACCOUNT_DATA, &data)?;
         }
-        for (key, _) in self
-            .storage
-            .scan_prefix(tables::THREADS, &room_prefix, usize::MAX)?
-        {
-            batch.delete(tables::THREADS, &key);
-        }
-        for (key, _) in
-            self.storage
-                .scan_prefix(tables::THREAD_ACTIVITY, &room_prefix, usize::MAX)?
-        {
-            batch.delete(tables::THREAD_ACTIVITY, &key);
-        }
-        for (key, _) in self
-            .storage
-            .scan_prefix(tables::RECEIPTS, &room_prefix, usize::MAX)?
-        {
-            batch.delete(tables::RECEIPTS, &key);
-        }
+        delete_prefix(&self.storage, &mut batch, tables::THREADS, &room_prefix)?;
+        delete_prefix(
+            &self.storage,
+            &mut batch,
+            tables::THREAD_ACTIVITY,
+            &room_prefix,
+        )?;
+        delete_prefix(&self.storage, &mut batch, tables::RECEIPTS, &room_prefix)?;
         batch.delete(tables::ROOMS, &room);
         self.storage.commit(batch).await?;
         Ok(Purged {
