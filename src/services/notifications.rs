@@ -7,10 +7,11 @@ use ruma::push::Ruleset;
 use ruma::{OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
 use serde_json::{json, Value};
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::error::Result;
+use super::error::{Error, Result};
 use super::push::{evaluate, Decision, RoomContext};
 use super::push_rules::{PushRules, RoomLevels, PUSH_RULES};
 use super::rooms::Rooms;
@@ -18,12 +19,14 @@ use super::sync::{UnreadCounts, UnreadMemo};
 use super::user_data::UserData;
 use super::Services;
 use crate::events::Pdu;
-use crate::storage::tables::RoomRecord;
+use crate::storage::tables::{RoomRecord, StoredPdu};
 use crate::storage::Direction;
 
 /// The rules of one user in one room, ready to judge its events.
 pub struct Judge {
     user: OwnedUserId,
+    /// The stream position of the user's rules as read.
+    rules_version: u64,
     ruleset: Arc<Ruleset>,
     room: RoomContext,
 }
@@ -36,9 +39,11 @@ impl Judge {
         room_id: &RoomId,
         user: &UserId,
     ) -> Result<Self> {
+        let (rules_version, ruleset) = push_rules.shared(user_data, user)?;
         Ok(Judge {
             user: user.to_owned(),
-            ruleset: push_rules.shared(user_data, user)?,
+            rules_version,
+            ruleset,
             room: room_context(rooms, push_rules, room_id, user)?,
         })
     }
@@ -55,9 +60,11 @@ impl Judge {
     ) -> Result<Self> {
         let mut room = shared.clone();
         room.display_name = display_name(rooms, &shared.room_id, user)?;
+        let (rules_version, ruleset) = push_rules.shared(user_data, user)?;
         Ok(Judge {
             user: user.to_owned(),
-            ruleset: push_rules.shared(user_data, user)?,
+            rules_version,
+            ruleset,
             room,
         })
     }
@@ -71,6 +78,133 @@ impl Judge {
     pub fn decide(&self, pdu: &Pdu) -> Decision {
         evaluate(&self.ruleset, &self.user, &event_json(pdu), &self.room)
     }
+}
+
+/// Judges made for a run of events, kept from one event to the next.
+#[derive(Default)]
+pub struct Judges {
+    by_member: HashMap<(OwnedRoomId, OwnedUserId), Judge>,
+    /// Per room: the context worked out for its first member, shared by
+    /// the others (the member count and the power levels).
+    contexts: HashMap<OwnedRoomId, RoomContext>,
+}
+
+impl Judges {
+    /// The judge of `user` in `room_id`, made on first use.
+    pub fn of(&mut self, services: &Services, room_id: &RoomId, user: &UserId) -> Result<&Judge> {
+        let key = (room_id.to_owned(), user.to_owned());
+        if !self.by_member.contains_key(&key) {
+            let (rooms, push_rules, user_data) =
+                (&services.rooms, &services.push_rules, &services.user_data);
+            let judge = match self.contexts.get(room_id) {
+                Some(shared) => Judge::for_member(rooms, push_rules, user_data, shared, user)?,
+                None => {
+                    let judge = Judge::new(rooms, push_rules, user_data, room_id, user)?;
+                    self.contexts
+                        .insert(room_id.to_owned(), judge.room().clone());
+                    judge
+                }
+            };
+            self.by_member.insert(key.clone(), judge);
+        }
+        Ok(&self.by_member[&key])
+    }
+}
+
+/// What an event decided for one local member.
+#[derive(Clone, Debug)]
+pub struct Judged {
+    /// The stream position of the member's push rules it was judged by.
+    pub rules_version: u64,
+    pub notify: bool,
+    pub highlight: bool,
+    /// The actions of the rule that applied, as a push gateway gets them
+    /// (`null` when the event does not notify); members whose rules gave
+    /// the same actions share them.
+    pub actions: Arc<Value>,
+}
+
+/// What an event decided for each local member it may notify.
+pub type EventDecisions = HashMap<OwnedUserId, Judged>;
+
+/// What `pdu` decides for each local member it may notify (never its
+/// sender), judged once and remembered for the notifier and for every
+/// member's unread counts. `judges` are reused for the caller's next
+/// events.
+pub fn event_decisions(
+    services: &Services,
+    pdu: &Pdu,
+    judges: &mut Judges,
+) -> Result<Arc<EventDecisions>> {
+    if let Some(known) = services.sync.decisions.get(pdu.event_id.as_str()) {
+        return Ok(known);
+    }
+    let silent = Arc::new(Value::Null);
+    let mut distinct: Vec<Arc<Value>> = Vec::new();
+    let mut decided = EventDecisions::new();
+    for user in local_audience(services, &pdu.room_id, pdu)? {
+        if user == pdu.sender {
+            continue;
+        }
+        let judge = judges.of(services, &pdu.room_id, &user)?;
+        let decision = judge.decide(pdu);
+        let actions = if decision.notify {
+            let actions = serde_json::to_value(&decision.actions)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            match distinct.iter().find(|known| ***known == actions) {
+                Some(known) => known.clone(),
+                None => {
+                    let actions = Arc::new(actions);
+                    distinct.push(actions.clone());
+                    actions
+                }
+            }
+        } else {
+            silent.clone()
+        };
+        let judged = Judged {
+            rules_version: judge.rules_version,
+            notify: decision.notify,
+            highlight: decision.highlight,
+            actions,
+        };
+        decided.insert(user, judged);
+    }
+    let decided = Arc::new(decided);
+    services
+        .sync
+        .decisions
+        .insert(pdu.event_id.to_string(), decided.clone());
+    Ok(decided)
+}
+
+/// The local users an event may notify: the room's joined local members,
+/// and a local user it invites.
+fn local_audience(services: &Services, room_id: &RoomId, pdu: &Pdu) -> Result<Vec<OwnedUserId>> {
+    let own = services.rooms.server_name();
+    let mut users = Vec::new();
+    for member in services
+        .rooms
+        .current_state(room_id, Some("m.room.member"))?
+    {
+        let Some(user) = member.state_key.as_deref() else {
+            continue;
+        };
+        let Ok(user) = UserId::parse(user) else {
+            continue;
+        };
+        if user.server_name() == own && member.content_value()["membership"] == "join" {
+            users.push(user);
+        }
+    }
+    if pdu.kind.to_string() == "m.room.member" && pdu.content_value()["membership"] == "invite" {
+        if let Some(Ok(invited)) = pdu.state_key.as_deref().map(UserId::parse) {
+            if invited.server_name() == own && !users.contains(&invited) {
+                users.push(invited);
+            }
+        }
+    }
+    Ok(users)
 }
 
 /// The event as the rules see it (the client format's fields).
@@ -196,7 +330,13 @@ pub fn unread_counts(
             && memo.rules_version == rules_version
             && memo.counted_upto <= upto
     });
-    let mut judge = LazyJudge::new(services, user, room_id);
+    let mut judge = LazyJudge {
+        services,
+        user,
+        room_id,
+        rules_version,
+        judges: Judges::default(),
+    };
     let counts = match remembered {
         Some(memo) => count_after(services, &mut judge, room_id, &memo, upto)?,
         None => None,
@@ -215,41 +355,39 @@ pub fn unread_counts(
     Ok(counts)
 }
 
-/// The user's rules in the room, made when the first event is judged.
+/// Judges events for one user in one room: by the decisions made for
+/// every member while the notifier has yet to pass the event (or already
+/// made), else by the user's own rules alone.
 struct LazyJudge<'a> {
     services: &'a Services,
     user: &'a OwnedUserId,
     room_id: &'a RoomId,
-    judge: Option<Judge>,
+    rules_version: u64,
+    judges: Judges,
 }
 
-impl<'a> LazyJudge<'a> {
-    fn new(services: &'a Services, user: &'a OwnedUserId, room_id: &'a RoomId) -> Self {
-        LazyJudge {
-            services,
-            user,
-            room_id,
-            judge: None,
-        }
-    }
-
+impl LazyJudge<'_> {
     /// (notifies, highlights) for an event of someone else.
-    fn judge(&mut self, pdu: &Pdu) -> Result<(bool, bool)> {
-        if self.judge.is_none() {
-            let services = self.services;
-            self.judge = Some(Judge::new(
-                &services.rooms,
-                &services.push_rules,
-                &services.user_data,
-                self.room_id,
-                self.user,
-            )?);
+    fn judge(&mut self, pdu: &Pdu, stored: &StoredPdu) -> Result<(bool, bool)> {
+        let services = self.services;
+        // A redaction after the judging changes what the rules see.
+        if stored.redacted_because.is_none() {
+            let remembered = services.sync.decisions.get(pdu.event_id.as_str());
+            let news = stored.stream > services.sync.notified_upto.load(Ordering::Acquire);
+            let decided = match remembered {
+                Some(decided) => Some(decided),
+                None if news => Some(event_decisions(services, pdu, &mut self.judges)?),
+                None => None,
+            };
+            let mine = decided.as_ref().and_then(|decided| decided.get(self.user));
+            if let Some(judged) = mine.filter(|j| j.rules_version == self.rules_version) {
+                return Ok((judged.notify, judged.highlight));
+            }
         }
         let decision = self
-            .judge
-            .as_ref()
-            .map(|j| j.decide(pdu))
-            .unwrap_or_default();
+            .judges
+            .of(services, self.room_id, self.user)?
+            .decide(pdu);
         Ok((decision.notify, decision.highlight))
     }
 }
@@ -274,13 +412,13 @@ fn count_after(
         return Ok(None);
     }
     let mut counts = memo.counts.clone();
-    for pdu in &page.events {
+    for (pdu, stored) in page.events.iter().zip(&page.stored) {
         let thread = thread_of(pdu);
         if pdu.sender == *judge.user {
             *counts.of(thread) = (0, 0);
             continue;
         }
-        let (notifies, highlights) = judge.judge(pdu)?;
+        let (notifies, highlights) = judge.judge(pdu, stored)?;
         if notifies {
             let count = counts.of(thread);
             count.0 += 1;
@@ -321,7 +459,7 @@ fn count_from_receipts(
             spoke.insert(thread);
             continue;
         }
-        let (notifies, highlights) = judge.judge(pdu)?;
+        let (notifies, highlights) = judge.judge(pdu, stored)?;
         if notifies {
             let count = counts.of(thread);
             count.0 += 1;

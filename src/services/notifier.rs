@@ -14,17 +14,17 @@
 //! backoff; a notification older than `push.give_up_after_ms` is dropped;
 //! a pushkey the gateway rejects removes its pusher.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ruma::{OwnedUserId, RoomId, UserId};
+use ruma::UserId;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::error::{Error, Result};
-use super::notifications::{unread_counts, Judge};
-use super::push::RoomContext;
+use super::notifications::{event_decisions, unread_counts, Judges};
 use super::pushers::PusherKey;
 use super::Services;
 use crate::storage::tables::{
@@ -74,6 +74,7 @@ pub async fn notify_round(services: &Services) -> Result<bool> {
         services.storage.commit(batch).await?;
         return Ok(false);
     };
+    services.sync.notified_upto.store(from, Ordering::Release);
     if from >= current {
         return Ok(false);
     }
@@ -90,10 +91,7 @@ pub async fn notify_round(services: &Services) -> Result<bool> {
         _ => current,
     };
     let mut batch = Batch::new();
-    let mut judges: HashMap<(String, OwnedUserId), Judge> = HashMap::new();
-    // Per room: the context worked out for its first member, shared by
-    // the others (the member count and the power levels).
-    let mut contexts: HashMap<String, RoomContext> = HashMap::new();
+    let mut judges = Judges::default();
     let mut queued = 0;
     let now = services.now_ms();
     for (position, entry) in entries {
@@ -109,49 +107,18 @@ pub async fn notify_round(services: &Services) -> Result<bool> {
         if stored.redacted_because.is_some() {
             continue;
         }
-        for user in local_audience(services, &pdu.room_id, &pdu)? {
-            if user == pdu.sender {
+        let decided = event_decisions(services, &pdu, &mut judges)?;
+        for (user, judged) in decided.iter() {
+            if !judged.notify {
                 continue;
             }
-            let key = (room_id.clone(), user.clone());
-            let judge = match judges.entry(key) {
-                std::collections::hash_map::Entry::Occupied(found) => found.into_mut(),
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    let judge = match contexts.get(&room_id) {
-                        Some(shared) => Judge::for_member(
-                            &services.rooms,
-                            &services.push_rules,
-                            &services.user_data,
-                            shared,
-                            &user,
-                        )?,
-                        None => {
-                            let judge = Judge::new(
-                                &services.rooms,
-                                &services.push_rules,
-                                &services.user_data,
-                                &pdu.room_id,
-                                &user,
-                            )?;
-                            contexts.insert(room_id.clone(), judge.room().clone());
-                            judge
-                        }
-                    };
-                    slot.insert(judge)
-                }
-            };
-            let decision = judge.decide(&pdu);
-            if !decision.notify {
-                continue;
-            }
-            let actions = serde_json::to_value(&decision.actions)
-                .map_err(|e| Error::Internal(e.to_string()))?;
+            let actions = Value::clone(&judged.actions);
             let localpart = user.localpart().to_owned();
             let record = NotificationRecord {
                 room_id: room_id.clone(),
                 event_id: event_id.clone(),
                 actions: actions.clone(),
-                highlight: decision.highlight,
+                highlight: judged.highlight,
                 ts: u64::from(pdu.origin_server_ts.get()),
             };
             batch.put(
@@ -177,43 +144,11 @@ pub async fn notify_round(services: &Services) -> Result<bool> {
     }
     batch.put(tables::PUSH_STATE, &upto_key, &upto);
     services.storage.commit(batch).await?;
+    services.sync.notified_upto.store(upto, Ordering::Release);
     if queued > 0 {
         services.delivery.wake.notify_one();
     }
     Ok(more)
-}
-
-/// The local users an event may notify: the room's joined local members,
-/// and a local user it invites.
-fn local_audience(
-    services: &Services,
-    room_id: &RoomId,
-    pdu: &crate::events::Pdu,
-) -> Result<Vec<OwnedUserId>> {
-    let own = services.rooms.server_name();
-    let mut users = Vec::new();
-    for member in services
-        .rooms
-        .current_state(room_id, Some("m.room.member"))?
-    {
-        let Some(user) = member.state_key.as_deref() else {
-            continue;
-        };
-        let Ok(user) = UserId::parse(user) else {
-            continue;
-        };
-        if user.server_name() == own && member.content_value()["membership"] == "join" {
-            users.push(user);
-        }
-    }
-    if pdu.kind.to_string() == "m.room.member" && pdu.content_value()["membership"] == "invite" {
-        if let Some(Ok(invited)) = pdu.state_key.as_deref().map(UserId::parse) {
-            if invited.server_name() == own && !users.contains(&invited) {
-                users.push(invited);
-            }
-        }
-    }
-    Ok(users)
 }
 
 /// Runs the sender until `stop`: starts a worker for each pusher with

@@ -56,19 +56,20 @@ impl Default for PushRules {
 impl PushRules {
     /// The user's rules, shared: from the cache while their account data
     /// is unchanged.
-    pub fn shared(&self, user_data: &UserData, user: &UserId) -> Result<Arc<Ruleset>> {
+    /// With the stream position of the account data they were read at.
+    pub fn shared(&self, user_data: &UserData, user: &UserId) -> Result<(u64, Arc<Ruleset>)> {
         let version = user_data
             .account_data_version(user, None, PUSH_RULES)?
             .unwrap_or(0);
         if let Some((cached, ruleset)) = self.cache.get(&user.to_string()) {
             if cached == version {
-                return Ok(ruleset);
+                return Ok((version, ruleset));
             }
         }
         let ruleset = Arc::new(self.ruleset(user_data, user)?);
         self.cache
             .insert(user.to_string(), (version, ruleset.clone()));
-        Ok(ruleset)
+        Ok((version, ruleset))
     }
 
     /// The room's power levels at `state_group` (its current state), from

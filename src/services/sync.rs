@@ -11,6 +11,7 @@ use std::sync::Arc;
 use ruma::UserId;
 
 use super::error::Result;
+use super::notifications::EventDecisions;
 use super::rooms::BoundedMemo;
 use super::stream::{Registration, StreamCounter, Wakeups};
 use crate::storage::tables::{self, StreamEntry};
@@ -94,6 +95,13 @@ pub struct SyncStream {
     /// (room ID, user ID) → the unread counts last worked out, so the next
     /// sync counts only the events after them.
     pub unread: BoundedMemo<(String, String), UnreadMemo>,
+    /// Event ID → what it decided for each local member, judged once for
+    /// the notifier and every member's unread counts.
+    pub decisions: BoundedMemo<String, Arc<EventDecisions>>,
+    /// The stream position the notifier has judged every event up to
+    /// (`u64::MAX` until it says): a reader judging a later event judges
+    /// it for every member at once, since the notifier will need that.
+    pub notified_upto: std::sync::atomic::AtomicU64,
     /// Readers waiting for news now (see [`SyncStream::wait`]).
     waiting: std::sync::atomic::AtomicU64,
 }
@@ -137,6 +145,9 @@ impl UnreadCounts {
 
 /// Most (room, user) unread counts remembered.
 const UNREAD_MEMO_ENTRIES: usize = 200_000;
+/// Most events whose decisions are remembered: the newest, which the
+/// notifier and the members' next syncs judge at about the same time.
+const DECISIONS_REMEMBERED: usize = 1024;
 
 impl SyncStream {
     pub fn new(storage: Storage, counter: Arc<StreamCounter>, wakeups: Arc<Wakeups>) -> Self {
@@ -145,6 +156,8 @@ impl SyncStream {
             counter,
             wakeups,
             unread: BoundedMemo::new(UNREAD_MEMO_ENTRIES),
+            decisions: BoundedMemo::new(DECISIONS_REMEMBERED),
+            notified_upto: std::sync::atomic::AtomicU64::new(u64::MAX),
             waiting: Default::default(),
         }
     }

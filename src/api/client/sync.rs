@@ -112,10 +112,17 @@ pub async fn sync(
             .await?;
     }
     loop {
-        let (answer, empty) = look(&state, &authed, &user, &filter, since, query.full_state)?;
         let waited_enough = tokio::time::Instant::now() >= deadline;
-        if !empty || since.is_none() || query.full_state || waited_enough {
-            return Ok(Json(answer));
+        // A token at the current position of every stream finds nothing
+        // new: a client coming straight back after an answer waits first,
+        // and looks once, when woken.
+        let at_now = since.is_some_and(|since| since == SyncToken::now(&state));
+        if !at_now || query.full_state || waited_enough {
+            let (answer, empty) = look(&state, &authed, &user, &filter, since, query.full_state)?;
+            let waited_enough = tokio::time::Instant::now() >= deadline;
+            if !empty || since.is_none() || query.full_state || waited_enough {
+                return Ok(Json(answer));
+            }
         }
         state.sync.wait(&registration, deadline).await;
     }

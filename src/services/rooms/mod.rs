@@ -96,7 +96,11 @@ impl<K: std::hash::Hash + Eq, V: Clone> BoundedMemo<K, V> {
         }
     }
 
-    pub fn get(&self, key: &K) -> Option<V> {
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
         let mut generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(value) = generations.young.get(key) {
             return Some(value.clone());
