@@ -51,15 +51,20 @@ impl Judge {
     /// A judge from the room's context as worked out for another member
     /// (the member count and power levels are the room's), with this
     /// user's display name.
+    /// `name` is the display name when the caller has read it.
     pub fn for_member(
         rooms: &Rooms,
         push_rules: &PushRules,
         user_data: &UserData,
         shared: &RoomContext,
         user: &UserId,
+        name: Option<String>,
     ) -> Result<Self> {
         let mut room = shared.clone();
-        room.display_name = display_name(rooms, &shared.room_id, user)?;
+        room.display_name = match name {
+            Some(name) => name,
+            None => display_name(rooms, &shared.room_id, user)?,
+        };
         let (rules_version, ruleset) = push_rules.shared(user_data, user)?;
         Ok(Judge {
             user: user.to_owned(),
@@ -90,14 +95,23 @@ pub struct Judges {
 }
 
 impl Judges {
-    /// The judge of `user` in `room_id`, made on first use.
-    pub fn of(&mut self, services: &Services, room_id: &RoomId, user: &UserId) -> Result<&Judge> {
+    /// The judge of `user` in `room_id`, made on first use (`name`: the
+    /// user's display name there, when the caller has read it).
+    pub fn of(
+        &mut self,
+        services: &Services,
+        room_id: &RoomId,
+        user: &UserId,
+        name: Option<String>,
+    ) -> Result<&Judge> {
         let key = (room_id.to_owned(), user.to_owned());
         if !self.by_member.contains_key(&key) {
             let (rooms, push_rules, user_data) =
                 (&services.rooms, &services.push_rules, &services.user_data);
             let judge = match self.contexts.get(room_id) {
-                Some(shared) => Judge::for_member(rooms, push_rules, user_data, shared, user)?,
+                Some(shared) => {
+                    Judge::for_member(rooms, push_rules, user_data, shared, user, name)?
+                }
                 None => {
                     let judge = Judge::new(rooms, push_rules, user_data, room_id, user)?;
                     self.contexts
@@ -142,11 +156,11 @@ pub fn event_decisions(
     let silent = Arc::new(Value::Null);
     let mut distinct: Vec<Arc<Value>> = Vec::new();
     let mut decided = EventDecisions::new();
-    for user in local_audience(services, &pdu.room_id, pdu)? {
+    for (user, name) in local_audience(services, &pdu.room_id, pdu)? {
         if user == pdu.sender {
             continue;
         }
-        let judge = judges.of(services, &pdu.room_id, &user)?;
+        let judge = judges.of(services, &pdu.room_id, &user, name)?;
         let decision = judge.decide(pdu);
         let actions = if decision.notify {
             let actions = serde_json::to_value(&decision.actions)
@@ -178,9 +192,13 @@ pub fn event_decisions(
     Ok(decided)
 }
 
-/// The local users an event may notify: the room's joined local members,
-/// and a local user it invites.
-fn local_audience(services: &Services, room_id: &RoomId, pdu: &Pdu) -> Result<Vec<OwnedUserId>> {
+/// The local users an event may notify, with their display names in the
+/// room: the room's joined local members, and a local user it invites.
+fn local_audience(
+    services: &Services,
+    room_id: &RoomId,
+    pdu: &Pdu,
+) -> Result<Vec<(OwnedUserId, Option<String>)>> {
     let own = services.rooms.server_name();
     let mut users = Vec::new();
     for member in services
@@ -193,14 +211,17 @@ fn local_audience(services: &Services, room_id: &RoomId, pdu: &Pdu) -> Result<Ve
         let Ok(user) = UserId::parse(user) else {
             continue;
         };
-        if user.server_name() == own && member.content_value()["membership"] == "join" {
-            users.push(user);
+        let content = member.content_value();
+        if user.server_name() == own && content["membership"] == "join" {
+            let name = content["displayname"].as_str().unwrap_or(user.localpart());
+            let name = name.to_owned();
+            users.push((user, Some(name)));
         }
     }
     if pdu.kind.to_string() == "m.room.member" && pdu.content_value()["membership"] == "invite" {
         if let Some(Ok(invited)) = pdu.state_key.as_deref().map(UserId::parse) {
-            if invited.server_name() == own && !users.contains(&invited) {
-                users.push(invited);
+            if invited.server_name() == own && users.iter().all(|(user, _)| *user != invited) {
+                users.push((invited, None));
             }
         }
     }
@@ -386,7 +407,7 @@ impl LazyJudge<'_> {
         }
         let decision = self
             .judges
-            .of(services, self.room_id, self.user)?
+            .of(services, self.room_id, self.user, None)?
             .decide(pdu);
         Ok((decision.notify, decision.highlight))
     }
