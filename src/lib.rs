@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod events;
+pub mod front;
 pub mod ids;
 pub mod metrics;
 pub mod server;

@@ -4,7 +4,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -13,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api;
 use crate::config::Config;
+use crate::front::{ClientAddr, FrontListener};
 use crate::services::clock::{Clock, SystemClock};
 use crate::services::Services;
 use crate::storage::{Storage, StorageError};
@@ -271,16 +271,12 @@ async fn serve(
         // WebSocket sessions outlive their HTTP connection: tell them.
         connections.stop_all().await;
     };
-    // Small writes (WebSocket frames) go out at once, not held back by
-    // Nagle's algorithm until the previous one is acknowledged.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::warn!(%error, "could not set TCP_NODELAY");
-        }
-    });
+    // Long-polls are served by the front; every other connection by
+    // axum and hyper.
+    let listener = FrontListener::new(listener, app.clone());
     axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app.into_make_service_with_connect_info::<ClientAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await

@@ -1,9 +1,9 @@
 //! Request extractors that parse once and fail with Matrix errors.
 
-use std::net::SocketAddr;
-
 use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+
+use crate::front::ClientAddr;
 use axum::http::request::Parts;
 use axum::http::{header, Method};
 use serde::de::DeserializeOwned;
@@ -242,8 +242,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let ip = parts
             .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip().to_string())
+            .get::<ConnectInfo<ClientAddr>>()
+            .map(|ConnectInfo(ClientAddr(addr))| addr.ip().to_string())
             .unwrap_or_else(|| "unknown".to_owned());
         Ok(ClientIp(ip))
     }

@@ -95,6 +95,9 @@ pub async fn sync(
     Auth(authed): Auth,
     Query(query): Query<SyncQuery>,
 ) -> ApiResult<Json<Value>> {
+    // Readers already woken by a write go first: a client coming back for
+    // more waits behind the deliveries under way.
+    tokio::task::yield_now().await;
     let user = parse_user(&authed.user_id.to_string())?;
     let filter = state.filters.resolve(&user, query.filter.as_deref())?;
     let since = query.since.as_deref().map(SyncToken::parse).transpose()?;

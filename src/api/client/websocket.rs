@@ -12,12 +12,13 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::connect_info::ConnectInfo;
+
+use crate::front::ClientAddr;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{header, Method, StatusCode};
@@ -96,7 +97,7 @@ async fn accept(ws: WsState, request: Request) -> Result<Response, MatrixError> 
     };
     let peer = parts
         .extensions
-        .get::<ConnectInfo<SocketAddr>>()
+        .get::<ConnectInfo<ClientAddr>>()
         .map(|ConnectInfo(addr)| *addr);
     let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &())
         .await
@@ -707,7 +708,7 @@ struct Caller {
     user: String,
     device_id: String,
     token: String,
-    peer: Option<SocketAddr>,
+    peer: Option<ClientAddr>,
 }
 
 /// A failed call: the Matrix error of the HTTP answer.
