@@ -115,7 +115,7 @@ async fn accept(ws: WsState, request: Request) -> Result<Response, MatrixError> 
         .max_frame_size(config.max_frame_bytes)
         .on_upgrade(move |socket| async move {
             let mut socket = socket;
-            match authenticate(&ws, &mut socket, token).await {
+            match Box::pin(authenticate(&ws, &mut socket, token)).await {
                 Ok((authed, token)) => {
                     let session = ws
                         .state
@@ -137,7 +137,7 @@ async fn accept(ws: WsState, request: Request) -> Result<Response, MatrixError> 
                     // connection may still hold the services then.
                     drop(session);
                 }
-                Err(end) => close(socket, &end).await,
+                Err(end) => Box::pin(close(socket, &end)).await,
             }
         }))
 }
@@ -250,7 +250,7 @@ struct Connection {
     socket: WebSocket,
     authed: Authed,
     user: OwnedUserId,
-    filter: Filter,
+    filter: Box<Filter>,
     /// Everything up to here was pushed.
     cursor: SyncToken,
     caller: Caller,
@@ -259,29 +259,34 @@ struct Connection {
 
 type Pending = Pin<Box<dyn Future<Output = Value> + Send>>;
 
+/// A step of a connection, boxed: the connection's own future lives as
+/// long as the connection, and holds only a pointer to the step under way
+/// instead of room for the largest one.
+type Step<'a, T> = Pin<Box<dyn Future<Output = Result<T, End>> + Send + 'a>>;
+
 /// Serves an authenticated connection until it ends; hands the session
-/// back once everything else of the connection is gone.
-async fn run(
+/// back once everything else of the connection is gone. Not an `async fn`:
+/// what is worked out here is not kept beside the connection for its life.
+fn run(
     state: AppState,
     socket: WebSocket,
     authed: Authed,
     caller: Caller,
-    mut session: Session,
-) -> Session {
-    let user = match parse_user(&authed.user_id.to_string()) {
-        Ok(user) => user,
-        Err(_) => {
-            close(socket, &End::new(1011, "bad user ID")).await;
-            return session;
-        }
+    session: Session,
+) -> Pin<Box<dyn Future<Output = Session> + Send>> {
+    let refuse =
+        |socket, session, reason: &'static str| -> Pin<Box<dyn Future<Output = Session> + Send>> {
+            Box::pin(async move {
+                close(socket, &End::new(1011, reason)).await;
+                session
+            })
+        };
+    let Ok(user) = parse_user(&authed.user_id.to_string()) else {
+        return refuse(socket, session, "bad user ID");
     };
     let filter_json = format!(r#"{{"room":{{"timeline":{{"limit":{PUSH_TIMELINE_LIMIT}}}}}}}"#);
-    let filter = match state.filters.resolve(&user, Some(&filter_json)) {
-        Ok(filter) => filter,
-        Err(_) => {
-            close(socket, &End::new(1011, "no filter")).await;
-            return session;
-        }
+    let Ok(filter) = state.filters.resolve(&user, Some(&filter_json)) else {
+        return refuse(socket, session, "no filter");
     };
     let resumed = state
         .delivered_upto(&user, &authed.device_id)
@@ -297,22 +302,22 @@ async fn run(
         socket,
         authed,
         user,
-        filter,
+        filter: Box::new(filter),
         cursor,
         caller,
         send_timeout,
     };
-    connection.serve(&mut session, resumed.is_some()).await;
-    session
+    Box::pin(connection.serve(session, resumed.is_some()))
 }
 
 impl Connection {
-    async fn serve(mut self, session: &mut Session, resumed: bool) {
-        let end = match self.serve_inner(session, resumed).await {
+    async fn serve(mut self, mut session: Session, resumed: bool) -> Session {
+        let end = match Box::pin(self.serve_inner(&mut session, resumed)).await {
             Ok(()) => End::new(1000, ""),
             Err(end) => end,
         };
-        close(self.socket, &end).await;
+        Box::pin(close(self.socket, &end)).await;
+        session
     }
 
     async fn serve_inner(&mut self, session: &mut Session, resumed: bool) -> Result<(), End> {
@@ -320,7 +325,7 @@ impl Connection {
         if self.state.connections.stopping() {
             return Err(End::new(1001, "the server is stopping"));
         }
-        let _ = set_presence(&self.state, &self.user, None).await;
+        let _ = Box::pin(set_presence(&self.state, &self.user, None)).await;
         let ready = json!({
             "type": "ready",
             "pos": self.cursor.render(),
@@ -447,7 +452,11 @@ impl Connection {
 
     /// Registers for wake-ups, then pushes everything after the cursor.
     /// `None` when more is waiting than one push carries.
-    async fn look_and_push(&mut self) -> Result<Option<Registration>, End> {
+    fn look_and_push(&mut self) -> Step<'_, Option<Registration>> {
+        Box::pin(self.look_and_push_now())
+    }
+
+    async fn look_and_push_now(&mut self) -> Result<Option<Registration>, End> {
         if self
             .state
             .accounts
@@ -484,21 +493,23 @@ impl Connection {
         Ok((!capped).then_some(registration))
     }
 
-    async fn send(&mut self, frame: Value) -> Result<(), End> {
-        self.send_message(Message::text(frame.to_string())).await
+    fn send(&mut self, frame: Value) -> Step<'_, ()> {
+        self.send_message(Message::text(frame.to_string()))
     }
 
     /// Sends one message; a client that leaves it unread past the send
     /// timeout is disconnected.
-    async fn send_message(&mut self, message: Message) -> Result<(), End> {
-        match tokio::time::timeout(self.send_timeout, self.socket.send(message)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::new(1000, "")),
-            Err(_) => Err(End::new(
-                4429,
-                "too slow: a frame waited past the send timeout",
-            )),
-        }
+    fn send_message(&mut self, message: Message) -> Step<'_, ()> {
+        Box::pin(async move {
+            match tokio::time::timeout(self.send_timeout, self.socket.send(message)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(End::new(1000, "")),
+                Err(_) => Err(End::new(
+                    4429,
+                    "too slow: a frame waited past the send timeout",
+                )),
+            }
+        })
     }
 }
 
