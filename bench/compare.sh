@@ -144,6 +144,12 @@ run_server() {
         "${load_cpu[@]}" "$bench_bin" --url "$url" --pid "$server_pid" --data-dir "$data_path" "$@" \
             | grep '^RESULT ' | sed 's/^RESULT //' >>"$results"
     }
+    # The server again, on new data.
+    fresh_server() {
+        stop_server
+        "start_$name" "$port"
+        wait_for "$url"
+    }
     if [ "$phase" = memory ]; then
         # WebSocket connections are of as many devices, made first; the
         # server then starts afresh on the same data, so that neither
@@ -195,16 +201,27 @@ run_server() {
         # 10,000 users to rooms). Each in the steady state (--warm-up), and
         # 1,000 also from cold: the first message each recipient sees
         # after connecting.
-        scenario latency --clients 100 --messages 200 --rate 10 --warm-up
-        scenario latency --clients 1000 --messages 200 --rate 10 --warm-up
-        scenario latency --clients 1000 --messages 200 --rate 10
-        scenario latency --clients 1000 --messages 200 --rate 10 --senders 4 --warm-up
         if [ "$name" = myelin ]; then
-            scenario latency --clients 10000 --messages 200 --rate 10 --warm-up
+            # Each latency run on a fresh server, so that the two
+            # transports are compared on the same server state.
             for clients in 100 1000 10000; do
-                scenario latency --clients "$clients" --messages 200 --rate 10 --transport ws --warm-up
+                for transport in sync ws; do
+                    fresh_server
+                    scenario latency --clients "$clients" --messages 200 --rate 10 \
+                        --transport "$transport" --warm-up
+                done
             done
-            scenario latency --clients 1000 --messages 200 --rate 10 --transport ws
+            for transport in sync ws; do
+                fresh_server
+                scenario latency --clients 1000 --messages 200 --rate 10 --transport "$transport"
+            done
+            fresh_server
+            scenario latency --clients 1000 --messages 200 --rate 10 --senders 4 --warm-up
+        else
+            scenario latency --clients 100 --messages 200 --rate 10 --warm-up
+            scenario latency --clients 1000 --messages 200 --rate 10 --warm-up
+            scenario latency --clients 1000 --messages 200 --rate 10
+            scenario latency --clients 1000 --messages 200 --rate 10 --senders 4 --warm-up
         fi
     fi
     stop_server
