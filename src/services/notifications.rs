@@ -50,8 +50,7 @@ impl Judge {
 
     /// A judge from the room's context as worked out for another member
     /// (the member count and power levels are the room's), with this
-    /// user's display name.
-    /// `name` is the display name when the caller has read it.
+    /// user's display name (`name`, when the caller has read it).
     pub fn for_member(
         rooms: &Rooms,
         push_rules: &PushRules,
