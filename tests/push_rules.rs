@@ -566,3 +566,79 @@ async fn unread_counts_follow_the_rules_the_receipts_and_the_threads() {
             > 0
     );
 }
+
+#[tokio::test]
+async fn unread_counts_after_a_restart_come_from_what_the_notifier_recorded() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let room_id = server
+        .create_room(&bob, json!({ "preset": "public_chat" }))
+        .await;
+    common::join(&server, &alice, &room_id).await;
+    let text = |body: &str| json!({ "msgtype": "m.text", "body": body });
+    send_message(&server, &bob, &room_id, "1", text("one")).await;
+    let mention = json!({ "msgtype": "m.text", "body": "Alice?", "m.mentions": { "user_ids": ["@alice:localhost"] } });
+    send_message(&server, &bob, &room_id, "2", mention).await;
+    send_message(
+        &server,
+        &bob,
+        &room_id,
+        "3",
+        json!({ "msgtype": "m.notice", "body": "bot" }),
+    )
+    .await;
+    // Dave joins after those: they are not his to count.
+    let dave = token(&server.register("dave").await);
+    common::join(&server, &dave, &room_id).await;
+    send_message(&server, &bob, &room_id, "4", text("four")).await;
+    let expected = [
+        (
+            &alice,
+            json!({ "notification_count": 3, "highlight_count": 1 }),
+        ),
+        (
+            &dave,
+            json!({ "notification_count": 1, "highlight_count": 0 }),
+        ),
+    ];
+    for (user, counted) in &expected {
+        assert_eq!(
+            counts(&server, user, &room_id, "{}").await["unread"],
+            *counted
+        );
+    }
+    // Wait until the notifier has judged everything, then start afresh:
+    // nothing is remembered, and the counts are read from its records.
+    let notified = |server: &TestServer| {
+        let services = server.server.as_ref().unwrap().services.clone();
+        async move {
+            for _ in 0..200 {
+                let upto = services
+                    .sync
+                    .notified_upto
+                    .load(std::sync::atomic::Ordering::Acquire);
+                let since = services
+                    .sync
+                    .notified_since
+                    .load(std::sync::atomic::Ordering::Acquire);
+                if since != u64::MAX && upto != u64::MAX && upto >= services.sync.current() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("the notifier did not catch up");
+        }
+    };
+    notified(&server).await;
+    let config = server.server.as_ref().unwrap().services.config.clone();
+    let dir = server.stop().await;
+    let server = TestServer::start_in(dir, (*config).clone(), None).await;
+    notified(&server).await;
+    for (user, counted) in &expected {
+        assert_eq!(
+            counts(&server, user, &room_id, "{}").await["unread"],
+            *counted
+        );
+    }
+}

@@ -19,7 +19,7 @@ use super::sync::{UnreadCounts, UnreadMemo};
 use super::user_data::UserData;
 use super::Services;
 use crate::events::Pdu;
-use crate::storage::tables::{RoomRecord, StoredPdu};
+use crate::storage::tables::{self, RoomRecord, StoredPdu};
 use crate::storage::Direction;
 
 /// The rules of one user in one room, ready to judge its events.
@@ -399,9 +399,29 @@ impl LazyJudge<'_> {
                 None if news => Some(event_decisions(services, pdu, &mut self.judges)?),
                 None => None,
             };
-            let mine = decided.as_ref().and_then(|decided| decided.get(self.user));
-            if let Some(judged) = mine.filter(|j| j.rules_version == self.rules_version) {
-                return Ok((judged.notify, judged.highlight));
+            if let Some(decided) = &decided {
+                match decided.get(self.user) {
+                    Some(judged) if judged.rules_version == self.rules_version => {
+                        return Ok((judged.notify, judged.highlight));
+                    }
+                    // Judged by older rules: judged again below.
+                    Some(_) => {}
+                    // Not a member when it was judged: it is not theirs to count.
+                    None => return Ok((false, false)),
+                }
+            }
+            // The notifier judged it, by the rules the user has now (they
+            // last changed before the event): what it recorded stands.
+            let since = services.sync.notified_since.load(Ordering::Acquire);
+            if !news && since < stored.stream && self.rules_version < stored.stream {
+                let key = (self.user.localpart().to_owned(), stored.stream);
+                let recorded = services.storage.get(tables::NOTIFICATIONS, &key)?;
+                return Ok(match recorded {
+                    Some(record) if record.event_id == pdu.event_id.as_str() => {
+                        (true, record.highlight)
+                    }
+                    _ => (false, false),
+                });
             }
         }
         let decision = self

@@ -67,13 +67,22 @@ pub async fn run_notifier(services: Arc<Services>, stop: CancellationToken) {
 pub async fn notify_round(services: &Services) -> Result<bool> {
     let upto_key = tables::PUSH_UPTO.to_owned();
     let current = services.sync.current();
+    let since_key = tables::PUSH_SINCE.to_owned();
     let Some(from) = services.storage.get(tables::PUSH_STATE, &upto_key)? else {
         // A new database: notifications start now.
         let mut batch = Batch::new();
         batch.put(tables::PUSH_STATE, &upto_key, &current);
+        batch.put(tables::PUSH_STATE, &since_key, &current);
         services.storage.commit(batch).await?;
         return Ok(false);
     };
+    // A database older than the start position knows none: what the
+    // notifier recorded is then never taken for a judgement.
+    let since = services.storage.get(tables::PUSH_STATE, &since_key)?;
+    services
+        .sync
+        .notified_since
+        .store(since.unwrap_or(u64::MAX), Ordering::Release);
     services.sync.notified_upto.store(from, Ordering::Release);
     if from >= current {
         return Ok(false);

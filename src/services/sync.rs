@@ -102,6 +102,10 @@ pub struct SyncStream {
     /// (`u64::MAX` until it says): a reader judging a later event judges
     /// it for every member at once, since the notifier will need that.
     pub notified_upto: std::sync::atomic::AtomicU64,
+    /// The position the notifier started from on this database
+    /// (`u64::MAX`: unknown): it judged every event after it, up to
+    /// `notified_upto`, and recorded those that notify.
+    pub notified_since: std::sync::atomic::AtomicU64,
     /// Readers waiting for news now (see [`SyncStream::wait`]).
     waiting: std::sync::atomic::AtomicU64,
 }
@@ -158,6 +162,7 @@ impl SyncStream {
             unread: BoundedMemo::new(UNREAD_MEMO_ENTRIES),
             decisions: BoundedMemo::new(DECISIONS_REMEMBERED),
             notified_upto: std::sync::atomic::AtomicU64::new(u64::MAX),
+            notified_since: std::sync::atomic::AtomicU64::new(u64::MAX),
             waiting: Default::default(),
         }
     }

@@ -72,6 +72,10 @@ pub const NOTIFICATIONS: Table<(String, u64), NotificationRecord> = Table::new(C
 /// notifications.
 pub const PUSH_STATE: Table<String, u64> = Table::new(Cf::PushState);
 pub const PUSH_UPTO: &str = "upto";
+/// The `push_state` key of the position the notifier started from on
+/// this database: every event after it has been judged by it once it is
+/// past `upto`.
+pub const PUSH_SINCE: &str = "since";
 /// (application service ID, queue position) → an item waiting to be
 /// pushed to the service.
 pub const APPSERVICE_QUEUE: Table<(String, u64), AppserviceItem> = Table::new(Cf::AppserviceQueue);
