@@ -76,13 +76,14 @@ pub async fn notify_round(services: &Services) -> Result<bool> {
         services.storage.commit(batch).await?;
         return Ok(false);
     };
-    // A database older than the start position knows none: what the
-    // notifier recorded is then never taken for a judgement.
-    let since = services.storage.get(tables::PUSH_STATE, &since_key)?;
-    services
-        .sync
-        .notified_since
-        .store(since.unwrap_or(u64::MAX), Ordering::Release);
+    // Read once: the start position never changes. A database older than
+    // it knows none, and what the notifier recorded is then never taken
+    // for a judgement.
+    if services.sync.notified_since.load(Ordering::Acquire) == u64::MAX {
+        if let Some(since) = services.storage.get(tables::PUSH_STATE, &since_key)? {
+            services.sync.notified_since.store(since, Ordering::Release);
+        }
+    }
     services.sync.notified_upto.store(from, Ordering::Release);
     if from >= current {
         return Ok(false);
