@@ -367,6 +367,23 @@ async fn redaction_strips_content() {
             event["unsigned"]["redacted_because"]["event_id"],
             redaction["event_id"]
         );
+
+        // A state event, read (and so remembered) before its redaction,
+        // reads redacted after it.
+        let topic_path = room_path(&room_id, "/state/m.room.topic");
+        let (status, topic) = server
+            .put(&topic_path, Some(&alice), json!({ "topic": "private" }))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{topic}");
+        let (_, before) = server.get(&topic_path, Some(&alice)).await;
+        assert_eq!(before["topic"], "private", "{version}: {before}");
+        let topic_id = topic["event_id"].as_str().unwrap();
+        let path = room_path(&room_id, &format!("/redact/{topic_id}/r2"));
+        let (status, redaction) = server.put(&path, Some(&alice), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{redaction}");
+        let (status, after) = server.get(&topic_path, Some(&alice)).await;
+        assert_eq!(status, StatusCode::OK, "{after}");
+        assert_eq!(after, json!({}), "{version}: {after}");
     }
 }
 

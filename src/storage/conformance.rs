@@ -15,6 +15,7 @@ fn conformance(make: &dyn Fn() -> Arc<dyn Backend>) {
     schema_version_is_recorded_and_checked(make);
     typed_tables_round_trip(make);
     tiered_rows_and_checked_commits(make);
+    concurrent_commits_and_rewrites(make);
 }
 
 fn put(backend: &dyn Backend, cf: Cf, key: &[u8], value: &[u8]) {
@@ -182,18 +183,7 @@ fn tiered_rows_and_checked_commits(make: &dyn Fn() -> Arc<dyn Backend>) {
         .build()
         .unwrap();
     let key = "$event".to_owned();
-    let record = |json: &str| tables::StoredPdu {
-        room_id: "!room:x".to_owned(),
-        json: json.to_owned(),
-        stream: 1,
-        state_group: 0,
-        txn_id: None,
-        sender_device: None,
-        redacted_because: None,
-        replaces_state: None,
-        outlier: false,
-        soft_failed: false,
-    };
+    let record = stored_pdu;
     let mut batch = Batch::new();
     batch.put(tables::PDUS, &key, &record("{}"));
     storage.write_blocking(batch).unwrap();
@@ -263,6 +253,90 @@ fn tiered_rows_and_checked_commits(make: &dyn Fn() -> Arc<dyn Backend>) {
     assert_eq!(rows.len(), 2);
 }
 
+/// Commits made at once all land, each with its own outcome: a checked
+/// batch whose read is stale writes nothing while the others beside it
+/// commit. Only commits that may change rows written before advance the
+/// rewrite generation, by two each.
+fn concurrent_commits_and_rewrites(make: &dyn Fn() -> Arc<dyn Backend>) {
+    let storage = Storage::with_backend(make()).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .build()
+        .unwrap();
+    let generation = storage.rewrites();
+    assert_eq!(generation % 2, 0);
+
+    let outcomes = runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for n in 0..64u32 {
+            let storage = storage.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut batch = Batch::new();
+                batch.put(tables::META, &format!("row {n}"), &n);
+                let flag = batch.committed_flag();
+                if n == 17 {
+                    // Expects a row that is not there.
+                    batch.expect(tables::META, &"missing".to_owned(), 0u32);
+                }
+                let committed = storage.commit_checked(batch).await.unwrap();
+                (
+                    n,
+                    committed,
+                    flag.load(std::sync::atomic::Ordering::Acquire),
+                )
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.unwrap());
+        }
+        outcomes
+    });
+    for (n, committed, flagged) in outcomes {
+        let stored = storage.get(tables::META, &format!("row {n}")).unwrap();
+        if n == 17 {
+            assert!(!committed && !flagged);
+            assert_eq!(stored, None::<u32>);
+        } else {
+            assert!(committed && flagged, "row {n}");
+            assert_eq!(stored, Some(n));
+        }
+    }
+    // The one checked batch was a rewrite; the 63 plain ones were not.
+    assert_eq!(storage.rewrites(), generation + 2);
+
+    let mut plain = Batch::new();
+    plain.put(tables::META, &"plain".to_owned(), &1u32);
+    runtime.block_on(storage.commit(plain)).unwrap();
+    assert_eq!(storage.rewrites(), generation + 2);
+
+    let mut hot = Batch::new();
+    hot.put_hot(tables::PDU_TIERS, &"$e".to_owned(), &stored_pdu("{}"));
+    runtime.block_on(storage.commit(hot)).unwrap();
+    assert_eq!(storage.rewrites(), generation + 4);
+
+    let mut marked = Batch::new();
+    marked.put(tables::PDUS, &"$e".to_owned(), &stored_pdu("{\"a\":1}"));
+    marked.mark_rewrite();
+    storage.write_blocking(marked).unwrap();
+    assert_eq!(storage.rewrites(), generation + 6);
+}
+
+fn stored_pdu(json: &str) -> tables::StoredPdu {
+    tables::StoredPdu {
+        room_id: "!room:x".to_owned(),
+        json: json.to_owned(),
+        stream: 1,
+        state_group: 0,
+        txn_id: None,
+        sender_device: None,
+        redacted_because: None,
+        replaces_state: None,
+        outlier: false,
+        soft_failed: false,
+    }
+}
+
 #[test]
 fn memory_backend_conforms() {
     conformance(&|| Arc::new(MemoryBackend::new()));
@@ -296,6 +370,21 @@ fn rocksdb_keeps_data_across_reopen_and_locks_against_a_second_opener() {
         Some(42)
     );
     assert_eq!(storage.schema_version().unwrap(), Some(SCHEMA_VERSION));
+
+    // A commit through the committer thread, then the store dropped: it
+    // can be opened again at once (the committer does not keep it open).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut batch = Batch::new();
+    batch.put(tables::META, &"again".to_owned(), &7);
+    runtime.block_on(storage.commit(batch)).unwrap();
+    drop(storage);
+    let storage = Storage::open(root.path(), true).unwrap();
+    assert_eq!(
+        storage.get(tables::META, &"again".to_owned()).unwrap(),
+        Some(7)
+    );
 }
 
 #[test]

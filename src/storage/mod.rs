@@ -6,6 +6,7 @@
 //! atomically. `docs/storage.md` documents every table's layout.
 
 mod backend;
+mod commit;
 #[cfg(test)]
 mod conformance;
 mod memory;
@@ -22,6 +23,7 @@ use serde::Serialize;
 pub use backend::{
     prefix_successor, Backend, Cf, Direction, EngineStats, KeyRange, RawBatch, TableSize,
 };
+pub use commit::Rewrites;
 pub use memory::MemoryBackend;
 pub use rocks::{ArchiveFiles, RocksBackend};
 
@@ -207,17 +209,25 @@ impl Batch {
         flag
     }
 
+    /// Marks the batch as one that may rewrite rows written before (an
+    /// event stored again as another server sent it): it is written as
+    /// a rewrite (see [`Rewrites`]).
+    pub fn mark_rewrite(&mut self) {
+        self.tiered = true;
+    }
+
+    /// Whether the batch rewrites or checks rows written before: it is
+    /// then written alone, under the tier lock, as a rewrite.
+    fn rewrites(&self) -> bool {
+        self.tiered || !self.expectations.is_empty()
+    }
+
     /// Writes the batch if its expectations hold, then sets its commit
     /// flags; `false` when an expectation failed and nothing was written.
     /// A batch that rewrites or checks tiered rows is written under the
-    /// tier lock, so that no rewrite lands between the mover's check and
-    /// its write.
-    fn write_to(self, backend: &dyn Backend, tier_lock: &Mutex<()>) -> Result<bool, StorageError> {
-        let _guard = (self.tiered || !self.expectations.is_empty()).then(|| {
-            tier_lock
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        });
+    /// tier lock (see [`Rewrites::write`]), so that no rewrite lands
+    /// between the mover's check and its write.
+    fn write_to(self, backend: &dyn Backend) -> Result<bool, StorageError> {
         for expectation in &self.expectations {
             if !expectation(backend)? {
                 return Ok(false);
@@ -239,6 +249,10 @@ pub struct Storage {
     /// archive mover's checked batches.
     tier_lock: Arc<Mutex<()>>,
     commits: Arc<CommitStats>,
+    /// Advances around every commit that may change rows written before.
+    rewrites: Arc<Rewrites>,
+    /// The thread that writes the runtime's commits, in groups.
+    committer: Arc<commit::Committer>,
 }
 
 /// How long commits took (the durable write, the sync included) and how
@@ -297,10 +311,21 @@ impl Storage {
     }
 
     fn unchecked(backend: Arc<dyn Backend>) -> Self {
+        let tier_lock: Arc<Mutex<()>> = Arc::default();
+        let commits: Arc<CommitStats> = Arc::default();
+        let rewrites: Arc<Rewrites> = Arc::default();
+        let committer = commit::Committer::start(
+            &backend,
+            tier_lock.clone(),
+            rewrites.clone(),
+            commits.clone(),
+        );
         Storage {
             backend,
-            tier_lock: Arc::default(),
-            commits: Arc::default(),
+            tier_lock,
+            commits,
+            rewrites,
+            committer: Arc::new(committer),
         }
     }
 
@@ -415,8 +440,8 @@ impl Storage {
             .collect()
     }
 
-    /// Commits a batch durably, off the async runtime so that concurrent
-    /// commits run on separate threads and share the log's fsync.
+    /// Commits a batch durably, off the async runtime: the committer
+    /// thread writes the batches waiting together, with one log sync.
     pub async fn commit(&self, batch: Batch) -> Result<(), StorageError> {
         if batch.is_empty() {
             return Ok(());
@@ -431,19 +456,12 @@ impl Storage {
         if batch.is_empty() {
             return Ok(true);
         }
-        let backend = self.backend.clone();
-        let tier_lock = self.tier_lock.clone();
-        let commits = self.commits.clone();
-        tokio::task::spawn_blocking(move || {
-            let operations = batch.raw.ops.len();
-            let started = std::time::Instant::now();
-            let written = batch.write_to(backend.as_ref(), &tier_lock);
-            commits.seconds.observe(started.elapsed().as_secs_f64());
-            commits.operations.observe(operations as f64);
-            written
-        })
-        .await
-        .map_err(|e| StorageError::Task(e.to_string()))?
+        self.committer.commit(batch).await
+    }
+
+    /// The rewrite generation (see [`Rewrites`]).
+    pub fn rewrites(&self) -> u64 {
+        self.rewrites.current()
     }
 
     /// The commits' figures since the store was opened.
@@ -469,8 +487,8 @@ impl Storage {
 
     /// Commits a batch on the calling thread (start-up and command-line use).
     pub fn write_blocking(&self, batch: Batch) -> Result<(), StorageError> {
-        batch
-            .write_to(self.backend.as_ref(), &self.tier_lock)
+        self.rewrites
+            .write(batch, self.backend.as_ref(), &self.tier_lock)
             .map(|_| ())
     }
 

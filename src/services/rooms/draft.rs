@@ -441,6 +441,12 @@ impl<'a> Draft<'a> {
     ) -> Result<()> {
         let room_id = pdu.room_id.to_string();
         let event_id = pdu.event_id.to_string();
+        if server_of(pdu.sender.as_str()) != Some(self.rooms.server_name.as_str()) {
+            // Another server's event may have been stored before, as an
+            // outlier, in another form (redacted by its sender's server):
+            // what readers remember of it must be read again.
+            self.batch.mark_rewrite();
+        }
         if soft_failed {
             let stored = StoredPdu {
                 replaces_state,

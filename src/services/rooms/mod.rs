@@ -51,10 +51,10 @@ pub struct Rooms {
     pub max_members: u64,
     /// (state group, user) → (history visibility, membership) there.
     visibility_memo: BoundedMemo<(u64, String), (String, String)>,
-    /// Event ID → the event parsed from its stored JSON (compared with the
-    /// stored text on each read), for the events read again and again:
-    /// auth events, current state.
-    parsed_memo: BoundedMemo<String, Arc<Pdu>>,
+    /// Event ID → the event parsed from its stored JSON, and the storage's
+    /// rewrite generation when that JSON was read, for the events read
+    /// again and again: auth events, current state.
+    parsed_memo: BoundedMemo<String, (Arc<Pdu>, u64)>,
     /// The timestamp of the last room created here. In room version 12 a
     /// room's ID is the hash of its create event, so two rooms created with
     /// the same content in the same millisecond would get one ID; each new
@@ -333,21 +333,32 @@ impl Rooms {
         Ok(Some((pdu, stored)))
     }
 
-    /// An event, shared: parsed once while its stored JSON stays the same
-    /// (a redaction rewrites it), then read back by a point read and a
-    /// comparison of the text.
+    /// An event, shared: parsed once while its stored JSON stays the same.
+    /// While no commit has rewritten stored rows since it was read (a
+    /// redaction, an expiry, a purge: see [`crate::storage::Rewrites`]),
+    /// it comes from memory without a read; after one, it is read again
+    /// and compared with the text remembered.
     pub fn pdu_shared(&self, event_id: &str) -> Result<Option<Arc<Pdu>>> {
         let key = event_id.to_owned();
+        let generation = self.storage.rewrites();
+        // Odd while a rewrite is being written: then nothing is trusted
+        // or remembered by generation.
+        let settled = generation.is_multiple_of(2);
+        let remembered = self.parsed_memo.get(&key);
+        if let Some((pdu, seen)) = &remembered {
+            if settled && *seen == generation {
+                return Ok(Some(pdu.clone()));
+            }
+        }
         let Some(stored) = self.storage.get_tiered(tables::PDU_TIERS, &key)? else {
             return Ok(None);
         };
-        if let Some(pdu) = self.parsed_memo.get(&key) {
-            if pdu.json_str() == stored.json {
-                return Ok(Some(pdu));
-            }
-        }
-        let pdu = Arc::new(parse_stored(event_id, &stored)?);
-        self.parsed_memo.insert(key, pdu.clone());
+        let pdu = match remembered {
+            Some((pdu, _)) if pdu.json_str() == stored.json => pdu,
+            _ => Arc::new(parse_stored(event_id, &stored)?),
+        };
+        let stamp = if settled { generation } else { u64::MAX };
+        self.parsed_memo.insert(key, (pdu.clone(), stamp));
         Ok(Some(pdu))
     }
 
