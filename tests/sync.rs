@@ -741,6 +741,51 @@ async fn set_presence_marks_the_user_for_those_who_share_a_room() {
 }
 
 #[tokio::test]
+async fn many_presence_changes_at_once_show_only_room_mates() {
+    // More changes in one window than a sync checks user by user: the
+    // room's member list answers who shares a room.
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let room_id = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    join(&server, &bob, &room_id).await;
+    let mut others = Vec::new();
+    for n in 0..70 {
+        others.push(token(&server.register(&format!("user{n}")).await));
+    }
+    // Three of them are room mates; the rest share no room with Bob.
+    for other in &others[..3] {
+        join(&server, other, &room_id).await;
+    }
+    let since = next_batch(&sync(&server, &bob, None, None, 0).await);
+    for other in others.iter().chain([&alice]) {
+        let (status, _) = server
+            .get("/_matrix/client/v3/sync?set_presence=online", Some(other))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let answer = sync(&server, &bob, Some(&since), None, 0).await;
+    let mut senders: Vec<&str> = answer["presence"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["sender"].as_str().unwrap())
+        .collect();
+    senders.sort_unstable();
+    assert_eq!(
+        senders,
+        [
+            "@alice:localhost",
+            "@user0:localhost",
+            "@user1:localhost",
+            "@user2:localhost"
+        ]
+    );
+}
+
+#[tokio::test]
 async fn device_lists_name_who_changed_devices_and_who_left() {
     let server = TestServer::start().await;
     let alice = token(&server.register("alice").await);

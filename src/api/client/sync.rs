@@ -10,7 +10,7 @@
 //! A waiting sync registers for its rooms and its user before it looks,
 //! then sleeps until a write wakes it or its timeout ends: no polling.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -698,6 +698,19 @@ impl SyncRequest<'_> {
             _ => self.state.user_data.presence_users()?,
         };
         let now = self.state.now_ms();
+        // Many changes (everyone connecting at once): the members of the
+        // user's few rooms, read once, answer who shares a room.
+        let sharing = if candidates.len() > PRESENCE_MEMBER_LISTS_FROM
+            && joined_rooms.len() <= SHARED_ROOM_POINT_READS
+        {
+            let mut members = HashSet::new();
+            for room_id in joined_rooms {
+                members.extend(joined_members(self.state, room_id)?);
+            }
+            Some(members)
+        } else {
+            None
+        };
         let mut events = Vec::new();
         for user_id in candidates {
             let Ok(user) = ruma::UserId::parse(&user_id) else {
@@ -708,7 +721,11 @@ impl SyncRequest<'_> {
                 .presence
                 .as_ref()
                 .is_none_or(|f| f.allows("m.presence", user.as_str()));
-            if !allowed || !self.shares_room(&user, joined_rooms)? {
+            let shares = match &sharing {
+                Some(members) => user == self.user || members.contains(user.as_str()),
+                None => self.shares_room(&user, joined_rooms)?,
+            };
+            if !allowed || !shares {
                 continue;
             }
             let Some(record) = self.state.user_data.presence(&user)? else {
@@ -763,6 +780,11 @@ impl SyncRequest<'_> {
 /// user's membership in each (point reads); above, it reads the list of
 /// the other user's rooms (one scan) instead.
 const SHARED_ROOM_POINT_READS: usize = 16;
+
+/// Presence changes in one window above which a sync reads the member
+/// lists of the user's rooms (when they are few) instead of each changed
+/// user's memberships.
+const PRESENCE_MEMBER_LISTS_FROM: usize = 64;
 
 /// Whether `other` is the user or is joined to one of `joined_rooms`.
 fn shares_room(
