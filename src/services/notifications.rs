@@ -14,12 +14,12 @@ use std::sync::Arc;
 use super::error::{Error, Result};
 use super::push::{evaluate, Decision, RoomContext};
 use super::push_rules::{PushRules, RoomLevels, PUSH_RULES};
-use super::rooms::Rooms;
+use super::rooms::{Rooms, SharedEntry};
 use super::sync::{UnreadCounts, UnreadMemo};
 use super::user_data::UserData;
 use super::Services;
 use crate::events::Pdu;
-use crate::storage::tables::{self, RoomRecord, StoredPdu};
+use crate::storage::tables::{self, RoomRecord};
 use crate::storage::Direction;
 
 /// The rules of one user in one room, ready to judge its events.
@@ -388,12 +388,13 @@ struct LazyJudge<'a> {
 
 impl LazyJudge<'_> {
     /// (notifies, highlights) for an event of someone else.
-    fn judge(&mut self, pdu: &Pdu, stored: &StoredPdu) -> Result<(bool, bool)> {
+    fn judge(&mut self, entry: &SharedEntry) -> Result<(bool, bool)> {
         let services = self.services;
+        let (pdu, stream) = (&*entry.pdu, entry.stream);
         // A redaction after the judging changes what the rules see.
-        if stored.redacted_because.is_none() {
+        if !entry.redacted {
             let remembered = services.sync.decisions.get(pdu.event_id.as_str());
-            let news = stored.stream > services.sync.notified_upto.load(Ordering::Acquire);
+            let news = stream > services.sync.notified_upto.load(Ordering::Acquire);
             let decided = match remembered {
                 Some(decided) => Some(decided),
                 None if news => Some(event_decisions(services, pdu, &mut self.judges)?),
@@ -413,8 +414,8 @@ impl LazyJudge<'_> {
             // The notifier judged it, by the rules the user has now (they
             // last changed before the event): what it recorded stands.
             let since = services.sync.notified_since.load(Ordering::Acquire);
-            if !news && since < stored.stream && self.rules_version < stored.stream {
-                let key = (self.user.localpart().to_owned(), stored.stream);
+            if !news && since < stream && self.rules_version < stream {
+                let key = (self.user.localpart().to_owned(), stream);
                 let recorded = services.storage.get(tables::NOTIFICATIONS, &key)?;
                 return Ok(match recorded {
                     Some(record) if record.event_id == pdu.event_id.as_str() => {
@@ -441,24 +442,24 @@ fn count_after(
     memo: &UnreadMemo,
     upto: u64,
 ) -> Result<Option<UnreadCounts>> {
-    let page = services.rooms.page(
+    let (events, full) = services.rooms.shared_page(
         room_id,
         memo.counted_upto,
         Some(upto),
         Direction::Forward,
         MAX_UNREAD_SCAN,
     )?;
-    if page.next.is_some() {
+    if full {
         return Ok(None);
     }
     let mut counts = memo.counts.clone();
-    for (pdu, stored) in page.events.iter().zip(&page.stored) {
-        let thread = thread_of(pdu);
-        if pdu.sender == *judge.user {
+    for entry in &events {
+        let thread = thread_of(&entry.pdu);
+        if entry.pdu.sender == *judge.user {
             *counts.of(thread) = (0, 0);
             continue;
         }
-        let (notifies, highlights) = judge.judge(pdu, stored)?;
+        let (notifies, highlights) = judge.judge(entry)?;
         if notifies {
             let count = counts.of(thread);
             count.0 += 1;
@@ -479,7 +480,7 @@ fn count_from_receipts(
 ) -> Result<UnreadCounts> {
     let read = ReadPositions::of(services, receipts)?;
     let everywhere = read.everywhere();
-    let page = services.rooms.page(
+    let (events, _) = services.rooms.shared_page(
         room_id,
         upto,
         Some(everywhere),
@@ -490,16 +491,16 @@ fn count_from_receipts(
     // Threads (None: the main timeline) with a message of the user's
     // after the receipts: what came before it is read.
     let mut spoke: BTreeSet<Option<String>> = BTreeSet::new();
-    for (pdu, stored) in page.events.iter().zip(&page.stored) {
-        let thread = thread_of(pdu);
-        if stored.stream <= read.of_thread(thread.as_deref()) || spoke.contains(&thread) {
+    for entry in &events {
+        let thread = thread_of(&entry.pdu);
+        if entry.stream <= read.of_thread(thread.as_deref()) || spoke.contains(&thread) {
             continue;
         }
-        if pdu.sender == *judge.user {
+        if entry.pdu.sender == *judge.user {
             spoke.insert(thread);
             continue;
         }
-        let (notifies, highlights) = judge.judge(pdu, stored)?;
+        let (notifies, highlights) = judge.judge(entry)?;
         if notifies {
             let count = counts.of(thread);
             count.0 += 1;

@@ -54,7 +54,8 @@ pub struct Rooms {
     /// Event ID → the event parsed from its stored JSON, and the storage's
     /// rewrite generation when that JSON was read, for the events read
     /// again and again: auth events, current state.
-    parsed_memo: BoundedMemo<String, (Arc<Pdu>, u64)>,
+    /// Whether the event is stored redacted rides along.
+    parsed_memo: BoundedMemo<String, (Arc<Pdu>, u64, bool)>,
     /// The timestamp of the last room created here. In room version 12 a
     /// room's ID is the hash of its create event, so two rooms created with
     /// the same content in the same millisecond would get one ID; each new
@@ -175,6 +176,15 @@ pub struct Page {
     pub stored: Vec<StoredPdu>,
     /// Where the next page starts, if there may be one.
     pub next: Option<u64>,
+}
+
+/// A timeline event read shared (see [`Rooms::shared_page`]).
+pub struct SharedEntry {
+    pub pdu: Arc<Pdu>,
+    /// Its stream position.
+    pub stream: u64,
+    /// Whether it is stored redacted.
+    pub redacted: bool,
 }
 
 /// The configured rules of new rooms.
@@ -339,27 +349,34 @@ impl Rooms {
     /// it comes from memory without a read; after one, it is read again
     /// and compared with the text remembered.
     pub fn pdu_shared(&self, event_id: &str) -> Result<Option<Arc<Pdu>>> {
+        Ok(self.pdu_shared_marked(event_id)?.map(|(pdu, _)| pdu))
+    }
+
+    /// An event as [`Rooms::pdu_shared`] reads it, and whether it is
+    /// stored redacted.
+    pub fn pdu_shared_marked(&self, event_id: &str) -> Result<Option<(Arc<Pdu>, bool)>> {
         let key = event_id.to_owned();
         let generation = self.storage.rewrites();
         // Odd while a rewrite is being written: then nothing is trusted
         // or remembered by generation.
         let settled = generation.is_multiple_of(2);
         let remembered = self.parsed_memo.get(&key);
-        if let Some((pdu, seen)) = &remembered {
+        if let Some((pdu, seen, redacted)) = &remembered {
             if settled && *seen == generation {
-                return Ok(Some(pdu.clone()));
+                return Ok(Some((pdu.clone(), *redacted)));
             }
         }
         let Some(stored) = self.storage.get_tiered(tables::PDU_TIERS, &key)? else {
             return Ok(None);
         };
         let pdu = match remembered {
-            Some((pdu, _)) if pdu.json_str() == stored.json => pdu,
+            Some((pdu, _, _)) if pdu.json_str() == stored.json => pdu,
             _ => Arc::new(parse_stored(event_id, &stored)?),
         };
+        let redacted = stored.redacted_because.is_some();
         let stamp = if settled { generation } else { u64::MAX };
-        self.parsed_memo.insert(key, (pdu.clone(), stamp));
-        Ok(Some(pdu))
+        self.parsed_memo.insert(key, (pdu.clone(), stamp, redacted));
+        Ok(Some((pdu, redacted)))
     }
 
     /// Every current state entry: (type, state key, event ID).
@@ -668,16 +685,16 @@ impl Rooms {
         Draft::existing(self, room_id, record)?.power_view()
     }
 
-    /// A page of the room's timeline from `from` (a stream position,
-    /// exclusive going forward, inclusive going backward), up to `to`.
-    pub fn page(
+    /// Timeline entries ((room, stream position), event ID) of a page
+    /// (see [`Rooms::page`]), `limit` at most.
+    fn timeline_entries(
         &self,
         room_id: &RoomId,
         from: u64,
         to: Option<u64>,
         direction: Direction,
         limit: usize,
-    ) -> Result<Page> {
+    ) -> Result<Vec<((String, u64), String)>> {
         let room = room_id.to_string();
         let range = match direction {
             Direction::Backward => KeyRange {
@@ -693,10 +710,51 @@ impl Rooms {
                 }),
             },
         };
-        let limit = limit.clamp(1, MAX_PAGE);
-        let entries = self
+        Ok(self
             .storage
-            .scan(tables::TIMELINE, &range, direction, limit)?;
+            .scan(tables::TIMELINE, &range, direction, limit)?)
+    }
+
+    /// A page of the timeline as [`Rooms::page`] reads it, with the events
+    /// shared (see [`Rooms::pdu_shared`]), for readers that need only the
+    /// event, its position and whether it is redacted; also whether the
+    /// page is full (there may be more).
+    pub fn shared_page(
+        &self,
+        room_id: &RoomId,
+        from: u64,
+        to: Option<u64>,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<(Vec<SharedEntry>, bool)> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let entries = self.timeline_entries(room_id, from, to, direction, limit)?;
+        let full = entries.len() == limit;
+        let mut events = Vec::with_capacity(entries.len());
+        for ((_, stream), event_id) in entries {
+            if let Some((pdu, redacted)) = self.pdu_shared_marked(&event_id)? {
+                events.push(SharedEntry {
+                    pdu,
+                    stream,
+                    redacted,
+                });
+            }
+        }
+        Ok((events, full))
+    }
+
+    /// A page of the room's timeline from `from` (a stream position,
+    /// exclusive going forward, inclusive going backward), up to `to`.
+    pub fn page(
+        &self,
+        room_id: &RoomId,
+        from: u64,
+        to: Option<u64>,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Page> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let entries = self.timeline_entries(room_id, from, to, direction, limit)?;
         let full = entries.len() == limit;
         let mut events = Vec::with_capacity(entries.len());
         let mut positions = Vec::with_capacity(entries.len());
