@@ -1,6 +1,6 @@
 //! Measures durable (fsync'd) commits per second, one writer at a time and
 //! with many concurrent writers, to show that concurrent commits share the
-//! write-ahead log's fsync (RocksDB group commit).
+//! write-ahead log's fsync (group commit).
 //!
 //! `cargo run --release --example group_commit [-- DIR]`
 
