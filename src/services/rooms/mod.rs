@@ -51,11 +51,10 @@ pub struct Rooms {
     pub max_members: u64,
     /// (state group, user) → (history visibility, membership) there.
     visibility_memo: BoundedMemo<(u64, String), (String, String)>,
-    /// Event ID → the event parsed from its stored JSON, and the storage's
-    /// rewrite generation when that JSON was read, for the events read
-    /// again and again: auth events, current state.
-    /// Whether the event is stored redacted rides along.
-    parsed_memo: BoundedMemo<String, (Arc<Pdu>, u64, bool)>,
+    /// Event ID → the event parsed from its stored JSON, for the events
+    /// read again and again: auth events, current state, the timeline
+    /// that unread counts walk.
+    parsed_memo: BoundedMemo<String, Parsed>,
     /// The timestamp of the last room created here. In room version 12 a
     /// room's ID is the hash of its create event, so two rooms created with
     /// the same content in the same millisecond would get one ID; each new
@@ -176,6 +175,17 @@ pub struct Page {
     pub stored: Vec<StoredPdu>,
     /// Where the next page starts, if there may be one.
     pub next: Option<u64>,
+}
+
+/// An event remembered by [`Rooms::pdu_shared`].
+#[derive(Clone)]
+struct Parsed {
+    pdu: Arc<Pdu>,
+    /// The storage's rewrite generation when its JSON was read (`u64::MAX`
+    /// when read during a rewrite: never trusted without a read).
+    generation: u64,
+    /// Whether it is stored redacted.
+    redacted: bool,
 }
 
 /// A timeline event read shared (see [`Rooms::shared_page`]).
@@ -361,21 +371,25 @@ impl Rooms {
         // or remembered by generation.
         let settled = generation.is_multiple_of(2);
         let remembered = self.parsed_memo.get(&key);
-        if let Some((pdu, seen, redacted)) = &remembered {
-            if settled && *seen == generation {
-                return Ok(Some((pdu.clone(), *redacted)));
+        if let Some(parsed) = &remembered {
+            if settled && parsed.generation == generation {
+                return Ok(Some((parsed.pdu.clone(), parsed.redacted)));
             }
         }
         let Some(stored) = self.storage.get_tiered(tables::PDU_TIERS, &key)? else {
             return Ok(None);
         };
         let pdu = match remembered {
-            Some((pdu, _, _)) if pdu.json_str() == stored.json => pdu,
+            Some(parsed) if parsed.pdu.json_str() == stored.json => parsed.pdu,
             _ => Arc::new(parse_stored(event_id, &stored)?),
         };
-        let redacted = stored.redacted_because.is_some();
-        let stamp = if settled { generation } else { u64::MAX };
-        self.parsed_memo.insert(key, (pdu.clone(), stamp, redacted));
+        let parsed = Parsed {
+            pdu: pdu.clone(),
+            generation: if settled { generation } else { u64::MAX },
+            redacted: stored.redacted_because.is_some(),
+        };
+        let redacted = parsed.redacted;
+        self.parsed_memo.insert(key, parsed);
         Ok(Some((pdu, redacted)))
     }
 
