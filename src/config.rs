@@ -304,17 +304,29 @@ pub enum RegistrationMode {
     Open,
 }
 
+/// The most MiB a storage memory budget may name (1 TiB).
+const MAX_STORAGE_MB: usize = 1 << 20;
+
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// Sync the write-ahead log before answering a write. Turning this off
     /// is unsafe: a crash may lose writes that were acknowledged.
     pub sync_writes: bool,
+    /// MiB of the block cache every table of the database reads through.
+    pub block_cache_mb: usize,
+    /// MiB the memtables of every table may hold together before the
+    /// largest is flushed to disk.
+    pub memtable_mb: usize,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { sync_writes: true }
+        StorageConfig {
+            sync_writes: true,
+            block_cache_mb: 64,
+            memtable_mb: 64,
+        }
     }
 }
 
@@ -932,6 +944,14 @@ impl Config {
         if self.media.max_upload_bytes < 1024 {
             return fail("media.max_upload_bytes", "must be at least 1024".to_owned());
         }
+        for (key, value, least) in [
+            ("storage.block_cache_mb", self.storage.block_cache_mb, 1),
+            ("storage.memtable_mb", self.storage.memtable_mb, 4),
+        ] {
+            if !(least..=MAX_STORAGE_MB).contains(&value) {
+                return fail(key, format!("must be from {least} to {MAX_STORAGE_MB}"));
+            }
+        }
         let ws = &self.websocket;
         if ws.max_frame_bytes < 1024 {
             return fail(
@@ -1239,6 +1259,12 @@ mod tests {
         check_error("registration = \"maybe\"", &[], "registration");
         check_error("colour = \"blue\"", &[], "colour");
         check_error("[storage]\nfsync = true", &[], "storage");
+        check_error("[storage]\nmemtable_mb = 1", &[], "storage.memtable_mb");
+        check_error(
+            "[storage]\nblock_cache_mb = 0",
+            &[],
+            "storage.block_cache_mb",
+        );
         check_error("", &[("MYELIN_LISTEN", "nowhere")], "listen");
         check_error(
             "",

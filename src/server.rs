@@ -139,6 +139,10 @@ pub fn open_storage(config: &Config) -> Result<Storage, crate::storage::StorageE
         &config.data_dir.join("db"),
         config.storage.sync_writes,
         &archive_files(config),
+        crate::storage::MemoryBudget {
+            block_cache_bytes: config.storage.block_cache_mb << 20,
+            memtable_bytes: config.storage.memtable_mb << 20,
+        },
     )
 }
 

@@ -25,7 +25,7 @@ pub use backend::{
 };
 pub use commit::Rewrites;
 pub use memory::MemoryBackend;
-pub use rocks::{ArchiveFiles, RocksBackend};
+pub use rocks::{ArchiveFiles, MemoryBudget, RocksBackend};
 
 /// The on-disk format version this build writes and understands.
 ///
@@ -274,21 +274,29 @@ impl Default for CommitStats {
 impl Storage {
     /// Opens the RocksDB database in `path` and checks its schema version.
     pub fn open(path: &Path, sync_writes: bool) -> Result<Self, StorageError> {
-        Self::open_with(path, sync_writes, &ArchiveFiles::default())
+        Self::open_with(
+            path,
+            sync_writes,
+            &ArchiveFiles::default(),
+            MemoryBudget::default(),
+        )
     }
 
     /// Opens the RocksDB database in `path`, the archive tier's tables
-    /// stored as `archive` says, and checks its schema version.
+    /// stored as `archive` says, within the memory `budget`, and checks its
+    /// schema version.
     pub fn open_with(
         path: &Path,
         sync_writes: bool,
         archive: &ArchiveFiles,
+        budget: MemoryBudget,
     ) -> Result<Self, StorageError> {
         create_dir(path)?;
         Self::with_backend(Arc::new(RocksBackend::open_with(
             path,
             sync_writes,
             archive,
+            budget,
         )?))
     }
 

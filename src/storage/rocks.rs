@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, DBPath, IteratorMode, Options,
-    ReadOptions, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, DBPath, IteratorMode,
+    Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
 use super::backend::{
@@ -33,24 +33,32 @@ impl RocksBackend {
     /// opened too, so that a newer database reaches the schema check and
     /// fails there with a clear message instead of a RocksDB error.
     pub fn open(path: &Path, sync_writes: bool) -> Result<Self, StorageError> {
-        Self::open_with(path, sync_writes, &ArchiveFiles::default())
+        Self::open_with(
+            path,
+            sync_writes,
+            &ArchiveFiles::default(),
+            MemoryBudget::default(),
+        )
     }
 
     /// Opens (or creates) the database in `path`, with the archive tier's
-    /// tables stored as `archive` says.
+    /// tables stored as `archive` says, within the memory `budget`.
     pub fn open_with(
         path: &Path,
         sync_writes: bool,
         archive: &ArchiveFiles,
+        budget: MemoryBudget,
     ) -> Result<Self, StorageError> {
         if let Some(dir) = &archive.path {
             super::create_dir(dir)?;
         }
-        let mut options = base_options();
+        let cache = Cache::new_lru_cache(budget.block_cache_bytes);
+        let mut options = base_options(&cache);
         options.create_if_missing(true);
         options.create_missing_column_families(true);
+        options.set_db_write_buffer_size(budget.memtable_bytes);
 
-        let descriptors = descriptors(&options, path, archive)?;
+        let descriptors = descriptors(&options, path, archive, &cache)?;
         let db = DB::open_cf_descriptors(&options, path, descriptors)
             .map_err(|e| open_error(path, e))?;
         Ok(RocksBackend {
@@ -64,8 +72,9 @@ impl RocksBackend {
     /// that has it open (`myelin archive status` while the server runs):
     /// it sees what was written up to the moment it opened.
     pub fn open_read_only(path: &Path, archive: &ArchiveFiles) -> Result<Self, StorageError> {
-        let options = base_options();
-        let descriptors = descriptors(&options, path, archive)?;
+        let cache = Cache::new_lru_cache(MemoryBudget::default().block_cache_bytes);
+        let options = base_options(&cache);
+        let descriptors = descriptors(&options, path, archive, &cache)?;
         let db = DB::open_cf_descriptors_read_only(&options, path, descriptors, false)
             .map_err(|e| open_error(path, e))?;
         Ok(RocksBackend {
@@ -90,6 +99,7 @@ fn descriptors(
     options: &Options,
     path: &Path,
     archive: &ArchiveFiles,
+    cache: &Cache,
 ) -> Result<Vec<ColumnFamilyDescriptor>, StorageError> {
     let mut names: Vec<String> = Cf::ALL.iter().map(|cf| cf.name().to_owned()).collect();
     if let Ok(existing) = DB::list_cf(options, path) {
@@ -103,22 +113,46 @@ fn descriptors(
         .into_iter()
         .map(|name| {
             let options = match Cf::ALL.iter().find(|cf| cf.name() == name) {
-                Some(cf) if cf.is_archive() => archive_options(archive)?,
-                _ => base_options(),
+                Some(cf) if cf.is_archive() => archive_options(archive, cache)?,
+                _ => base_options(cache),
             };
             Ok(ColumnFamilyDescriptor::new(name, options))
         })
         .collect()
 }
 
-fn base_options() -> Options {
+/// The options of an ordinary table, reading through the shared `cache`.
+fn base_options(cache: &Cache) -> Options {
     let mut options = Options::default();
     options.set_compression_type(DBCompressionType::Lz4);
     options.set_bottommost_compression_type(DBCompressionType::Zstd);
     let mut table = BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
+    table.set_block_cache(cache);
     options.set_block_based_table_factory(&table);
     options
+}
+
+/// The memory RocksDB may hold, for all its tables together. Without it,
+/// each of the 64 tables would have a block cache of its own and
+/// memtables of up to 64 MiB, and a server's memory would grow with the
+/// number of tables written to until each was flushed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryBudget {
+    /// The one block cache every table reads through.
+    pub block_cache_bytes: usize,
+    /// The memtables of every table together: past it, the largest is
+    /// flushed to disk.
+    pub memtable_bytes: usize,
+}
+
+impl Default for MemoryBudget {
+    fn default() -> Self {
+        MemoryBudget {
+            block_cache_bytes: 64 << 20,
+            memtable_bytes: 64 << 20,
+        }
+    }
 }
 
 /// Where and how the archive tier's tables are stored.
@@ -152,7 +186,7 @@ const ARCHIVE_BLOCK_BYTES: usize = 64 * 1024;
 /// Recent files use zstd at a cheap level; the settled (bottommost) files,
 /// where nearly all the data ends up, use zstd at `zstd_level` with a
 /// dictionary trained on the file's own rows, and large blocks.
-fn archive_options(archive: &ArchiveFiles) -> Result<Options, StorageError> {
+fn archive_options(archive: &ArchiveFiles, cache: &Cache) -> Result<Options, StorageError> {
     let mut options = Options::default();
     options.set_compression_type(DBCompressionType::Zstd);
     options.set_compression_options(-14, 3, 0, 0);
@@ -169,6 +203,7 @@ fn archive_options(archive: &ArchiveFiles) -> Result<Options, StorageError> {
     let mut table = BlockBasedOptions::default();
     table.set_block_size(ARCHIVE_BLOCK_BYTES);
     table.set_bloom_filter(10.0, false);
+    table.set_block_cache(cache);
     options.set_block_based_table_factory(&table);
     if let Some(dir) = &archive.path {
         let path = DBPath::new(dir, u64::MAX).map_err(backend_error)?;
@@ -329,7 +364,7 @@ impl Backend for RocksBackend {
             path: None,
             zstd_level: self.archive.zstd_level,
         };
-        let copy = RocksBackend::open_with(dir, false, &local)?;
+        let copy = RocksBackend::open_with(dir, false, &local, MemoryBudget::default())?;
         for cf in Cf::ALL {
             let mut options = ReadOptions::default();
             options.set_snapshot(&snapshot);
