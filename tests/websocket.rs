@@ -715,3 +715,67 @@ async fn stopping_the_server_closes_its_connections() {
     let again = TestServer::start_in(dir, config, None).await;
     again.stop().await;
 }
+
+#[tokio::test]
+async fn rooms_joined_while_connected_are_pushed_from_their_first_message() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let (mut b, _) = WsClient::connect(&server, &bob).await;
+    for round in 0..3 {
+        let room_id = server
+            .create_room(&alice, json!({ "invite": ["@bob:localhost"] }))
+            .await;
+        b.push_where(|f| f["type"] == "invite" && f["data"]["room_id"] == room_id.as_str())
+            .await;
+        // The messages go out as soon as Bob's join is answered, while his
+        // connection may still be taking in the join.
+        join(&server, &bob, &room_id).await;
+        for n in 0..5 {
+            let body = json!({ "msgtype": "m.text", "body": format!("{round}-{n}") });
+            common::send_message(&server, &alice, &room_id, &format!("t{round}-{n}"), body).await;
+        }
+        let mut bodies = Vec::new();
+        while bodies.len() < 5 {
+            let frame = b
+                .push_where(|f| {
+                    f["type"] == "event"
+                        && f["data"]["room_id"] == room_id.as_str()
+                        && f["data"]["event"]["type"] == "m.room.message"
+                })
+                .await;
+            bodies.push(body_of(&frame).to_owned());
+        }
+        let wanted: Vec<String> = (0..5).map(|n| format!("{round}-{n}")).collect();
+        assert_eq!(
+            bodies, wanted,
+            "every message of room {round}, once, in order"
+        );
+    }
+}
+
+#[tokio::test]
+async fn another_device_logging_out_leaves_the_connection_open() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let bob_phone = token(&server.login("bob", Some("PHONE")).await);
+    let room_id = server
+        .create_room(&alice, json!({ "invite": ["@bob:localhost"] }))
+        .await;
+    join(&server, &bob, &room_id).await;
+    let (mut b, _) = WsClient::connect(&server, &bob).await;
+    let (status, _) = server
+        .post("/_matrix/client/v3/logout", Some(&bob_phone), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // Bob's other token was removed; his own still stands, and the next
+    // message reaches this connection.
+    let body = json!({ "msgtype": "m.text", "body": "after the logout" });
+    common::send_message(&server, &alice, &room_id, "t1", body).await;
+    let frame = b
+        .push_where(|f| f["type"] == "event" && f["data"]["event"]["type"] == "m.room.message")
+        .await;
+    assert_eq!(body_of(&frame), "after the logout");
+    b.ok("ping", json!({})).await;
+}

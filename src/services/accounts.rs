@@ -44,6 +44,14 @@ pub struct Authed {
     pub origin_ts: Option<u64>,
 }
 
+/// A token found valid ([`Accounts::recheck`]): the storage's rewrite
+/// generation seen before it was read, and when it expires.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenCheck {
+    generation: u64,
+    expires_at_ms: Option<u64>,
+}
+
 /// What an admin may impose on an account.
 #[derive(Clone, Copy, Debug)]
 pub enum Restriction {
@@ -339,6 +347,20 @@ impl Accounts {
 
     /// The user and device an access token belongs to.
     pub fn authenticate(&self, token: &str) -> Result<Authed> {
+        let record = self.token_record(token)?;
+        let user = self.user(&record.localpart)?;
+        Ok(Authed {
+            user_id: self.user_id(&record.localpart),
+            device_id: record.device_id,
+            suspended: user.as_ref().is_some_and(|u| u.suspended),
+            locked: user.as_ref().is_some_and(|u| u.locked),
+            appservice: None,
+            origin_ts: None,
+        })
+    }
+
+    /// A valid token's record: known, and not expired.
+    fn token_record(&self, token: &str) -> Result<AccessTokenRecord> {
         let record = self
             .storage
             .get(tables::ACCESS_TOKENS, &hash_token(token))?
@@ -348,14 +370,28 @@ impl Accounts {
                 return Err(Error::UnknownToken { soft_logout: true });
             }
         }
-        let user = self.user(&record.localpart)?;
-        Ok(Authed {
-            user_id: self.user_id(&record.localpart),
-            device_id: record.device_id,
-            suspended: user.as_ref().is_some_and(|u| u.suspended),
-            locked: user.as_ref().is_some_and(|u| u.locked),
-            appservice: None,
-            origin_ts: None,
+        Ok(record)
+    }
+
+    /// Checks again a token that its holder keeps (a WebSocket connection
+    /// checks its token before each push), given the previous check: the
+    /// token is read only when one may have been removed since (every
+    /// removal of an access token advances the storage's rewrite
+    /// generation before and after it is written), or when it expires.
+    pub fn recheck(&self, token: &str, previous: Option<TokenCheck>) -> Result<TokenCheck> {
+        let generation = self.storage.rewrites();
+        if let Some(previous) = previous {
+            let unexpired = previous
+                .expires_at_ms
+                .is_none_or(|at| self.clock.now_ms() < at);
+            if previous.generation == generation && unexpired {
+                return Ok(previous);
+            }
+        }
+        let record = self.token_record(token)?;
+        Ok(TokenCheck {
+            generation,
+            expires_at_ms: record.expires_at_ms,
         })
     }
 
@@ -701,6 +737,8 @@ impl Accounts {
     ) -> Result<()> {
         let key = DeviceKey::new(localpart, device_id);
         if let Some(device) = self.storage.get(tables::DEVICES, &key)? {
+            // Holders of the token learn of its removal (`recheck`).
+            batch.mark_rewrite();
             batch.delete(tables::ACCESS_TOKENS, &device.access_token);
             if let Some(refresh) = device.refresh_token {
                 batch.delete(tables::REFRESH_TOKENS, &refresh);
@@ -725,6 +763,8 @@ impl Accounts {
         let now = self.clock.now_ms();
         let previous = self.storage.get(tables::DEVICES, &key)?;
         if let Some(previous) = &previous {
+            // Holders of the old token learn of its removal (`recheck`).
+            batch.mark_rewrite();
             batch.delete(tables::ACCESS_TOKENS, &previous.access_token);
             if let Some(refresh) = &previous.refresh_token {
                 batch.delete(tables::REFRESH_TOKENS, refresh);

@@ -132,6 +132,13 @@ impl Registration {
     pub async fn notified(&self) {
         self.notify.notified().await;
     }
+
+    /// Whether a write to `topic` (a room, a user) wakes this reader.
+    pub fn covers(&self, topic: &str) -> bool {
+        self.topics
+            .binary_search_by(|mine| mine.as_str().cmp(topic))
+            .is_ok()
+    }
 }
 
 impl Drop for Registration {

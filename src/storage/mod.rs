@@ -209,9 +209,9 @@ impl Batch {
         flag
     }
 
-    /// Marks the batch as one that may rewrite rows written before (an
-    /// event stored again as another server sent it): it is written as
-    /// a rewrite (see [`Rewrites`]).
+    /// Marks the batch as one that may rewrite or remove rows written
+    /// before (an event stored again as another server sent it, an access
+    /// token removed): it is written as a rewrite (see [`Rewrites`]).
     pub fn mark_rewrite(&mut self) {
         self.tiered = true;
     }

@@ -24,6 +24,7 @@ use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use futures_util::SinkExt;
 use http_body_util::BodyExt;
 use ruma::OwnedUserId;
 use serde::Deserialize;
@@ -34,7 +35,7 @@ use super::membership::parse_user;
 use super::sync::{look, register_reader, set_presence, SyncToken};
 use crate::api::error::MatrixError;
 use crate::api::AppState;
-use crate::services::accounts::Authed;
+use crate::services::accounts::{Authed, TokenCheck};
 use crate::services::connections::Session;
 use crate::services::filter::Filter;
 use crate::services::stream::Registration;
@@ -45,6 +46,10 @@ pub const PATH: &str = "/_matrix/client/unstable/org.myelin.ws/connect";
 /// Bytes the connection reads into at once: small, so that an idle
 /// connection costs little; a larger frame grows it while it is read.
 const READ_BUFFER_BYTES: usize = 1024;
+/// Bytes of frames gathered before they are written: the frames of one
+/// push go out in as few writes as this allows (an event's frame and the
+/// `synced` after it in one).
+const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// Timeline events per room in one push before the gap is filled.
 const PUSH_TIMELINE_LIMIT: u32 = 100;
 /// Most events of one room's gap fetched through `/messages`; past that a
@@ -110,7 +115,7 @@ async fn accept(ws: WsState, request: Request) -> Result<Response, MatrixError> 
     let config = ws.state.config.websocket.clone();
     Ok(upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_message_size(config.max_frame_bytes)
         .max_frame_size(config.max_frame_bytes)
         .on_upgrade(move |socket| async move {
@@ -255,6 +260,8 @@ struct Connection {
     cursor: SyncToken,
     caller: Caller,
     send_timeout: Duration,
+    /// The last check of the token, repeated before each push.
+    token_check: Option<TokenCheck>,
 }
 
 type Pending = Pin<Box<dyn Future<Output = Value> + Send>>;
@@ -306,6 +313,7 @@ fn run(
         cursor,
         caller,
         send_timeout,
+        token_check: None,
     };
     Box::pin(connection.serve(session, resumed.is_some()))
 }
@@ -342,21 +350,20 @@ impl Connection {
         ping.tick().await;
         let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
         let mut last_heard = tokio::time::Instant::now();
-        let mut registration = self.look_and_push().await?;
+        let (mut registration, mut again) = self.look_and_push(None).await?;
         loop {
             if running.is_none() {
                 if let Some((id, kind, data)) = queue.pop_front() {
                     running = Some(Box::pin(self.caller.clone().perform(id, kind, data)));
                 }
             }
-            let Some(waiting) = registration.as_ref() else {
-                // More is waiting than one push carried.
-                registration = self.look_and_push().await?;
+            if again {
+                (registration, again) = self.look_and_push(Some(registration)).await?;
                 continue;
-            };
+            }
             tokio::select! {
-                () = waiting.notified() => {
-                    registration = self.look_and_push().await?;
+                () = registration.notified() => {
+                    (registration, again) = self.look_and_push(Some(registration)).await?;
                 }
                 answer = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
                     running = None;
@@ -392,7 +399,7 @@ impl Connection {
                             let moved = answer["ok"] == true;
                             self.send(answer).await?;
                             if moved {
-                                registration = self.look_and_push().await?;
+                                (registration, again) = self.look_and_push(Some(registration)).await?;
                             }
                         }
                         "auth" => {
@@ -450,23 +457,30 @@ impl Connection {
         success(id, json!({ "pos": since.render() }))
     }
 
-    /// Registers for wake-ups, then pushes everything after the cursor.
-    /// `None` when more is waiting than one push carries.
-    fn look_and_push(&mut self) -> Step<'_, Option<Registration>> {
-        Box::pin(self.look_and_push_now())
+    /// Pushes everything after the cursor, registered for wake-ups before
+    /// it looks: with the registration kept from the last push, or with a
+    /// new one. Hands back the registration to wait on, and whether to look
+    /// again at once: when more is waiting than one push carries, or when
+    /// the push names a room the registration does not wake for (a room
+    /// joined or invited to), which a new registration now covers.
+    fn look_and_push(&mut self, kept: Option<Registration>) -> Step<'_, (Registration, bool)> {
+        Box::pin(self.look_and_push_now(kept))
     }
 
-    async fn look_and_push_now(&mut self) -> Result<Option<Registration>, End> {
-        if self
+    async fn look_and_push_now(
+        &mut self,
+        kept: Option<Registration>,
+    ) -> Result<(Registration, bool), End> {
+        let checked = self
             .state
             .accounts
-            .authenticate(&self.caller.token)
-            .is_err()
-        {
-            return Err(End::new(4401, "M_UNKNOWN_TOKEN"));
-        }
-        let registration = register_reader(&self.state, &self.user)
-            .map_err(|_| End::new(1011, "cannot read the stream"))?;
+            .recheck(&self.caller.token, self.token_check);
+        self.token_check = Some(checked.map_err(|_| End::new(4401, "M_UNKNOWN_TOKEN"))?);
+        let unreadable = |_| End::new(1011, "cannot read the stream");
+        let mut registration = match kept {
+            Some(registration) => registration,
+            None => register_reader(&self.state, &self.user).map_err(unreadable)?,
+        };
         let (answer, empty) = look(
             &self.state,
             &self.authed,
@@ -475,7 +489,7 @@ impl Connection {
             Some(self.cursor),
             false,
         )
-        .map_err(|_| End::new(1011, "cannot read the stream"))?;
+        .map_err(unreadable)?;
         let next = answer["next_batch"]
             .as_str()
             .and_then(|text| SyncToken::parse(text).ok())
@@ -483,66 +497,94 @@ impl Connection {
         let capped = answer["to_device"]["events"]
             .as_array()
             .is_some_and(|events| events.len() >= crate::services::e2ee::MAX_TO_DEVICE_PER_SYNC);
+        let uncovered = ["join", "invite", "leave", "knock"].iter().any(|section| {
+            answer["rooms"][section]
+                .as_object()
+                .is_some_and(|rooms| rooms.keys().any(|room| !registration.covers(room)))
+        });
         if !empty {
             let frames = Box::pin(frames(&self.caller, self.cursor, answer, next)).await;
-            for frame in frames {
-                self.send(frame).await?;
-            }
+            self.send_all(frames).await?;
         }
         self.cursor = next;
-        Ok((!capped).then_some(registration))
+        if uncovered {
+            // Writes to the new rooms since the look are caught by looking
+            // again under the new registration.
+            registration = register_reader(&self.state, &self.user).map_err(unreadable)?;
+        }
+        Ok((registration, capped || uncovered))
     }
 
     fn send(&mut self, frame: Value) -> Step<'_, ()> {
         self.send_message(Message::text(frame.to_string()))
     }
 
+    /// Sends the frames of one push, written to the socket together (as
+    /// few writes as the write buffer allows), within the send timeout.
+    fn send_all(&mut self, frames: Vec<Value>) -> Step<'_, ()> {
+        Box::pin(async move {
+            let wait = self.send_timeout;
+            for frame in frames {
+                let message = Message::text(frame.to_string());
+                sent(tokio::time::timeout(wait, self.socket.feed(message)).await)?;
+            }
+            sent(tokio::time::timeout(wait, self.socket.flush()).await)
+        })
+    }
+
     /// Sends one message; a client that leaves it unread past the send
     /// timeout is disconnected.
     fn send_message(&mut self, message: Message) -> Step<'_, ()> {
         Box::pin(async move {
-            match tokio::time::timeout(self.send_timeout, self.socket.send(message)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(End::new(1000, "")),
-                Err(_) => Err(End::new(
-                    4429,
-                    "too slow: a frame waited past the send timeout",
-                )),
-            }
+            sent(tokio::time::timeout(self.send_timeout, self.socket.send(message)).await)
         })
     }
 }
 
+/// How a write within the send timeout ended: a client that left its
+/// frames unread past the timeout is disconnected.
+fn sent(outcome: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>) -> Result<(), End> {
+    match outcome {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::new(1000, "")),
+        Err(_) => Err(End::new(
+            4429,
+            "too slow: a frame waited past the send timeout",
+        )),
+    }
+}
+
 /// Cuts a `/sync` answer after `cursor` into push frames, each carrying
-/// the position `next`, and ends them with a `synced` frame.
-async fn frames(caller: &Caller, cursor: SyncToken, answer: Value, next: SyncToken) -> Vec<Value> {
+/// the position `next`, and ends them with a `synced` frame. The answer's
+/// parts move into the frames.
+async fn frames(
+    caller: &Caller,
+    cursor: SyncToken,
+    mut answer: Value,
+    next: SyncToken,
+) -> Vec<Value> {
     let pos = next.render();
     let mut frames = Vec::new();
     let mut frame = |kind: &str, data: Value| {
         frames.push(json!({ "type": kind, "pos": pos, "data": data }));
     };
-    let rooms = &answer["rooms"];
+    let mut rooms = answer["rooms"].take();
     for section in ["join", "leave"] {
-        let Some(entries) = rooms[section].as_object() else {
+        let Some(entries) = rooms.get_mut(section).and_then(Value::as_object_mut) else {
             continue;
         };
-        for (room_id, body) in entries {
-            let mut timeline: Vec<Value> = body["timeline"]["events"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
+        for (room_id, body) in entries.iter_mut() {
+            let mut timeline = events(taken(body, &["timeline", "events"]));
             if body["timeline"]["limited"] == true {
-                match fill_gap(caller, cursor, room_id, &body["timeline"]["prev_batch"]).await {
+                let prev_batch = &body["timeline"]["prev_batch"];
+                match fill_gap(caller, cursor, room_id, prev_batch).await {
                     Some(mut earlier) => {
                         earlier.append(&mut timeline);
                         timeline = earlier;
                     }
                     None => frame(
                         "gap",
-                        json!({
-                            "room_id": room_id,
-                            "prev_batch": body["timeline"]["prev_batch"],
-                        }),
+                        json!({ "room_id": room_id, "prev_batch": prev_batch }),
                     ),
                 }
             }
@@ -550,67 +592,50 @@ async fn frames(caller: &Caller, cursor: SyncToken, answer: Value, next: SyncTok
                 .iter()
                 .filter_map(|event| event["event_id"].as_str())
                 .collect();
-            for event in body["state"]["events"].as_array().into_iter().flatten() {
+            for event in events(taken(body, &["state", "events"])) {
                 let id = event["event_id"].as_str().unwrap_or_default();
                 if !in_timeline.contains(id) {
                     frame("state", json!({ "room_id": room_id, "event": event }));
                 }
             }
-            for event in &timeline {
+            for event in timeline {
                 frame("event", json!({ "room_id": room_id, "event": event }));
             }
-            for event in body["account_data"]["events"]
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
+            for event in events(taken(body, &["account_data", "events"])) {
                 frame(
                     "account_data",
                     json!({ "room_id": room_id, "event": event }),
                 );
             }
-            for event in body["ephemeral"]["events"].as_array().into_iter().flatten() {
+            for mut event in events(taken(body, &["ephemeral", "events"])) {
+                let content = taken(&mut event, &["content"]);
                 match event["type"].as_str() {
                     Some("m.typing") => frame(
                         "typing",
-                        json!({ "room_id": room_id, "user_ids": event["content"]["user_ids"] }),
+                        json!({ "room_id": room_id, "user_ids": content["user_ids"] }),
                     ),
-                    Some("m.receipt") => frame(
-                        "receipt",
-                        json!({ "room_id": room_id, "content": event["content"] }),
-                    ),
+                    Some("m.receipt") => {
+                        frame("receipt", json!({ "room_id": room_id, "content": content }))
+                    }
                     _ => {}
                 }
             }
         }
     }
     for (section, field) in [("invite", "invite_state"), ("knock", "knock_state")] {
-        for (room_id, body) in rooms[section].as_object().into_iter().flatten() {
-            frame(
-                section,
-                json!({ "room_id": room_id, field: body[field]["events"] }),
-            );
+        let entries = rooms.get_mut(section).and_then(Value::as_object_mut);
+        for (room_id, body) in entries.into_iter().flatten() {
+            let stripped = taken(body, &[field, "events"]);
+            frame(section, json!({ "room_id": room_id, field: stripped }));
         }
     }
-    for event in answer["account_data"]["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
+    for event in events(taken(&mut answer, &["account_data", "events"])) {
         frame("account_data", json!({ "event": event }));
     }
-    for event in answer["presence"]["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
+    for event in events(taken(&mut answer, &["presence", "events"])) {
         frame("presence", json!({ "event": event }));
     }
-    for event in answer["to_device"]["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
+    for event in events(taken(&mut answer, &["to_device", "events"])) {
         frame("to_device", json!({ "event": event }));
     }
     let lists = &answer["device_lists"];
@@ -623,6 +648,23 @@ async fn frames(caller: &Caller, cursor: SyncToken, answer: Value, next: SyncTok
     }
     frame("synced", json!({}));
     frames
+}
+
+/// The value at `path` in `value`, taken out of it (`null` where there is
+/// none).
+fn taken(value: &mut Value, path: &[&str]) -> Value {
+    path.iter()
+        .try_fold(value, |value, key| value.get_mut(*key))
+        .map(Value::take)
+        .unwrap_or(Value::Null)
+}
+
+/// The events of a list of them; none when it is not a list.
+fn events(list: Value) -> Vec<Value> {
+    match list {
+        Value::Array(events) => events,
+        _ => Vec::new(),
+    }
 }
 
 /// The events of a limited timeline between the cursor and the timeline's
