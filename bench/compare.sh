@@ -269,7 +269,8 @@ figures = {
     "initial-sync": ["median_ms"],
     "storage": ["bytes_per_message"],
     "push": ["p50_ms", "p95_ms", "p99_ms", "max_ms"],
-    "soak": ["p99_ms", "rss_first_minute_mb", "rss_last_minute_mb", "rss_growth_percent"],
+    "soak": ["p99_ms", "rss_first_minute_mb", "rss_last_minute_mb", "rss_growth_percent",
+             "rss_first_half_max_mb", "rss_second_half_max_mb", "rss_peak_growth_percent"],
 }
 print(f"Synapse {version} (SQLite, WAL, synchronous={sqlite_sync}); Myelin (RocksDB, WAL synced before every answer)")
 print()
