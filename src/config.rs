@@ -325,7 +325,7 @@ impl Default for StorageConfig {
         StorageConfig {
             sync_writes: true,
             block_cache_mb: 64,
-            memtable_mb: 64,
+            memtable_mb: 256,
         }
     }
 }

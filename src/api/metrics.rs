@@ -132,7 +132,7 @@ fn render(state: &AppState) -> String {
             (
                 "myelin_rocksdb_block_cache_bytes",
                 "gauge",
-                "Bytes of RocksDB's block caches in use.",
+                "Bytes in use in RocksDB's block cache (one for every table).",
                 engine.block_cache_bytes as f64,
             ),
             (

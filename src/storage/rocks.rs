@@ -150,7 +150,7 @@ impl Default for MemoryBudget {
     fn default() -> Self {
         MemoryBudget {
             block_cache_bytes: 64 << 20,
-            memtable_bytes: 64 << 20,
+            memtable_bytes: 256 << 20,
         }
     }
 }
@@ -318,7 +318,10 @@ impl Backend for RocksBackend {
                     .unwrap_or(0)
             };
             stats.memtable_bytes += property("rocksdb.cur-size-all-mem-tables");
-            stats.block_cache_bytes += property("rocksdb.block-cache-usage");
+            // One cache serves every table: each reports all of it.
+            stats.block_cache_bytes = stats
+                .block_cache_bytes
+                .max(property("rocksdb.block-cache-usage"));
             stats.sst_bytes += property("rocksdb.live-sst-files-size");
             stats.pending_compaction_bytes += property("rocksdb.estimate-pending-compaction-bytes");
         }
