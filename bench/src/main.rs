@@ -148,6 +148,10 @@ enum Scenario {
         rate: f64,
         #[arg(long, value_enum, default_value_t = Transport::Ws)]
         transport: Transport,
+        /// Myelin's metrics listener (`http://host:port`): RocksDB's
+        /// memtable and block cache bytes are read with each reading.
+        #[arg(long)]
+        metrics_url: Option<String>,
     },
     /// (f) Database bytes per stored message.
     Storage {
@@ -249,9 +253,10 @@ async fn main() {
             seconds,
             rate,
             transport,
+            metrics_url,
         } => {
             let pid = cli.pid.expect("soak needs --pid");
-            scenarios::soak(&server, pid, clients, seconds, rate, transport).await
+            scenarios::soak(&server, pid, clients, seconds, rate, transport, metrics_url).await
         }
         Scenario::ArchiveFill {
             rooms,

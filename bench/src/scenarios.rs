@@ -985,7 +985,11 @@ pub async fn push(server: &Server, rooms: usize, messages: u64, rate: f64) -> Va
 /// for `seconds`, the server's resident memory read every 10 s. Memory
 /// that keeps growing shows as the last minute's median above the first
 /// minute's (after the warm-up); the deliveries are measured as in
-/// `latency`.
+/// `latency`. With `metrics` (the URL of Myelin's metrics listener), the
+/// bytes RocksDB holds in its memtables and block cache are read with
+/// each reading too: those fill up to their configured bounds over many
+/// minutes at a low rate, so the memory outside them is what must not
+/// grow.
 pub async fn soak(
     server: &Server,
     pid: u32,
@@ -993,20 +997,24 @@ pub async fn soak(
     seconds: u64,
     rate: f64,
     transport: Transport,
+    metrics: Option<String>,
 ) -> Value {
-    let samples: Arc<Mutex<Vec<(f64, u64)>>> = Arc::default();
+    let samples: Arc<Mutex<Vec<Reading>>> = Arc::default();
     let started = Instant::now();
     let sampler = {
         let samples = samples.clone();
+        let http = server.http.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs(10));
             loop {
                 ticker.tick().await;
                 let at = started.elapsed().as_secs_f64();
-                samples
-                    .lock()
-                    .expect("samples")
-                    .push((at, resident_bytes(pid)));
+                let resident = resident_bytes(pid);
+                let rocks = match &metrics {
+                    Some(url) => rocksdb_buffer_bytes(&http, url).await,
+                    None => None,
+                };
+                samples.lock().expect("samples").push((at, resident, rocks));
             }
         })
     };
@@ -1017,10 +1025,10 @@ pub async fn soak(
     // The sending minutes are the last `seconds` before the end of sending;
     // the deliveries' wait after it (at most 15 s) is left out too.
     let end = started.elapsed().as_secs_f64();
-    let sending: Vec<u64> = samples
+    let sending: Vec<(u64, Option<u64>)> = samples
         .iter()
-        .filter(|(at, _)| *at >= end - seconds as f64 - 15.0)
-        .map(|(_, bytes)| *bytes)
+        .filter(|(at, _, _)| *at >= end - seconds as f64 - 15.0)
+        .map(|(_, resident, rocks)| (*resident, *rocks))
         .collect();
     let median = |readings: &[u64]| -> u64 {
         let mut sorted = readings.to_vec();
@@ -1029,15 +1037,14 @@ pub async fn soak(
     };
     // A minute of readings at each end, never overlapping.
     let minute = 6.min(sending.len() / 2).max(1).min(sending.len());
-    let first = median(&sending[..minute]);
-    let last = median(&sending[sending.len() - minute..]);
+    let (head, tail) = (&sending[..minute], &sending[sending.len() - minute..]);
+    let resident = |part: &[(u64, Option<u64>)]| -> Vec<u64> { part.iter().map(|r| r.0).collect() };
+    let first = median(&resident(head));
+    let last = median(&resident(tail));
     result["scenario"] = json!(format!("soak-{}", transport.name()));
     result["seconds"] = json!(seconds);
     result["rate"] = json!(rate);
     let mb = |bytes: u64| (bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0;
-    result["rss_first_minute_mb"] = json!(mb(first));
-    result["rss_last_minute_mb"] = json!(mb(last));
-    result["rss_max_mb"] = json!(mb(sending.iter().max().copied().unwrap_or(0)));
     let percent = |from: u64, to: u64| {
         if from > 0 {
             ((to as f64 - from as f64) / from as f64 * 1000.0).round() / 10.0
@@ -1045,16 +1052,52 @@ pub async fn soak(
             0.0
         }
     };
+    result["rss_first_minute_mb"] = json!(mb(first));
+    result["rss_last_minute_mb"] = json!(mb(last));
+    result["rss_max_mb"] = json!(mb(sending.iter().map(|r| r.0).max().unwrap_or(0)));
     result["rss_growth_percent"] = json!(percent(first, last));
-    // Bounded buffers (RocksDB's memtables) fill and are flushed in
-    // cycles of minutes: the first minute is low in the first cycle, and
-    // the last may be anywhere in one. Memory that does not grow peaks no
-    // higher in the second half than in the first.
-    let (first_half, second_half) = sending.split_at(sending.len() / 2);
-    let peak = |readings: &[u64]| readings.iter().max().copied().unwrap_or(0);
-    result["rss_first_half_max_mb"] = json!(mb(peak(first_half)));
-    result["rss_second_half_max_mb"] = json!(mb(peak(second_half)));
-    result["rss_peak_growth_percent"] = json!(percent(peak(first_half), peak(second_half)));
     result["rss_samples"] = json!(sending.len());
+    // Every reading with RocksDB's bytes: the memory outside them.
+    let outside = |part: &[(u64, Option<u64>)]| -> Option<Vec<u64>> {
+        part.iter()
+            .map(|(resident, rocks)| rocks.map(|rocks| resident.saturating_sub(rocks)))
+            .collect()
+    };
+    let rocks =
+        |part: &[(u64, Option<u64>)]| -> Option<Vec<u64>> { part.iter().map(|r| r.1).collect() };
+    if let (Some(head_out), Some(tail_out), Some(tail_rocks)) =
+        (outside(head), outside(tail), rocks(tail))
+    {
+        let (first_out, last_out) = (median(&head_out), median(&tail_out));
+        result["rocksdb_last_minute_mb"] = json!(mb(median(&tail_rocks)));
+        result["outside_rocksdb_first_minute_mb"] = json!(mb(first_out));
+        result["outside_rocksdb_last_minute_mb"] = json!(mb(last_out));
+        result["outside_rocksdb_growth_percent"] = json!(percent(first_out, last_out));
+    }
     result
+}
+
+/// A soak's reading of the server's memory: seconds since the start,
+/// resident bytes, and the bytes RocksDB holds (when its metrics are read).
+type Reading = (f64, u64, Option<u64>);
+
+/// The bytes RocksDB holds in memtables and its block cache, from Myelin's
+/// metrics listener at `url`.
+async fn rocksdb_buffer_bytes(http: &reqwest::Client, url: &str) -> Option<u64> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let value = |name: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|number| number.trim().parse().ok())
+    };
+    let memtables = value("myelin_rocksdb_memtable_bytes")?;
+    let cache = value("myelin_rocksdb_block_cache_bytes")?;
+    Some((memtables + cache) as u64)
 }
