@@ -1054,7 +1054,7 @@ pub async fn soak(
     };
     result["rss_first_minute_mb"] = json!(mb(first));
     result["rss_last_minute_mb"] = json!(mb(last));
-    result["rss_max_mb"] = json!(mb(sending.iter().map(|r| r.0).max().unwrap_or(0)));
+    result["rss_max_mb"] = json!(mb(resident(&sending).into_iter().max().unwrap_or(0)));
     result["rss_growth_percent"] = json!(percent(first, last));
     result["rss_samples"] = json!(sending.len());
     // Every reading with RocksDB's bytes: the memory outside them.
