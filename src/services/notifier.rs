@@ -111,10 +111,10 @@ pub async fn notify_round(services: &Services) -> Result<bool> {
         else {
             continue;
         };
-        let Some((pdu, stored)) = services.rooms.pdu(&event_id)? else {
+        let Some((pdu, redacted)) = services.rooms.pdu_shared_marked(&event_id)? else {
             continue;
         };
-        if stored.redacted_because.is_some() {
+        if redacted {
             continue;
         }
         let decided = event_decisions(services, &pdu, &mut judges)?;
@@ -422,7 +422,7 @@ fn notification(
     });
     let event_id_only = pusher.data["format"] == "event_id_only";
     if !event_id_only {
-        if let Some((pdu, _)) = services.rooms.pdu(&item.event_id)? {
+        if let Some(pdu) = services.rooms.pdu_shared(&item.event_id)? {
             notification["type"] = json!(pdu.kind.to_string());
             notification["sender"] = json!(pdu.sender);
             notification["content"] = pdu.content_value();

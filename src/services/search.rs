@@ -274,7 +274,7 @@ impl Search {
             let StreamEntry::Event { event_id, .. } = entry else {
                 continue;
             };
-            let Some((pdu, stored)) = services.rooms.pdu(&event_id)? else {
+            let Some((pdu, redacted)) = services.rooms.pdu_shared_marked(&event_id)? else {
                 continue;
             };
             let content = pdu.content_value();
@@ -291,7 +291,7 @@ impl Search {
                 }
                 continue;
             }
-            if stored.redacted_because.is_some() {
+            if redacted {
                 continue;
             }
             let (key, text) = match pdu.kind.to_string().as_str() {

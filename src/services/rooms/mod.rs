@@ -523,8 +523,31 @@ impl Rooms {
         if redaction {
             self.apply_redaction(&mut draft, &pdu)?;
         }
+        let generation = self.storage.rewrites();
         self.storage.commit(draft.batch).await?;
-        Ok(pdu.event_id.clone())
+        let event_id = pdu.event_id.clone();
+        self.remember_written(pdu, generation);
+        Ok(event_id)
+    }
+
+    /// Remembers an event this server just stored, as [`Rooms::pdu_shared`]
+    /// would after reading it: the notifier, the search index and the
+    /// members' next looks then take it from memory. `generation` is the
+    /// rewrite generation read before the commit, so that a rewrite landing
+    /// after the event was written leaves it untrusted.
+    fn remember_written(&self, pdu: Arc<Pdu>, generation: u64) {
+        if !generation.is_multiple_of(2) {
+            return;
+        }
+        let key = pdu.event_id.to_string();
+        self.parsed_memo.insert(
+            key,
+            Parsed {
+                pdu,
+                generation,
+                redacted: false,
+            },
+        );
     }
 
     /// Changes a membership: join, invite, leave, kick (leave by another),
