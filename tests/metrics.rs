@@ -146,6 +146,7 @@ async fn metrics_are_scraped_and_parsed_with_every_family() {
         ("myelin_events", "gauge"),
         ("myelin_rocksdb_memtable_bytes", "gauge"),
         ("myelin_rocksdb_block_cache_bytes", "gauge"),
+        ("myelin_rocksdb_table_readers_bytes", "gauge"),
         ("myelin_rocksdb_sst_bytes", "gauge"),
         ("myelin_rocksdb_running_compactions", "gauge"),
         ("myelin_rocksdb_running_flushes", "gauge"),
@@ -153,6 +154,8 @@ async fn metrics_are_scraped_and_parsed_with_every_family() {
         ("myelin_rocksdb_write_stopped", "gauge"),
         ("myelin_rocksdb_delayed_write_rate_bytes", "gauge"),
         ("myelin_rocksdb_stall_seconds", "counter"),
+        ("myelin_allocator_allocated_bytes", "gauge"),
+        ("myelin_allocator_resident_bytes", "gauge"),
         ("process_resident_memory_bytes", "gauge"),
         ("process_virtual_memory_bytes", "gauge"),
         ("process_open_fds", "gauge"),
@@ -260,6 +263,15 @@ async fn metrics_are_scraped_and_parsed_with_every_family() {
         ) > 1e6
     );
     assert!(sample(&families, "process_open_fds", "process_open_fds", json!({})) > 3.0);
+    // The allocator maps pages for its own bookkeeping at the least.
+    assert!(
+        sample(
+            &families,
+            "myelin_allocator_resident_bytes",
+            "myelin_allocator_resident_bytes",
+            json!({})
+        ) > 0.0
+    );
 
     // Metrics are not on the client listener.
     let (status, _) = server.get("/metrics", None).await;

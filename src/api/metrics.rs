@@ -122,7 +122,7 @@ fn render(state: &AppState) -> String {
         );
     }
     if let Some(engine) = state.engine_stats() {
-        let figures: [(&str, &str, &str, f64); 9] = [
+        let figures: [(&str, &str, &str, f64); 10] = [
             (
                 "myelin_rocksdb_memtable_bytes",
                 "gauge",
@@ -134,6 +134,12 @@ fn render(state: &AppState) -> String {
                 "gauge",
                 "Bytes in use in RocksDB's block cache (one for every table).",
                 engine.block_cache_bytes as f64,
+            ),
+            (
+                "myelin_rocksdb_table_readers_bytes",
+                "gauge",
+                "Bytes of open table files' indexes and filters (estimate).",
+                engine.table_readers_bytes as f64,
             ),
             (
                 "myelin_rocksdb_sst_bytes",
@@ -182,8 +188,38 @@ fn render(state: &AppState) -> String {
             single(&mut out, name, kind, help, value);
         }
     }
+    render_allocator(&mut out);
     render_process(&mut out);
     out
+}
+
+/// The allocator's figures. jemalloc serves every allocation of the
+/// server's own code; RocksDB's C++ allocates apart from it, through the
+/// C library, so these leave out the memtables and the block cache.
+fn render_allocator(out: &mut String) {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    // The statistics are a snapshot taken when the epoch advances.
+    if epoch::advance().is_err() {
+        return;
+    }
+    if let Ok(allocated) = stats::allocated::read() {
+        single(
+            out,
+            "myelin_allocator_allocated_bytes",
+            "gauge",
+            "Bytes the server's own code holds allocated (jemalloc).",
+            allocated as f64,
+        );
+    }
+    if let Ok(resident) = stats::resident::read() {
+        single(
+            out,
+            "myelin_allocator_resident_bytes",
+            "gauge",
+            "Bytes of resident pages jemalloc maps, its free ones included.",
+            resident as f64,
+        );
+    }
 }
 
 /// The standard process families, from `/proc/self`.

@@ -451,6 +451,9 @@ pub struct EngineStats {
     pub memtable_bytes: u64,
     /// Bytes of the block caches in use.
     pub block_cache_bytes: u64,
+    /// Bytes of the open table files' indexes and filters, held beside
+    /// the block cache.
+    pub table_readers_bytes: u64,
     /// Bytes of the tables' files.
     pub sst_bytes: u64,
     pub running_compactions: u64,

@@ -322,6 +322,7 @@ impl Backend for RocksBackend {
             stats.block_cache_bytes = stats
                 .block_cache_bytes
                 .max(property("rocksdb.block-cache-usage"));
+            stats.table_readers_bytes += property("rocksdb.estimate-table-readers-mem");
             stats.sst_bytes += property("rocksdb.live-sst-files-size");
             stats.pending_compaction_bytes += property("rocksdb.estimate-pending-compaction-bytes");
         }
