@@ -148,8 +148,14 @@ enum Scenario {
         rate: f64,
         #[arg(long, value_enum, default_value_t = Transport::Ws)]
         transport: Transport,
+        /// Messages sent (and read back) first, as fast as they go, into
+        /// a room of their own, so that the server's memos of the newest
+        /// events are full before the minutes are measured.
+        #[arg(long, default_value_t = 0)]
+        fill: u64,
         /// Myelin's metrics listener (`http://host:port`): RocksDB's
-        /// memtable and block cache bytes are read with each reading.
+        /// memtables, block cache and table indexes, and the bytes the
+        /// server's own code holds, are read with each reading.
         #[arg(long)]
         metrics_url: Option<String>,
     },
@@ -253,10 +259,17 @@ async fn main() {
             seconds,
             rate,
             transport,
+            fill,
             metrics_url,
         } => {
             let pid = cli.pid.expect("soak needs --pid");
-            scenarios::soak(&server, pid, clients, seconds, rate, transport, metrics_url).await
+            let load = scenarios::SoakLoad {
+                clients,
+                seconds,
+                rate,
+                fill,
+            };
+            scenarios::soak(&server, pid, load, transport, metrics_url).await
         }
         Scenario::ArchiveFill {
             rooms,

@@ -985,20 +985,34 @@ pub async fn push(server: &Server, rooms: usize, messages: u64, rate: f64) -> Va
 /// for `seconds`, the server's resident memory read every 10 s. Memory
 /// that keeps growing shows as the last minute's median above the first
 /// minute's (after the warm-up); the deliveries are measured as in
-/// `latency`. With `metrics` (the URL of Myelin's metrics listener), the
-/// bytes RocksDB holds in its memtables and block cache are read with
-/// each reading too: those fill up to their configured bounds over many
-/// minutes at a low rate, so the memory outside them is what must not
-/// grow.
+/// `latency`.
+///
+/// Two kinds of memory rightly grow for a while under steady load, and
+/// `fill` and `metrics` keep them apart from a leak:
+/// - the server's memos of the newest events and stream entries (tens of
+///   thousands of entries each) fill over hours at a low rate: `fill`
+///   messages, sent first as fast as the server takes them into a room of
+///   their own with no one waiting, fill them before the minutes begin;
+/// - RocksDB's memtables and block cache fill up to their configured
+///   bounds: with `metrics` (the URL of Myelin's metrics listener) they
+///   are read with each reading, and so is the allocator's count of the
+///   bytes the server's own code holds, which must not grow.
 pub async fn soak(
     server: &Server,
     pid: u32,
-    clients: usize,
-    seconds: u64,
-    rate: f64,
+    soak: SoakLoad,
     transport: Transport,
     metrics: Option<String>,
 ) -> Value {
+    let SoakLoad {
+        clients,
+        seconds,
+        rate,
+        fill,
+    } = soak;
+    if fill > 0 {
+        fill_memos(server, fill).await;
+    }
     let samples: Arc<Mutex<Vec<Reading>>> = Arc::default();
     let started = Instant::now();
     let sampler = {
@@ -1008,13 +1022,15 @@ pub async fn soak(
             let mut ticker = tokio::time::interval(Duration::from_secs(10));
             loop {
                 ticker.tick().await;
-                let at = started.elapsed().as_secs_f64();
-                let resident = resident_bytes(pid);
-                let rocks = match &metrics {
-                    Some(url) => rocksdb_buffer_bytes(&http, url).await,
-                    None => None,
+                let reading = Reading {
+                    at: started.elapsed().as_secs_f64(),
+                    resident: resident_bytes(pid),
+                    server: match &metrics {
+                        Some(url) => server_memory(&http, url).await,
+                        None => None,
+                    },
                 };
-                samples.lock().expect("samples").push((at, resident, rocks));
+                samples.lock().expect("samples").push(reading);
             }
         })
     };
@@ -1025,65 +1041,156 @@ pub async fn soak(
     // The sending minutes are the last `seconds` before the end of sending;
     // the deliveries' wait after it (at most 15 s) is left out too.
     let end = started.elapsed().as_secs_f64();
-    let sending: Vec<(u64, Option<u64>)> = samples
-        .iter()
-        .filter(|(at, _, _)| *at >= end - seconds as f64 - 15.0)
-        .map(|(_, resident, rocks)| (*resident, *rocks))
+    let sending: Vec<Reading> = samples
+        .into_iter()
+        .filter(|reading| reading.at >= end - seconds as f64 - 15.0)
         .collect();
-    let median = |readings: &[u64]| -> u64 {
-        let mut sorted = readings.to_vec();
-        sorted.sort_unstable();
-        sorted.get(sorted.len() / 2).copied().unwrap_or(0)
-    };
     // A minute of readings at each end, never overlapping.
     let minute = 6.min(sending.len() / 2).max(1).min(sending.len());
     let (head, tail) = (&sending[..minute], &sending[sending.len() - minute..]);
-    let resident = |part: &[(u64, Option<u64>)]| -> Vec<u64> { part.iter().map(|r| r.0).collect() };
-    let first = median(&resident(head));
-    let last = median(&resident(tail));
     result["scenario"] = json!(format!("soak-{}", transport.name()));
     result["seconds"] = json!(seconds);
     result["rate"] = json!(rate);
-    let mb = |bytes: u64| (bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0;
-    let percent = |from: u64, to: u64| {
-        if from > 0 {
-            ((to as f64 - from as f64) / from as f64 * 1000.0).round() / 10.0
-        } else {
-            0.0
-        }
-    };
-    result["rss_first_minute_mb"] = json!(mb(first));
-    result["rss_last_minute_mb"] = json!(mb(last));
-    result["rss_max_mb"] = json!(mb(resident(&sending).into_iter().max().unwrap_or(0)));
-    result["rss_growth_percent"] = json!(percent(first, last));
+    result["fill"] = json!(fill);
+    let resident = |reading: &Reading| Some(reading.resident);
+    compare_minutes(&mut result, "rss", head, tail, resident);
+    result["rss_max_mb"] = json!(mb(sending.iter().map(|r| r.resident).max().unwrap_or(0)));
     result["rss_samples"] = json!(sending.len());
-    // Every reading with RocksDB's bytes: the memory outside them.
-    let outside = |part: &[(u64, Option<u64>)]| -> Option<Vec<u64>> {
-        part.iter()
-            .map(|(resident, rocks)| rocks.map(|rocks| resident.saturating_sub(rocks)))
-            .collect()
-    };
-    let rocks =
-        |part: &[(u64, Option<u64>)]| -> Option<Vec<u64>> { part.iter().map(|r| r.1).collect() };
-    if let (Some(head_out), Some(tail_out), Some(tail_rocks)) =
-        (outside(head), outside(tail), rocks(tail))
-    {
-        let (first_out, last_out) = (median(&head_out), median(&tail_out));
-        result["rocksdb_last_minute_mb"] = json!(mb(median(&tail_rocks)));
-        result["outside_rocksdb_first_minute_mb"] = json!(mb(first_out));
-        result["outside_rocksdb_last_minute_mb"] = json!(mb(last_out));
-        result["outside_rocksdb_growth_percent"] = json!(percent(first_out, last_out));
+    if tail.iter().all(|reading| reading.server.is_some()) {
+        let rocksdb = |reading: &Reading| reading.server.map(|server| server.rocksdb);
+        let outside = |reading: &Reading| {
+            let server = reading.server?;
+            Some(reading.resident.saturating_sub(server.rocksdb))
+        };
+        let heap = |reading: &Reading| reading.server.map(|server| server.heap);
+        result["rocksdb_last_minute_mb"] = json!(mb(median(tail, rocksdb)));
+        result["rocksdb_max_mb"] = json!(mb(sending.iter().filter_map(rocksdb).max().unwrap_or(0)));
+        compare_minutes(&mut result, "outside_rocksdb", head, tail, outside);
+        compare_minutes(&mut result, "heap", head, tail, heap);
     }
     result
 }
 
-/// A soak's reading of the server's memory: seconds since the start,
-/// resident bytes, and the bytes RocksDB holds (when its metrics are read).
-type Reading = (f64, u64, Option<u64>);
+/// The load of a soak.
+pub struct SoakLoad {
+    pub clients: usize,
+    pub seconds: u64,
+    /// Messages a second.
+    pub rate: f64,
+    /// Messages sent first, to fill the server's memos.
+    pub fill: u64,
+}
 
-/// The bytes RocksDB holds in memtables and its block cache, from Myelin's
-/// metrics listener at `url`.
-async fn rocksdb_buffer_bytes(http: &reqwest::Client, url: &str) -> Option<u64> {
+/// Sends `count` messages as fast as 16 concurrent sends go, into a room
+/// of one member, and reads them back, so that the server's memos of the
+/// newest events and stream entries are full before a soak's minutes
+/// begin.
+async fn fill_memos(server: &Server, count: u64) {
+    eprintln!("soak: {count} messages to fill the memos");
+    let token = server.register_many("filler", 1).await.remove(0);
+    let room_id = server.create_room(&token, json!({})).await;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (server, token, room_id, next) =
+            (server.clone(), token.clone(), room_id.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let seq = next.fetch_add(1, Ordering::Relaxed);
+                if seq >= count {
+                    break;
+                }
+                let txn = format!("{}-fill-{seq}", server.run);
+                server.send(&token, &room_id, &txn, "fill").await;
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    // Back through the room, a thousand events a page.
+    let mut from: Option<String> = None;
+    let mut read = 0;
+    loop {
+        let mut url = server.url(&format!(
+            "/_matrix/client/v3/rooms/{room_id}/messages?dir=b&limit=1000"
+        ));
+        if let Some(from) = &from {
+            url += &format!("&from={from}");
+        }
+        let Ok(response) = server.http.get(url).bearer_auth(&token).send().await else {
+            break;
+        };
+        let Ok(page) = response.json::<Value>().await else {
+            break;
+        };
+        let events = page["chunk"].as_array().map_or(0, Vec::len);
+        read += events;
+        match page["end"].as_str() {
+            Some(end) if events > 0 => from = Some(end.to_owned()),
+            _ => break,
+        }
+    }
+    eprintln!("  {read} events read back");
+}
+
+/// The median of the readings' figure (`figure` answers None for a reading
+/// without it).
+fn median(readings: &[Reading], figure: impl Fn(&Reading) -> Option<u64>) -> u64 {
+    let mut values: Vec<u64> = readings.iter().filter_map(figure).collect();
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or(0)
+}
+
+/// Bytes in MB, to a tenth.
+fn mb(bytes: u64) -> f64 {
+    (bytes as f64 / 1_048_576.0 * 10.0).round() / 10.0
+}
+
+/// `<name>_first_minute_mb`, `<name>_last_minute_mb` and
+/// `<name>_growth_percent`: the medians of a figure over the first and the
+/// last minute, and how much the second is above the first.
+fn compare_minutes(
+    result: &mut Value,
+    name: &str,
+    head: &[Reading],
+    tail: &[Reading],
+    figure: impl Fn(&Reading) -> Option<u64> + Copy,
+) {
+    let (first, last) = (median(head, figure), median(tail, figure));
+    let growth = if first > 0 {
+        ((last as f64 - first as f64) / first as f64 * 1000.0).round() / 10.0
+    } else {
+        0.0
+    };
+    result[format!("{name}_first_minute_mb")] = json!(mb(first));
+    result[format!("{name}_last_minute_mb")] = json!(mb(last));
+    result[format!("{name}_growth_percent")] = json!(growth);
+}
+
+/// A soak's reading of the server's memory.
+#[derive(Clone, Copy)]
+struct Reading {
+    /// Seconds since the start.
+    at: f64,
+    /// Resident bytes.
+    resident: u64,
+    /// What the server's metrics say of its memory, when they are read.
+    server: Option<ServerMemory>,
+}
+
+/// The server's memory as its metrics tell it.
+#[derive(Clone, Copy)]
+struct ServerMemory {
+    /// Bytes RocksDB holds within its bounds: memtables, block cache, and
+    /// the open table files' indexes and filters.
+    rocksdb: u64,
+    /// Bytes the server's own code holds allocated.
+    heap: u64,
+}
+
+/// The server's memory from Myelin's metrics listener at `url`.
+async fn server_memory(http: &reqwest::Client, url: &str) -> Option<ServerMemory> {
     let text = http
         .get(format!("{url}/metrics"))
         .send()
@@ -1097,7 +1204,11 @@ async fn rocksdb_buffer_bytes(http: &reqwest::Client, url: &str) -> Option<u64> 
             .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|number| number.trim().parse().ok())
     };
-    let memtables = value("myelin_rocksdb_memtable_bytes")?;
-    let cache = value("myelin_rocksdb_block_cache_bytes")?;
-    Some((memtables + cache) as u64)
+    let rocksdb = value("myelin_rocksdb_memtable_bytes")?
+        + value("myelin_rocksdb_block_cache_bytes")?
+        + value("myelin_rocksdb_table_readers_bytes")?;
+    Some(ServerMemory {
+        rocksdb: rocksdb as u64,
+        heap: value("myelin_allocator_allocated_bytes")? as u64,
+    })
 }
