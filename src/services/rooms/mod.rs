@@ -70,29 +70,32 @@ pub struct Rooms {
 }
 
 /// A map that remembers facts that never go stale, up to a bound, and
-/// keeps those in use: entries live in two generations of half the bound
-/// each. A hit in the older one moves the entry to the newer; when the
-/// newer is full, the older is forgotten and the newer takes its place.
-/// (The facts can always be read again.)
+/// keeps those in use (the "clock" policy): entries wait in a ring in the
+/// order they came; when the memo is full, the hand goes round the ring
+/// from the oldest, forgets the first entry not read since the hand last
+/// passed it, and gives the others another round. Once full, it holds
+/// exactly its bound, so its memory stays level instead of rising and
+/// falling with generations. (The facts can always be read again.)
 pub struct BoundedMemo<K, V> {
-    generations: std::sync::Mutex<Generations<K, V>>,
-    /// Most entries of one generation.
-    half: usize,
+    clock: std::sync::Mutex<Ring<K, V>>,
+    capacity: usize,
 }
 
-struct Generations<K, V> {
-    young: std::collections::HashMap<K, V>,
-    old: std::collections::HashMap<K, V>,
+struct Ring<K, V> {
+    /// Each entry, and whether it was read since the hand passed it.
+    entries: std::collections::HashMap<K, (V, bool)>,
+    /// Every key of `entries`, the hand's next one first.
+    ring: std::collections::VecDeque<K>,
 }
 
-impl<K: std::hash::Hash + Eq, V: Clone> BoundedMemo<K, V> {
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> BoundedMemo<K, V> {
     pub fn new(capacity: usize) -> Self {
         BoundedMemo {
-            generations: std::sync::Mutex::new(Generations {
-                young: std::collections::HashMap::new(),
-                old: std::collections::HashMap::new(),
+            clock: std::sync::Mutex::new(Ring {
+                entries: std::collections::HashMap::new(),
+                ring: std::collections::VecDeque::new(),
             }),
-            half: (capacity / 2).max(1),
+            capacity: capacity.max(1),
         }
     }
 
@@ -101,28 +104,34 @@ impl<K: std::hash::Hash + Eq, V: Clone> BoundedMemo<K, V> {
         K: std::borrow::Borrow<Q>,
         Q: std::hash::Hash + Eq + ?Sized,
     {
-        let mut generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(value) = generations.young.get(key) {
-            return Some(value.clone());
-        }
-        let (key, value) = generations.old.remove_entry(key)?;
-        generations.put(key, value.clone(), self.half);
-        Some(value)
+        let mut clock = self.clock.lock().unwrap_or_else(|e| e.into_inner());
+        let (value, read) = clock.entries.get_mut(key)?;
+        *read = true;
+        Some(value.clone())
     }
 
     pub fn insert(&self, key: K, value: V) {
-        let mut generations = self.generations.lock().unwrap_or_else(|e| e.into_inner());
-        generations.old.remove(&key);
-        generations.put(key, value, self.half);
-    }
-}
-
-impl<K: std::hash::Hash + Eq, V> Generations<K, V> {
-    fn put(&mut self, key: K, value: V, half: usize) {
-        if self.young.len() >= half && !self.young.contains_key(&key) {
-            self.old = std::mem::take(&mut self.young);
+        let mut clock = self.clock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = clock.entries.get_mut(&key) {
+            entry.0 = value;
+            return;
         }
-        self.young.insert(key, value);
+        while clock.entries.len() >= self.capacity {
+            let Some(oldest) = clock.ring.pop_front() else {
+                break;
+            };
+            match clock.entries.get_mut(&oldest) {
+                Some((_, read)) if *read => {
+                    *read = false;
+                    clock.ring.push_back(oldest);
+                }
+                _ => {
+                    clock.entries.remove(&oldest);
+                }
+            }
+        }
+        clock.ring.push_back(key.clone());
+        clock.entries.insert(key, (value, false));
     }
 }
 
@@ -132,30 +141,51 @@ mod memo_tests {
 
     #[test]
     fn entries_in_use_outlive_a_full_memo() {
-        let memo = BoundedMemo::new(4);
+        let memo = BoundedMemo::new(3);
         memo.insert(1, "one");
         memo.insert(2, "two");
-        // The young generation is full: 1 and 2 become old.
         memo.insert(3, "three");
-        // A hit moves 1 back to the young generation, beside 3.
+        // 1 is read: the hand passes over it once.
         assert_eq!(memo.get(&1), Some("one"));
-        // Full again: 2, never read since, is forgotten; 1 and 3 are kept.
+        // Full: 2, the oldest never read, is forgotten; 1 is kept.
         memo.insert(4, "four");
         assert_eq!(memo.get(&2), None);
+        assert_eq!(memo.get(&1), Some("one"));
         assert_eq!(memo.get(&3), Some("three"));
         assert_eq!(memo.get(&4), Some("four"));
+        // Every entry was read since the hand passed: a full round clears
+        // the marks and forgets the oldest, 3.
+        memo.insert(5, "five");
+        assert_eq!(memo.get(&3), None);
         assert_eq!(memo.get(&1), Some("one"));
+        assert_eq!(memo.get(&4), Some("four"));
+        assert_eq!(memo.get(&5), Some("five"));
     }
 
     #[test]
-    fn never_holds_more_than_its_bound() {
+    fn a_full_memo_holds_exactly_its_bound() {
         let memo = BoundedMemo::new(10);
         for n in 0..1000 {
             memo.insert(n, n);
-            let generations = memo.generations.lock().unwrap();
-            assert!(generations.young.len() + generations.old.len() <= 10);
+            if n % 3 == 0 {
+                memo.get(&(n / 2));
+            }
+            let clock = memo.clock.lock().unwrap();
+            assert_eq!(clock.entries.len(), (n + 1).min(10));
+            assert_eq!(clock.ring.len(), clock.entries.len());
         }
         assert_eq!(memo.get(&999), Some(999));
+    }
+
+    #[test]
+    fn inserting_a_known_key_replaces_its_value() {
+        let memo = BoundedMemo::new(2);
+        memo.insert("a", 1);
+        memo.insert("a", 2);
+        memo.insert("b", 3);
+        assert_eq!(memo.get("a"), Some(2));
+        assert_eq!(memo.get("b"), Some(3));
+        assert_eq!(memo.clock.lock().unwrap().ring.len(), 2);
     }
 }
 
