@@ -183,11 +183,15 @@ run_server() {
     elif [ "$phase" = soak ]; then
         # Ten minutes of steady load, memory read every 10 s, after
         # 40,000 messages that fill the memos of the newest events (16,384
-        # parsed events, 32,768 stream entries).
+        # parsed events, 32,768 stream entries) and two minutes of the same
+        # load that settle what each connection and room sets up at its
+        # first deliveries.
         if [ "$quick" = 1 ]; then
-            scenario soak --clients 100 --seconds 60 --rate 10 --fill 2000 --metrics-url "$metrics_url"
+            scenario soak --clients 100 --seconds 60 --rate 10 --fill 2000 --settle-seconds 20 \
+                --metrics-url "$metrics_url"
         else
-            scenario soak --clients 1000 --seconds 600 --rate 10 --fill 40000 --metrics-url "$metrics_url"
+            scenario soak --clients 1000 --seconds 600 --rate 10 --fill 40000 --settle-seconds 120 \
+                --metrics-url "$metrics_url"
         fi
     elif [ "$quick" = 1 ]; then
         scenario storage --messages 500

@@ -153,6 +153,9 @@ enum Scenario {
         /// events are full before the minutes are measured.
         #[arg(long, default_value_t = 0)]
         fill: u64,
+        /// Seconds of the same load before the measured `seconds`.
+        #[arg(long, default_value_t = 0)]
+        settle_seconds: u64,
         /// Myelin's metrics listener (`http://host:port`): RocksDB's
         /// memtables, block cache and table indexes, and the bytes the
         /// server's own code holds, are read with each reading.
@@ -260,6 +263,7 @@ async fn main() {
             rate,
             transport,
             fill,
+            settle_seconds,
             metrics_url,
         } => {
             let pid = cli.pid.expect("soak needs --pid");
@@ -268,6 +272,7 @@ async fn main() {
                 seconds,
                 rate,
                 fill,
+                settle: settle_seconds,
             };
             scenarios::soak(&server, pid, load, transport, metrics_url).await
         }

@@ -982,17 +982,18 @@ pub async fn push(server: &Server, rooms: usize, messages: u64, rate: f64) -> Va
 }
 
 /// (i) A soak: `clients` waiting, one sender at `rate` messages a second
-/// for `seconds`, the server's resident memory read every 10 s. Memory
-/// that keeps growing shows as the last minute's median above the first
-/// minute's (after the warm-up); the deliveries are measured as in
-/// `latency`.
+/// for `settle` and then `seconds` more, the server's resident memory read
+/// every 10 s. Memory that keeps growing shows as the last minute's median
+/// above the first minute's (of the `seconds` after `settle`); the
+/// deliveries are measured as in `latency`, over the whole sending.
 ///
 /// Two kinds of memory rightly grow for a while under steady load, and
 /// `fill` and `metrics` keep them apart from a leak:
-/// - the server's memos of the newest events and stream entries (tens of
-///   thousands of entries each) fill over hours at a low rate: `fill`
-///   messages, sent first as fast as the server takes them into a room of
-///   their own with no one waiting, fill them before the minutes begin;
+/// - the server's memos of the newest events, stream entries and
+///   decisions for each member (tens of thousands of entries) fill over
+///   hours at a low rate: `fill` messages, sent first as fast as the
+///   server takes them into rooms of their own with no one waiting, fill
+///   them before the minutes begin (see `fill_memos`);
 /// - RocksDB's memtables and block cache fill up to their configured
 ///   bounds: with `metrics` (the URL of Myelin's metrics listener) they
 ///   are read with each reading, and so is the allocator's count of the
@@ -1009,6 +1010,7 @@ pub async fn soak(
         seconds,
         rate,
         fill,
+        settle,
     } = soak;
     if fill > 0 {
         fill_memos(server, fill).await;
@@ -1034,7 +1036,8 @@ pub async fn soak(
             }
         })
     };
-    let messages = (seconds as f64 * rate).round() as u64;
+    // The same load for `settle` seconds first, outside the minutes.
+    let messages = ((seconds + settle) as f64 * rate).round() as u64;
     let mut result = latency(server, clients, messages, rate, 1, transport, true).await;
     sampler.abort();
     let samples = samples.lock().expect("samples").clone();
@@ -1052,6 +1055,7 @@ pub async fn soak(
     result["seconds"] = json!(seconds);
     result["rate"] = json!(rate);
     result["fill"] = json!(fill);
+    result["settle_seconds"] = json!(settle);
     let resident = |reading: &Reading| Some(reading.resident);
     compare_minutes(&mut result, "rss", head, tail, resident);
     result["rss_max_mb"] = json!(mb(sending.iter().map(|r| r.resident).max().unwrap_or(0)));
@@ -1079,41 +1083,27 @@ pub struct SoakLoad {
     pub rate: f64,
     /// Messages sent first, to fill the server's memos.
     pub fill: u64,
+    /// Seconds of the same load before the measured `seconds`, for what
+    /// each connection and room sets up at its first deliveries.
+    pub settle: u64,
 }
 
-/// Sends `count` messages as fast as 16 concurrent sends go, into a room
-/// of one member, and reads them back, so that the server's memos of the
-/// newest events and stream entries are full before a soak's minutes
-/// begin.
+/// Fills the server's memos before a soak's minutes begin: `count`
+/// messages, sent as fast as 16 concurrent sends go into a room of one
+/// member and read back, fill those of the newest events and stream
+/// entries; then 2,000 more into a room of a hundred members (who never
+/// read) fill the memo of the newest events' decisions for each member.
 async fn fill_memos(server: &Server, count: u64) {
     eprintln!("soak: {count} messages to fill the memos");
     let token = server.register_many("filler", 1).await.remove(0);
-    let room_id = server.create_room(&token, json!({})).await;
-    let next = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (server, token, room_id, next) =
-            (server.clone(), token.clone(), room_id.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let seq = next.fetch_add(1, Ordering::Relaxed);
-                if seq >= count {
-                    break;
-                }
-                let txn = format!("{}-fill-{seq}", server.run);
-                server.send(&token, &room_id, &txn, "fill").await;
-            }
-        }));
-    }
-    for task in tasks {
-        let _ = task.await;
-    }
+    let alone = server.create_room(&token, json!({})).await;
+    send_fast(server, &token, &alone, "alone", count).await;
     // Back through the room, a thousand events a page.
     let mut from: Option<String> = None;
     let mut read = 0;
     loop {
         let mut url = server.url(&format!(
-            "/_matrix/client/v3/rooms/{room_id}/messages?dir=b&limit=1000"
+            "/_matrix/client/v3/rooms/{alone}/messages?dir=b&limit=1000"
         ));
         if let Some(from) = &from {
             url += &format!("&from={from}");
@@ -1132,6 +1122,43 @@ async fn fill_memos(server: &Server, count: u64) {
         }
     }
     eprintln!("  {read} events read back");
+    let members = server.register_many("fillmember", ROOM_LIMIT - 1).await;
+    let crowded = server
+        .create_room(&token, json!({ "preset": "public_chat" }))
+        .await;
+    for member in &members {
+        server.join(member, &crowded).await;
+    }
+    send_fast(server, &token, &crowded, "crowded", 2000).await;
+}
+
+/// Sends `count` messages into a room with 16 sends at a time (`label`
+/// keeps their transaction IDs apart from other rooms').
+async fn send_fast(server: &Server, token: &str, room_id: &str, label: &str, count: u64) {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (server, token, room_id, label, next) = (
+            server.clone(),
+            token.to_owned(),
+            room_id.to_owned(),
+            label.to_owned(),
+            next.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let seq = next.fetch_add(1, Ordering::Relaxed);
+                if seq >= count {
+                    break;
+                }
+                let txn = format!("{}-fill-{label}-{seq}", server.run);
+                server.send(&token, &room_id, &txn, "fill").await;
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
 }
 
 /// The median of the readings' figure (`figure` answers None for a reading
