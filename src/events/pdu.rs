@@ -246,6 +246,28 @@ impl Pdu {
         })
     }
 
+    /// A copy without the parsed object, to be kept in memory as an event
+    /// read from storage is: the object, if ever asked for, is parsed
+    /// again from the text. A built event's object is larger than its text.
+    pub fn lean(&self) -> Pdu {
+        Pdu {
+            event_id: self.event_id.clone(),
+            room_id: self.room_id.clone(),
+            room_id_in_json: self.room_id_in_json,
+            sender: self.sender.clone(),
+            origin_server_ts: self.origin_server_ts,
+            kind: self.kind.clone(),
+            content: self.content.clone(),
+            state_key: self.state_key.clone(),
+            prev_events: self.prev_events.clone(),
+            auth_events: self.auth_events.clone(),
+            redacts: self.redacts.clone(),
+            depth: self.depth,
+            text: self.text.clone(),
+            json: OnceLock::new(),
+        }
+    }
+
     /// The canonical JSON text of the signed event.
     pub fn json_str(&self) -> &str {
         &self.text
@@ -428,6 +450,10 @@ mod tests {
                 .unwrap();
             assert_eq!(read.json_str(), text);
             assert_eq!(read.json(), built.json(), "the whole object, parsed on use");
+            let lean = built.lean();
+            assert!(lean.json.get().is_none(), "the object is not kept");
+            assert_eq!(lean.json_str(), built.json_str());
+            assert_eq!(lean.json(), built.json(), "parsed again from the text");
             assert_eq!(read.sender, built.sender);
             assert_eq!(read.kind, built.kind);
             assert_eq!(read.content.get(), built.content.get());

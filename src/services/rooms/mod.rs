@@ -555,25 +555,24 @@ impl Rooms {
         }
         let generation = self.storage.rewrites();
         self.storage.commit(draft.batch).await?;
-        let event_id = pdu.event_id.clone();
-        self.remember_written(pdu, generation);
-        Ok(event_id)
+        self.remember_written(&pdu, generation);
+        Ok(pdu.event_id.clone())
     }
 
     /// Remembers an event this server just stored, as [`Rooms::pdu_shared`]
-    /// would after reading it: the notifier, the search index and the
-    /// members' next looks then take it from memory. `generation` is the
-    /// rewrite generation read before the commit, so that a rewrite landing
-    /// after the event was written leaves it untrusted.
-    fn remember_written(&self, pdu: Arc<Pdu>, generation: u64) {
+    /// would after reading it (without the parsed object building kept):
+    /// the notifier, the search index and the members' next looks then
+    /// take it from memory. `generation` is the rewrite generation read
+    /// before the commit, so that a rewrite landing after the event was
+    /// written leaves it untrusted.
+    fn remember_written(&self, pdu: &Pdu, generation: u64) {
         if !generation.is_multiple_of(2) {
             return;
         }
-        let key = pdu.event_id.to_string();
         self.parsed_memo.insert(
-            key,
+            pdu.event_id.to_string(),
             Parsed {
-                pdu,
+                pdu: Arc::new(pdu.lean()),
                 generation,
                 redacted: false,
             },
