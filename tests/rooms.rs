@@ -918,6 +918,8 @@ async fn search_finds_what_the_user_may_read_and_survives_losing_its_index() {
     assert_eq!(status, StatusCode::OK);
     let answer = search(&server, &bob, json!({ "search_term": "lazy" }), None).await;
     assert!(found(&answer).is_empty(), "{answer}");
+    // Gone from the index itself, not only hidden when the hit is read.
+    assert_eq!(answer["count"], 0, "{answer}");
 
     // Bad requests.
     let (status, _) = server

@@ -85,7 +85,10 @@ pub struct SearchQuery<'a> {
 fn schema() -> (Schema, Fields) {
     let mut builder = Schema::builder();
     let fields = Fields {
-        event_id: builder.add_text_field("event_id", STRING | STORED),
+        // Stored only: an event ID is unique to its document, and a term
+        // dictionary of random IDs is what made merging segments costly.
+        // Documents are deleted by their stream position instead.
+        event_id: builder.add_text_field("event_id", STORED),
         room_id: builder.add_text_field("room_id", STRING | STORED),
         key: builder.add_text_field("key", STRING),
         text: builder.add_text_field("text", TEXT),
@@ -286,8 +289,13 @@ impl Search {
                     .as_ref()
                     .map(ToString::to_string)
                     .or_else(|| content["redacts"].as_str().map(str::to_owned));
-                if let Some(target) = target {
-                    writer.delete_term(Term::from_field_text(f.event_id, &target));
+                // Its document is found by its stream position.
+                let position = match target {
+                    Some(target) => services.rooms.pdu(&target)?.map(|(_, s)| s.stream),
+                    None => None,
+                };
+                if let Some(position) = position.filter(|p| *p > 0) {
+                    writer.delete_term(Term::from_field_u64(f.stream, position));
                 }
                 continue;
             }
