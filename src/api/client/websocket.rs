@@ -38,6 +38,7 @@ use crate::api::AppState;
 use crate::services::accounts::{Authed, TokenCheck};
 use crate::services::connections::Session;
 use crate::services::filter::Filter;
+use crate::services::notifications::count_ahead;
 use crate::services::stream::Registration;
 
 /// Where clients connect.
@@ -351,6 +352,14 @@ impl Connection {
         let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
         let mut last_heard = tokio::time::Instant::now();
         let (mut registration, mut again) = self.look_and_push(None).await?;
+        // Unread counts made ready beside the connection's loop, so that
+        // the first push of each room judges only its new events.
+        let (state, user) = (self.state.clone(), self.user.clone());
+        tokio::spawn(async move {
+            if let Err(error) = count_ahead(&state, &user).await {
+                tracing::warn!(%user, "unread counts at connection: {error}");
+            }
+        });
         loop {
             if running.is_none() {
                 if let Some((id, kind, data)) = queue.pop_front() {
