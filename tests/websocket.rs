@@ -551,6 +551,10 @@ async fn a_client_that_stops_reading_is_disconnected_and_resumes() {
         let body = format!("{n} {filler}");
         send_text(&server, &alice, &room_id, &format!("t{n}"), &body).await;
     }
+    // He still reads nothing for a while: the sends can end before the
+    // server's pushes have filled the socket's buffers and then waited
+    // out the send timeout, and reading at once would unblock them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     // The server gave up on him: his stream ends before all of it came.
     let mut received = 0;
     let ended = tokio::time::timeout(Duration::from_secs(60), async {
