@@ -1060,6 +1060,20 @@ pub async fn soak(
     compare_minutes(&mut result, "rss", head, tail, resident);
     result["rss_max_mb"] = json!(mb(sending.iter().map(|r| r.resident).max().unwrap_or(0)));
     result["rss_samples"] = json!(sending.len());
+    // Every reading of the minutes, so that a median can be checked
+    // against the readings it came from.
+    let readings: Vec<Value> = sending
+        .iter()
+        .map(|reading| {
+            json!({
+                "at_s": reading.at.round(),
+                "rss_mb": mb(reading.resident),
+                "rocksdb_mb": reading.server.map(|server| mb(server.rocksdb)),
+                "heap_mb": reading.server.map(|server| mb(server.heap)),
+            })
+        })
+        .collect();
+    result["readings"] = json!(readings);
     if tail.iter().all(|reading| reading.server.is_some()) {
         let rocksdb = |reading: &Reading| reading.server.map(|server| server.rocksdb);
         let outside = |reading: &Reading| {
