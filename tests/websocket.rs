@@ -534,7 +534,8 @@ async fn a_reconnecting_device_gets_everything_after_its_ack_exactly_once() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_disconnected_and_resumes() {
-    let server = TestServer::start_with(|c| c.websocket.send_timeout_ms = 300).await;
+    let send_timeout_ms = 300;
+    let server = TestServer::start_with(|c| c.websocket.send_timeout_ms = send_timeout_ms).await;
     let alice = token(&server.register("alice").await);
     let bob = token(&server.register("bob").await);
     let room_id = server
@@ -554,7 +555,7 @@ async fn a_client_that_stops_reading_is_disconnected_and_resumes() {
     // He still reads nothing for a while: the sends can end before the
     // server's pushes have filled the socket's buffers and then waited
     // out the send timeout, and reading at once would unblock them.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(send_timeout_ms * 7)).await;
     // The server gave up on him: his stream ends before all of it came.
     let mut received = 0;
     let ended = tokio::time::timeout(Duration::from_secs(60), async {

@@ -1060,6 +1060,8 @@ pub async fn soak(
     compare_minutes(&mut result, "rss", head, tail, resident);
     result["rss_max_mb"] = json!(mb(sending.iter().map(|r| r.resident).max().unwrap_or(0)));
     result["rss_samples"] = json!(sending.len());
+    let rocksdb = |reading: &Reading| reading.server.map(|server| server.rocksdb);
+    let heap = |reading: &Reading| reading.server.map(|server| server.heap);
     // Every reading of the minutes, so that a median can be checked
     // against the readings it came from.
     let readings: Vec<Value> = sending
@@ -1068,19 +1070,17 @@ pub async fn soak(
             json!({
                 "at_s": reading.at.round(),
                 "rss_mb": mb(reading.resident),
-                "rocksdb_mb": reading.server.map(|server| mb(server.rocksdb)),
-                "heap_mb": reading.server.map(|server| mb(server.heap)),
+                "rocksdb_mb": rocksdb(reading).map(mb),
+                "heap_mb": heap(reading).map(mb),
             })
         })
         .collect();
     result["readings"] = json!(readings);
     if tail.iter().all(|reading| reading.server.is_some()) {
-        let rocksdb = |reading: &Reading| reading.server.map(|server| server.rocksdb);
         let outside = |reading: &Reading| {
             let server = reading.server?;
             Some(reading.resident.saturating_sub(server.rocksdb))
         };
-        let heap = |reading: &Reading| reading.server.map(|server| server.heap);
         result["rocksdb_last_minute_mb"] = json!(mb(median(tail, rocksdb)));
         result["rocksdb_max_mb"] = json!(mb(sending.iter().filter_map(rocksdb).max().unwrap_or(0)));
         compare_minutes(&mut result, "outside_rocksdb", head, tail, outside);
