@@ -56,6 +56,12 @@ async fn edits_and_threads_are_bundled_and_listed() {
     let server = TestServer::start().await;
     let room = room(&server).await;
     let original = room.send(text("helo")).await;
+    // Read before it has relations (remembered as having nothing to
+    // bundle), and again after each kind of relation below.
+    let event_path = |id: &str| format!("/_matrix/client/v3/rooms/{}/event/{id}", room.id);
+    let (_, before) = room.get(&event_path(&original)).await;
+    assert_eq!(before["event_id"], original.as_str());
+    assert!(before["unsigned"].get("m.relations").is_none());
     for fix in ["hello", "hello!"] {
         room.send(json!({
             "msgtype": "m.text",
@@ -66,6 +72,8 @@ async fn edits_and_threads_are_bundled_and_listed() {
         .await;
     }
     let root = room.send(text("thread root")).await;
+    let (_, before) = room.get(&event_path(&root)).await;
+    assert!(before["unsigned"].get("m.relations").is_none());
     let mut replies = Vec::new();
     for i in 0..3 {
         let reply = json!({

@@ -141,7 +141,7 @@ impl FromRequestParts<AppState> for Auth {
                 authed.origin_ts = param("ts").and_then(|ts| ts.parse().ok());
                 authed
             }
-            None => state.accounts.authenticate(&token)?,
+            None => state.accounts.authenticate_request(&token)?,
         };
         let path = parts.uri.path();
         if authed.locked && !path.ends_with("/logout") && !path.ends_with("/logout/all") {

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use super::clock::Clock;
 use super::error::{Error, Result};
 use super::locks::StripedLocks;
+use super::rooms::BoundedMemo;
 use super::stream::{Reservation, StreamCounter};
 use crate::config::PasswordHashing;
 use crate::ids::{self, UserId};
@@ -99,6 +100,21 @@ pub struct Accounts {
     clock: Arc<dyn Clock>,
     locks: StripedLocks,
     stream: Arc<StreamCounter>,
+    /// Requests' tokens found valid lately (see [`Accounts::authenticate_request`]).
+    checked_tokens: BoundedMemo<TokenHash, CheckedToken>,
+}
+
+/// Most access tokens remembered as checked.
+const CHECKED_TOKEN_ENTRIES: usize = 4_096;
+
+/// An access token found valid, with what its check found.
+#[derive(Clone)]
+struct CheckedToken {
+    /// The writes to the token and account tables counted before the
+    /// check read them.
+    writes: u64,
+    authed: Authed,
+    expires_at_ms: Option<u64>,
 }
 
 impl Accounts {
@@ -125,6 +141,7 @@ impl Accounts {
             clock,
             locks: StripedLocks::new(64),
             stream,
+            checked_tokens: BoundedMemo::new(CHECKED_TOKEN_ENTRIES),
         }
     }
 
@@ -347,16 +364,53 @@ impl Accounts {
 
     /// The user and device an access token belongs to.
     pub fn authenticate(&self, token: &str) -> Result<Authed> {
-        let record = self.token_record(token)?;
+        self.authed(&self.token_record(token)?)
+    }
+
+    /// The user and device of a valid token's record.
+    fn authed(&self, record: &AccessTokenRecord) -> Result<Authed> {
         let user = self.user(&record.localpart)?;
         Ok(Authed {
             user_id: self.user_id(&record.localpart),
-            device_id: record.device_id,
+            device_id: record.device_id.clone(),
             suspended: user.as_ref().is_some_and(|u| u.suspended),
             locked: user.as_ref().is_some_and(|u| u.locked),
             appservice: None,
             origin_ts: None,
         })
+    }
+
+    /// [`Accounts::authenticate`] for a client's request: a token checked
+    /// lately is trusted without reading it and its account again while
+    /// neither the token table nor the account table has been written
+    /// since (a logout, a new login, a suspension or lock, a deactivation
+    /// all write one of them), and until it expires.
+    pub fn authenticate_request(&self, token: &str) -> Result<Authed> {
+        let hash = hash_token(token);
+        let writes = self.token_writes();
+        if let Some(checked) = self.checked_tokens.get(&hash) {
+            let unexpired = checked
+                .expires_at_ms
+                .is_none_or(|at| self.clock.now_ms() < at);
+            if checked.writes == writes && unexpired {
+                return Ok(checked.authed);
+            }
+        }
+        let record = self.token_record(token)?;
+        let authed = self.authed(&record)?;
+        let checked = CheckedToken {
+            writes,
+            authed: authed.clone(),
+            expires_at_ms: record.expires_at_ms,
+        };
+        self.checked_tokens.insert(hash, checked);
+        Ok(authed)
+    }
+
+    /// The writes so far to the tables a token's check reads (each count
+    /// only grows, so their sum moves when either does).
+    fn token_writes(&self) -> u64 {
+        self.storage.table_writes(tables::ACCESS_TOKENS) + self.storage.table_writes(tables::USERS)
     }
 
     /// A valid token's record: known, and not expired.
@@ -904,6 +958,55 @@ mod tests {
             .unwrap();
         assert!(matches!(
             accounts.authenticate(&login.access_token),
+            Err(Error::UnknownToken { soft_logout: false })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_remembered_token_check_follows_the_token_and_the_account() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let accounts = accounts(clock.clone());
+        let expiring = NewDevice {
+            wants_refresh_token: true,
+            ..NewDevice::default()
+        };
+        let (_, login) = accounts
+            .register("dave", Some("pw"), false, Some(expiring))
+            .await
+            .unwrap();
+        let token = login.unwrap().access_token;
+        // Checked, then trusted from memory: the same answer.
+        let first = accounts.authenticate_request(&token).unwrap();
+        assert_eq!(accounts.authenticate_request(&token).unwrap(), first);
+        assert!(!first.locked);
+
+        // Locking the account writes it: the next check sees the lock.
+        accounts
+            .set_restriction("dave", Restriction::Locked, true)
+            .await
+            .unwrap();
+        assert!(accounts.authenticate_request(&token).unwrap().locked);
+
+        // A remembered token still expires on time.
+        clock.advance_ms(1000);
+        assert!(matches!(
+            accounts.authenticate_request(&token),
+            Err(Error::UnknownToken { soft_logout: true })
+        ));
+
+        // A token remembered as valid dies with its device at once.
+        let (_, login) = accounts
+            .register("erin", Some("pw"), false, Some(NewDevice::default()))
+            .await
+            .unwrap();
+        let login = login.unwrap();
+        assert!(accounts.authenticate_request(&login.access_token).is_ok());
+        accounts
+            .delete_devices("erin", std::slice::from_ref(&login.device_id))
+            .await
+            .unwrap();
+        assert!(matches!(
+            accounts.authenticate_request(&login.access_token),
             Err(Error::UnknownToken { soft_logout: false })
         ));
     }

@@ -294,12 +294,11 @@ impl Cf {
         )
     }
 
-    /// Position in [`Cf::ALL`], for backends that keep one slot per table.
-    pub fn index(self) -> usize {
-        Cf::ALL
-            .iter()
-            .position(|cf| *cf == self)
-            .expect("every Cf is listed in Cf::ALL")
+    /// Position in [`Cf::ALL`], for backends that keep one slot per table
+    /// (`ALL` lists the tables in the order they are declared, as a test
+    /// checks).
+    pub const fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -317,6 +316,9 @@ pub enum BatchOp {
     },
 }
 
+// [`RawBatch::tables`] keeps one bit per table in a `u64`.
+const _: () = assert!(Cf::ALL.len() <= u64::BITS as usize);
+
 /// Changes that a backend applies all together or not at all.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RawBatch {
@@ -330,6 +332,15 @@ impl RawBatch {
 
     pub fn delete(&mut self, cf: Cf, key: Vec<u8>) {
         self.ops.push(BatchOp::Delete { cf, key });
+    }
+
+    /// The tables the batch writes to, one bit each at its
+    /// [`Cf::index`] (there are at most 64 tables).
+    pub fn tables(&self) -> u64 {
+        self.ops.iter().fold(0, |tables, op| {
+            let (BatchOp::Put { cf, .. } | BatchOp::Delete { cf, .. }) = op;
+            tables | 1 << cf.index()
+        })
     }
 
     pub fn is_empty(&self) -> bool {

@@ -20,7 +20,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
-use super::{Backend, Batch, CommitStats, RawBatch, StorageError};
+use super::{Backend, Batch, Cf, CommitStats, RawBatch, StorageError};
 
 /// Most batches written as one group.
 const MAX_GROUP: usize = 256;
@@ -30,20 +30,53 @@ const MAX_GROUP: usize = 256;
 /// by two with each. A reader that remembers what it read, stamped with
 /// the generation seen before reading, may trust it while the generation
 /// is still that one.
-#[derive(Default)]
-pub struct Rewrites(AtomicU64);
+///
+/// It also counts, for each table, the commits that wrote to it: a table's
+/// count moves on once such a commit has been applied, before its writer
+/// hears back. A reader that remembers what it read from a table, with
+/// the table's count read before reading, may trust it while the count is
+/// still that one, whoever wrote.
+pub struct Rewrites {
+    generation: AtomicU64,
+    /// By table, in the order of [`Cf::ALL`].
+    tables: [AtomicU64; Cf::ALL.len()],
+}
+
+impl Default for Rewrites {
+    fn default() -> Self {
+        Rewrites {
+            generation: AtomicU64::new(0),
+            tables: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
 
 impl Rewrites {
     /// The generation now.
     pub fn current(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// How many commits have written to `table` so far.
+    pub fn table_writes(&self, table: Cf) -> u64 {
+        self.tables[table.index()].load(Ordering::Acquire)
+    }
+
+    /// Counts a commit that wrote to the tables of `tables` (see
+    /// [`RawBatch::tables`]); called once it is applied.
+    fn written(&self, tables: u64) {
+        for (index, count) in self.tables.iter().enumerate() {
+            if tables & (1 << index) != 0 {
+                count.fetch_add(1, Ordering::AcqRel);
+            }
+        }
     }
 
     /// Writes `batch` as a rewrite: the generation is odd meanwhile.
     fn around<T>(&self, write: impl FnOnce() -> T) -> T {
-        self.0.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let result = write();
-        self.0.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         result
     }
 
@@ -55,7 +88,8 @@ impl Rewrites {
         backend: &dyn Backend,
         tier_lock: &Mutex<()>,
     ) -> Result<bool, StorageError> {
-        if batch.rewrites() {
+        let tables = batch.raw.tables();
+        let result = if batch.rewrites() {
             // Under the tier lock, so that rewrites do not overlap.
             let _guard = tier_lock
                 .lock()
@@ -63,7 +97,9 @@ impl Rewrites {
             self.around(|| batch.write_to(backend))
         } else {
             batch.write_to(backend)
-        }
+        };
+        self.written(tables);
+        result
     }
 }
 
@@ -156,7 +192,13 @@ fn write_all(
     let mut group: Vec<Job> = Vec::new();
     for job in jobs {
         if job.batch.rewrites() {
-            write_group(std::mem::take(&mut group), backend, commits, &mut answers);
+            write_group(
+                std::mem::take(&mut group),
+                backend,
+                rewrites,
+                commits,
+                &mut answers,
+            );
             let operations = job.batch.raw.ops.len();
             let started = Instant::now();
             let result = rewrites.write(job.batch, backend, tier_lock);
@@ -166,7 +208,7 @@ fn write_all(
             group.push(job);
         }
     }
-    write_group(group, backend, commits, &mut answers);
+    write_group(group, backend, rewrites, commits, &mut answers);
     answers
 }
 
@@ -175,6 +217,7 @@ fn write_all(
 fn write_group(
     group: Vec<Job>,
     backend: &dyn Backend,
+    rewrites: &Rewrites,
     commits: &CommitStats,
     answers: &mut Vec<Answer>,
 ) {
@@ -192,7 +235,9 @@ fn write_group(
         waiting.push(job.answer);
     }
     let started = Instant::now();
+    let tables = raw.tables();
     let written = backend.write(raw);
+    rewrites.written(tables);
     for operations in sizes {
         observe(commits, started, operations);
     }
@@ -221,4 +266,47 @@ fn observe(commits: &CommitStats, started: Instant, operations: usize) {
 
 fn closed() -> StorageError {
     StorageError::Task("the store was closed".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::storage::{tables, Batch, Storage};
+
+    #[tokio::test]
+    async fn a_table_count_moves_with_each_commit_that_writes_to_the_table() {
+        let storage = Storage::in_memory();
+        let (rooms, pdus) = (
+            storage.table_writes(tables::USER_ROOMS),
+            storage.table_writes(tables::PDUS),
+        );
+        let record = tables::UserRoom {
+            membership: "join".to_owned(),
+            event_id: "$a".to_owned(),
+            stream: 1,
+            forgotten: false,
+        };
+        let row = ("@a:x".to_owned(), "!r:x".to_owned());
+
+        // A plain commit, through the committer's group.
+        let mut batch = Batch::new();
+        batch.put(tables::USER_ROOMS, &row, &record);
+        storage.commit(batch).await.unwrap();
+        assert_eq!(storage.table_writes(tables::USER_ROOMS), rooms + 1);
+        assert_eq!(storage.table_writes(tables::PDUS), pdus);
+
+        // A rewrite, written alone.
+        let mut batch = Batch::new();
+        batch.delete(tables::USER_ROOMS, &row);
+        batch.mark_rewrite();
+        storage.commit(batch).await.unwrap();
+        assert_eq!(storage.table_writes(tables::USER_ROOMS), rooms + 2);
+
+        // A write on the calling thread.
+        let mut batch = Batch::new();
+        batch.put(tables::USER_ROOMS, &row, &record);
+        storage.write_blocking(batch).unwrap();
+        assert_eq!(storage.table_writes(tables::USER_ROOMS), rooms + 3);
+        assert_eq!(storage.table_writes(tables::PDUS), pdus);
+        assert!(storage.get(tables::USER_ROOMS, &row).unwrap().is_some());
+    }
 }

@@ -472,6 +472,13 @@ impl Storage {
         self.rewrites.current()
     }
 
+    /// How many commits have written to `table` (see [`Rewrites`]): read
+    /// it before reading the table, and what was read still holds while
+    /// the count stays the same.
+    pub fn table_writes<K, V>(&self, table: Table<K, V>) -> u64 {
+        self.rewrites.table_writes(table.cf)
+    }
+
     /// The commits' figures since the store was opened.
     pub fn commit_stats(&self) -> &CommitStats {
         &self.commits

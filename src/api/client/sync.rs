@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::Json;
-use ruma::{OwnedRoomId, OwnedUserId, RoomId};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -105,7 +105,8 @@ pub async fn sync(
     let timeout_ms = query.timeout.unwrap_or(0).min(MAX_TIMEOUT_MS);
     let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
     // Registered before the first look: a write landing after it wakes us.
-    let registration = register_reader(&state, &user)?;
+    let mut known = KnownRooms::read(&state, &user)?;
+    let registration = register_known(&state, &user, &known);
     if let Some(since) = since {
         // The device has everything up to its token: its to-device
         // messages up to there are delivered.
@@ -121,7 +122,15 @@ pub async fn sync(
         // and looks once, when woken.
         let at_now = since.is_some_and(|since| since == SyncToken::now(&state));
         if !at_now || query.full_state || waited_enough {
-            let (answer, empty) = look(&state, &authed, &user, &filter, since, query.full_state)?;
+            let (answer, empty) = look(
+                &state,
+                &authed,
+                &user,
+                &filter,
+                since,
+                query.full_state,
+                &mut known,
+            )?;
             let waited_enough = tokio::time::Instant::now() >= deadline;
             if !empty || since.is_none() || query.full_state || waited_enough {
                 return Ok(Json(answer));
@@ -131,9 +140,40 @@ pub async fn sync(
     }
 }
 
+/// The user's memberships as a look reads them, kept between the looks of
+/// one request: they are read again only when some membership, anyone's,
+/// was written since (a waiting request woken by a message or a typing
+/// notice finds them unchanged).
+pub struct KnownRooms {
+    writes: u64,
+    rooms: Vec<(OwnedRoomId, UserRoom)>,
+}
+
+impl KnownRooms {
+    /// The user's memberships now.
+    pub fn read(state: &AppState, user: &UserId) -> ApiResult<Self> {
+        let (writes, rooms) = state.rooms.counted_memberships_of_user(user)?;
+        Ok(KnownRooms { writes, rooms })
+    }
+
+    /// The memberships now: those kept, or read again if any changed.
+    fn current(
+        &mut self,
+        state: &AppState,
+        user: &UserId,
+    ) -> ApiResult<&[(OwnedRoomId, UserRoom)]> {
+        if state.rooms.memberships_written_since(self.writes) {
+            *self = KnownRooms::read(state, user)?;
+        }
+        Ok(&self.rooms)
+    }
+}
+
 /// One look at what a device should be sent after `since`, up to where
 /// every stream stands now: the `/sync` answer, and whether it has nothing
 /// new in it. Reads only; the caller acknowledges to-device messages.
+/// `known` holds the user's memberships from an earlier read, brought up
+/// to date here.
 pub fn look(
     state: &AppState,
     authed: &Authed,
@@ -141,6 +181,7 @@ pub fn look(
     filter: &Filter,
     since: Option<SyncToken>,
     full_state: bool,
+    known: &mut KnownRooms,
 ) -> ApiResult<(Value, bool)> {
     let mut upto = SyncToken::now(state);
     let to_device = state.e2ee.to_device(
@@ -154,10 +195,12 @@ pub fn look(
         // it carries, and the next sync brings the rest.
         upto.stream = to_device.last().map_or(upto.stream, |(p, _)| *p);
     }
+    let rooms = known.current(state, user)?;
     let request = SyncRequest {
         state,
         authed,
         user: user.clone(),
+        rooms,
         filter,
         since,
         full_state,
@@ -170,13 +213,17 @@ pub fn look(
 /// Registers a waiting reader for the user's rooms (any membership) and
 /// the user; done before the first look, so no write after it is missed.
 pub fn register_reader(state: &AppState, user: &OwnedUserId) -> ApiResult<Registration> {
-    let rooms: Vec<String> = state
+    Ok(register_known(state, user, &KnownRooms::read(state, user)?))
+}
+
+/// [`register_reader`] for the memberships `known`, read before.
+pub fn register_known(state: &AppState, user: &OwnedUserId, known: &KnownRooms) -> Registration {
+    let rooms: Vec<String> = known
         .rooms
-        .memberships_of_user(user)?
-        .into_iter()
+        .iter()
         .map(|(room_id, _)| room_id.to_string())
         .collect();
-    Ok(state.sync.register(user, &rooms))
+    state.sync.register(user, &rooms)
 }
 
 /// `set_presence`: `online` (the default) or `unavailable` marks the user
@@ -208,6 +255,8 @@ struct SyncRequest<'a> {
     state: &'a AppState,
     authed: &'a Authed,
     user: OwnedUserId,
+    /// The user's memberships, as of this look.
+    rooms: &'a [(OwnedRoomId, UserRoom)],
     filter: &'a Filter,
     since: Option<SyncToken>,
     full_state: bool,
@@ -238,17 +287,17 @@ impl SyncRequest<'_> {
         // lists are about the users the user shares rooms with, and the
         // room filter limits the `rooms` section alone.
         let mut joined_rooms = BTreeSet::new();
-        for (room_id, record) in self.state.rooms.memberships_of_user(&self.user)? {
-            let Some(now) = self.membership_now(&room_id, record)? else {
+        for (room_id, record) in self.rooms {
+            let Some(now) = self.membership_now(room_id, record.clone())? else {
                 continue;
             };
             if now.membership == "join" {
                 joined_rooms.insert(room_id.clone());
             }
-            if !self.room_filter_allows(&room_id) {
+            if !self.room_filter_allows(room_id) {
                 continue;
             }
-            if let Some((section, body)) = self.room_entry(&room_id, &now, &changes)? {
+            if let Some((section, body)) = self.room_entry(room_id, &now, &changes)? {
                 sections
                     .entry(section)
                     .or_default()

@@ -32,7 +32,7 @@ use serde_json::{json, Map, Value};
 use tower::ServiceExt;
 
 use super::membership::parse_user;
-use super::sync::{look, register_reader, set_presence, SyncToken};
+use super::sync::{look, register_known, register_reader, set_presence, KnownRooms, SyncToken};
 use crate::api::error::MatrixError;
 use crate::api::AppState;
 use crate::services::accounts::{Authed, TokenCheck};
@@ -486,9 +486,13 @@ impl Connection {
             .recheck(&self.caller.token, self.token_check);
         self.token_check = Some(checked.map_err(|_| End::new(4401, "M_UNKNOWN_TOKEN"))?);
         let unreadable = |_| End::new(1011, "cannot read the stream");
+        // The memberships are read once for the registration and the look
+        // (again only if one changed in between), and not kept past the
+        // push: an idle connection holds none.
+        let mut known = KnownRooms::read(&self.state, &self.user).map_err(unreadable)?;
         let mut registration = match kept {
             Some(registration) => registration,
-            None => register_reader(&self.state, &self.user).map_err(unreadable)?,
+            None => register_known(&self.state, &self.user, &known),
         };
         let (answer, empty) = look(
             &self.state,
@@ -497,6 +501,7 @@ impl Connection {
             &self.filter,
             Some(self.cursor),
             false,
+            &mut known,
         )
         .map_err(unreadable)?;
         let next = answer["next_batch"]

@@ -55,6 +55,10 @@ pub struct Rooms {
     /// read again and again: auth events, current state, the timeline
     /// that unread counts walk.
     parsed_memo: BoundedMemo<String, Parsed>,
+    /// Events found with nothing to bundle (no edit, no thread), with the
+    /// writes to the relation tables counted before looking (see
+    /// [`Rooms::bundled_relations`]).
+    unbundled_memo: BoundedMemo<String, u64>,
     /// The timestamp of the last room created here. In room version 12 a
     /// room's ID is the hash of its create event, so two rooms created with
     /// the same content in the same millisecond would get one ID; each new
@@ -192,6 +196,9 @@ mod memo_tests {
 /// Most parsed events remembered.
 const PARSED_MEMO_ENTRIES: usize = 16_384;
 
+/// Most events remembered as having nothing to bundle.
+const UNBUNDLED_MEMO_ENTRIES: usize = 4_096;
+
 /// Most (state group, user) visibility facts remembered.
 const VISIBILITY_MEMO_ENTRIES: usize = 200_000;
 
@@ -265,6 +272,7 @@ impl Rooms {
             max_members,
             visibility_memo: BoundedMemo::new(VISIBILITY_MEMO_ENTRIES),
             parsed_memo: BoundedMemo::new(PARSED_MEMO_ENTRIES),
+            unbundled_memo: BoundedMemo::new(UNBUNDLED_MEMO_ENTRIES),
             last_create_ts: AtomicU64::new(0),
             outbox: Outbox::new(),
             appservices,
@@ -957,6 +965,23 @@ impl Rooms {
             stream,
             forgotten: false,
         }))
+    }
+
+    /// [`Rooms::memberships_of_user`], with the count of writes to the
+    /// membership index read before it: the list still holds while
+    /// [`Rooms::memberships_written_since`] says no.
+    pub fn counted_memberships_of_user(
+        &self,
+        user_id: &UserId,
+    ) -> Result<(u64, Vec<(OwnedRoomId, UserRoom)>)> {
+        let writes = self.storage.table_writes(tables::USER_ROOMS);
+        Ok((writes, self.memberships_of_user(user_id)?))
+    }
+
+    /// Whether any membership of any user has been written since the
+    /// count `writes` was read.
+    pub fn memberships_written_since(&self, writes: u64) -> bool {
+        self.storage.table_writes(tables::USER_ROOMS) != writes
     }
 
     /// Every room the user has or had a membership in, with the latest.

@@ -115,9 +115,25 @@ impl Rooms {
             .collect())
     }
 
+    /// The writes so far to the tables an event's bundle is read from
+    /// (each count only grows, so their sum moves when any of them does).
+    fn relation_writes(&self) -> u64 {
+        self.storage.table_writes(tables::RELATIONS)
+            + self.storage.table_writes(tables::ARCHIVED_RELATIONS)
+            + self.storage.table_writes(tables::THREADS)
+    }
+
     /// The aggregations a client sees under `unsigned.m.relations`: the
     /// latest edit by the original sender, and the thread summary.
+    ///
+    /// An event found with neither is remembered as such, for every
+    /// viewer, until the relation tables are written again: each of a
+    /// room's readers renders a new message, and most have no relations.
     pub fn bundled_relations(&self, pdu: &Pdu, viewer: &UserId) -> Result<Option<Value>> {
+        let writes = self.relation_writes();
+        if self.unbundled_memo.get(pdu.event_id.as_str()) == Some(writes) {
+            return Ok(None);
+        }
         let mut bundle = serde_json::Map::new();
         let latest_edit = self
             .children(pdu.event_id.as_str())?
@@ -128,13 +144,18 @@ impl Rooms {
                     && r.sender == pdu.sender.as_str()
                     && r.event_type == pdu.kind.to_string()
             });
+        let thread_key = (pdu.room_id.to_string(), pdu.event_id.to_string());
+        let thread = self.storage.get(tables::THREADS, &thread_key)?;
+        if latest_edit.is_none() && thread.is_none() {
+            self.unbundled_memo.insert(pdu.event_id.to_string(), writes);
+            return Ok(None);
+        }
         if let Some((_, edit)) = latest_edit {
             if let Some((edit, _)) = self.pdu(&edit.event_id)? {
                 bundle.insert("m.replace".to_owned(), edit.client_event());
             }
         }
-        let thread_key = (pdu.room_id.to_string(), pdu.event_id.to_string());
-        if let Some(thread) = self.storage.get(tables::THREADS, &thread_key)? {
+        if let Some(thread) = thread {
             if let Some((latest, _)) = self.pdu(&thread.latest_event_id)? {
                 bundle.insert(
                     "m.thread".to_owned(),
