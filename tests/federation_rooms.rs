@@ -401,6 +401,85 @@ async fn concurrent_state_changes_on_both_servers_converge() {
     .await;
 }
 
+/// Alice's server leaves the events no other server receives unsigned; the
+/// ones from before Bob's server joined leave it signed, and verify with
+/// its key as any server checks them.
+#[tokio::test]
+async fn events_from_before_another_server_joined_leave_signed() {
+    let ca = TestCa::new();
+    let Shared {
+        one,
+        two,
+        alice,
+        bob,
+        bob_id,
+        room_id,
+        ..
+    } = shared_room(&ca).await;
+    let early = send_text(&one, &alice, &room_id, "e1", "before Bob").await;
+    let one_services = one.services();
+    let one_name = ruma::ServerName::parse(one.server_name()).unwrap();
+    let (stored, _) = one_services.rooms.pdu(&early).unwrap().unwrap();
+    assert!(
+        stored.json().get("signatures").is_none(),
+        "no other server was in the room: {}",
+        stored.json_str()
+    );
+
+    // Joining checks the room's state and auth chain, signatures and all.
+    join_through(&two, &bob, &room_id, &one, &alice, &bob_id).await;
+    let late = send_text(&one, &alice, &room_id, "e2", "after Bob").await;
+    eventually("Alice's later message on Bob's server", || async {
+        bodies(&two, &bob, &room_id)
+            .await
+            .contains(&"after Bob".to_owned())
+            .then_some(())
+    })
+    .await;
+    let (stored, _) = one_services.rooms.pdu(&late).unwrap().unwrap();
+    let signatures = stored.json().get("signatures");
+    assert!(
+        matches!(signatures, Some(ruma::CanonicalJsonValue::Object(s)) if s.contains_key(one_name.as_str())),
+        "signed as it was made, for the servers in the room: {}",
+        stored.json_str()
+    );
+
+    // The early message, asked for over federation, comes signed.
+    let two_services = two.services();
+    let path = format!("/_matrix/federation/v1/event/{}", early.replace('$', "%24"));
+    let answer = two_services
+        .federation
+        .client
+        .send(&one_name, reqwest::Method::GET, &path, None)
+        .await
+        .unwrap();
+    let event: CanonicalJsonObject = serde_json::from_value(answer["pdus"][0].clone()).unwrap();
+    let document = one_services.federation.own_key_document().unwrap();
+    let keys = myelin_federation::server_keys::verify_key_document(
+        &document,
+        &one_name,
+        None,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+    )
+    .unwrap();
+    let rules = ruma::RoomVersionId::V12.rules().unwrap();
+    let by_server = [(one_name.clone(), keys)].into_iter().collect();
+    assert_eq!(
+        myelin_federation::pdu::check_signatures_and_hash(&event, &rules, &by_server),
+        Ok(myelin_federation::pdu::Checked::Valid)
+    );
+    assert_eq!(
+        myelin_federation::pdu::event_id(&event, &rules)
+            .unwrap()
+            .as_str(),
+        early,
+        "the same event it was before it was signed"
+    );
+}
+
 #[tokio::test]
 async fn bad_events_are_refused_and_change_nothing() {
     let ca = TestCa::new();

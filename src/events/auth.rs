@@ -168,7 +168,7 @@ mod tests {
                 depth: self.depth + 1,
                 origin_server_ts: 1_700_000_000_000 + self.depth,
                 server_name: "example.org",
-                key: &self.key,
+                key: Some(&self.key),
             };
             Pdu::build(&new, &ctx).map_err(|e| e.to_string())
         }

@@ -3,11 +3,12 @@
 use ruma::canonical_json::{redact, try_from_json_map, CanonicalJsonObject, CanonicalJsonValue};
 use ruma::events::TimelineEventType;
 use ruma::room_version_rules::RoomVersionRules;
-use ruma::signatures::{hash_and_sign_event, reference_hash, JsonError};
+use ruma::signatures::{add_content_hash_to_event, reference_hash, sign_event, JsonError};
 use ruma::{
     EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId,
     RoomVersionId, UInt, UserId,
 };
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use serde::Deserialize;
@@ -77,7 +78,10 @@ pub struct BuildContext<'a> {
     pub depth: u64,
     pub origin_server_ts: u64,
     pub server_name: &'a str,
-    pub key: &'a SigningKey,
+    /// The key that signs the event now; `None` leaves it unsigned until
+    /// it first leaves for another server ([`Pdu::signed_text`]). Its ID
+    /// is the same either way: the reference hash leaves signatures out.
+    pub key: Option<&'a SigningKey>,
 }
 
 /// A persistent data unit: one signed event of a room's graph.
@@ -96,8 +100,8 @@ pub struct Pdu {
     pub auth_events: Vec<OwnedEventId>,
     pub redacts: Option<OwnedEventId>,
     pub depth: u64,
-    /// The whole signed event as canonical JSON text, as other servers
-    /// receive it and as it is stored.
+    /// The whole event as canonical JSON text, as it is stored: signed,
+    /// unless it is this server's own event not yet sent anywhere.
     text: Box<str>,
     /// The same, parsed: kept from building or receiving the event, and
     /// parsed from `text` on first use for an event read from storage,
@@ -122,7 +126,9 @@ struct PduFields {
 }
 
 impl Pdu {
-    /// Builds, hashes and signs a new event.
+    /// Builds and hashes a new event, and signs it if `ctx.key` is given.
+    /// An unsigned event is refused if its signature would make it too
+    /// large, as the signed event would be.
     pub fn build(new: &NewEvent, ctx: &BuildContext<'_>) -> Result<Pdu, EventError> {
         let mut object = json!({
             "auth_events": ctx.auth_events,
@@ -151,7 +157,8 @@ impl Pdu {
         let Value::Object(map) = object else {
             unreachable!("built as an object")
         };
-        Pdu::sign_object(map, ctx.room_id, ctx.rules, ctx.server_name, ctx.key)
+        let signer = ctx.key.map(|key| (ctx.server_name, key));
+        Pdu::hash_object(map, ctx.room_id, ctx.rules, signer)
     }
 
     /// Hashes and signs an event made of `object` (a new event, or another
@@ -164,9 +171,21 @@ impl Pdu {
         server_name: &str,
         key: &SigningKey,
     ) -> Result<Pdu, EventError> {
+        Pdu::hash_object(map, room_id, rules, Some((server_name, key)))
+    }
+
+    fn hash_object(
+        map: serde_json::Map<String, Value>,
+        room_id: Option<&RoomId>,
+        rules: &RoomVersionRules,
+        signer: Option<(&str, &SigningKey)>,
+    ) -> Result<Pdu, EventError> {
         let mut canonical =
             try_from_json_map(map).map_err(|e| EventError::Invalid(e.to_string()))?;
-        hash_and_sign_event(server_name, key, &mut canonical, &rules.redaction)?;
+        add_content_hash_to_event(&mut canonical)?;
+        if let Some((server_name, key)) = signer {
+            sign_event(server_name, key, &mut canonical, &rules.redaction)?;
+        }
         let hash = reference_hash(&canonical, rules)?;
         let event_id =
             EventId::new_v2_or_v3(&hash).map_err(|e| EventError::Invalid(e.to_string()))?;
@@ -268,9 +287,53 @@ impl Pdu {
         }
     }
 
-    /// The canonical JSON text of the signed event.
+    /// The canonical JSON text of the event as stored (see `text`).
     pub fn json_str(&self) -> &str {
         &self.text
+    }
+
+    /// Whether this is `server_name`'s own event that it has not signed
+    /// yet: one built while only this server was in its room.
+    pub fn needs_signature(&self, server_name: &str) -> bool {
+        self.sender.server_name().as_str() == server_name
+            && !matches!(
+                self.json().get("signatures"),
+                Some(CanonicalJsonValue::Object(signatures)) if signatures.contains_key(server_name)
+            )
+    }
+
+    /// The event as other servers receive it: signed by `server_name`
+    /// with `key` if it is that server's event and not signed yet. The
+    /// signature covers the redacted event, so it is the same whenever it
+    /// is made (ed25519 signatures are deterministic).
+    pub fn signed_text(
+        &self,
+        rules: &RoomVersionRules,
+        server_name: &str,
+        key: &SigningKey,
+    ) -> Result<Cow<'_, str>, EventError> {
+        if !self.needs_signature(server_name) {
+            return Ok(Cow::Borrowed(&self.text));
+        }
+        let mut json = self.json().clone();
+        sign_event(server_name, key, &mut json, &rules.redaction)?;
+        Ok(Cow::Owned(CanonicalJsonValue::Object(json).to_string()))
+    }
+
+    /// The length of the event's text once `server_name` has signed it
+    /// with `key`: what the size limit of a PDU applies to.
+    pub fn signed_len(&self, server_name: &str, key: &SigningKey) -> usize {
+        if !self.needs_signature(server_name) {
+            return self.text.len();
+        }
+        // An ed25519 signature is 64 bytes, 86 characters of unpadded
+        // base64; the object is new, so it comes with a comma before it.
+        let signatures = format!(
+            r#","signatures":{{"{server_name}":{{"{}":"{}"}}}}"#,
+            key.key_id(),
+            "A".repeat(86)
+        );
+        self.text.len() + signatures.len()
     }
 
     /// The content as a JSON value.
@@ -398,7 +461,7 @@ mod tests {
             depth: 7,
             origin_server_ts: 1_700_000_000_000,
             server_name: "example.org",
-            key: &key,
+            key: Some(&key),
         };
         (Pdu::build(&new, &ctx).unwrap(), key, rules)
     }
@@ -433,6 +496,66 @@ mod tests {
                 pdu.json().clone(),
             );
             assert_eq!(reread.unwrap().content_value(), json!({ "body": "hi" }));
+        }
+    }
+
+    #[test]
+    fn an_event_left_unsigned_is_the_same_event_once_signed() {
+        for version in [RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12] {
+            let rules = version.rules().unwrap();
+            let key = SigningKey::generate("k1").unwrap();
+            let room_id = RoomId::parse("!room:example.org").unwrap();
+            let sender = UserId::parse("@alice:example.org").unwrap();
+            let prev = [EventId::parse("$prev").unwrap()];
+            let new = NewEvent::message("m.room.message", json!({ "body": "later" }));
+            let ctx = |key| BuildContext {
+                room_id: Some(&room_id),
+                version: &version,
+                rules: &rules,
+                sender: &sender,
+                prev_events: &prev,
+                auth_events: &prev,
+                depth: 3,
+                origin_server_ts: 1_700_000_000_000,
+                server_name: "example.org",
+                key,
+            };
+            let signed = Pdu::build(&new, &ctx(Some(&key))).unwrap();
+            let unsigned = Pdu::build(&new, &ctx(None)).unwrap();
+            assert_eq!(
+                unsigned.event_id, signed.event_id,
+                "the ID ignores signatures"
+            );
+            assert!(unsigned.json().get("signatures").is_none());
+            assert!(
+                unsigned.json().get("hashes").is_some(),
+                "hashed all the same"
+            );
+            assert!(unsigned.needs_signature("example.org"));
+            assert!(!signed.needs_signature("example.org"));
+            assert!(
+                !unsigned.needs_signature("other.example"),
+                "not that server's event"
+            );
+
+            // Signed on the way out: the very event that was signed at once.
+            let text = unsigned.signed_text(&rules, "example.org", &key).unwrap();
+            assert_eq!(text, signed.json_str());
+            assert_eq!(unsigned.signed_len("example.org", &key), text.len());
+            assert_eq!(signed.signed_len("example.org", &key), text.len());
+            let borrowed = signed.signed_text(&rules, "example.org", &key).unwrap();
+            assert!(
+                matches!(borrowed, Cow::Borrowed(_)),
+                "a signed event is left as it is"
+            );
+
+            // And it verifies, as another server checks it.
+            let mut keys = PublicKeyMap::new();
+            let mut set = std::collections::BTreeMap::new();
+            set.insert(key.key_id(), Base64::new(key.public_key().to_vec()));
+            keys.insert("example.org".to_owned(), set);
+            let object: CanonicalJsonObject = serde_json::from_str(&text).unwrap();
+            assert_eq!(verify_event(&keys, &object, &rules).unwrap(), Verified::All);
         }
     }
 
@@ -489,7 +612,7 @@ mod tests {
             depth: 1,
             origin_server_ts: 0,
             server_name: "example.org",
-            key: &key,
+            key: Some(&key),
         };
         assert!(matches!(Pdu::build(&new, &ctx), Err(EventError::TooLarge)));
     }

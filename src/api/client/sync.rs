@@ -634,8 +634,10 @@ impl SyncRequest<'_> {
     /// An event in the format and with the fields the filter asks for.
     fn render(&self, pdu: &Pdu, stored: &StoredPdu) -> ApiResult<Value> {
         let event = match self.filter.event_format {
-            Some(EventFormat::Federation) => serde_json::from_str(pdu.json_str())
-                .map_err(|e| crate::services::error::Error::Internal(e.to_string()))?,
+            Some(EventFormat::Federation) => {
+                serde_json::from_str(&self.state.rooms.federation_text(pdu)?)
+                    .map_err(|e| crate::services::error::Error::Internal(e.to_string()))?
+            }
             _ => render_event(self.state, pdu, Some(stored), self.authed)?,
         };
         Ok(match &self.filter.event_fields {

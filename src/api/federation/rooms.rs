@@ -310,7 +310,7 @@ async fn event(
     Ok(Json(json!({
         "origin": state.config.server_name,
         "origin_server_ts": state.now_ms(),
-        "pdus": [membership::pdu_value(&pdu)?],
+        "pdus": [membership::pdu_value(&state.rooms, &pdu)?],
     })))
 }
 
@@ -359,7 +359,7 @@ async fn state(
     let (pdus, chain) = state_at(&app, &signed.origin, &room_id, &query)?;
     let values = |list: &[crate::events::Pdu]| {
         list.iter()
-            .map(membership::pdu_value)
+            .map(|pdu| membership::pdu_value(&app.rooms, pdu))
             .collect::<Result<Vec<_>, _>>()
     };
     Ok(Json(
@@ -397,7 +397,7 @@ async fn event_auth(
     let chain = app.rooms.auth_chain([event])?;
     let values = chain
         .iter()
-        .map(membership::pdu_value)
+        .map(|pdu| membership::pdu_value(&app.rooms, pdu))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({ "auth_chain": values })))
 }
@@ -480,7 +480,7 @@ async fn backfill(
     )?;
     let pdus = events
         .iter()
-        .map(membership::pdu_value)
+        .map(|pdu| membership::pdu_value(&app.rooms, pdu))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({
         "origin": app.config.server_name,
@@ -532,7 +532,7 @@ async fn get_missing_events(
     events.sort_by_key(|pdu| pdu.depth);
     let values = events
         .iter()
-        .map(membership::pdu_value)
+        .map(|pdu| membership::pdu_value(&app.rooms, pdu))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(json!({ "events": values })))
 }

@@ -15,6 +15,7 @@ use crate::events::{self, NewEvent, Pdu, SUPPORTED_ROOM_VERSIONS};
 use crate::services::error::{Error, Result};
 use crate::services::rooms::draft::{membership_of, Accepted};
 use crate::services::rooms::remote::Offered;
+use crate::services::rooms::Rooms;
 use crate::services::Services;
 
 /// A remote server's refusal, as the client sees it.
@@ -384,8 +385,7 @@ pub async fn invite_remote(
         .append_countersigned(room_id, sender, new, |pdu, version| async move {
             let rules = events::room_version_rules(&version)
                 .ok_or_else(|| Error::UnsupportedRoomVersion(version.to_string()))?;
-            let event: Value =
-                serde_json::from_str(pdu.json_str()).map_err(|e| Error::Internal(e.to_string()))?;
+            let event = pdu_value(&services.rooms, &pdu)?;
             let path = format!(
                 "/_matrix/federation/v2/invite/{}/{}",
                 urlencode(room_id.as_str()),
@@ -521,7 +521,7 @@ pub async fn send_membership(
     for event_id in state_ids.values() {
         if let Some((event, _)) = services.rooms.pdu(event_id)? {
             ids.push(event.event_id.clone());
-            state.push(pdu_value(&event)?);
+            state.push(pdu_value(&services.rooms, &event)?);
         }
     }
     ids.extend(pdu.auth_events.iter().cloned());
@@ -529,7 +529,7 @@ pub async fn send_membership(
         .rooms
         .auth_chain(ids)?
         .iter()
-        .map(pdu_value)
+        .map(|event| pdu_value(&services.rooms, event))
         .collect::<Result<Vec<_>>>()?;
     let servers: Vec<String> = services
         .rooms
@@ -543,7 +543,7 @@ pub async fn send_membership(
         "origin": services.federation.server_name(),
         "state": state,
         "auth_chain": auth_chain,
-        "event": pdu_value(&pdu)?,
+        "event": pdu_value(&services.rooms, &pdu)?,
         "members_omitted": false,
         "servers_in_room": servers,
     }))
@@ -614,12 +614,14 @@ pub async fn receive_invite(
             .record_outside_membership(&signed, Some(stripped))
             .await?;
     }
-    Ok(json!({ "event": pdu_value(&signed)? }))
+    Ok(json!({ "event": pdu_value(&services.rooms, &signed)? }))
 }
 
-/// A PDU as other servers receive it.
-pub fn pdu_value(pdu: &Pdu) -> Result<Value> {
-    serde_json::from_str(pdu.json_str()).map_err(|e| Error::Internal(e.to_string()))
+/// A PDU as other servers receive it: signed, if it is this server's
+/// event and was not signed yet (see [`Rooms::federation_text`]).
+pub fn pdu_value(rooms: &Rooms, pdu: &Pdu) -> Result<Value> {
+    let text = rooms.federation_text(pdu)?;
+    serde_json::from_str(&text).map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// The server part of the sender of the invite (or knock answer) a user

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Federation, SendError};
 use crate::services::error::{Error, Result};
+use crate::services::rooms::{federation_text, parse_stored};
 use crate::services::Services;
 use crate::storage::tables::{self, OutboundTxn, OutboxItem};
 use crate::storage::{Batch, Direction, Key, KeyRange};
@@ -243,11 +244,22 @@ fn make_transaction(federation: &Federation, destination: &str) -> Result<Option
     for ((_, position), item) in items {
         let raw = match item {
             OutboxItem::Pdu(event_id) => match storage.get_tiered(tables::PDU_TIERS, &event_id)? {
-                Some(stored) => Some(
-                    RawValue::from_string(stored.json)
-                        .map(Queued::Pdu)
-                        .map_err(|e| Error::Internal(e.to_string()))?,
-                ),
+                Some(stored) => {
+                    // Events queued for another server were signed when
+                    // built; one that was not is signed here.
+                    let pdu = parse_stored(&event_id, &stored)?;
+                    let text = federation_text(
+                        storage,
+                        federation.server_name.as_str(),
+                        &federation.key,
+                        &pdu,
+                    )?;
+                    Some(
+                        RawValue::from_string(text.into_owned())
+                            .map(Queued::Pdu)
+                            .map_err(|e| Error::Internal(e.to_string()))?,
+                    )
+                }
                 None => None,
             },
             OutboxItem::Edu(edu) => Some(

@@ -355,6 +355,16 @@ impl<'a> Draft<'a> {
         } else {
             ts.unwrap_or_else(|| self.rooms.clock.now_ms())
         };
+        // An event that no other server will receive now is left unsigned:
+        // it is signed if it ever leaves (`Pdu::signed_text`). An event is
+        // queued for the servers joined before it and after it, and only a
+        // membership of another server's user changes which those are.
+        let about_remote_user = new.kind == "m.room.member"
+            && new
+                .state_key
+                .as_deref()
+                .is_some_and(|user| server_of(user) != Some(self.rooms.server_name.as_str()));
+        let sign_now = !self.record.remote_servers.is_empty() || about_remote_user;
         let ctx = BuildContext {
             room_id: self.room_id.as_deref(),
             version: &self.version,
@@ -365,13 +375,13 @@ impl<'a> Draft<'a> {
             depth: self.record.depth + 1,
             origin_server_ts: now,
             server_name: &self.rooms.server_name,
-            key: &self.rooms.key,
+            key: sign_now.then_some(&*self.rooms.key),
         };
         let pdu = Pdu::build(new, &ctx).map_err(|e| match e {
             EventError::TooLarge => Error::TooLarge(e.to_string()),
             EventError::Invalid(message) => Error::BadJson(message),
         })?;
-        if pdu.json_str().len() > MAX_PDU_BYTES {
+        if pdu.signed_len(&self.rooms.server_name, &self.rooms.key) > MAX_PDU_BYTES {
             return Err(Error::TooLarge(format!(
                 "the signed event is larger than {MAX_PDU_BYTES} bytes"
             )));

@@ -13,6 +13,7 @@ pub mod remote;
 pub mod upgrade;
 pub mod visibility;
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -24,7 +25,7 @@ use super::error::{Error, Result};
 use super::locks::StripedLocks;
 use super::outbox::Outbox;
 use super::stream::StreamCounter;
-use crate::events::{NewEvent, Pdu, SigningKey};
+use crate::events::{self, NewEvent, Pdu, SigningKey};
 use crate::storage::tables::{self, RoomRecord, StoredPdu, UserRoom};
 use crate::storage::{Direction, Key, KeyRange, Storage};
 use draft::{Draft, Origin};
@@ -429,6 +430,12 @@ impl Rooms {
         let redacted = parsed.redacted;
         self.parsed_memo.insert(key, parsed);
         Ok(Some((pdu, redacted)))
+    }
+
+    /// The event as other servers receive it: signed now if it is one of
+    /// this server's events built while no other server was in its room.
+    pub fn federation_text<'p>(&self, pdu: &'p Pdu) -> Result<Cow<'p, str>> {
+        federation_text(&self.storage, &self.server_name, &self.key, pdu)
     }
 
     /// Every current state entry: (type, state key, event ID).
@@ -1066,6 +1073,28 @@ pub fn allowed_rooms(join_rules: &Value) -> Vec<OwnedRoomId> {
 }
 
 /// An event from its stored record, its fields read (see [`Pdu::from_text`]).
+/// [`Rooms::federation_text`] for a reader with the storage, the server's
+/// name and its key (the federation sender).
+pub fn federation_text<'p>(
+    storage: &Storage,
+    server_name: &str,
+    key: &SigningKey,
+    pdu: &'p Pdu,
+) -> Result<Cow<'p, str>> {
+    if !pdu.needs_signature(server_name) {
+        return Ok(Cow::Borrowed(pdu.json_str()));
+    }
+    let record: RoomRecord = storage
+        .get(tables::ROOMS, &pdu.room_id.to_string())?
+        .ok_or_else(|| Error::Internal(format!("no room {} for an event", pdu.room_id)))?;
+    let version = RoomVersionId::try_from(record.version.as_str())
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let rules = events::room_version_rules(&version)
+        .ok_or_else(|| Error::UnsupportedRoomVersion(version.to_string()))?;
+    pdu.signed_text(&rules, server_name, key)
+        .map_err(|e| Error::Internal(e.to_string()))
+}
+
 pub fn parse_stored(event_id: &str, stored: &StoredPdu) -> Result<Pdu> {
     let corrupt = |detail: String| crate::storage::StorageError::Corrupt {
         table: "pdus",
