@@ -153,6 +153,9 @@ fn run(
     commits: &CommitStats,
 ) {
     while let Ok(first) = receiver.recv() {
+        // Let the threads that are running finish what they are building:
+        // their batches join this group rather than wait for the next sync.
+        std::thread::yield_now();
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
             match receiver.try_recv() {
