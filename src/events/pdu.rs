@@ -442,28 +442,48 @@ mod tests {
     ) -> (Pdu, SigningKey, RoomVersionRules) {
         let rules = version.rules().unwrap();
         let key = SigningKey::generate("k1").unwrap();
-        let room_id = RoomId::parse("!room:example.org").unwrap();
-        let sender = UserId::parse("@alice:example.org").unwrap();
-        let prev = [EventId::parse("$prev").unwrap()];
         let new = NewEvent {
             kind: kind.to_owned(),
             content,
             state_key: state_key.map(str::to_owned),
             redacts: None,
         };
+        let pdu = build_with(&version, &rules, &new, Some(&key));
+        (pdu, key, rules)
+    }
+
+    /// Alice's event in a room of example.org, signed with `key` if given.
+    fn build_with(
+        version: &RoomVersionId,
+        rules: &RoomVersionRules,
+        new: &NewEvent,
+        key: Option<&SigningKey>,
+    ) -> Pdu {
+        let room_id = RoomId::parse("!room:example.org").unwrap();
+        let sender = UserId::parse("@alice:example.org").unwrap();
+        let prev = [EventId::parse("$prev").unwrap()];
         let ctx = BuildContext {
             room_id: Some(&room_id),
-            version: &version,
-            rules: &rules,
+            version,
+            rules,
             sender: &sender,
             prev_events: &prev,
             auth_events: &prev,
             depth: 7,
             origin_server_ts: 1_700_000_000_000,
             server_name: "example.org",
-            key: Some(&key),
+            key,
         };
-        (Pdu::build(&new, &ctx).unwrap(), key, rules)
+        Pdu::build(new, &ctx).unwrap()
+    }
+
+    /// example.org's public key, as a checking server knows it.
+    fn public_keys(key: &SigningKey) -> PublicKeyMap {
+        let mut set = std::collections::BTreeMap::new();
+        set.insert(key.key_id(), Base64::new(key.public_key().to_vec()));
+        let mut keys = PublicKeyMap::new();
+        keys.insert("example.org".to_owned(), set);
+        keys
     }
 
     #[test]
@@ -472,10 +492,7 @@ mod tests {
             let (pdu, key, rules) = build(version, "m.room.message", None, json!({ "body": "hi" }));
             assert!(pdu.event_id.as_str().starts_with('$'));
             assert_eq!(pdu.event_id.as_str().len(), 44);
-            let mut keys = PublicKeyMap::new();
-            let mut set = std::collections::BTreeMap::new();
-            set.insert(key.key_id(), Base64::new(key.public_key().to_vec()));
-            keys.insert("example.org".to_owned(), set);
+            let keys = public_keys(&key);
             assert_eq!(
                 verify_event(&keys, pdu.json(), &rules).unwrap(),
                 Verified::All
@@ -504,24 +521,9 @@ mod tests {
         for version in [RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12] {
             let rules = version.rules().unwrap();
             let key = SigningKey::generate("k1").unwrap();
-            let room_id = RoomId::parse("!room:example.org").unwrap();
-            let sender = UserId::parse("@alice:example.org").unwrap();
-            let prev = [EventId::parse("$prev").unwrap()];
             let new = NewEvent::message("m.room.message", json!({ "body": "later" }));
-            let ctx = |key| BuildContext {
-                room_id: Some(&room_id),
-                version: &version,
-                rules: &rules,
-                sender: &sender,
-                prev_events: &prev,
-                auth_events: &prev,
-                depth: 3,
-                origin_server_ts: 1_700_000_000_000,
-                server_name: "example.org",
-                key,
-            };
-            let signed = Pdu::build(&new, &ctx(Some(&key))).unwrap();
-            let unsigned = Pdu::build(&new, &ctx(None)).unwrap();
+            let signed = build_with(&version, &rules, &new, Some(&key));
+            let unsigned = build_with(&version, &rules, &new, None);
             assert_eq!(
                 unsigned.event_id, signed.event_id,
                 "the ID ignores signatures"
@@ -550,12 +552,11 @@ mod tests {
             );
 
             // And it verifies, as another server checks it.
-            let mut keys = PublicKeyMap::new();
-            let mut set = std::collections::BTreeMap::new();
-            set.insert(key.key_id(), Base64::new(key.public_key().to_vec()));
-            keys.insert("example.org".to_owned(), set);
             let object: CanonicalJsonObject = serde_json::from_str(&text).unwrap();
-            assert_eq!(verify_event(&keys, &object, &rules).unwrap(), Verified::All);
+            assert_eq!(
+                verify_event(&public_keys(&key), &object, &rules).unwrap(),
+                Verified::All
+            );
         }
     }
 

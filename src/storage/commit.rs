@@ -65,10 +65,12 @@ impl Rewrites {
     /// Counts a commit that wrote to the tables of `tables` (see
     /// [`RawBatch::tables`]); called once it is applied.
     fn written(&self, tables: u64) {
-        for (index, count) in self.tables.iter().enumerate() {
-            if tables & (1 << index) != 0 {
-                count.fetch_add(1, Ordering::AcqRel);
-            }
+        // Only the set bits: a commit writes a few of the tables.
+        let mut left = tables;
+        while left != 0 {
+            let index = left.trailing_zeros() as usize;
+            self.tables[index].fetch_add(1, Ordering::AcqRel);
+            left &= left - 1;
         }
     }
 
