@@ -356,3 +356,35 @@ async fn create_room_checks_the_canonical_alias_of_its_initial_state() {
         .await;
     assert_error(&bad, StatusCode::BAD_REQUEST, "M_BAD_JSON");
 }
+
+/// Each send is checked against the room's current power levels, also
+/// right after they change (the server remembers current state entries
+/// only while that state is not written).
+#[tokio::test]
+async fn a_send_is_checked_against_the_power_levels_of_the_moment() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let room = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    common::join(&server, &bob, &room).await;
+    let body = json!({ "msgtype": "m.text", "body": "hello" });
+    let (status, answer) = send(&server, &bob, &room, "b1", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+
+    let levels_path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/");
+    let (status, mut levels) = server.get(&levels_path, Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "{levels}");
+    levels["events_default"] = json!(50);
+    let (status, answer) = server.put(&levels_path, Some(&alice), levels.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, refused) = send(&server, &bob, &room, "b2", body.clone()).await;
+    assert_error(&(status, refused), StatusCode::FORBIDDEN, "M_FORBIDDEN");
+
+    levels["events_default"] = json!(0);
+    let (status, answer) = server.put(&levels_path, Some(&alice), levels).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let (status, answer) = send(&server, &bob, &room, "b3", body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}

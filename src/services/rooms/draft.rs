@@ -183,8 +183,7 @@ impl<'a> Draft<'a> {
         let Some(room_id) = &self.room_id else {
             return Ok(None);
         };
-        let key = (room_id.to_string(), kind.to_owned(), state_key.to_owned());
-        Ok(self.rooms.storage.get(tables::ROOM_STATE, &key)?)
+        self.rooms.current_state_id(room_id, kind, state_key)
     }
 
     /// A current state event, seeing this draft's changes.

@@ -60,6 +60,10 @@ pub struct Rooms {
     /// writes to the relation tables counted before looking (see
     /// [`Rooms::bundled_relations`]).
     unbundled_memo: BoundedMemo<String, u64>,
+    /// Current state entries, (room, type, state key) → event ID, with the
+    /// writes to the current state table counted before reading them (see
+    /// [`Rooms::current_state_id`]).
+    state_memo: BoundedMemo<StateKey, (u64, Option<String>)>,
     /// The timestamp of the last room created here. In room version 12 a
     /// room's ID is the hash of its create event, so two rooms created with
     /// the same content in the same millisecond would get one ID; each new
@@ -200,6 +204,13 @@ const PARSED_MEMO_ENTRIES: usize = 16_384;
 /// Most events remembered as having nothing to bundle.
 const UNBUNDLED_MEMO_ENTRIES: usize = 4_096;
 
+/// Most current state entries remembered: the auth events of the rooms
+/// being written to.
+const STATE_MEMO_ENTRIES: usize = 4_096;
+
+/// (room, type, state key): a current state entry's key.
+type StateKey = (String, String, String);
+
 /// Most (state group, user) visibility facts remembered.
 const VISIBILITY_MEMO_ENTRIES: usize = 200_000;
 
@@ -274,6 +285,7 @@ impl Rooms {
             visibility_memo: BoundedMemo::new(VISIBILITY_MEMO_ENTRIES),
             parsed_memo: BoundedMemo::new(PARSED_MEMO_ENTRIES),
             unbundled_memo: BoundedMemo::new(UNBUNDLED_MEMO_ENTRIES),
+            state_memo: BoundedMemo::new(STATE_MEMO_ENTRIES),
             last_create_ts: AtomicU64::new(0),
             outbox: Outbox::new(),
             appservices,
@@ -475,11 +487,31 @@ impl Rooms {
         kind: &str,
         state_key: &str,
     ) -> Result<Option<Arc<Pdu>>> {
-        let key = (room_id.to_string(), kind.to_owned(), state_key.to_owned());
-        match self.storage.get(tables::ROOM_STATE, &key)? {
+        match self.current_state_id(room_id, kind, state_key)? {
             Some(event_id) => self.pdu_shared(&event_id),
             None => Ok(None),
         }
+    }
+
+    /// The event ID of one current state entry. Entries are remembered
+    /// while the current state table is not written: every send reads
+    /// its room's create event, power levels and sender's membership.
+    pub fn current_state_id(
+        &self,
+        room_id: &RoomId,
+        kind: &str,
+        state_key: &str,
+    ) -> Result<Option<String>> {
+        let key = (room_id.to_string(), kind.to_owned(), state_key.to_owned());
+        let writes = self.storage.table_writes(tables::ROOM_STATE);
+        if let Some((seen, event_id)) = self.state_memo.get(&key) {
+            if seen == writes {
+                return Ok(event_id);
+            }
+        }
+        let event_id = self.storage.get(tables::ROOM_STATE, &key)?;
+        self.state_memo.insert(key, (writes, event_id.clone()));
+        Ok(event_id)
     }
 
     /// `user_id`'s current membership in the room ("leave" if none).
