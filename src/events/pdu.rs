@@ -84,7 +84,8 @@ pub struct BuildContext<'a> {
     pub key: Option<&'a SigningKey>,
 }
 
-/// A persistent data unit: one signed event of a room's graph.
+/// A persistent data unit: one event of a room's graph, hashed, and signed
+/// by its server (see `text`).
 #[derive(Clone, Debug)]
 pub struct Pdu {
     pub event_id: OwnedEventId,
@@ -174,6 +175,8 @@ impl Pdu {
         Pdu::hash_object(map, room_id, rules, Some((server_name, key)))
     }
 
+    /// Adds the content hash (and the signature of `signer`, if given)
+    /// and derives the event ID from the reference hash.
     fn hash_object(
         map: serde_json::Map<String, Value>,
         room_id: Option<&RoomId>,
