@@ -298,11 +298,28 @@ impl Pdu {
     /// Whether this is `server_name`'s own event that it has not signed
     /// yet: one built while only this server was in its room.
     pub fn needs_signature(&self, server_name: &str) -> bool {
-        self.sender.server_name().as_str() == server_name
-            && !matches!(
-                self.json().get("signatures"),
+        if self.sender.server_name().as_str() != server_name {
+            return false;
+        }
+        let signed = match self.json.get() {
+            Some(json) => matches!(
+                json.get("signatures"),
                 Some(CanonicalJsonValue::Object(signatures)) if signatures.contains_key(server_name)
-            )
+            ),
+            // An event read from storage: only its signers are read, not
+            // the whole object, which most of the events that leave (those
+            // signed when built) never need.
+            None => {
+                #[derive(Deserialize)]
+                struct Signers {
+                    #[serde(default)]
+                    signatures: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
+                }
+                serde_json::from_str::<Signers>(&self.text)
+                    .is_ok_and(|signers| signers.signatures.contains_key(server_name))
+            }
+        };
+        !signed
     }
 
     /// The event as other servers receive it: signed by `server_name`
@@ -538,6 +555,9 @@ mod tests {
             );
             assert!(unsigned.needs_signature("example.org"));
             assert!(!signed.needs_signature("example.org"));
+            // As read from storage, before the whole object is parsed.
+            assert!(unsigned.lean().needs_signature("example.org"));
+            assert!(!signed.lean().needs_signature("example.org"));
             assert!(
                 !unsigned.needs_signature("other.example"),
                 "not that server's event"

@@ -268,8 +268,7 @@ impl Rooms {
             events::auth_types(&new, user_id, &rules.authorization).map_err(Error::BadJson)?;
         let mut auth_events = Vec::new();
         for (kind, state_key) in auth_types {
-            let key = (room_id.to_string(), kind.to_string(), state_key);
-            if let Some(id) = self.storage.get(tables::ROOM_STATE, &key)? {
+            if let Some(id) = self.current_state_id(room_id, &kind.to_string(), &state_key)? {
                 auth_events.push(id);
             }
         }
