@@ -6,7 +6,7 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// Blocks from this size up that RocksDB (the one user of the C library's
+/// Blocks from this size up that RocksDB (the main user of the C library's
 /// allocator here) asks for are mapped for themselves and given back to
 /// the system when freed: its memtables' 1 MiB blocks, above all.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
