@@ -194,6 +194,63 @@ async fn catch_up(
     }
 }
 
+/// An incremental sync reads a short window forward and a longer one
+/// backward: at the timeline limit and one past it, it gives the newest
+/// events, limited only past it; and a device's inbox is read only when
+/// something came for that device.
+#[tokio::test]
+async fn an_incremental_window_at_and_past_the_timeline_limit() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register_device("alice", "DESK").await);
+    let bob_phone = token(&server.register_device("bob", "PHONE").await);
+    let bob_laptop = token(&server.login("bob", Some("LAPTOP")).await);
+    let room_id = server
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    join(&server, &bob_phone, &room_id).await;
+    let filter = r#"{"room":{"timeline":{"limit":3}}}"#;
+    let mut since = next_batch(&sync(&server, &bob_phone, None, Some(filter), 0).await);
+    let mut laptop_since = next_batch(&sync(&server, &bob_laptop, None, None, 0).await);
+    for (count, limited) in [(2, false), (3, false), (4, true), (7, true)] {
+        let sent: Vec<String> = (0..count).map(|n| format!("c{count}-{n}")).collect();
+        for body in &sent {
+            send_text(&server, &alice, &room_id, body, body).await;
+        }
+        let answer = sync(&server, &bob_phone, Some(&since), Some(filter), 0).await;
+        let newest = &sent[sent.len().saturating_sub(3)..];
+        assert_eq!(bodies(&answer, &room_id), newest, "{count} sent");
+        let timeline = &answer["rooms"]["join"][&room_id]["timeline"];
+        assert_eq!(timeline["limited"], limited, "{count} sent: {timeline}");
+        since = next_batch(&answer);
+    }
+
+    let body = json!({ "messages": { "@bob:localhost": { "PHONE": { "n": 1 } } } });
+    let (status, _) = server
+        .put(
+            "/_matrix/client/v3/sendToDevice/org.example.ping/p1",
+            Some(&alice),
+            body,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    send_text(&server, &alice, &room_id, "after", "after").await;
+    let laptop = sync(&server, &bob_laptop, Some(&laptop_since), None, 0).await;
+    assert_eq!(laptop["to_device"]["events"], json!([]), "{laptop}");
+    assert!(!bodies(&laptop, &room_id).is_empty(), "{laptop}");
+    laptop_since = next_batch(&laptop);
+    let phone = sync(&server, &bob_phone, Some(&since), None, 0).await;
+    assert_eq!(
+        phone["to_device"]["events"][0]["content"]["n"], 1,
+        "{phone}"
+    );
+    // Once synced past, the message is not given again; the laptop still
+    // has none.
+    let past = sync(&server, &bob_phone, Some(&next_batch(&phone)), None, 0).await;
+    assert_eq!(past["to_device"]["events"], json!([]), "{past}");
+    let laptop = sync(&server, &bob_laptop, Some(&laptop_since), None, 0).await;
+    assert_eq!(laptop["to_device"]["events"], json!([]), "{laptop}");
+}
+
 #[tokio::test]
 async fn a_device_catching_up_under_concurrent_writes_gets_every_event_once_in_order() {
     let server = TestServer::start().await;

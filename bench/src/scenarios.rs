@@ -381,6 +381,9 @@ pub async fn fanout(server: &Server, members: usize, rounds: usize) -> Value {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut histogram = histogram();
     let mut incomplete = 0;
+    // Each round's time in order (null for one that did not complete), so
+    // that a slow round can be told from a slow first one.
+    let mut round_ms = Vec::with_capacity(rounds);
     for round in 0..rounds as u64 {
         let txn = format!("{}-fan{round}", server.run);
         if !server
@@ -388,6 +391,7 @@ pub async fn fanout(server: &Server, members: usize, rounds: usize) -> Value {
             .await
         {
             incomplete += 1;
+            round_ms.push(Value::Null);
             continue;
         }
         let sent_at = Instant::now();
@@ -413,8 +417,12 @@ pub async fn fanout(server: &Server, members: usize, rounds: usize) -> Value {
                     .checked_duration_since(sent_at)
                     .map_or(0, |d| d.as_micros() as u64);
                 histogram.record(micros.max(1)).expect("in bounds");
+                round_ms.push(json!(micros as f64 / 1000.0));
             }
-            None => incomplete += 1,
+            None => {
+                incomplete += 1;
+                round_ms.push(Value::Null);
+            }
         }
         eprint!("\r  {} of {rounds} rounds", round + 1);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -428,6 +436,7 @@ pub async fn fanout(server: &Server, members: usize, rounds: usize) -> Value {
     result["members"] = json!(recipients + 1);
     result["rounds"] = json!(rounds);
     result["incomplete_rounds"] = json!(incomplete);
+    result["round_ms"] = Value::Array(round_ms);
     result
 }
 

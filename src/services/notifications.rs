@@ -339,13 +339,20 @@ pub fn unread_counts(
     room_id: &RoomId,
     upto: u64,
 ) -> Result<UnreadCounts> {
-    let receipts = read_receipts(services, user, room_id)?;
+    let key = (room_id.to_string(), user.to_string());
+    let remembered = services.sync.unread.get(&key);
+    // The receipts are read again only when some receipt was written
+    // since the remembered counts read them.
+    let receipt_writes = services.storage.table_writes(tables::RECEIPTS);
+    let receipts = match &remembered {
+        Some(memo) if memo.receipt_writes == receipt_writes => memo.receipts.clone(),
+        _ => read_receipts(services, user, room_id)?,
+    };
     let rules_version = services
         .user_data
         .account_data_version(user, None, PUSH_RULES)?
         .unwrap_or(0);
-    let key = (room_id.to_string(), user.to_string());
-    let remembered = services.sync.unread.get(&key).filter(|memo| {
+    let remembered = remembered.filter(|memo| {
         memo.receipts == receipts
             && memo.rules_version == rules_version
             && memo.counted_upto <= upto
@@ -367,6 +374,7 @@ pub fn unread_counts(
     };
     let memo = UnreadMemo {
         receipts,
+        receipt_writes,
         rules_version,
         counted_upto: upto,
         counts: counts.clone(),

@@ -36,6 +36,8 @@ pub struct Changes {
     pub device_list_users: Option<BTreeSet<String>>,
     /// Memberships that changed: (room ID, user ID).
     pub members: Option<BTreeSet<(String, String)>>,
+    /// The user's devices with new to-device messages.
+    pub to_device_devices: Option<BTreeSet<String>>,
 }
 
 impl Changes {
@@ -58,6 +60,9 @@ impl Changes {
                 insert(&mut self.event_rooms, room_id)
             }
             StreamEntry::DeviceList { user_id } => insert(&mut self.device_list_users, user_id),
+            StreamEntry::ToDevice { user_id, device_id } if user_id == user.as_str() => {
+                insert(&mut self.to_device_devices, device_id)
+            }
             StreamEntry::ToDevice { .. } => {}
             StreamEntry::Receipt { room_id, .. } => insert(&mut self.receipt_rooms, room_id),
             StreamEntry::AccountData {
@@ -78,6 +83,13 @@ impl Changes {
         self.receipt_rooms
             .as_ref()
             .is_none_or(|rooms| rooms.contains(room_id))
+    }
+
+    /// Whether the device may have to-device messages in the window.
+    pub fn device_has_messages(&self, device_id: &str) -> bool {
+        self.to_device_devices
+            .as_ref()
+            .is_none_or(|devices| devices.contains(device_id))
     }
 
     pub fn account_data_changed(&self, scope: &str) -> bool {
@@ -115,6 +127,9 @@ pub struct SyncStream {
 pub struct UnreadMemo {
     /// The read receipts the counts start from: (thread, event ID).
     pub receipts: Vec<(String, String)>,
+    /// The receipts table's count of writes, read before the receipts:
+    /// while it stays the same, so do they.
+    pub receipt_writes: u64,
     /// The stream position of the push rules the events were judged by.
     pub rules_version: u64,
     pub counted_upto: u64,
@@ -225,6 +240,7 @@ impl SyncStream {
             presence_users: Some(BTreeSet::new()),
             device_list_users: Some(BTreeSet::new()),
             members: Some(BTreeSet::new()),
+            to_device_devices: Some(BTreeSet::new()),
         };
         if upto <= since {
             return Ok(changes);

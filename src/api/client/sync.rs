@@ -184,16 +184,28 @@ pub fn look(
     known: &mut KnownRooms,
 ) -> ApiResult<(Value, bool)> {
     let mut upto = SyncToken::now(state);
-    let to_device = state.e2ee.to_device(
-        user,
-        &authed.device_id,
-        since.map_or(0, |s| s.stream),
-        upto.stream,
-    )?;
+    let changes_upto = |upto: u64| match since {
+        Some(since) => state.sync.changes(user, since.stream, upto),
+        None => Ok(Changes::default()),
+    };
+    let mut changes = changes_upto(upto.stream)?;
+    // The device's inbox is read only when the stream says something came
+    // for it in the window (or cannot say).
+    let to_device = if changes.device_has_messages(&authed.device_id) {
+        state.e2ee.to_device(
+            user,
+            &authed.device_id,
+            since.map_or(0, |s| s.stream),
+            upto.stream,
+        )?
+    } else {
+        Vec::new()
+    };
     if to_device.len() == MAX_TO_DEVICE_PER_SYNC {
         // More are waiting: this answer goes only as far as the last one
         // it carries, and the next sync brings the rest.
         upto.stream = to_device.last().map_or(upto.stream, |(p, _)| *p);
+        changes = changes_upto(upto.stream)?;
     }
     let rooms = known.current(state, user)?;
     let request = SyncRequest {
@@ -205,6 +217,7 @@ pub fn look(
         since,
         full_state,
         upto,
+        changes,
         to_device: to_device.into_iter().map(|(_, m)| m).collect(),
     };
     request.answer()
@@ -261,6 +274,9 @@ struct SyncRequest<'a> {
     since: Option<SyncToken>,
     full_state: bool,
     upto: SyncToken,
+    /// What changed for the user in the window (everything may have, for
+    /// an initial sync).
+    changes: Changes,
     to_device: Vec<ToDeviceMessage>,
 }
 
@@ -275,13 +291,7 @@ struct RoomSlice {
 impl SyncRequest<'_> {
     /// The answer, and whether it has nothing new in it.
     fn answer(&self) -> ApiResult<(Value, bool)> {
-        let changes = match self.since {
-            Some(since) => self
-                .state
-                .sync
-                .changes(&self.user, since.stream, self.upto.stream)?,
-            None => Changes::default(),
-        };
+        let changes = &self.changes;
         let mut sections: BTreeMap<&str, Map<String, Value>> = BTreeMap::new();
         // Every joined room, whatever the room filter: presence and device
         // lists are about the users the user shares rooms with, and the
@@ -297,17 +307,17 @@ impl SyncRequest<'_> {
             if !self.room_filter_allows(room_id) {
                 continue;
             }
-            if let Some((section, body)) = self.room_entry(room_id, &now, &changes)? {
+            if let Some((section, body)) = self.room_entry(room_id, &now, changes)? {
                 sections
                     .entry(section)
                     .or_default()
                     .insert(room_id.to_string(), body);
             }
         }
-        let presence = self.presence(&changes, &joined_rooms)?;
-        let account_data = self.account_data(None, &changes)?;
+        let presence = self.presence(changes, &joined_rooms)?;
+        let account_data = self.account_data(None, changes)?;
         let (changed, left) = match self.since {
-            Some(_) => device_lists(self.state, &self.user, &changes, &joined_rooms)?,
+            Some(_) => device_lists(self.state, &self.user, changes, &joined_rooms)?,
             None => (Vec::new(), Vec::new()),
         };
         let empty = sections.values().all(Map::is_empty)

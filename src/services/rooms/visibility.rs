@@ -161,7 +161,10 @@ impl Rooms {
         limit: usize,
         keep: impl Fn(&Pdu) -> bool,
     ) -> Result<Window> {
-        let page = self.page(room_id, end, since, Direction::Backward, limit + 1)?;
+        let page = match since {
+            Some(since) => self.newest_page(room_id, end, since, limit + 1)?,
+            None => self.page(room_id, end, None, Direction::Backward, limit + 1)?,
+        };
         let limited = page.events.len() > limit;
         let mut window: Vec<(Pdu, StoredPdu)> = page
             .events
