@@ -872,12 +872,21 @@ impl Rooms {
     }
 
     /// [`Rooms::page`] backward from `from` down to `to` (exclusive), the
-    /// newest `limit` events of that range, read forward when the range
-    /// holds fewer: a look after a recent token reads one or two events,
-    /// and RocksDB steps forward through its tables more cheaply than
-    /// backward.
-    pub fn newest_page(&self, room_id: &RoomId, from: u64, to: u64, limit: usize) -> Result<Page> {
+    /// newest `limit` events of that range, read forward when a bounded
+    /// range holds fewer: a look after a recent token reads one or two
+    /// events, and RocksDB steps forward through its tables more cheaply
+    /// than backward.
+    pub fn newest_page(
+        &self,
+        room_id: &RoomId,
+        from: u64,
+        to: Option<u64>,
+        limit: usize,
+    ) -> Result<Page> {
         let limit = limit.clamp(1, MAX_PAGE);
+        let Some(to) = to else {
+            return self.page(room_id, from, None, Direction::Backward, limit);
+        };
         let mut entries =
             self.timeline_entries(room_id, to, Some(from), Direction::Forward, limit)?;
         if entries.len() == limit {

@@ -15,7 +15,6 @@ use super::Rooms;
 use crate::events::Pdu;
 use crate::services::error::{Error, Result};
 use crate::storage::tables::{self, StoredPdu};
-use crate::storage::Direction;
 
 /// How a user may read a room.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,10 +160,7 @@ impl Rooms {
         limit: usize,
         keep: impl Fn(&Pdu) -> bool,
     ) -> Result<Window> {
-        let page = match since {
-            Some(since) => self.newest_page(room_id, end, since, limit + 1)?,
-            None => self.page(room_id, end, None, Direction::Backward, limit + 1)?,
-        };
+        let page = self.newest_page(room_id, end, since, limit + 1)?;
         let limited = page.events.len() > limit;
         let mut window: Vec<(Pdu, StoredPdu)> = page
             .events
