@@ -784,3 +784,41 @@ async fn another_device_logging_out_leaves_the_connection_open() {
     assert_eq!(body_of(&frame), "after the logout");
     b.ok("ping", json!({})).await;
 }
+
+#[tokio::test]
+async fn a_room_left_while_connected_is_pushed_as_left_and_then_silent() {
+    let server = TestServer::start().await;
+    let alice = token(&server.register("alice").await);
+    let bob = token(&server.register("bob").await);
+    let invite = json!({ "invite": ["@bob:localhost"] });
+    let left_room = server.create_room(&alice, invite.clone()).await;
+    let kept_room = server.create_room(&alice, invite).await;
+    join(&server, &bob, &left_room).await;
+    join(&server, &bob, &kept_room).await;
+    let (mut b, _) = WsClient::connect(&server, &bob).await;
+    send_text(&server, &alice, &left_room, "t1", "before the leave").await;
+    assert_eq!(
+        body_of(&b.event_of("m.room.message").await),
+        "before the leave"
+    );
+    // The connection keeps Bob's memberships from push to push; his leave
+    // must still move the room out of what he is pushed.
+    let path = format!("/_matrix/client/v3/rooms/{left_room}/leave");
+    let (status, answer) = server.post(&path, Some(&bob), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let leave = b
+        .push_where(|f| {
+            f["type"] == "event"
+                && f["data"]["event"]["type"] == "m.room.member"
+                && f["data"]["event"]["content"]["membership"] == "leave"
+        })
+        .await;
+    assert_eq!(leave["data"]["room_id"], left_room.as_str());
+    send_text(&server, &alice, &left_room, "t2", "after the leave").await;
+    send_text(&server, &alice, &kept_room, "t3", "in the other room").await;
+    // Pushes come in stream order: a message of the left room, sent
+    // first, would come before the other room's.
+    let next = b.event_of("m.room.message").await;
+    assert_eq!(body_of(&next), "in the other room");
+    assert_eq!(next["data"]["room_id"], kept_room.as_str());
+}

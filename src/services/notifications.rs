@@ -383,21 +383,6 @@ pub fn unread_counts(
     Ok(counts)
 }
 
-/// Counts the user's unread events in each room they are joined to, up to
-/// now, so that their next look judges only what comes after. A WebSocket
-/// device that connects without an initial sync pays this at its
-/// connection, as a `/sync` client pays it in its initial sync, rather
-/// than in the first push after it. Counts still remembered cost a read of
-/// the receipts each; the other tasks run between rooms.
-pub async fn count_ahead(services: &Services, user: &OwnedUserId) -> Result<()> {
-    let upto = services.sync.current();
-    for room_id in services.rooms.rooms_of_user(user, "join")? {
-        unread_counts(services, user, &room_id, upto)?;
-        tokio::task::yield_now().await;
-    }
-    Ok(())
-}
-
 /// Judges events for one user in one room: by the decisions made for
 /// every member while the notifier has yet to pass the event (or already
 /// made), else by the user's own rules alone.

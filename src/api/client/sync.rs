@@ -128,7 +128,9 @@ pub async fn sync(
                 &user,
                 &filter,
                 since,
-                query.full_state,
+                Shape::Sync {
+                    full_state: query.full_state,
+                },
                 &mut known,
             )?;
             let waited_enough = tokio::time::Instant::now() >= deadline;
@@ -169,6 +171,16 @@ impl KnownRooms {
     }
 }
 
+/// What a look works out beside the events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// A `/sync` answer, with each room's whole state when `full_state`.
+    Sync { full_state: bool },
+    /// A WebSocket push: only what its frames carry, so no unread counts,
+    /// room summaries or counts of one-time and fallback keys.
+    Push,
+}
+
 /// One look at what a device should be sent after `since`, up to where
 /// every stream stands now: the `/sync` answer, and whether it has nothing
 /// new in it. Reads only; the caller acknowledges to-device messages.
@@ -180,7 +192,7 @@ pub fn look(
     user: &OwnedUserId,
     filter: &Filter,
     since: Option<SyncToken>,
-    full_state: bool,
+    shape: Shape,
     known: &mut KnownRooms,
 ) -> ApiResult<(Value, bool)> {
     let mut upto = SyncToken::now(state);
@@ -215,7 +227,8 @@ pub fn look(
         rooms,
         filter,
         since,
-        full_state,
+        full_state: shape == Shape::Sync { full_state: true },
+        counts: shape != Shape::Push,
         upto,
         changes,
         to_device: to_device.into_iter().map(|(_, m)| m).collect(),
@@ -273,6 +286,9 @@ struct SyncRequest<'a> {
     filter: &'a Filter,
     since: Option<SyncToken>,
     full_state: bool,
+    /// Whether the answer carries the counts: of unread events, of a
+    /// room's members (its summary) and of the device's keys.
+    counts: bool,
     upto: SyncToken,
     /// What changed for the user in the window (everything may have, for
     /// an initial sync).
@@ -333,18 +349,23 @@ impl SyncRequest<'_> {
                 (name.to_owned(), Value::Object(body))
             })
             .collect();
-        let answer = json!({
+        let mut answer = json!({
             "next_batch": self.upto.render(),
             "rooms": rooms,
             "presence": { "events": presence },
             "account_data": { "events": account_data },
             "to_device": { "events": self.to_device },
             "device_lists": { "changed": changed, "left": left },
-            "device_one_time_keys_count":
-                self.state.e2ee.one_time_key_counts(&self.user, &self.authed.device_id)?,
-            "device_unused_fallback_key_types":
-                self.state.e2ee.unused_fallback_key_types(&self.user, &self.authed.device_id)?,
         });
+        if self.counts {
+            let device = &self.authed.device_id;
+            answer["device_one_time_keys_count"] =
+                json!(self.state.e2ee.one_time_key_counts(&self.user, device)?);
+            answer["device_unused_fallback_key_types"] = json!(self
+                .state
+                .e2ee
+                .unused_fallback_key_types(&self.user, device)?);
+        }
         Ok((answer, empty))
     }
 
@@ -443,6 +464,15 @@ impl SyncRequest<'_> {
         if !worth_sending {
             return Ok(None);
         }
+        let mut body = json!({
+            "timeline": slice.timeline,
+            "state": { "events": slice.state },
+            "ephemeral": { "events": ephemeral },
+            "account_data": { "events": account_data },
+        });
+        if !self.counts {
+            return Ok(Some(body));
+        }
         let counts = self.unread_counts(room_id)?;
         let by_thread = self
             .filter
@@ -455,15 +485,9 @@ impl SyncRequest<'_> {
         } else {
             counts.total()
         };
-        let mut body = json!({
-            "timeline": slice.timeline,
-            "state": { "events": slice.state },
-            "ephemeral": { "events": ephemeral },
-            "account_data": { "events": account_data },
-            "unread_notifications": {
-                "notification_count": notifications,
-                "highlight_count": highlights,
-            },
+        body["unread_notifications"] = json!({
+            "notification_count": notifications,
+            "highlight_count": highlights,
         });
         if by_thread {
             let threads: Map<String, Value> = counts

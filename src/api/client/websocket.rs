@@ -27,18 +27,17 @@ use axum::Router;
 use futures_util::SinkExt;
 use http_body_util::BodyExt;
 use ruma::OwnedUserId;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tower::ServiceExt;
 
 use super::membership::parse_user;
-use super::sync::{look, register_known, register_reader, set_presence, KnownRooms, SyncToken};
+use super::sync::{look, register_known, set_presence, KnownRooms, Shape, SyncToken};
 use crate::api::error::MatrixError;
 use crate::api::AppState;
 use crate::services::accounts::{Authed, TokenCheck};
 use crate::services::connections::Session;
 use crate::services::filter::Filter;
-use crate::services::notifications::count_ahead;
 use crate::services::stream::Registration;
 
 /// Where clients connect.
@@ -263,6 +262,10 @@ struct Connection {
     send_timeout: Duration,
     /// The last check of the token, repeated before each push.
     token_check: Option<TokenCheck>,
+    /// The user's memberships from the last push: a push reads them again
+    /// only when a membership was written since (a waiting `/sync` keeps
+    /// them the same way).
+    known: Option<KnownRooms>,
 }
 
 type Pending = Pin<Box<dyn Future<Output = Value> + Send>>;
@@ -315,6 +318,7 @@ fn run(
         caller,
         send_timeout,
         token_check: None,
+        known: None,
     };
     Box::pin(connection.serve(session, resumed.is_some()))
 }
@@ -352,14 +356,6 @@ impl Connection {
         let idle_timeout = Duration::from_millis(config.idle_timeout_ms);
         let mut last_heard = tokio::time::Instant::now();
         let (mut registration, mut again) = self.look_and_push(None).await?;
-        // Unread counts made ready beside the connection's loop, so that
-        // the first push of each room judges only its new events.
-        let (state, user) = (self.state.clone(), self.user.clone());
-        tokio::spawn(async move {
-            if let Err(error) = count_ahead(&state, &user).await {
-                tracing::warn!(%user, "unread counts at connection: {error}");
-            }
-        });
         loop {
             if running.is_none() {
                 if let Some((id, kind, data)) = queue.pop_front() {
@@ -486,10 +482,12 @@ impl Connection {
             .recheck(&self.caller.token, self.token_check);
         self.token_check = Some(checked.map_err(|_| End::new(4401, "M_UNKNOWN_TOKEN"))?);
         let unreadable = |_| End::new(1011, "cannot read the stream");
-        // The memberships are read once for the registration and the look
-        // (again only if one changed in between), and not kept past the
-        // push: an idle connection holds none.
-        let mut known = KnownRooms::read(&self.state, &self.user).map_err(unreadable)?;
+        // The memberships of the last push, brought up to date by the look
+        // when one was written since; read here only for the first push.
+        let mut known = match self.known.take() {
+            Some(known) => known,
+            None => KnownRooms::read(&self.state, &self.user).map_err(unreadable)?,
+        };
         let mut registration = match kept {
             Some(registration) => registration,
             None => register_known(&self.state, &self.user, &known),
@@ -500,7 +498,7 @@ impl Connection {
             &self.user,
             &self.filter,
             Some(self.cursor),
-            false,
+            Shape::Push,
             &mut known,
         )
         .map_err(unreadable)?;
@@ -524,8 +522,10 @@ impl Connection {
         if uncovered {
             // Writes to the new rooms since the look are caught by looking
             // again under the new registration.
-            registration = register_reader(&self.state, &self.user).map_err(unreadable)?;
+            known = KnownRooms::read(&self.state, &self.user).map_err(unreadable)?;
+            registration = register_known(&self.state, &self.user, &known);
         }
+        self.known = Some(known);
         Ok((registration, capped || uncovered))
     }
 
@@ -535,14 +535,17 @@ impl Connection {
 
     /// Sends the frames of one push, written to the socket together (as
     /// few writes as the write buffer allows), within the send timeout.
-    fn send_all(&mut self, frames: Vec<Value>) -> Step<'_, ()> {
+    fn send_all(&mut self, frames: Vec<String>) -> Step<'_, ()> {
         Box::pin(async move {
             let wait = self.send_timeout;
-            for frame in frames {
-                let message = Message::text(frame.to_string());
-                sent(tokio::time::timeout(wait, self.socket.feed(message)).await)?;
-            }
-            sent(tokio::time::timeout(wait, self.socket.flush()).await)
+            let socket = &mut self.socket;
+            let written = tokio::time::timeout(wait, async move {
+                for frame in frames {
+                    socket.feed(Message::text(frame)).await?;
+                }
+                socket.flush().await
+            });
+            sent(written.await)
         })
     }
 
@@ -568,19 +571,52 @@ fn sent(outcome: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>) -
     }
 }
 
+/// A push frame as it is written.
+#[derive(Serialize)]
+struct Frame<'a, D> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    pos: &'a str,
+    data: D,
+}
+
+/// The data of a frame about one event of a room.
+#[derive(Serialize)]
+struct RoomEvent<'a> {
+    room_id: &'a str,
+    event: &'a Value,
+}
+
+/// The frames of one push, as text, all at one position.
+struct Frames {
+    pos: String,
+    texts: Vec<String>,
+}
+
+impl Frames {
+    fn push(&mut self, kind: &str, data: impl Serialize) {
+        let frame = Frame {
+            kind,
+            pos: &self.pos,
+            data,
+        };
+        let text = serde_json::to_string(&frame).expect("JSON values always serialize");
+        self.texts.push(text);
+    }
+}
+
 /// Cuts a `/sync` answer after `cursor` into push frames, each carrying
-/// the position `next`, and ends them with a `synced` frame. The answer's
-/// parts move into the frames.
+/// the position `next`, and ends them with a `synced` frame: the text of
+/// each, written straight from the answer's parts.
 async fn frames(
     caller: &Caller,
     cursor: SyncToken,
     mut answer: Value,
     next: SyncToken,
-) -> Vec<Value> {
-    let pos = next.render();
-    let mut frames = Vec::new();
-    let mut frame = |kind: &str, data: Value| {
-        frames.push(json!({ "type": kind, "pos": pos, "data": data }));
+) -> Vec<String> {
+    let mut frames = Frames {
+        pos: next.render(),
+        texts: Vec::new(),
     };
     let mut rooms = answer["rooms"].take();
     for section in ["join", "leave"] {
@@ -596,7 +632,7 @@ async fn frames(
                         earlier.append(&mut timeline);
                         timeline = earlier;
                     }
-                    None => frame(
+                    None => frames.push(
                         "gap",
                         json!({ "room_id": room_id, "prev_batch": prev_batch }),
                     ),
@@ -609,27 +645,36 @@ async fn frames(
             for event in events(taken(body, &["state", "events"])) {
                 let id = event["event_id"].as_str().unwrap_or_default();
                 if !in_timeline.contains(id) {
-                    frame("state", json!({ "room_id": room_id, "event": event }));
+                    frames.push(
+                        "state",
+                        RoomEvent {
+                            room_id,
+                            event: &event,
+                        },
+                    );
                 }
             }
-            for event in timeline {
-                frame("event", json!({ "room_id": room_id, "event": event }));
+            for event in &timeline {
+                frames.push("event", RoomEvent { room_id, event });
             }
             for event in events(taken(body, &["account_data", "events"])) {
-                frame(
+                frames.push(
                     "account_data",
-                    json!({ "room_id": room_id, "event": event }),
+                    RoomEvent {
+                        room_id,
+                        event: &event,
+                    },
                 );
             }
             for mut event in events(taken(body, &["ephemeral", "events"])) {
                 let content = taken(&mut event, &["content"]);
                 match event["type"].as_str() {
-                    Some("m.typing") => frame(
+                    Some("m.typing") => frames.push(
                         "typing",
                         json!({ "room_id": room_id, "user_ids": content["user_ids"] }),
                     ),
                     Some("m.receipt") => {
-                        frame("receipt", json!({ "room_id": room_id, "content": content }))
+                        frames.push("receipt", json!({ "room_id": room_id, "content": content }))
                     }
                     _ => {}
                 }
@@ -640,28 +685,28 @@ async fn frames(
         let entries = rooms.get_mut(section).and_then(Value::as_object_mut);
         for (room_id, body) in entries.into_iter().flatten() {
             let stripped = taken(body, &[field, "events"]);
-            frame(section, json!({ "room_id": room_id, field: stripped }));
+            frames.push(section, json!({ "room_id": room_id, field: stripped }));
         }
     }
     for event in events(taken(&mut answer, &["account_data", "events"])) {
-        frame("account_data", json!({ "event": event }));
+        frames.push("account_data", json!({ "event": event }));
     }
     for event in events(taken(&mut answer, &["presence", "events"])) {
-        frame("presence", json!({ "event": event }));
+        frames.push("presence", json!({ "event": event }));
     }
     for event in events(taken(&mut answer, &["to_device", "events"])) {
-        frame("to_device", json!({ "event": event }));
+        frames.push("to_device", json!({ "event": event }));
     }
     let lists = &answer["device_lists"];
     let nonempty = |v: &Value| v.as_array().is_some_and(|a| !a.is_empty());
     if nonempty(&lists["changed"]) || nonempty(&lists["left"]) {
-        frame(
+        frames.push(
             "device_lists",
             json!({ "changed": lists["changed"], "left": lists["left"] }),
         );
     }
-    frame("synced", json!({}));
-    frames
+    frames.push("synced", json!({}));
+    frames.texts
 }
 
 /// The value at `path` in `value`, taken out of it (`null` where there is
