@@ -59,6 +59,11 @@ pub async fn run_notifier(services: Arc<Services>, stop: CancellationToken) {
             _ = registration.notified() => {}
             _ = tokio::time::sleep(IDLE_ROUND) => {}
         }
+        // Woken last by a write, the notifier would run first (the
+        // scheduler runs the task woken last next): the readers woken by
+        // the same write go before the judging of their events. A reader
+        // whose answer needs the judgements makes them itself.
+        tokio::task::yield_now().await;
     }
 }
 
